@@ -1,0 +1,552 @@
+//! Route table, rules and the per-request routing decision.
+//!
+//! Precedence, per request (documented in `docs/routing.md`):
+//! 1. the first route whose hosts and path prefix match;
+//! 2. the route's rules, in order, first match wins;
+//! 3. the sticky bucket compared with the current weight.
+//!
+//! The request is seen through [`RequestFacts`], so this module does not depend on
+//! any HTTP library and allocates nothing per request.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use regex::bytes::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::bucket::{bucket, route_seed};
+use crate::weight::Weight;
+
+/// Which version serves a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Stable,
+    Canary,
+}
+
+impl Target {
+    /// `"stable"` or `"canary"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Stable => "stable",
+            Target::Canary => "canary",
+        }
+    }
+}
+
+/// What the data plane needs to know about a request to route it.
+///
+/// Header names are passed in lowercase. Implementations return the first value.
+pub trait RequestFacts {
+    /// The raw value of the first header with this (lowercase) name.
+    fn header(&self, name: &str) -> Option<&[u8]>;
+    /// The value of the named cookie from the `Cookie` header(s).
+    fn cookie(&self, name: &str) -> Option<&str>;
+    /// The raw (not percent-decoded) value of the named query parameter.
+    fn query(&self, name: &str) -> Option<&str>;
+    /// The client address the connection came from.
+    fn source_ip(&self) -> Option<IpAddr>;
+}
+
+/// How a route's host list matches the request's host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostMatch {
+    /// `shop.example.com`, compared case-insensitively.
+    Exact(String),
+    /// `*.example.com`: stored as `.example.com`, matches any subdomain.
+    Suffix(String),
+}
+
+impl HostMatch {
+    /// Parses `shop.example.com` or `*.example.com` (lowercased).
+    pub fn parse(pattern: &str) -> HostMatch {
+        let p = pattern.to_ascii_lowercase();
+        match p.strip_prefix('*') {
+            Some(rest) if rest.starts_with('.') => HostMatch::Suffix(rest.to_string()),
+            _ => HostMatch::Exact(p),
+        }
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => h.eq_ignore_ascii_case(host),
+            HostMatch::Suffix(s) => {
+                host.len() > s.len()
+                    && host.as_bytes()[host.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
+            }
+        }
+    }
+}
+
+/// What a rule looks at.
+#[derive(Clone, Debug)]
+pub enum RuleMatch {
+    /// Header equals a value exactly.
+    HeaderEquals { name: String, value: String },
+    /// Header value matches a regular expression (unanchored unless the pattern anchors).
+    HeaderRegex { name: String, regex: Regex },
+    /// Header is present, whatever its value.
+    HeaderPresent { name: String },
+    /// Cookie equals a value exactly.
+    Cookie { name: String, value: String },
+    /// Query parameter equals a value, or is present when `value` is `None`.
+    Query { name: String, value: Option<String> },
+    /// Client address is in one of these networks.
+    Source(Vec<IpNet>),
+}
+
+impl RuleMatch {
+    fn matches(&self, facts: &impl RequestFacts) -> bool {
+        match self {
+            RuleMatch::HeaderEquals { name, value } => facts.header(name) == Some(value.as_bytes()),
+            RuleMatch::HeaderRegex { name, regex } => {
+                facts.header(name).is_some_and(|v| regex.is_match(v))
+            }
+            RuleMatch::HeaderPresent { name } => facts.header(name).is_some(),
+            RuleMatch::Cookie { name, value } => facts.cookie(name) == Some(value.as_str()),
+            RuleMatch::Query { name, value } => match (facts.query(name), value) {
+                (Some(got), Some(want)) => got == want,
+                (Some(_), None) => true,
+                (None, _) => false,
+            },
+            RuleMatch::Source(nets) => facts
+                .source_ip()
+                .is_some_and(|ip| nets.iter().any(|n| n.contains(&canonical(ip)))),
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) compare as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// A rule: when it matches, the request goes to `to`, whatever the weight.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub matcher: RuleMatch,
+    pub to: Target,
+}
+
+/// Where the sticky key comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sticky {
+    /// Header checked first (lowercase), e.g. `x-user-id`.
+    pub header: Option<String>,
+    /// Cookie checked next; also the cookie a generated id is stored in.
+    pub cookie: String,
+}
+
+impl Default for Sticky {
+    fn default() -> Self {
+        Sticky {
+            header: None,
+            cookie: "canary_id".to_string(),
+        }
+    }
+}
+
+/// One route of the table, built (and validated) by the config crate.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub name: String,
+    /// `route_seed(name)`, computed once.
+    pub seed: u64,
+    /// Empty: any host.
+    pub hosts: Vec<HostMatch>,
+    pub path_prefix: String,
+    pub rules: Vec<Rule>,
+    pub sticky: Sticky,
+    /// Whether the route has a canary version at all.
+    pub has_canary: bool,
+}
+
+/// Why a request went where it went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The route has no canary.
+    NoCanary,
+    /// Rule number `n` (0-based) matched.
+    Rule(usize),
+    /// The sticky bucket compared with the weight.
+    Bucket(u16),
+}
+
+/// The routing decision for one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub target: Target,
+    pub reason: Reason,
+}
+
+/// Where the sticky key of a request was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StickyKey<'a> {
+    Header(&'a [u8]),
+    Cookie(&'a str),
+}
+
+impl<'a> StickyKey<'a> {
+    /// The key's bytes.
+    pub fn bytes(self) -> &'a [u8] {
+        match self {
+            StickyKey::Header(b) => b,
+            StickyKey::Cookie(s) => s.as_bytes(),
+        }
+    }
+}
+
+impl Route {
+    /// Builds a route, computing its hash seed.
+    pub fn new(name: impl Into<String>) -> Route {
+        let name = name.into();
+        Route {
+            seed: route_seed(&name),
+            name,
+            hosts: Vec::new(),
+            path_prefix: "/".to_string(),
+            rules: Vec::new(),
+            sticky: Sticky::default(),
+            has_canary: false,
+        }
+    }
+
+    /// Whether this route serves the given host (port already stripped) and path.
+    pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        if !path.starts_with(self.path_prefix.as_str()) {
+            return false;
+        }
+        if self.hosts.is_empty() {
+            return true;
+        }
+        host.is_some_and(|h| self.hosts.iter().any(|m| m.matches(h)))
+    }
+
+    /// The sticky key of the request: the sticky header if present, else the cookie.
+    pub fn sticky_key<'f>(&self, facts: &'f impl RequestFacts) -> Option<StickyKey<'f>> {
+        if let Some(h) = &self.sticky.header {
+            if let Some(v) = facts.header(h).filter(|v| !v.is_empty()) {
+                return Some(StickyKey::Header(v));
+            }
+        }
+        facts
+            .cookie(&self.sticky.cookie)
+            .filter(|v| !v.is_empty())
+            .map(StickyKey::Cookie)
+    }
+
+    /// Decides the version for a request: rules, then the bucket of `key` against `weight`.
+    ///
+    /// `key` is the sticky key ([`Route::sticky_key`], or an id the proxy generated).
+    /// With no key at all the request goes to stable: a user we cannot recognise again
+    /// must not flip between versions.
+    #[inline]
+    pub fn decide(
+        &self,
+        weight: Weight,
+        facts: &impl RequestFacts,
+        key: Option<&[u8]>,
+    ) -> Decision {
+        if !self.has_canary {
+            return Decision {
+                target: Target::Stable,
+                reason: Reason::NoCanary,
+            };
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            if rule.matcher.matches(facts) {
+                return Decision {
+                    target: rule.to,
+                    reason: Reason::Rule(i),
+                };
+            }
+        }
+        match key {
+            Some(key) => {
+                let b = bucket(self.seed, key);
+                let target = if b < weight.basis_points() {
+                    Target::Canary
+                } else {
+                    Target::Stable
+                };
+                Decision {
+                    target,
+                    reason: Reason::Bucket(b),
+                }
+            }
+            None => Decision {
+                target: Target::Stable,
+                reason: Reason::Bucket(u16::MAX),
+            },
+        }
+    }
+}
+
+/// Routes in order; the first match wins.
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    pub routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Index of the first route matching host and path.
+    #[inline]
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
+        self.routes.iter().position(|r| r.matches(host, path))
+    }
+}
+
+/// The value of cookie `name` in one `Cookie` header value (`a=1; b=2`).
+pub fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    header.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        (k == name).then(|| v.trim_matches('"'))
+    })
+}
+
+/// The raw value of query parameter `name` in a query string (`a=1&b`); `""` when the
+/// parameter has no `=`.
+pub fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .find_map(|pair| match pair.split_once('=') {
+            Some((k, v)) => (k == name).then_some(v),
+            None => (pair == name).then_some(""),
+        })
+}
+
+/// Strips the port from a `Host` value (`example.com:8080`, `[::1]:80`).
+pub fn host_without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Request facts from plain lists, for tests and benches.
+    #[derive(Default)]
+    pub struct Facts {
+        pub headers: Vec<(&'static str, &'static str)>,
+        pub cookies: Vec<(&'static str, &'static str)>,
+        pub query: Vec<(&'static str, &'static str)>,
+        pub ip: Option<IpAddr>,
+    }
+
+    impl RequestFacts for Facts {
+        fn header(&self, name: &str) -> Option<&[u8]> {
+            self.headers
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.as_bytes())
+        }
+        fn cookie(&self, name: &str) -> Option<&str> {
+            self.cookies
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| *v)
+        }
+        fn query(&self, name: &str) -> Option<&str> {
+            self.query.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+        }
+        fn source_ip(&self) -> Option<IpAddr> {
+            self.ip
+        }
+    }
+
+    fn route_with(rules: Vec<Rule>) -> Route {
+        let mut r = Route::new("web");
+        r.has_canary = true;
+        r.rules = rules;
+        r.sticky.header = Some("x-user-id".into());
+        r
+    }
+
+    #[test]
+    fn rules_win_over_weight_in_order() {
+        let r = route_with(vec![
+            Rule {
+                matcher: RuleMatch::HeaderEquals {
+                    name: "x-canary".into(),
+                    value: "always".into(),
+                },
+                to: Target::Canary,
+            },
+            Rule {
+                matcher: RuleMatch::HeaderPresent {
+                    name: "x-canary".into(),
+                },
+                to: Target::Stable,
+            },
+        ]);
+        let f = Facts {
+            headers: vec![("x-canary", "always")],
+            ..Default::default()
+        };
+        assert_eq!(
+            r.decide(Weight::ZERO, &f, Some(b"u")).target,
+            Target::Canary
+        );
+        let f = Facts {
+            headers: vec![("x-canary", "other")],
+            ..Default::default()
+        };
+        assert_eq!(
+            r.decide(Weight::FULL, &f, Some(b"u")),
+            Decision {
+                target: Target::Stable,
+                reason: Reason::Rule(1)
+            }
+        );
+    }
+
+    #[test]
+    fn every_rule_kind_matches() {
+        let re = Regex::new("^beta-").unwrap();
+        let cases: Vec<(RuleMatch, Facts)> = vec![
+            (
+                RuleMatch::HeaderRegex {
+                    name: "x-group".into(),
+                    regex: re,
+                },
+                Facts {
+                    headers: vec![("x-group", "beta-7")],
+                    ..Default::default()
+                },
+            ),
+            (
+                RuleMatch::Cookie {
+                    name: "beta".into(),
+                    value: "1".into(),
+                },
+                Facts {
+                    cookies: vec![("beta", "1")],
+                    ..Default::default()
+                },
+            ),
+            (
+                RuleMatch::Query {
+                    name: "canary".into(),
+                    value: Some("1".into()),
+                },
+                Facts {
+                    query: vec![("canary", "1")],
+                    ..Default::default()
+                },
+            ),
+            (
+                RuleMatch::Query {
+                    name: "canary".into(),
+                    value: None,
+                },
+                Facts {
+                    query: vec![("canary", "")],
+                    ..Default::default()
+                },
+            ),
+            (
+                RuleMatch::Source(vec!["10.0.0.0/8".parse().unwrap()]),
+                Facts {
+                    ip: Some("10.1.2.3".parse().unwrap()),
+                    ..Default::default()
+                },
+            ),
+            (
+                RuleMatch::Source(vec!["10.0.0.0/8".parse().unwrap()]),
+                Facts {
+                    ip: Some("::ffff:10.1.2.3".parse().unwrap()),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (m, f) in cases {
+            let r = route_with(vec![Rule {
+                matcher: m.clone(),
+                to: Target::Canary,
+            }]);
+            assert_eq!(
+                r.decide(Weight::ZERO, &f, Some(b"u")).target,
+                Target::Canary,
+                "{m:?} should match"
+            );
+            assert_eq!(
+                r.decide(Weight::ZERO, &Facts::default(), Some(b"u")).target,
+                Target::Stable,
+                "{m:?} must not match empty request"
+            );
+        }
+    }
+
+    #[test]
+    fn sticky_header_beats_cookie() {
+        let r = route_with(vec![]);
+        let f = Facts {
+            headers: vec![("x-user-id", "h")],
+            cookies: vec![("canary_id", "c")],
+            ..Default::default()
+        };
+        assert_eq!(r.sticky_key(&f), Some(StickyKey::Header(b"h")));
+        let f = Facts {
+            cookies: vec![("canary_id", "c")],
+            ..Default::default()
+        };
+        assert_eq!(r.sticky_key(&f), Some(StickyKey::Cookie("c")));
+        assert_eq!(r.sticky_key(&Facts::default()), None);
+    }
+
+    #[test]
+    fn no_canary_always_stable() {
+        let mut r = route_with(vec![Rule {
+            matcher: RuleMatch::HeaderPresent { name: "x".into() },
+            to: Target::Canary,
+        }]);
+        r.has_canary = false;
+        let f = Facts {
+            headers: vec![("x", "1")],
+            ..Default::default()
+        };
+        assert_eq!(
+            r.decide(Weight::FULL, &f, Some(b"u")).target,
+            Target::Stable
+        );
+    }
+
+    #[test]
+    fn hosts_and_prefixes() {
+        let mut r = Route::new("api");
+        r.hosts = vec![
+            HostMatch::parse("Shop.example.com"),
+            HostMatch::parse("*.api.test"),
+        ];
+        r.path_prefix = "/api".into();
+        assert!(r.matches(Some("shop.EXAMPLE.com"), "/api/x"));
+        assert!(r.matches(Some("eu.api.test"), "/api"));
+        assert!(!r.matches(Some("api.test"), "/api"));
+        assert!(!r.matches(Some("shop.example.com"), "/web"));
+        assert!(!r.matches(None, "/api"));
+    }
+
+    #[test]
+    fn header_value_parsers() {
+        assert_eq!(
+            cookie_value("a=1; canary_id=xyz; b=2", "canary_id"),
+            Some("xyz")
+        );
+        assert_eq!(cookie_value("a=1", "b"), None);
+        assert_eq!(query_value("a=1&flag&b=2", "flag"), Some(""));
+        assert_eq!(query_value("a=1&b=2", "b"), Some("2"));
+        assert_eq!(host_without_port("example.com:8080"), "example.com");
+        assert_eq!(host_without_port("[::1]:80"), "::1");
+        assert_eq!(host_without_port("example.com"), "example.com");
+    }
+}
