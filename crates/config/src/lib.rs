@@ -1,1 +1,82 @@
+//! YAML config file → validated [`Config`] made of core types.
+//!
+//! Three stages, as in vector and linkerd: raw serde structs with source spans
+//! (`raw`), `validate` that collects *every* error with its file:line:column, and the
+//! validated [`model`] the rest of the program uses. Only this crate knows the file
+//! format. Loading never binds ports or touches the network; `canary validate` and a
+//! reload run exactly the same code.
+//!
+//! # Layout
+//!
+//! - [`parse`] / [`load`]: text or file → [`Config`] or a [`ConfigError`] listing every
+//!   problem as `file:line:column: message`.
+//! - [`diff`]: what changed between two configs, for the reload log line.
+//! - [`model`]: the validated types.
+//! - `raw` (private): the file's shape, every value with its location.
+//! - `validate` (private): raw → model, one diagnostic per problem.
+//! - `syntax` (private): the grammar of names, hosts, upstreams and networks.
+//!
+//! The format itself is documented in `docs/config.md`.
 
+mod diff;
+mod error;
+pub mod model;
+mod raw;
+mod syntax;
+mod validate;
+
+use std::path::Path;
+
+use serde_saphyr::{MessageFormatter, Spanned, UserMessageFormatter};
+
+pub use diff::diff;
+pub use error::{ConfigError, Diagnostic};
+pub use model::*;
+
+/// Parses and validates config text. `source_name` (usually the file path) is what
+/// diagnostics show as their file.
+///
+/// A YAML syntax or type error stops parsing, so it is reported alone; otherwise every
+/// validation problem in the file is reported.
+pub fn parse(source_name: &str, text: &str) -> Result<Config, ConfigError> {
+    let root: Spanned<raw::RawConfig> =
+        serde_saphyr::from_str(text).map_err(|e| yaml_error(source_name, &e))?;
+    validate::validate(source_name, root)
+}
+
+/// Reads and validates a config file. An unreadable file is a [`ConfigError`] at
+/// line 0, column 0.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::single(&name, 0, 0, format!("cannot read the config file: {e}"))
+    })?;
+    parse(&name, &text)
+}
+
+/// One diagnostic from a serde-saphyr error: its location and its bare message (the
+/// error's `Display` adds a multi-line source snippet, which we do not want in a
+/// `file:line:column: message` line).
+fn yaml_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
+    let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+    let message = UserMessageFormatter.format_message(e.without_snippet());
+    let message: String = message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    ConfigError::single(file, line, column, friendly(message.trim()))
+}
+
+/// Says what was expected for serde-saphyr's terse number errors.
+fn friendly(message: &str) -> String {
+    match message {
+        "invalid floating point" => "expected a number (invalid floating point)".to_string(),
+        "expected mapping start" => {
+            "expected a mapping of `key: value` lines here (see docs/config.md)".to_string()
+        }
+        m if m.starts_with("invalid i") || m.starts_with("invalid u") => {
+            format!("expected a whole number ({m})")
+        }
+        m => m.to_string(),
+    }
+}

@@ -1,1 +1,44 @@
+//! The control side of `canary`: the rollout controller, its persisted state and
+//! journal, config reloading, and the admin API.
+//!
+//! # Layout
+//! - [`controller`]: applies configs, drives rollouts with the pure core's state
+//!   machine, answers commands. Never on the request path.
+//! - [`store`]: atomic state files and the append-only journal in `state_dir`.
+//! - [`admin`]: the axum router for `/api/v1`, `/metrics`, `/healthz`, `/readyz`.
+//! - [`source`]: the config file source: reload on file change (watching the
+//!   directory, since editors replace files) and on SIGHUP.
 
+pub mod admin;
+pub mod controller;
+pub mod source;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use controller::{Command, ControlError, Controller, RouteStatus};
+
+/// How often the controller samples counters and steps rollouts. Verdicts are taken
+/// at each route's own `analysis.interval`; this only bounds how late a pause ends
+/// or an unhealthy canary pool is noticed.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// Runs the controller loop until `shutdown` resolves: ticks, and data-plane events
+/// (breaker trips, canary unavailable) as soon as they arrive.
+pub async fn run_controller(controller: Arc<Controller>, shutdown: impl Future<Output = ()>) {
+    let mut events = controller.proxy().take_events();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => controller.tick(),
+            Some(ev) = async { match events.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                controller.on_event(ev);
+            }
+            () = &mut shutdown => break,
+        }
+    }
+}

@@ -56,7 +56,7 @@ mod tests {
 mod properties {
     use proptest::prelude::*;
 
-    use super::*;
+
     use crate::routing::tests::Facts;
     use crate::routing::{Route, Target};
     use crate::weight::Weight;

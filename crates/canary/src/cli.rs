@@ -1,0 +1,377 @@
+//! The CLI verbs that talk to a running `canary serve` through the admin API.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+/// Where the admin API is and how to authenticate.
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// Base URL of the admin API.
+    #[arg(long, env = "CANARY_ADMIN", default_value = "http://127.0.0.1:9901")]
+    admin: String,
+    /// Environment variable holding the admin token (sent as a bearer token if set).
+    #[arg(long, default_value = "CANARY_ADMIN_TOKEN")]
+    token_env: String,
+}
+
+#[derive(Subcommand)]
+pub enum AdminCmd {
+    /// Show routes: versions, weight, phase, step, last verdict.
+    Status {
+        route: Option<String>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Set a route's canary weight in percent (pauses an automatic rollout).
+    Weight {
+        route: String,
+        weight: f64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Move a rollout to its next step now (`--full`: straight to promoted).
+    Promote {
+        route: String,
+        #[arg(long)]
+        full: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Abort a rollout: canary weight 0 at once.
+    Abort {
+        route: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Hold a rollout's automatic progress.
+    Pause {
+        route: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Continue a paused rollout.
+    Resume {
+        route: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Restart an aborted rollout from its first step.
+    Retry {
+        route: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show a route's decision journal, oldest first.
+    Events {
+        route: String,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Wait for a rollout to finish: exit 0 when promoted, 1 when aborted, 2 on timeout.
+    Wait {
+        route: String,
+        /// How long to wait, e.g. 90s, 10m.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// Exit code for errors other than the outcome `wait` reports (unknown route,
+/// rejected token, unreachable API).
+const EXIT_ERROR: u8 = 3;
+
+pub(crate) struct Api {
+    base: String,
+    token: Option<String>,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Conn {
+    /// A connection to the admin API at `admin`, token from the default variable.
+    pub(crate) fn to(admin: &str) -> Conn {
+        Conn { admin: admin.to_string(), token_env: "CANARY_ADMIN_TOKEN".into() }
+    }
+}
+
+impl Api {
+    pub(crate) fn new(conn: &Conn) -> Api {
+        Api {
+            base: conn.admin.trim_end_matches('/').to_string(),
+            token: std::env::var(&conn.token_env).ok().filter(|t| !t.is_empty()),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub(crate) async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<(StatusCode, Value), String> {
+        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let req = req.header("content-type", "application/json").body(Full::new(body)).map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
+            .await
+            .map_err(|_| format!("{}: no answer within 10s", self.base))?
+            .map_err(|e| format!("cannot reach the admin API at {}: {e}", self.base))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes) }));
+        Ok((status, v))
+    }
+
+    /// Calls and turns a non-2xx answer into an error message.
+    async fn ok(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let (status, v) = self.call(method, path, body).await?;
+        if status.is_success() {
+            Ok(v)
+        } else {
+            Err(format!("{} ({})", v["error"].as_str().unwrap_or("error"), status.as_u16()))
+        }
+    }
+}
+
+fn route_path(route: &str, suffix: &str) -> String {
+    // Route names are restricted to [A-Za-z0-9_.-] by the config, so no escaping is
+    // needed for valid names; anything else simply gets a 404.
+    format!("/api/v1/routes/{route}{suffix}")
+}
+
+fn pct(v: &Value) -> String {
+    match v.as_f64() {
+        Some(f) if f.fract() == 0.0 => format!("{f:.0}%"),
+        Some(f) => format!("{f}%"),
+        None => "-".into(),
+    }
+}
+
+pub(crate) fn verdict_text(v: &Value) -> String {
+    if v.is_null() {
+        return "-".into();
+    }
+    let sum = |s: &Value| {
+        let p99 = s["p99_ms"].as_f64().map_or("-".into(), |p| format!("{p:.1}ms"));
+        format!("{} req, {:.2}% err, p99 {p99}", s["requests"], s["error_rate"].as_f64().unwrap_or(0.0) * 100.0)
+    };
+    format!("{} (canary {}; stable {})", v["result"].as_str().unwrap_or("?"), sum(&v["canary"]), sum(&v["stable"]))
+}
+
+fn step_text(r: &Value) -> String {
+    match (r["step"].as_u64(), r["steps"].as_array()) {
+        (Some(s), Some(all)) if !all.is_empty() => format!("{}/{}", s + 1, all.len()),
+        _ => "-".into(),
+    }
+}
+
+fn print_table(routes: &[Value]) {
+    let rows: Vec<[String; 8]> = routes
+        .iter()
+        .map(|r| {
+            [
+                r["name"].as_str().unwrap_or("").to_string(),
+                r["mode"].as_str().unwrap_or("").to_string(),
+                r["stable_version"].as_str().unwrap_or("").to_string(),
+                r["canary_version"].as_str().unwrap_or("-").to_string(),
+                pct(&r["weight"]),
+                r["phase"].as_str().unwrap_or("-").to_string(),
+                step_text(r),
+                r["last_verdict"]["result"].as_str().unwrap_or("-").to_string(),
+            ]
+        })
+        .collect();
+    let head = ["ROUTE", "MODE", "STABLE", "CANARY", "WEIGHT", "PHASE", "STEP", "VERDICT"];
+    let mut w = head.map(str::len);
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: &[String]| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(&head.map(String::from));
+    for r in &rows {
+        line(r);
+    }
+}
+
+fn print_route(r: &Value) {
+    print_table(std::slice::from_ref(r));
+    println!();
+    println!("{}", r["message"].as_str().unwrap_or(""));
+    if let Some(steps) = r["steps"].as_array().filter(|s| !s.is_empty()) {
+        let cur = r["step"].as_u64();
+        let plan: Vec<String> = steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mark = if Some(i as u64) == cur { "*" } else { "" };
+                format!("{mark}{} ({})", pct(&s["weight"]), s["pause"].as_str().unwrap_or(""))
+            })
+            .collect();
+        println!("steps: {}", plan.join(" → "));
+    }
+    if !r["last_verdict"].is_null() {
+        println!("last verdict: {}", verdict_text(&r["last_verdict"]));
+        if let Some(reasons) = r["last_verdict"]["reasons"].as_array().filter(|a| !a.is_empty()) {
+            for reason in reasons {
+                println!("  - {}", reason.as_str().unwrap_or(""));
+            }
+        }
+    }
+    if let Some(a) = r["abort_reason"].as_str() {
+        println!("abort reason: {a}");
+    }
+}
+
+fn fmt_time(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+pub fn main(cmd: AdminCmd) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("canary: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match rt.block_on(run(cmd)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("canary: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+async fn run(cmd: AdminCmd) -> Result<u8, String> {
+    match cmd {
+        AdminCmd::Status { route, json, conn } => {
+            let api = Api::new(&conn);
+            let v = match &route {
+                Some(r) => api.ok(Method::GET, &route_path(r, ""), None).await?,
+                None => api.ok(Method::GET, "/api/v1/routes", None).await?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else if route.is_some() {
+                print_route(&v);
+            } else {
+                print_table(v.as_array().map(Vec::as_slice).unwrap_or_default());
+            }
+            Ok(0)
+        }
+        AdminCmd::Weight { route, weight, conn } => {
+            let v = Api::new(&conn).ok(Method::PUT, &route_path(&route, "/weight"), Some(json!({ "weight": weight }))).await?;
+            println!("{route}: weight {} ({})", pct(&v["weight"]), v["phase"].as_str().unwrap_or(v["mode"].as_str().unwrap_or("")));
+            Ok(0)
+        }
+        AdminCmd::Promote { route, full, conn } => {
+            let v = Api::new(&conn).ok(Method::POST, &route_path(&route, "/promote"), Some(json!({ "full": full }))).await?;
+            println!("{route}: {} at {} (step {})", v["phase"].as_str().unwrap_or("?"), pct(&v["weight"]), step_text(&v));
+            Ok(0)
+        }
+        AdminCmd::Abort { route, reason, conn } => {
+            let body = json!({ "reason": reason.unwrap_or_default() });
+            let v = Api::new(&conn).ok(Method::POST, &route_path(&route, "/abort"), Some(body)).await?;
+            println!("{route}: aborted, weight {}", pct(&v["weight"]));
+            Ok(0)
+        }
+        AdminCmd::Pause { route, conn } => simple(&conn, &route, "pause").await,
+        AdminCmd::Resume { route, conn } => simple(&conn, &route, "resume").await,
+        AdminCmd::Retry { route, conn } => simple(&conn, &route, "retry").await,
+        AdminCmd::Events { route, limit, json, conn } => {
+            let v = Api::new(&conn).ok(Method::GET, &route_path(&route, &format!("/events?limit={limit}")), None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return Ok(0);
+            }
+            for e in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+                println!(
+                    "{}  {:<8} {} {} → {} {}  {}",
+                    fmt_time(e["at_ms"].as_u64().unwrap_or(0)),
+                    e["kind"].as_str().unwrap_or(""),
+                    e["from"]["phase"].as_str().unwrap_or(""),
+                    pct(&e["from"]["weight"]),
+                    e["to"]["phase"].as_str().unwrap_or(""),
+                    pct(&e["to"]["weight"]),
+                    e["reason"].as_str().unwrap_or(""),
+                );
+                if !e["verdict"].is_null() {
+                    println!("    evidence: {}", verdict_text(&e["verdict"]));
+                }
+            }
+            Ok(0)
+        }
+        AdminCmd::Wait { route, timeout, conn } => wait(&conn, &route, timeout).await,
+    }
+}
+
+async fn simple(conn: &Conn, route: &str, verb: &str) -> Result<u8, String> {
+    let v = Api::new(conn).ok(Method::POST, &route_path(route, &format!("/{verb}")), None).await?;
+    println!("{route}: {} at {} (step {})", v["phase"].as_str().unwrap_or("?"), pct(&v["weight"]), step_text(&v));
+    Ok(0)
+}
+
+/// Polls until promoted (0), aborted (1) or timeout (2), printing each change.
+async fn wait(conn: &Conn, route: &str, timeout: Duration) -> Result<u8, String> {
+    let api = Api::new(conn);
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match api.call(Method::GET, &route_path(route, ""), None).await {
+            Ok((StatusCode::OK, r)) => {
+                let phase = r["phase"].as_str().unwrap_or("none");
+                let line = format!(
+                    "{route}: {phase}, step {}, weight {}, verdict {}",
+                    step_text(&r),
+                    pct(&r["weight"]),
+                    r["last_verdict"]["result"].as_str().unwrap_or("-")
+                );
+                if line != last {
+                    println!("{line}");
+                    last = line;
+                }
+                match phase {
+                    "promoted" => {
+                        println!("{route}: promoted — {}", r["message"].as_str().unwrap_or(""));
+                        return Ok(0);
+                    }
+                    "aborted" => {
+                        println!("{route}: aborted — {}", r["abort_reason"].as_str().unwrap_or(""));
+                        return Ok(1);
+                    }
+                    "none" => return Err(format!("route {route:?} has no rollout to wait for")),
+                    _ => {}
+                }
+            }
+            Ok((status, v)) => return Err(format!("{} ({})", v["error"].as_str().unwrap_or("error"), status.as_u16())),
+            Err(e) => eprintln!("canary: {e}; retrying"),
+        }
+        if Instant::now() >= deadline {
+            println!("{route}: timed out after {}", humantime::format_duration(timeout));
+            return Ok(2);
+        }
+        tokio::time::sleep(Duration::from_millis(500).min(deadline.saturating_duration_since(Instant::now()))).await;
+    }
+}

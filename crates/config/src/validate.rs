@@ -1,0 +1,1254 @@
+//! Stage 2: raw structs → validated [`Config`], collecting every problem.
+//!
+//! Each check records a [`Diagnostic`] at the location of the offending value and
+//! carries on with a placeholder, so one run reports everything that is wrong. The
+//! placeholders never escape: any diagnostic turns the whole result into an error.
+//! Messages say what is wrong and what is allowed, prefixed with the key's path
+//! (`routes[0].stable.upstreams[1]`).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use canary_core::analysis::AnalysisSpec;
+use canary_core::rollout::{Pause, RolloutSpec, Step};
+use canary_core::{Route, Rule, RuleMatch, Sticky, Target, Weight};
+use ipnet::IpNet;
+use serde_saphyr::Location;
+
+use crate::syntax::{
+    host_pattern, is_env_name, is_route_name, is_token, is_version, network, upstream,
+};
+
+use crate::error::{ConfigError, Diagnostic};
+use crate::model::{Config, Ejection, HealthCheck, Limits, PoolConfig, RouteConfig, Timeouts};
+use crate::raw::{
+    List, RawAnalysis, RawConfig, RawEjection, RawHealthCheck, RawLimits, RawPool, RawRollout,
+    RawRoute, RawRule, RawStep, RawSticky, RawTimeouts, StringList, S,
+};
+
+/// Default admin address (`admin`).
+pub(crate) const DEFAULT_ADMIN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9901);
+/// Default state directory (`state_dir`).
+pub(crate) const DEFAULT_STATE_DIR: &str = "./canary-state";
+/// Default rollout breaker (`rollout.breaker.consecutive_failures`).
+pub(crate) const DEFAULT_BREAKER_FAILURES: u32 = 5;
+/// Default analysis interval and window.
+pub(crate) const DEFAULT_ANALYSIS_INTERVAL_MS: u64 = 10_000;
+pub(crate) const DEFAULT_ANALYSIS_WINDOW_MS: u64 = 60_000;
+/// Smallest accepted `limits.max_header_bytes`.
+pub(crate) const MIN_HEADER_BYTES: i64 = 1024;
+
+const DURATION_HINT: &str = "use e.g. 500ms, 30s, 1m or 1h 30m";
+
+/// Validates a parsed file. `root` is the whole document (its location is where
+/// missing top-level keys are reported).
+pub(crate) fn validate(file: &str, root: S<RawConfig>) -> Result<Config, ConfigError> {
+    let mut c = Checker {
+        file: file.to_string(),
+        diagnostics: Vec::new(),
+    };
+    let raw = &root.value;
+    let empty = raw.listen.is_none()
+        && raw.admin.is_none()
+        && raw.state_dir.is_none()
+        && raw.admin_token_env.is_none()
+        && raw.workers.is_none()
+        && raw.limits.is_none()
+        && raw.routes.is_none();
+    if empty {
+        return Err(ConfigError::single(
+            file,
+            1,
+            1,
+            "the config is empty; it needs at least `listen` and `routes`",
+        ));
+    }
+    let config = c.config(root);
+    if c.diagnostics.is_empty() {
+        Ok(config)
+    } else {
+        // File order; `sort_by_key` is stable, so problems at one spot keep their order.
+        c.diagnostics.sort_by_key(|d| (d.line, d.column));
+        Err(ConfigError {
+            diagnostics: c.diagnostics,
+        })
+    }
+}
+
+struct Checker {
+    file: String,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Checker {
+    fn err(&mut self, at: Location, message: String) {
+        self.diagnostics.push(Diagnostic {
+            file: self.file.clone(),
+            line: at.line(),
+            column: at.column(),
+            message,
+        });
+    }
+
+    fn config(&mut self, root: S<RawConfig>) -> Config {
+        let at = root.referenced;
+        let raw = root.value;
+
+        let listen = match &raw.listen {
+            Some(v) => self.socket_addr("listen", v),
+            None => {
+                self.err(
+                    at,
+                    "missing required key `listen` (the address the proxy listens on, \
+                     e.g. 127.0.0.1:8080)"
+                        .into(),
+                );
+                None
+            }
+        };
+        let admin = match &raw.admin {
+            Some(v) => self.socket_addr("admin", v),
+            None => Some(DEFAULT_ADMIN),
+        };
+        if let (Some(l), Some(a)) = (listen, admin) {
+            // Port 0 (tests) asks the OS for a free port each time, so it never clashes.
+            let where_ = raw.admin.as_ref().or(raw.listen.as_ref());
+            if let (true, Some(v)) = (l == a && l.port() != 0, where_) {
+                self.err(
+                    v.referenced,
+                    format!(
+                        "admin: {a} is also the `listen` address; the admin API needs its \
+                         own address (default 127.0.0.1:9901)"
+                    ),
+                );
+            }
+        }
+
+        let state_dir = match &raw.state_dir {
+            Some(v) if v.value.trim().is_empty() => {
+                self.err(
+                    v.referenced,
+                    "state_dir: must not be empty (a directory path, default ./canary-state)"
+                        .into(),
+                );
+                PathBuf::new()
+            }
+            Some(v) => PathBuf::from(&v.value),
+            None => PathBuf::from(DEFAULT_STATE_DIR),
+        };
+
+        let admin_token_env = raw.admin_token_env.as_ref().map(|v| {
+            if !is_env_name(&v.value) {
+                self.err(
+                    v.referenced,
+                    format!(
+                        "admin_token_env: {:?} is not an environment variable name \
+                         (letters, digits and '_', not starting with a digit); \
+                         give the variable's name, not the token",
+                        v.value
+                    ),
+                );
+            }
+            v.value.clone()
+        });
+
+        let workers = raw.workers.as_ref().map(|v| {
+            self.int("workers", v, 1, 4096, "a whole number from 1 to 4096")
+                .unwrap_or(1) as usize
+        });
+
+        let limits = match raw.limits {
+            Some(l) => self.limits(l.value),
+            None => Limits::default(),
+        };
+
+        let routes = match raw.routes {
+            None => {
+                self.err(
+                    at,
+                    "missing required key `routes` (a non-empty list of routes)".into(),
+                );
+                Vec::new()
+            }
+            Some(list) if list.value.is_empty() => {
+                self.err(
+                    list.referenced,
+                    "routes: the list is empty; at least one route is required".into(),
+                );
+                Vec::new()
+            }
+            Some(list) => self.routes(list),
+        };
+
+        Config {
+            listen: listen.unwrap_or(DEFAULT_ADMIN),
+            admin: admin.unwrap_or(DEFAULT_ADMIN),
+            state_dir,
+            admin_token_env,
+            workers,
+            limits,
+            routes,
+        }
+    }
+
+    fn limits(&mut self, raw: RawLimits) -> Limits {
+        let d = Limits::default();
+        Limits {
+            max_header_bytes: match &raw.max_header_bytes {
+                Some(v) => self
+                    .int(
+                        "limits.max_header_bytes",
+                        v,
+                        MIN_HEADER_BYTES,
+                        i64::from(u32::MAX),
+                        "a number of bytes, at least 1024",
+                    )
+                    .map_or(d.max_header_bytes, |n| n as usize),
+                None => d.max_header_bytes,
+            },
+            header_timeout_ms: self.duration_or(
+                "limits.header_timeout",
+                raw.header_timeout.as_ref(),
+                d.header_timeout_ms,
+                false,
+            ),
+            max_connections: match &raw.max_connections {
+                Some(v) => self
+                    .int(
+                        "limits.max_connections",
+                        v,
+                        1,
+                        i64::from(u32::MAX),
+                        "a whole number, at least 1",
+                    )
+                    .map_or(d.max_connections, |n| n as usize),
+                None => d.max_connections,
+            },
+        }
+    }
+
+    fn routes(&mut self, list: List<RawRoute>) -> Vec<RouteConfig> {
+        // Route name → line of its first definition.
+        let mut seen: HashMap<String, u64> = HashMap::new();
+        let mut routes = Vec::with_capacity(list.value.len());
+        for (i, raw) in list.value.into_iter().enumerate() {
+            if let Some(name) = &raw.value.name {
+                match seen.get(&name.value) {
+                    Some(first) => self.err(
+                        name.referenced,
+                        format!(
+                            "routes[{i}].name: duplicate route name {:?} (first defined at \
+                             line {first}); route names must be unique",
+                            name.value
+                        ),
+                    ),
+                    None => {
+                        seen.insert(name.value.clone(), name.referenced.line());
+                    }
+                }
+            }
+            routes.push(self.route(i, raw));
+        }
+        routes
+    }
+
+    fn route(&mut self, i: usize, raw: S<RawRoute>) -> RouteConfig {
+        let p = format!("routes[{i}]");
+        let at = raw.referenced;
+        let r = raw.value;
+
+        let name = match &r.name {
+            Some(n) => {
+                if !is_route_name(&n.value) {
+                    self.err(
+                        n.referenced,
+                        format!(
+                            "{p}.name: {:?} is not a valid route name (letters, digits, \
+                             '_', '.' and '-' only; it appears in URLs and metric labels)",
+                            n.value
+                        ),
+                    );
+                }
+                n.value.clone()
+            }
+            None => {
+                self.err(
+                    at,
+                    format!("{p}: missing required key `name` (letters, digits, '_', '.' and '-')"),
+                );
+                String::new()
+            }
+        };
+        let mut route = Route::new(name);
+
+        if let Some(hosts) = &r.hosts {
+            for (j, h) in hosts.value.iter().enumerate() {
+                match host_pattern(&h.value) {
+                    Ok(m) => route.hosts.push(m),
+                    Err(why) => {
+                        self.err(h.referenced, format!("{p}.hosts[{j}]: {:?} {why}", h.value))
+                    }
+                }
+            }
+        }
+
+        if let Some(prefix) = &r.path_prefix {
+            if !prefix.value.starts_with('/') || prefix.value.chars().any(char::is_whitespace) {
+                self.err(
+                    prefix.referenced,
+                    format!(
+                        "{p}.path_prefix: {:?} must start with '/' and contain no spaces \
+                         (e.g. / or /api)",
+                        prefix.value
+                    ),
+                );
+            } else {
+                route.path_prefix = prefix.value.clone();
+            }
+        }
+
+        // Versions are compared before the pools are consumed.
+        if let (Some(s), Some(c)) = (&r.stable, &r.canary) {
+            if let (Some(sv), Some(cv)) = (&s.value.version, &c.value.version) {
+                if sv.value == cv.value {
+                    self.err(
+                        cv.referenced,
+                        format!(
+                            "{p}.canary.version: {:?} is also the stable version; the \
+                             canary must be a different version",
+                            cv.value
+                        ),
+                    );
+                }
+            }
+        }
+        let stable = match r.stable {
+            Some(s) => self.pool(&format!("{p}.stable"), s),
+            None => {
+                self.err(
+                    at,
+                    format!(
+                        "{p}: missing required key `stable` (the pool serving the current \
+                         version: version and upstreams)"
+                    ),
+                );
+                placeholder_pool()
+            }
+        };
+        let canary = r.canary.map(|c| self.pool(&format!("{p}.canary"), c));
+        route.has_canary = canary.is_some();
+
+        let weight = match &r.weight {
+            Some(w) => self.weight(&format!("{p}.weight"), w),
+            None => Weight::ZERO,
+        };
+
+        if let Some(sticky) = r.sticky {
+            route.sticky = self.sticky(&p, sticky.value);
+        }
+
+        if let Some(rules) = r.rules {
+            for (j, rule) in rules.value.into_iter().enumerate() {
+                if let Some(rule) = self.rule(&format!("{p}.rules[{j}]"), rule) {
+                    route.rules.push(rule);
+                }
+            }
+        }
+
+        let timeouts = match r.timeouts {
+            Some(t) => self.timeouts(&p, t.value),
+            None => Timeouts::default(),
+        };
+        let ejection = match r.ejection {
+            Some(e) => self.ejection(&p, e.value),
+            None => Ejection::default(),
+        };
+
+        let rollout = r.rollout.map(|ro| {
+            if canary.is_none() {
+                self.err(
+                    ro.referenced,
+                    format!(
+                        "{p}.rollout: a rollout needs a canary; add a `canary` pool to this \
+                         route or remove `rollout`"
+                    ),
+                );
+            }
+            self.rollout(&format!("{p}.rollout"), ro)
+        });
+
+        RouteConfig {
+            route,
+            stable,
+            canary,
+            weight,
+            rollout,
+            timeouts,
+            ejection,
+        }
+    }
+
+    fn pool(&mut self, p: &str, raw: S<RawPool>) -> PoolConfig {
+        let at = raw.referenced;
+        let r = raw.value;
+        let version = match &r.version {
+            Some(v) => {
+                if !is_version(&v.value) {
+                    self.err(
+                        v.referenced,
+                        format!(
+                            "{p}.version: {:?} is not a valid version label (letters, digits, \
+                             '_', '.', '+' and '-', not empty)",
+                            v.value
+                        ),
+                    );
+                }
+                v.value.clone()
+            }
+            None => {
+                self.err(
+                    at,
+                    format!("{p}: missing required key `version` (a label such as v1)"),
+                );
+                String::new()
+            }
+        };
+
+        let mut upstreams: Vec<String> = Vec::new();
+        match &r.upstreams {
+            None => self.err(
+                at,
+                format!(
+                    "{p}: missing required key `upstreams` (a non-empty list of \"host:port\")"
+                ),
+            ),
+            Some(list) if list.value.is_empty() => self.err(
+                list.referenced,
+                format!("{p}.upstreams: the list is empty; give at least one \"host:port\""),
+            ),
+            Some(list) => {
+                for (j, u) in list.value.iter().enumerate() {
+                    if let Err(why) = upstream(&u.value) {
+                        self.err(
+                            u.referenced,
+                            format!("{p}.upstreams[{j}]: {:?} {why}", u.value),
+                        );
+                    } else if let Some(k) = upstreams
+                        .iter()
+                        .position(|seen| seen.eq_ignore_ascii_case(&u.value))
+                    {
+                        self.err(
+                            u.referenced,
+                            format!(
+                                "{p}.upstreams[{j}]: {:?} is listed twice (also \
+                                 upstreams[{k}]); each instance once",
+                                u.value
+                            ),
+                        );
+                    }
+                    // Keep indices aligned with the file for the duplicate message.
+                    upstreams.push(u.value.clone());
+                }
+            }
+        }
+
+        let health_check = r
+            .health_check
+            .map(|h| self.health_check(&format!("{p}.health_check"), h.value));
+
+        PoolConfig {
+            version,
+            upstreams,
+            http2: r.http2.unwrap_or(false),
+            health_check,
+        }
+    }
+
+    fn health_check(&mut self, p: &str, r: RawHealthCheck) -> HealthCheck {
+        let path = match &r.path {
+            Some(v) if !v.value.starts_with('/') || v.value.chars().any(char::is_whitespace) => {
+                self.err(
+                    v.referenced,
+                    format!(
+                        "{p}.path: {:?} must start with '/' and contain no spaces \
+                         (e.g. /healthz)",
+                        v.value
+                    ),
+                );
+                String::new()
+            }
+            Some(v) => v.value.clone(),
+            None => "/healthz".to_string(),
+        };
+        let interval_ms =
+            self.duration_or(&format!("{p}.interval"), r.interval.as_ref(), 5_000, false);
+        let timeout_ms =
+            self.duration_or(&format!("{p}.timeout"), r.timeout.as_ref(), 2_000, false);
+        if timeout_ms >= interval_ms && interval_ms > 0 && timeout_ms > 0 {
+            // Point at whichever of the two the user wrote (timeout preferred).
+            if let Some(at) = r.timeout.as_ref().or(r.interval.as_ref()) {
+                self.err(
+                    at.referenced,
+                    format!(
+                        "{p}.timeout: {} must be shorter than the interval ({})",
+                        ms(timeout_ms),
+                        ms(interval_ms)
+                    ),
+                );
+            }
+        }
+        let threshold = |c: &mut Checker, key: &str, v: Option<&S<i64>>, default: u32| match v {
+            Some(v) => c
+                .int(
+                    &format!("{p}.{key}"),
+                    v,
+                    1,
+                    i64::from(u32::MAX),
+                    "a whole number, at least 1",
+                )
+                .map_or(default, |n| n as u32),
+            None => default,
+        };
+        HealthCheck {
+            path,
+            interval_ms,
+            timeout_ms,
+            unhealthy_threshold: threshold(
+                self,
+                "unhealthy_threshold",
+                r.unhealthy_threshold.as_ref(),
+                2,
+            ),
+            healthy_threshold: threshold(
+                self,
+                "healthy_threshold",
+                r.healthy_threshold.as_ref(),
+                1,
+            ),
+        }
+    }
+
+    fn weight(&mut self, p: &str, v: &S<f64>) -> Weight {
+        match Weight::from_percent(v.value) {
+            Some(w) => w,
+            None => {
+                self.err(
+                    v.referenced,
+                    format!(
+                        "{p}: {} is out of range (0–100, at most two decimals)",
+                        v.value
+                    ),
+                );
+                Weight::ZERO
+            }
+        }
+    }
+
+    fn sticky(&mut self, p: &str, r: RawSticky) -> Sticky {
+        let mut sticky = Sticky::default();
+        if let Some(h) = &r.header {
+            if is_token(&h.value) {
+                sticky.header = Some(h.value.to_ascii_lowercase());
+            } else {
+                self.err(
+                    h.referenced,
+                    format!(
+                        "{p}.sticky.header: {:?} is not a valid HTTP header name \
+                         (letters, digits and !#$%&'*+-.^_`|~)",
+                        h.value
+                    ),
+                );
+            }
+        }
+        if let Some(c) = &r.cookie {
+            if is_token(&c.value) {
+                sticky.cookie = c.value.clone();
+            } else {
+                self.err(
+                    c.referenced,
+                    format!(
+                        "{p}.sticky.cookie: {:?} is not a valid cookie name \
+                         (letters, digits and !#$%&'*+-.^_`|~)",
+                        c.value
+                    ),
+                );
+            }
+        }
+        sticky
+    }
+
+    /// A rule, or `None` when it is invalid (already reported).
+    fn rule(&mut self, p: &str, raw: S<RawRule>) -> Option<Rule> {
+        let at = raw.referenced;
+        let r = raw.value;
+
+        let to = match &r.to {
+            Some(t) => match t.value.as_str() {
+                "canary" => Some(Target::Canary),
+                "stable" => Some(Target::Stable),
+                other => {
+                    self.err(
+                        t.referenced,
+                        format!("{p}.to: {other:?} is not a target (canary or stable)"),
+                    );
+                    None
+                }
+            },
+            None => {
+                self.err(
+                    at,
+                    format!("{p}: missing required key `to` (canary or stable)"),
+                );
+                None
+            }
+        };
+
+        let given: Vec<&str> = [
+            r.header.is_some().then_some("header"),
+            r.cookie.is_some().then_some("cookie"),
+            r.query.is_some().then_some("query"),
+            r.source.is_some().then_some("source"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if given.len() != 1 {
+            let found = if given.is_empty() {
+                "none".to_string()
+            } else {
+                given.join(" and ")
+            };
+            self.err(
+                at,
+                format!(
+                    "{p}: a rule needs exactly one of header, cookie, query or source \
+                     (found {found})"
+                ),
+            );
+            return None;
+        }
+
+        let matcher = if let Some(h) = r.header {
+            self.header_match(&format!("{p}.header"), h)
+        } else if let Some(c) = r.cookie {
+            let p = format!("{p}.cookie");
+            let name = self.cookie_name(&p, c.referenced, c.value.name.as_ref());
+            let value = match &c.value.value {
+                Some(v) => Some(v.value.clone()),
+                None => {
+                    self.err(
+                        c.referenced,
+                        format!("{p}: missing required key `value` (the cookie's exact value)"),
+                    );
+                    None
+                }
+            };
+            name.zip(value)
+                .map(|(name, value)| RuleMatch::Cookie { name, value })
+        } else if let Some(q) = r.query {
+            let p = format!("{p}.query");
+            let name = match &q.value.name {
+                Some(n) if n.value.is_empty() || n.value.contains(['&', '=', '#', ' ']) => {
+                    self.err(
+                        n.referenced,
+                        format!(
+                            "{p}.name: {:?} is not a query parameter name (not empty, no \
+                             '&', '=', '#' or spaces)",
+                            n.value
+                        ),
+                    );
+                    None
+                }
+                Some(n) => Some(n.value.clone()),
+                None => {
+                    self.err(
+                        q.referenced,
+                        format!("{p}: missing required key `name` (the query parameter)"),
+                    );
+                    None
+                }
+            };
+            name.map(|name| RuleMatch::Query {
+                name,
+                value: q.value.value.map(|v| v.value),
+            })
+        } else if let Some(s) = r.source {
+            self.source(&format!("{p}.source"), s)
+                .map(RuleMatch::Source)
+        } else {
+            None
+        };
+
+        Some(Rule {
+            matcher: matcher?,
+            to: to?,
+        })
+    }
+
+    fn header_match(&mut self, p: &str, h: S<crate::raw::RawHeaderMatch>) -> Option<RuleMatch> {
+        let at = h.referenced;
+        let h = h.value;
+        let name = match &h.name {
+            Some(n) if is_token(&n.value) => Some(n.value.to_ascii_lowercase()),
+            Some(n) => {
+                self.err(
+                    n.referenced,
+                    format!(
+                        "{p}.name: {:?} is not a valid HTTP header name \
+                         (letters, digits and !#$%&'*+-.^_`|~)",
+                        n.value
+                    ),
+                );
+                None
+            }
+            None => {
+                self.err(
+                    at,
+                    format!("{p}: missing required key `name` (the header name)"),
+                );
+                None
+            }
+        };
+        let count = usize::from(h.value.is_some())
+            + usize::from(h.regex.is_some())
+            + usize::from(h.present.is_some());
+        if count != 1 {
+            self.err(
+                at,
+                format!(
+                    "{p}: give exactly one of `value` (exact match), `regex` or \
+                     `present: true`"
+                ),
+            );
+            return None;
+        }
+        let name = name?;
+        if let Some(v) = h.value {
+            Some(RuleMatch::HeaderEquals {
+                name,
+                value: v.value,
+            })
+        } else if let Some(re) = h.regex {
+            match regex::bytes::Regex::new(&re.value) {
+                Ok(regex) => Some(RuleMatch::HeaderRegex { name, regex }),
+                Err(e) => {
+                    self.err(
+                        re.referenced,
+                        format!(
+                            "{p}.regex: {:?} is not a valid regular expression: {}",
+                            re.value,
+                            regex_error(&e)
+                        ),
+                    );
+                    None
+                }
+            }
+        } else if let Some(present) = h.present {
+            if present.value {
+                Some(RuleMatch::HeaderPresent { name })
+            } else {
+                self.err(
+                    present.referenced,
+                    format!(
+                        "{p}.present: only `present: true` is allowed (to route requests \
+                         without the header, add a rule for the other target)"
+                    ),
+                );
+                None
+            }
+        } else {
+            None
+        }
+    }
+
+    fn cookie_name(&mut self, p: &str, at: Location, n: Option<&S<String>>) -> Option<String> {
+        match n {
+            Some(n) if is_token(&n.value) => Some(n.value.clone()),
+            Some(n) => {
+                self.err(
+                    n.referenced,
+                    format!(
+                        "{p}.name: {:?} is not a valid cookie name \
+                         (letters, digits and !#$%&'*+-.^_`|~)",
+                        n.value
+                    ),
+                );
+                None
+            }
+            None => {
+                self.err(
+                    at,
+                    format!("{p}: missing required key `name` (the cookie name)"),
+                );
+                None
+            }
+        }
+    }
+
+    fn source(&mut self, p: &str, s: S<StringList>) -> Option<Vec<IpNet>> {
+        let items: Vec<(String, Location, String)> = match s.value {
+            StringList::One(v) => vec![(v, s.referenced, p.to_string())],
+            StringList::Many(list) => list
+                .into_iter()
+                .enumerate()
+                .map(|(j, v)| (v.value, v.referenced, format!("{p}[{j}]")))
+                .collect(),
+        };
+        if items.is_empty() {
+            self.err(
+                s.referenced,
+                format!("{p}: the list is empty; give at least one network (e.g. 10.0.0.0/8)"),
+            );
+            return None;
+        }
+        let mut nets = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (text, at, path) in items {
+            match network(&text) {
+                Some(net) => nets.push(net),
+                None => {
+                    ok = false;
+                    self.err(
+                        at,
+                        format!(
+                            "{path}: {text:?} is not an IP network (a CIDR like 10.0.0.0/8 \
+                             or fd00::/8, or a single address like 192.168.1.7)"
+                        ),
+                    );
+                }
+            }
+        }
+        ok.then_some(nets)
+    }
+
+    fn timeouts(&mut self, p: &str, r: RawTimeouts) -> Timeouts {
+        let d = Timeouts::default();
+        Timeouts {
+            connect_ms: self.duration_or(
+                &format!("{p}.timeouts.connect"),
+                r.connect.as_ref(),
+                d.connect_ms,
+                false,
+            ),
+            request_ms: self.duration_or(
+                &format!("{p}.timeouts.request"),
+                r.request.as_ref(),
+                d.request_ms,
+                false,
+            ),
+        }
+    }
+
+    fn ejection(&mut self, p: &str, r: RawEjection) -> Ejection {
+        let d = Ejection::default();
+        let consecutive_failures = match &r.consecutive_failures {
+            Some(v) => self
+                .int(
+                    &format!("{p}.ejection.consecutive_failures"),
+                    v,
+                    0,
+                    i64::from(u32::MAX),
+                    "a whole number; 0 disables ejection",
+                )
+                .map_or(d.consecutive_failures, |n| n as u32),
+            None => d.consecutive_failures,
+        };
+        let base_ms = self.duration_or(
+            &format!("{p}.ejection.base"),
+            r.base.as_ref(),
+            d.base_ms,
+            false,
+        );
+        let max_ms = self.duration_or(
+            &format!("{p}.ejection.max"),
+            r.max.as_ref(),
+            d.max_ms,
+            false,
+        );
+        if max_ms < base_ms {
+            if let Some(at) = r.max.as_ref().or(r.base.as_ref()) {
+                self.err(
+                    at.referenced,
+                    format!(
+                        "{p}.ejection.max: {} is shorter than base ({}); max must be at \
+                         least base",
+                        ms(max_ms),
+                        ms(base_ms)
+                    ),
+                );
+            }
+        }
+        Ejection {
+            consecutive_failures,
+            base_ms,
+            max_ms,
+        }
+    }
+
+    fn rollout(&mut self, p: &str, raw: S<RawRollout>) -> RolloutSpec {
+        let at = raw.referenced;
+        let r = raw.value;
+
+        let mut steps = Vec::new();
+        match r.steps {
+            None => self.err(
+                at,
+                format!(
+                    "{p}: missing required key `steps` (a non-empty list of \
+                     {{weight, pause}})"
+                ),
+            ),
+            Some(list) if list.value.is_empty() => self.err(
+                list.referenced,
+                format!("{p}.steps: the list is empty; give at least one {{weight, pause}}"),
+            ),
+            Some(list) => {
+                // The highest weight so far and the step that set it, for the order check.
+                let mut highest: Option<(Weight, usize)> = None;
+                for (j, raw) in list.value.into_iter().enumerate() {
+                    let sp = format!("{p}.steps[{j}]");
+                    let weight_at = raw.value.weight.as_ref().map(|w| w.referenced);
+                    let (step, weight_ok) = self.step(&sp, raw);
+                    if let (true, Some(at)) = (weight_ok, weight_at) {
+                        match highest {
+                            Some((prev, k)) if step.weight < prev => self.err(
+                                at,
+                                format!(
+                                    "{sp}.weight: {} is lower than steps[{k}]'s {}; step \
+                                     weights must not decrease",
+                                    step.weight.percent(),
+                                    prev.percent()
+                                ),
+                            ),
+                            _ => highest = Some((step.weight, j)),
+                        }
+                    }
+                    steps.push(step);
+                }
+            }
+        }
+
+        let (analysis, interval_ms, window_ms) = match r.analysis {
+            Some(a) => self.analysis(&format!("{p}.analysis"), a.value),
+            None => (
+                AnalysisSpec::default(),
+                DEFAULT_ANALYSIS_INTERVAL_MS,
+                DEFAULT_ANALYSIS_WINDOW_MS,
+            ),
+        };
+
+        let breaker_failures = match r.breaker.and_then(|b| b.value.consecutive_failures) {
+            Some(v) => self
+                .int(
+                    &format!("{p}.breaker.consecutive_failures"),
+                    &v,
+                    0,
+                    i64::from(u32::MAX),
+                    "a whole number; 0 disables the breaker",
+                )
+                .and_then(|n| (n > 0).then_some(n as u32)),
+            None => Some(DEFAULT_BREAKER_FAILURES),
+        };
+
+        RolloutSpec {
+            steps,
+            analysis,
+            interval_ms,
+            window_ms,
+            breaker_failures,
+        }
+    }
+
+    /// One rollout step, and whether its weight is valid (for the order check).
+    fn step(&mut self, p: &str, raw: S<RawStep>) -> (Step, bool) {
+        let at = raw.referenced;
+        let r = raw.value;
+        let weight = match &r.weight {
+            Some(w) => match Weight::from_percent(w.value) {
+                Some(Weight::ZERO) => {
+                    self.err(
+                        w.referenced,
+                        format!("{p}.weight: a step's weight must be above 0 (0.01–100)"),
+                    );
+                    None
+                }
+                Some(weight) => Some(weight),
+                None => {
+                    self.weight(&format!("{p}.weight"), w);
+                    None
+                }
+            },
+            None => {
+                self.err(
+                    at,
+                    format!("{p}: missing required key `weight` (percent, 0.01–100)"),
+                );
+                None
+            }
+        };
+        let pause = match &r.pause {
+            Some(v) if v.value.trim() == "manual" => Pause::Manual,
+            Some(v) => Pause::For(self.duration(&format!("{p}.pause"), v, true)),
+            None => {
+                self.err(
+                    at,
+                    format!("{p}: missing required key `pause` (a duration like 30s, or manual)"),
+                );
+                Pause::Manual
+            }
+        };
+        let step = Step {
+            weight: weight.unwrap_or(Weight::ZERO),
+            pause,
+        };
+        (step, weight.is_some())
+    }
+
+    fn analysis(&mut self, p: &str, r: RawAnalysis) -> (AnalysisSpec, u64, u64) {
+        let d = AnalysisSpec::default();
+        let interval_ms = self.duration_or(
+            &format!("{p}.interval"),
+            r.interval.as_ref(),
+            DEFAULT_ANALYSIS_INTERVAL_MS,
+            false,
+        );
+        let window_ms = self.duration_or(
+            &format!("{p}.window"),
+            r.window.as_ref(),
+            DEFAULT_ANALYSIS_WINDOW_MS,
+            false,
+        );
+        if window_ms < interval_ms {
+            if let Some(at) = r.window.as_ref().or(r.interval.as_ref()) {
+                self.err(
+                    at.referenced,
+                    format!(
+                        "{p}.window: {} is shorter than the interval ({}); the window must \
+                         be at least the interval",
+                        ms(window_ms),
+                        ms(interval_ms)
+                    ),
+                );
+            }
+        }
+        let min_requests = match &r.min_requests {
+            Some(v) => self
+                .int(
+                    &format!("{p}.min_requests"),
+                    v,
+                    0,
+                    i64::MAX,
+                    "a whole number, 0 or more",
+                )
+                .map_or(d.min_requests, |n| n as u64),
+            None => d.min_requests,
+        };
+        let max_error_rate = match &r.max_error_rate {
+            Some(v) => self.fraction(&format!("{p}.max_error_rate"), v),
+            None => d.max_error_rate,
+        };
+        let max_error_rate_increase = r
+            .max_error_rate_increase
+            .as_ref()
+            .and_then(|v| self.fraction(&format!("{p}.max_error_rate_increase"), v));
+        let max_latency_increase = r.max_latency_increase.as_ref().and_then(|v| {
+            if v.value.is_finite() && v.value >= 1.0 {
+                Some(v.value)
+            } else {
+                self.err(
+                    v.referenced,
+                    format!(
+                        "{p}.max_latency_increase: {} is out of range (a factor of at least \
+                         1, e.g. 1.5 = canary p99 at most 50 % above stable's)",
+                        v.value
+                    ),
+                );
+                None
+            }
+        });
+        let max_p99_latency_ms = r
+            .max_p99_latency
+            .as_ref()
+            .map(|v| self.duration_f64_ms(&format!("{p}.max_p99_latency"), v, false));
+        let latency_noise_floor_ms = match &r.latency_noise_floor {
+            Some(v) => self.duration_f64_ms(&format!("{p}.latency_noise_floor"), v, true),
+            None => d.latency_noise_floor_ms,
+        };
+        let failure_limit = match &r.failure_limit {
+            Some(v) => self
+                .int(
+                    &format!("{p}.failure_limit"),
+                    v,
+                    1,
+                    i64::from(u32::MAX),
+                    "a whole number, at least 1",
+                )
+                .map_or(d.failure_limit, |n| n as u32),
+            None => d.failure_limit,
+        };
+        (
+            AnalysisSpec {
+                min_requests,
+                max_error_rate,
+                max_p99_latency_ms,
+                max_error_rate_increase,
+                max_latency_increase,
+                latency_noise_floor_ms,
+                failure_limit,
+            },
+            interval_ms,
+            window_ms,
+        )
+    }
+
+    // ---- scalar checks -------------------------------------------------------------
+
+    fn socket_addr(&mut self, p: &str, v: &S<String>) -> Option<SocketAddr> {
+        match v.value.trim().parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    v.referenced,
+                    format!(
+                        "{p}: {:?} is not a socket address (an IP and port such as \
+                         127.0.0.1:8080, 0.0.0.0:80 or [::1]:8080; host names are not \
+                         allowed here)",
+                        v.value
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A whole number in `min..=max`; `allowed` describes the range for the message.
+    fn int(&mut self, p: &str, v: &S<i64>, min: i64, max: i64, allowed: &str) -> Option<i64> {
+        if (min..=max).contains(&v.value) {
+            Some(v.value)
+        } else {
+            self.err(
+                v.referenced,
+                format!("{p}: {} is out of range ({allowed})", v.value),
+            );
+            None
+        }
+    }
+
+    /// A rate in 0..=1.
+    fn fraction(&mut self, p: &str, v: &S<f64>) -> Option<f64> {
+        if (0.0..=1.0).contains(&v.value) {
+            Some(v.value)
+        } else {
+            self.err(
+                v.referenced,
+                format!(
+                    "{p}: {} is out of range (a fraction from 0 to 1, e.g. 0.01 = 1 %)",
+                    v.value
+                ),
+            );
+            None
+        }
+    }
+
+    /// A duration in whole milliseconds. Reports and returns 0 when invalid.
+    fn duration(&mut self, p: &str, v: &S<String>, allow_zero: bool) -> u64 {
+        let Some(d) = self.parse_duration(p, v, allow_zero) else {
+            return 0;
+        };
+        let millis = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        if millis == 0 && !d.is_zero() {
+            self.err(
+                v.referenced,
+                format!(
+                    "{p}: {:?} is shorter than the resolution of 1ms (give 0 or at least 1ms)",
+                    v.value
+                ),
+            );
+        }
+        millis
+    }
+
+    /// A duration as fractional milliseconds (latency limits compare with p99 in ms).
+    fn duration_f64_ms(&mut self, p: &str, v: &S<String>, allow_zero: bool) -> f64 {
+        self.parse_duration(p, v, allow_zero)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    }
+
+    fn parse_duration(
+        &mut self,
+        p: &str,
+        v: &S<String>,
+        allow_zero: bool,
+    ) -> Option<std::time::Duration> {
+        match humantime::parse_duration(v.value.trim()) {
+            Ok(d) if d.is_zero() && !allow_zero => {
+                self.err(
+                    v.referenced,
+                    format!("{p}: must be greater than 0 ({DURATION_HINT})"),
+                );
+                None
+            }
+            Ok(d) => Some(d),
+            Err(_) => {
+                self.err(
+                    v.referenced,
+                    format!("{p}: {:?} is not a duration ({DURATION_HINT})", v.value),
+                );
+                None
+            }
+        }
+    }
+
+    /// An optional positive duration in ms, with a default when absent.
+    fn duration_or(
+        &mut self,
+        p: &str,
+        v: Option<&S<String>>,
+        default_ms: u64,
+        allow_zero: bool,
+    ) -> u64 {
+        match v {
+            Some(v) => self.duration(p, v, allow_zero),
+            None => default_ms,
+        }
+    }
+}
+
+fn placeholder_pool() -> PoolConfig {
+    PoolConfig {
+        version: String::new(),
+        upstreams: Vec::new(),
+        http2: false,
+        health_check: None,
+    }
+}
+
+/// Formats milliseconds back into the config's duration syntax for messages.
+fn ms(ms: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
+}
+
+/// The one-line reason of a regex error (its `Display` draws the pattern with a caret
+/// over several lines; the caret is useless without the pattern's own position).
+fn regex_error(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("error: "))
+        .or_else(|| text.lines().map(str::trim).find(|l| !l.is_empty()))
+        .unwrap_or("invalid pattern")
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::invalid_regex, reason = "the invalid pattern is the point")]
+    fn regex_error_is_one_line() {
+        let e = regex::bytes::Regex::new("(").unwrap_err();
+        assert_eq!(regex_error(&e), "unclosed group");
+    }
+}

@@ -1,0 +1,539 @@
+//! The rollout controller: applies configs, drives each route's rollout, answers
+//! commands, and persists every decision.
+//!
+//! It reads the data plane's cumulative counters every tick, keeps a short history
+//! of them per route, and takes the difference over the analysis window, so canary
+//! and stable are always compared over exactly the same interval. Decisions come from
+//! the pure `canary_core::rollout::step`; this module only does the IO around it.
+//! The lock here is never taken on the request path.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use canary_config::{Config, RouteConfig};
+use canary_core::analysis::{judge, Verdict, VerdictResult, VersionWindow};
+use canary_core::rollout::{self, Event, Input, Pause, Phase, RolloutSpec, RolloutState};
+use canary_core::Weight;
+use canary_proxy::expo::{Exposition, Kind};
+use canary_proxy::pool::now_ms as mono_ms;
+use canary_proxy::{DataPlaneEvent, Proxy, RouteRuntime};
+use serde::Serialize;
+
+use crate::store::{Store, StoreError};
+
+/// Wall-clock milliseconds since the Unix epoch: persisted times must survive restarts.
+pub fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A user command on a route.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    Promote { full: bool },
+    Abort { reason: String },
+    Pause,
+    Resume,
+    Retry,
+    SetWeight(Weight),
+}
+
+/// Why a command failed; the admin API maps each to a status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("unknown route {0:?}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+}
+
+#[derive(Clone, Debug)]
+struct Sample {
+    at_ms: u64,
+    canary: VersionWindow,
+    stable: VersionWindow,
+}
+
+struct RouteCtl {
+    cfg: RouteConfig,
+    runtime: Arc<RouteRuntime>,
+    rollout: Option<RolloutState>,
+    /// Weight set through the API on a route without a rollout.
+    manual_weight: Option<Weight>,
+    samples: VecDeque<Sample>,
+    last_verdict_ms: u64,
+    verdicts: [u64; 3],
+    aborts: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    routes: Vec<RouteCtl>,
+    applied: bool,
+    reloads_ok: u64,
+    reloads_failed: u64,
+}
+
+/// The controller; cheap to share behind an `Arc`.
+pub struct Controller {
+    proxy: Arc<Proxy>,
+    store: Store,
+    inner: Mutex<Inner>,
+}
+
+/// One step of a plan, as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepView {
+    pub weight: f64,
+    /// `"30s"` or `"manual"`.
+    pub pause: String,
+}
+
+/// A route as `GET /api/v1/routes/{name}` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RouteStatus {
+    pub name: String,
+    pub stable_version: String,
+    pub canary_version: Option<String>,
+    /// `rollout` (automatic), `manual` (canary, weight from config/API), `stable` (no canary).
+    pub mode: &'static str,
+    /// Current canary weight in percent.
+    pub weight: f64,
+    pub phase: Option<Phase>,
+    pub step: Option<usize>,
+    pub steps: Vec<StepView>,
+    pub step_started_ms: Option<u64>,
+    pub failed_verdicts: u32,
+    pub last_verdict: Option<Verdict>,
+    pub abort_reason: Option<String>,
+    pub breaker_tripped: bool,
+    pub canary_available: Option<bool>,
+    pub fallbacks: u64,
+    /// After promotion: the version the config should now name as stable.
+    pub make_stable: Option<String>,
+    pub message: String,
+}
+
+fn abort_category(reason: &str) -> &'static str {
+    if reason.starts_with("analysis") {
+        "analysis"
+    } else if reason.starts_with("breaker") {
+        "breaker"
+    } else if reason.starts_with("canary unhealthy") {
+        "canary_unhealthy"
+    } else {
+        "user"
+    }
+}
+
+fn fmt_pause(p: Pause) -> String {
+    match p {
+        Pause::Manual => "manual".into(),
+        Pause::For(ms) if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        Pause::For(ms) => format!("{ms}ms"),
+    }
+}
+
+fn diff(a: &VersionWindow, b: &VersionWindow) -> VersionWindow {
+    VersionWindow {
+        requests: a.requests.saturating_sub(b.requests),
+        failures: a.failures.saturating_sub(b.failures),
+        latency: std::array::from_fn(|i| a.latency[i].saturating_sub(b.latency[i])),
+    }
+}
+
+impl Controller {
+    pub fn new(proxy: Arc<Proxy>, store: Store) -> Controller {
+        Controller { proxy, store, inner: Mutex::new(Inner::default()) }
+    }
+
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a config has been applied (readiness).
+    pub fn ready(&self) -> bool {
+        self.lock().applied
+    }
+
+    /// Counts a rejected reload for `/metrics`.
+    pub fn reload_failed(&self) {
+        self.lock().reloads_failed += 1;
+    }
+
+    /// Applies a validated config: swaps the data plane's snapshot, then starts,
+    /// resumes or ends each route's rollout and sets its weight.
+    pub fn apply(&self, config: &Config) -> Result<(), ControlError> {
+        let now = wall_ms();
+        self.proxy.apply(config);
+        let mut inner = self.lock();
+        let first = !inner.applied;
+        let mut old: Vec<RouteCtl> = std::mem::take(&mut inner.routes);
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for rc in &config.routes {
+            let name = rc.route.name.clone();
+            let runtime = self.proxy.runtime(&name).expect("apply registers every route");
+            let prev = old.iter().position(|c| c.cfg.route.name == name).map(|i| old.swap_remove(i));
+            let mut ctl = match prev {
+                Some(mut p) => {
+                    if p.cfg.weight != rc.weight {
+                        // The file's weight changed: the file wins over an API override.
+                        p.manual_weight = None;
+                    }
+                    let same_versions = p.cfg.stable.version == rc.stable.version
+                        && p.cfg.canary.as_ref().map(|c| &c.version) == rc.canary.as_ref().map(|c| &c.version);
+                    if !same_versions {
+                        p.samples.clear();
+                    }
+                    p.cfg = rc.clone();
+                    p.runtime = runtime;
+                    p
+                }
+                None => RouteCtl {
+                    cfg: rc.clone(),
+                    runtime,
+                    rollout: self.store.load(&name)?,
+                    manual_weight: None,
+                    samples: VecDeque::new(),
+                    last_verdict_ms: 0,
+                    verdicts: [0; 3],
+                    aborts: BTreeMap::new(),
+                },
+            };
+            self.reconcile(&mut ctl, now, first)?;
+            routes.push(ctl);
+        }
+        inner.routes = routes;
+        inner.applied = true;
+        inner.reloads_ok += u64::from(!first);
+        Ok(())
+    }
+
+    /// Brings a route's rollout in line with its (new) config.
+    fn reconcile(&self, ctl: &mut RouteCtl, now: u64, first: bool) -> Result<(), ControlError> {
+        let name = ctl.cfg.route.name.clone();
+        let prev_phase = ctl.rollout.as_ref().map(|s| s.phase);
+        let mut events = Vec::new();
+        match (&ctl.cfg.rollout, &ctl.cfg.canary) {
+            (Some(spec), Some(canary)) => match &ctl.rollout {
+                Some(s) if s.canary_version == canary.version => {
+                    if first {
+                        tracing::info!(route = %name, phase = s.phase.as_str(), step = s.step, weight = %s.weight(), "resuming persisted rollout");
+                    }
+                    // A breaker trip not yet seen by the event loop must not be undone.
+                    if ctl.runtime.tripped() && s.phase.is_active() {
+                        let failures = ctl.cfg.rollout.as_ref().and_then(|r| r.breaker_failures).unwrap_or(0);
+                        let out = rollout::step(s, spec, Input::Breaker { failures }, now).map_err(|e| ControlError::Conflict(e.0))?;
+                        events.extend(out.events);
+                        ctl.rollout = Some(out.state);
+                    }
+                }
+                _ => {
+                    let (s, ev) = RolloutState::start(spec, &canary.version, now);
+                    tracing::info!(route = %name, version = %canary.version, weight = %s.weight(), "rollout started");
+                    events.push(ev);
+                    ctl.rollout = Some(s);
+                    ctl.samples.clear();
+                    ctl.last_verdict_ms = 0;
+                }
+            },
+            (None, Some(_)) | (_, None) => {
+                if let Some(s) = ctl.rollout.take() {
+                    let done = ctl.cfg.canary.is_none() && s.phase == Phase::Promoted && s.canary_version == ctl.cfg.stable.version;
+                    let reason = if done {
+                        format!("{} is now stable: rollout complete", s.canary_version)
+                    } else {
+                        "rollout removed from config".to_string()
+                    };
+                    tracing::info!(route = %name, "{reason}");
+                    events.push(Event {
+                        at_ms: now,
+                        canary_version: s.canary_version.clone(),
+                        kind: if done { "complete".into() } else { "end".into() },
+                        from: rollout::Position { phase: s.phase, step: s.step, weight: s.weight().percent() },
+                        to: rollout::Position { phase: s.phase, step: s.step, weight: 0.0 },
+                        reason,
+                        verdict: None,
+                    });
+                }
+            }
+        }
+        self.store.append(&name, &events)?;
+        self.store.save(&name, ctl.rollout.as_ref())?;
+        let fresh = prev_phase.is_none() || events.iter().any(|e| e.kind == "start");
+        sync_runtime(ctl, fresh || first);
+        Ok(())
+    }
+
+    /// One controller tick: sample counters, take due verdicts, check canary health,
+    /// and step every active rollout.
+    pub fn tick(&self) {
+        let now = wall_ms();
+        let snap = self.proxy.snapshot();
+        let mono = mono_ms();
+        let mut inner = self.lock();
+        for ctl in inner.routes.iter_mut() {
+            let (Some(spec), Some(state)) = (ctl.cfg.rollout.clone(), ctl.rollout.clone()) else { continue };
+            if !state.phase.is_active() {
+                continue;
+            }
+            let Some((_, entry)) = snap.route(&ctl.cfg.route.name) else { continue };
+            let Some(canary_pool) = &entry.canary else { continue };
+            let due = now.saturating_sub(ctl.last_verdict_ms) >= spec.interval_ms;
+            // One sample a second is plenty for windows of seconds to minutes.
+            if due || ctl.samples.back().is_none_or(|b| now >= b.at_ms + 1_000) {
+                ctl.samples.push_back(Sample { at_ms: now, canary: canary_pool.stats.counts(), stable: entry.stable.stats.counts() });
+            }
+            while ctl.samples.len() > 2 && ctl.samples[1].at_ms + spec.window_ms <= now {
+                ctl.samples.pop_front();
+            }
+            let mut verdict = None;
+            if due {
+                let (Some(base), Some(last)) = (ctl.samples.front(), ctl.samples.back()) else { continue };
+                let v = judge(&spec.analysis, &diff(&last.canary, &base.canary), &diff(&last.stable, &base.stable), now);
+                ctl.verdicts[match v.result {
+                    VerdictResult::Pass => 0,
+                    VerdictResult::Fail => 1,
+                    VerdictResult::Inconclusive => 2,
+                }] += 1;
+                ctl.last_verdict_ms = now;
+                verdict = Some(v);
+            }
+            let input = if state.weight_bp > 0 && !canary_pool.any_available(mono) {
+                Input::CanaryUnhealthy
+            } else {
+                Input::Tick { verdict }
+            };
+            self.apply_input(ctl, &spec, input, now);
+        }
+    }
+
+    fn apply_input(&self, ctl: &mut RouteCtl, spec: &RolloutSpec, input: Input, now: u64) {
+        let Some(state) = &ctl.rollout else { return };
+        let Ok(out) = rollout::step(state, spec, input, now) else { return };
+        if let Err(e) = self.commit(ctl, out) {
+            tracing::error!(route = %ctl.cfg.route.name, error = %e, "could not persist rollout state");
+        }
+    }
+
+    /// Persists a step's outcome, journals it, and applies it to the data plane.
+    fn commit(&self, ctl: &mut RouteCtl, out: rollout::Outcome) -> Result<(), StoreError> {
+        let name = ctl.cfg.route.name.clone();
+        let was_active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
+        for ev in &out.events {
+            if ev.kind == "abort" {
+                *ctl.aborts.entry(abort_category(&ev.reason)).or_default() += 1;
+                tracing::warn!(route = %name, reason = %ev.reason, "rollout aborted");
+            } else {
+                tracing::info!(route = %name, kind = %ev.kind, weight = ev.to.weight, phase = ev.to.phase.as_str(), reason = %ev.reason, "rollout");
+            }
+        }
+        let changed = ctl.rollout.as_ref() != Some(&out.state);
+        ctl.rollout = Some(out.state);
+        // Apply to the data plane first: an abort must cut traffic even if the disk fails.
+        let now_active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
+        sync_runtime(ctl, now_active && !was_active);
+        self.store.append(&name, &out.events)?;
+        if changed {
+            self.store.save(&name, ctl.rollout.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// Handles an event from the data plane.
+    pub fn on_event(&self, ev: DataPlaneEvent) {
+        let now = wall_ms();
+        let mut inner = self.lock();
+        let (route, input) = match ev {
+            DataPlaneEvent::BreakerTripped { route, failures } => (route, Input::Breaker { failures }),
+            DataPlaneEvent::CanaryUnavailable { route } => {
+                // Only an abort if the pool really has no available instance.
+                let snap = self.proxy.snapshot();
+                let down = snap.route(&route).and_then(|(_, e)| e.canary.as_ref()).is_some_and(|p| !p.any_available(mono_ms()));
+                if !down {
+                    return;
+                }
+                (route, Input::CanaryUnhealthy)
+            }
+        };
+        if let Some(ctl) = inner.routes.iter_mut().find(|c| c.cfg.route.name == route) {
+            if let Some(spec) = ctl.cfg.rollout.clone() {
+                self.apply_input(ctl, &spec, input, now);
+            }
+        }
+    }
+
+    /// Runs a user command.
+    pub fn command(&self, route: &str, cmd: Command) -> Result<RouteStatus, ControlError> {
+        let now = wall_ms();
+        let mut inner = self.lock();
+        let ctl = inner
+            .routes
+            .iter_mut()
+            .find(|c| c.cfg.route.name == route)
+            .ok_or_else(|| ControlError::NotFound(route.to_string()))?;
+        match (&ctl.cfg.rollout, &ctl.rollout, &ctl.cfg.canary) {
+            (Some(spec), Some(state), Some(_)) => {
+                let spec = spec.clone();
+                let input = match cmd.clone() {
+                    Command::Promote { full } => Input::Promote { full },
+                    Command::Abort { reason } => Input::Abort { reason },
+                    Command::Pause => Input::Pause,
+                    Command::Resume => Input::Resume,
+                    Command::Retry => Input::Retry,
+                    Command::SetWeight(w) => Input::SetWeight(w),
+                };
+                let out = rollout::step(state, &spec, input, now).map_err(|e| ControlError::Conflict(e.0))?;
+                self.commit(ctl, out)?;
+            }
+            (_, _, Some(_)) => match cmd {
+                Command::SetWeight(w) => {
+                    ctl.manual_weight = Some(w);
+                    ctl.runtime.set_weight(w);
+                    tracing::info!(route, weight = %w, "weight set by user");
+                }
+                _ => return Err(ControlError::Conflict(format!("route {route:?} has no rollout; only its weight can be set"))),
+            },
+            (_, _, None) => return Err(ControlError::Conflict(format!("route {route:?} has no canary"))),
+        }
+        Ok(self.status_of(ctl))
+    }
+
+    /// All routes' status, in config order.
+    pub fn statuses(&self) -> Vec<RouteStatus> {
+        let inner = self.lock();
+        inner.routes.iter().map(|c| self.status_of(c)).collect()
+    }
+
+    /// One route's status.
+    pub fn status(&self, route: &str) -> Option<RouteStatus> {
+        let inner = self.lock();
+        inner.routes.iter().find(|c| c.cfg.route.name == route).map(|c| self.status_of(c))
+    }
+
+    /// Whether the route exists.
+    pub fn has_route(&self, route: &str) -> bool {
+        self.lock().routes.iter().any(|c| c.cfg.route.name == route)
+    }
+
+    fn status_of(&self, c: &RouteCtl) -> RouteStatus {
+        let snap = self.proxy.snapshot();
+        let canary_available = snap
+            .route(&c.cfg.route.name)
+            .and_then(|(_, e)| e.canary.as_ref())
+            .map(|p| p.any_available(mono_ms()));
+        let s = c.rollout.as_ref();
+        let mode = match (&c.cfg.canary, s) {
+            (None, _) => "stable",
+            (Some(_), Some(_)) => "rollout",
+            (Some(_), None) => "manual",
+        };
+        let make_stable = s.filter(|s| s.phase == Phase::Promoted).map(|s| s.canary_version.clone());
+        let message = match (s, &c.cfg.canary) {
+            (Some(s), _) => match s.phase {
+                Phase::Progressing => format!("step {}/{}: waiting for the pause and a passing analysis", s.step + 1, c.cfg.rollout.as_ref().map_or(0, |r| r.steps.len())),
+                Phase::Waiting => format!("step {}: waiting for `canary promote {}`", s.step + 1, c.cfg.route.name),
+                Phase::Paused => format!("paused: `canary resume {}` continues", c.cfg.route.name),
+                Phase::Promoted => format!("promoted: make {} the stable version in the config and remove the canary", s.canary_version),
+                Phase::Aborted => format!("aborted ({}): fix the canary and deploy a new version, or `canary retry {}`", s.abort_reason.as_deref().unwrap_or("?"), c.cfg.route.name),
+            },
+            (None, Some(_)) => "canary weight set by config or API".into(),
+            (None, None) => "no canary".into(),
+        };
+        RouteStatus {
+            name: c.cfg.route.name.clone(),
+            stable_version: c.cfg.stable.version.clone(),
+            canary_version: c.cfg.canary.as_ref().map(|p| p.version.clone()),
+            mode,
+            weight: c.runtime.weight().percent(),
+            phase: s.map(|s| s.phase),
+            step: s.map(|s| s.step),
+            steps: c.cfg.rollout.iter().flat_map(|r| r.steps.iter()).map(|st| StepView { weight: st.weight.percent(), pause: fmt_pause(st.pause) }).collect(),
+            step_started_ms: s.map(|s| s.step_started_ms),
+            failed_verdicts: s.map_or(0, |s| s.failed_verdicts),
+            last_verdict: s.and_then(|s| s.last_verdict.clone()),
+            abort_reason: s.and_then(|s| s.abort_reason.clone()),
+            breaker_tripped: c.runtime.tripped(),
+            canary_available,
+            fallbacks: c.runtime.fallbacks(),
+            make_stable,
+            message,
+        }
+    }
+
+    /// The journal of a route, oldest first.
+    pub fn events(&self, route: &str, limit: usize) -> Result<Vec<Event>, ControlError> {
+        if !self.has_route(route) {
+            return Err(ControlError::NotFound(route.to_string()));
+        }
+        Ok(self.store.events(route, limit)?)
+    }
+
+    /// Writes the controller's metric families.
+    pub fn encode_metrics(&self, e: &mut Exposition) {
+        let inner = self.lock();
+        e.family("canary_rollout_phase", "1 for the current phase of each route's rollout.", Kind::Gauge);
+        for c in &inner.routes {
+            if let Some(s) = &c.rollout {
+                for p in Phase::ALL {
+                    e.sample("canary_rollout_phase", &[("route", c.cfg.route.name.as_str()), ("phase", p.as_str())], u8::from(s.phase == p));
+                }
+            }
+        }
+        e.family("canary_rollout_step", "Index (0-based) of the current step of each route's rollout.", Kind::Gauge);
+        for c in &inner.routes {
+            if let Some(s) = &c.rollout {
+                e.sample("canary_rollout_step", &[("route", c.cfg.route.name.as_str())], s.step as f64);
+            }
+        }
+        e.family("canary_analysis_verdicts_total", "Analysis verdicts by result.", Kind::Counter);
+        for c in inner.routes.iter().filter(|c| c.cfg.rollout.is_some()) {
+            for (i, r) in ["pass", "fail", "inconclusive"].iter().enumerate() {
+                e.sample("canary_analysis_verdicts_total", &[("route", c.cfg.route.name.as_str()), ("result", *r)], c.verdicts[i] as f64);
+            }
+        }
+        e.family("canary_rollout_aborts_total", "Rollout aborts by reason (analysis, breaker, canary_unhealthy, user).", Kind::Counter);
+        for c in inner.routes.iter().filter(|c| c.cfg.rollout.is_some()) {
+            for r in ["analysis", "breaker", "canary_unhealthy", "user"] {
+                let n = c.aborts.get(r).copied().unwrap_or(0);
+                e.sample("canary_rollout_aborts_total", &[("route", c.cfg.route.name.as_str()), ("reason", r)], n as f64);
+            }
+        }
+        e.family("canary_config_reloads_total", "Config reloads by result.", Kind::Counter);
+        e.sample("canary_config_reloads_total", &[("result", "success")], inner.reloads_ok as f64);
+        e.sample("canary_config_reloads_total", &[("result", "failure")], inner.reloads_failed as f64);
+    }
+}
+
+/// Puts the route's weight and breaker in the data plane in line with its state.
+fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
+    match (&ctl.rollout, &ctl.cfg.canary) {
+        (Some(s), Some(_)) => {
+            let limit = ctl.cfg.rollout.as_ref().and_then(|r| r.breaker_failures).unwrap_or(0);
+            if !s.phase.is_active() {
+                ctl.runtime.arm_breaker(0);
+            } else if rearm || !ctl.runtime.breaker_armed() && !ctl.runtime.tripped() {
+                ctl.runtime.arm_breaker(limit);
+            }
+            ctl.runtime.set_weight(s.weight());
+        }
+        (None, Some(_)) => {
+            ctl.runtime.arm_breaker(0);
+            ctl.runtime.set_weight(ctl.manual_weight.unwrap_or(ctl.cfg.weight));
+        }
+        (_, None) => {
+            ctl.runtime.arm_breaker(0);
+            ctl.runtime.set_weight(Weight::ZERO);
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Persisted rollout state and the decision journal, in `state_dir`.
+//!
+//! One JSON file per route (`<route>.state.json`), replaced atomically (write a temp
+//! file, fsync, rename, fsync the directory), so `kill -9` at any point leaves either
+//! the old or the new state, never a torn one. The journal is one JSON object per
+//! line (`<route>.events.jsonl`), appended and fsynced. Plain files, not a database:
+//! the data is tiny, written a few times a minute, and operators can read it with
+//! `cat` and `jq`. Route names are restricted by the config to `[A-Za-z0-9_.-]`, so
+//! they are safe file names.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use canary_core::rollout::{Event, RolloutState};
+
+/// Errors reading or writing the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: corrupt state file: {source}")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+/// The state directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (and creates) the state directory.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        Ok(Store { dir: dir.to_path_buf() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn state_path(&self, route: &str) -> PathBuf {
+        self.dir.join(format!("{route}.state.json"))
+    }
+
+    fn journal_path(&self, route: &str) -> PathBuf {
+        self.dir.join(format!("{route}.events.jsonl"))
+    }
+
+    /// The persisted rollout of a route, if any.
+    pub fn load(&self, route: &str) -> Result<Option<RolloutState>, StoreError> {
+        let path = self.state_path(route);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { path, source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Persists a route's rollout atomically; `None` removes it.
+    pub fn save(&self, route: &str, state: Option<&RolloutState>) -> Result<(), StoreError> {
+        let path = self.state_path(route);
+        let Some(state) = state else {
+            return match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
+                _ => Ok(()),
+            };
+        };
+        let tmp = self.dir.join(format!(".{route}.state.json.tmp"));
+        let bytes = serde_json::to_vec_pretty(state).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
+        {
+            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+            f.write_all(&bytes).map_err(io_err(&tmp))?;
+            f.sync_all().map_err(io_err(&tmp))?;
+        }
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Appends journal events of a route.
+    pub fn append(&self, route: &str, events: &[Event]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let path = self.journal_path(route);
+        let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+        let mut buf = Vec::new();
+        if ends_torn(&path) {
+            // A crash mid-append left a partial line: end it so this entry stays readable.
+            buf.push(b'\n');
+        }
+        for ev in events {
+            serde_json::to_writer(&mut buf, ev).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
+            buf.push(b'\n');
+        }
+        f.write_all(&buf).map_err(io_err(&path))?;
+        f.sync_data().map_err(io_err(&path))?;
+        Ok(())
+    }
+
+    /// The last `limit` journal events of a route, oldest first. A torn last line
+    /// (crash mid-append) is skipped.
+    pub fn events(&self, route: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let path = self.journal_path(route);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let mut out: std::collections::VecDeque<Event> = std::collections::VecDeque::new();
+        for line in BufReader::new(f).lines() {
+            let line = line.map_err(io_err(&path))?;
+            if let Ok(ev) = serde_json::from_str(&line) {
+                if out.len() == limit {
+                    out.pop_front();
+                }
+                out.push_back(ev);
+            }
+        }
+        Ok(out.into())
+    }
+}
+
+/// Whether the file is non-empty and does not end with a newline.
+fn ends_torn(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = File::open(path) else { return false };
+    if f.seek(SeekFrom::End(-1)).is_err() {
+        return false;
+    }
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last).is_ok() && last[0] != b'\n'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use canary_core::rollout::{Phase, Position};
+
+    fn state() -> RolloutState {
+        RolloutState {
+            canary_version: "v2".into(),
+            phase: Phase::Progressing,
+            step: 1,
+            weight_bp: 2500,
+            step_started_ms: 42,
+            failed_verdicts: 1,
+            last_verdict: None,
+            abort_reason: None,
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s")).unwrap();
+        assert_eq!(store.load("web").unwrap(), None);
+        store.save("web", Some(&state())).unwrap();
+        assert_eq!(store.load("web").unwrap(), Some(state()));
+        store.save("web", None).unwrap();
+        assert_eq!(store.load("web").unwrap(), None);
+    }
+
+    #[test]
+    fn journal_keeps_order_and_skips_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let pos = Position { phase: Phase::Progressing, step: 0, weight: 5.0 };
+        let ev = |kind: &str| Event {
+            at_ms: 1,
+            canary_version: "v2".into(),
+            kind: kind.into(),
+            from: pos.clone(),
+            to: pos.clone(),
+            reason: "r".into(),
+            verdict: None,
+        };
+        store.append("web", &[ev("start"), ev("advance")]).unwrap();
+        let mut f = OpenOptions::new().append(true).open(dir.path().join("web.events.jsonl")).unwrap();
+        f.write_all(b"{\"at_ms\": 3, \"kin").unwrap();
+        store.append("web", &[ev("promote")]).unwrap();
+        let kinds: Vec<_> = store.events("web", 10).unwrap().into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["start", "advance", "promote"]);
+        assert_eq!(store.events("web", 1).unwrap()[0].kind, "promote");
+    }
+}

@@ -1,0 +1,329 @@
+//! The per-request handler: route, decide, forward, record, answer.
+//!
+//! Errors become HTTP answers in one place ([`error_response`]); upstream failures
+//! are classified by where they came from (connect, timeout, protocol) so ejection,
+//! the breaker and the analysis blame the right party, and a client that hangs up is
+//! never counted against a version.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use canary_core::routing::{cookie_value, host_without_port};
+use canary_core::{RequestFacts, Target};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::metrics::UpstreamError;
+use crate::pool::{now_ms, Instance, Pool};
+use crate::snapshot::{Proxy, RouteEntry};
+
+/// The body the proxy answers with: the upstream's stream, or a short error text.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+static X_CANARY_VERSION: HeaderName = HeaderName::from_static("x-canary-version");
+static X_CANARY_ROUTE: HeaderName = HeaderName::from_static("x-canary-route");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Per-connection facts computed once per connection rather than per request.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub peer_header: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr) -> ConnInfo {
+        let ip = peer.ip().to_canonical();
+        let peer_header = HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        ConnInfo { peer, peer_header }
+    }
+}
+
+/// The request as the core sees it.
+struct Facts<'a> {
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+    ip: IpAddr,
+}
+
+impl RequestFacts for Facts<'_> {
+    #[inline]
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.get(name).map(HeaderValue::as_bytes)
+    }
+    fn cookie(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|v| cookie_value(v, name))
+    }
+    fn query(&self, name: &str) -> Option<&str> {
+        canary_core::routing::query_value(self.query?, name)
+    }
+    fn source_ip(&self) -> Option<IpAddr> {
+        Some(self.ip)
+    }
+}
+
+/// A short plain-text answer the proxy generates itself; never leaks internals.
+pub fn error_response(status: StatusCode, msg: &'static str) -> Response<ProxyBody> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(msg.as_bytes()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// A fresh sticky id: 128 bits, unique within the process (counter) and unpredictable
+/// across processes (SipHash with std's random keys). Sticky ids need uniqueness, not
+/// secrecy, so this avoids a dependency on a CSPRNG crate.
+fn generate_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static KEYS: std::hash::RandomState = std::hash::RandomState::new();
+    }
+    let n = COUNTER.fetch_add(1, Relaxed);
+    KEYS.with(|k| {
+        let mut a = k.build_hasher();
+        a.write_u64(n);
+        let mut b = k.build_hasher();
+        b.write_u64(!n);
+        b.write_u64(0x9e37_79b9_7f4a_7c15);
+        format!("{:016x}{:016x}", a.finish(), b.finish())
+    })
+}
+
+/// Size of the request header block as it came in (names, values, separators).
+fn header_bytes(h: &HeaderMap) -> usize {
+    h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum()
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+/// `keep_upgrade` keeps `Connection`/`Upgrade` for a WebSocket handshake.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    if !keep_upgrade {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+    h.remove(header::PROXY_AUTHORIZATION);
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove(header::TRAILER);
+    if h.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
+        h.remove(header::TE);
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// Records the outcome when dropped, so a request whose client went away (the
+/// handler future is dropped mid-flight) is counted as a client abort.
+struct Outcome<'a> {
+    pool: &'a Pool,
+    done: bool,
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.pool.stats.record_client_abort();
+        }
+    }
+}
+
+impl Proxy {
+    /// Handles one request end to end.
+    pub async fn handle(self: &Arc<Self>, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+        let snap = self.load();
+        if header_bytes(req.headers()) > snap.limits.max_header_bytes {
+            return error_response(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request header fields too large\n");
+        }
+        let host_value = match req.headers().get(header::HOST) {
+            Some(h) => Some(h.clone()),
+            None => req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        let host = host_value.as_ref().and_then(|h| h.to_str().ok()).map(host_without_port);
+        let Some(idx) = snap.table.find(host, req.uri().path()) else {
+            self.unrouted.fetch_add(1, Relaxed);
+            return error_response(StatusCode::NOT_FOUND, "no route for this request\n");
+        };
+        let route = &snap.table.routes[idx];
+        let entry = &snap.entries[idx];
+        let facts = Facts { headers: req.headers(), query: req.uri().query(), ip: conn.peer.ip() };
+
+        let mut generated = None;
+        let key = match route.sticky_key(&facts) {
+            Some(k) => Some(k.bytes()),
+            None if route.has_canary => {
+                generated = Some(generate_id());
+                generated.as_deref().map(str::as_bytes)
+            }
+            None => None,
+        };
+        let decision = route.decide(entry.runtime.weight(), &facts, key);
+        let (pool, target) = match (decision.target, &entry.canary) {
+            (Target::Canary, Some(canary)) if canary.any_available(now_ms()) => (canary, Target::Canary),
+            (Target::Canary, Some(_)) => {
+                entry.runtime.fallback();
+                (&entry.stable, Target::Stable)
+            }
+            _ => (&entry.stable, Target::Stable),
+        };
+        let set_cookie = generated.and_then(|id| {
+            HeaderValue::from_str(&format!("{}={id}{}", route.sticky.cookie, entry.cookie_suffix)).ok()
+        });
+        let mut resp = forward(req, conn, host_value, entry, pool, target).await;
+        if let Some(c) = set_cookie {
+            resp.headers_mut().append(header::SET_COOKIE, c);
+        }
+        resp
+    }
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    host: Option<HeaderValue>,
+    entry: &RouteEntry,
+    pool: &Pool,
+    target: Target,
+) -> Response<ProxyBody> {
+    let Some(instance) = pool.pick(now_ms()) else {
+        pool.stats.record(502, 0);
+        let mut r = error_response(StatusCode::BAD_GATEWAY, "no healthy upstream\n");
+        r.headers_mut().insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
+        return r;
+    };
+    let upgrade = is_upgrade(&req);
+    let (mut parts, body) = req.into_parts();
+    let client_upgrade = if upgrade { parts.extensions.remove::<OnUpgrade>() } else { None };
+    let up_req = build_upstream_request(&mut parts, body, conn, host, entry, pool, instance, upgrade);
+    let started = Instant::now();
+    let mut outcome = Outcome { pool, done: false };
+    let timeout = Duration::from_millis(entry.timeouts.request_ms);
+    let result = tokio::time::timeout(timeout, pool.client.request(up_req)).await;
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    outcome.done = true;
+    let (mut resp, failed) = match result {
+        Ok(Ok(resp)) => {
+            let failed = resp.status().is_server_error();
+            (resp.map(Either::Left), failed)
+        }
+        Ok(Err(e)) => {
+            let kind = if e.is_connect() { UpstreamError::Connect } else { UpstreamError::Protocol };
+            tracing::debug!(upstream = %instance.addr, error = %e, "upstream error");
+            pool.stats.record_upstream_error(kind);
+            (error_response(StatusCode::BAD_GATEWAY, "upstream unavailable\n"), true)
+        }
+        Err(_) => {
+            pool.stats.record_upstream_error(UpstreamError::Timeout);
+            (error_response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"), true)
+        }
+    };
+    pool.stats.record(resp.status().as_u16(), elapsed_us);
+    if failed {
+        instance.record_failure(&pool.ejection, now_ms());
+    } else {
+        instance.record_success();
+    }
+    if target == Target::Canary {
+        if failed {
+            entry.runtime.canary_failure();
+        } else {
+            entry.runtime.canary_success();
+        }
+    }
+    match (resp.status(), client_upgrade) {
+        (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) => {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+        }
+        _ => strip_hop_by_hop(resp.headers_mut(), false),
+    }
+    resp.headers_mut().insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
+    resp
+}
+
+/// Copies bytes both ways between an upgraded client and upstream connection.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
+    let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) else {
+        return;
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_upstream_request(
+    parts: &mut http::request::Parts,
+    body: Incoming,
+    conn: &ConnInfo,
+    host: Option<HeaderValue>,
+    entry: &RouteEntry,
+    pool: &Pool,
+    instance: &Instance,
+    upgrade: bool,
+) -> Request<Incoming> {
+    let mut uri = Uri::from_static("/").into_parts();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(instance.authority.clone());
+    uri.path_and_query = parts.uri.path_and_query().cloned();
+    let mut up = Request::new(body);
+    *up.method_mut() = std::mem::take(&mut parts.method);
+    *up.uri_mut() = Uri::from_parts(uri).unwrap_or_else(|_| parts.uri.clone());
+    *up.version_mut() = if pool.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let mut headers = std::mem::take(&mut parts.headers);
+    strip_hop_by_hop(&mut headers, upgrade);
+    if let Some(h) = host {
+        if !pool.http2 && !headers.contains_key(header::HOST) {
+            headers.insert(header::HOST, h.clone());
+        }
+        headers.insert(X_FORWARDED_HOST.clone(), h);
+    }
+    let xff = match headers.get(&X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + conn.peer_header.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(conn.peer_header.as_bytes());
+            HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.peer_header.clone())
+        }
+        None => conn.peer_header.clone(),
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    headers.insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
+    headers.insert(X_CANARY_ROUTE.clone(), entry.route_header.clone());
+    *up.headers_mut() = headers;
+    up
+}

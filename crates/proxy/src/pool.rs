@@ -1,0 +1,283 @@
+//! Upstream instances and pools: balancing, passive ejection, active health checks.
+//!
+//! An [`Instance`] is shared by address across reloads, so its health and ejection
+//! state survive a config change. Everything on the request path is atomics.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use canary_config::{Ejection, HealthCheck};
+use http::uri::Authority;
+use http::HeaderValue;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::metrics::VersionStats;
+
+/// Milliseconds since the process started: a monotonic clock for ejection deadlines.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// One upstream instance (`host:port`).
+#[derive(Debug)]
+pub struct Instance {
+    pub addr: String,
+    pub authority: Authority,
+    consecutive_failures: AtomicU32,
+    ejected_until_ms: AtomicU64,
+    /// Ejections in a row without a success in between: the back-off exponent.
+    ejection_streak: AtomicU32,
+    ejections_total: AtomicU64,
+    /// The active health check's view; true when the pool has no health check.
+    check_healthy: AtomicBool,
+    check_streak: AtomicU32,
+}
+
+impl Instance {
+    pub fn new(addr: &str) -> Option<Instance> {
+        Some(Instance {
+            addr: addr.to_string(),
+            authority: addr.parse().ok()?,
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejection_streak: AtomicU32::new(0),
+            ejections_total: AtomicU64::new(0),
+            check_healthy: AtomicBool::new(true),
+            check_streak: AtomicU32::new(0),
+        })
+    }
+
+    /// Whether the instance may take a request now.
+    #[inline]
+    pub fn available(&self, now_ms: u64) -> bool {
+        self.check_healthy.load(Relaxed) && self.ejected_until_ms.load(Relaxed) <= now_ms
+    }
+
+    /// Whether passive ejection currently holds the instance out.
+    pub fn ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Relaxed) > now_ms
+    }
+
+    pub fn ejections_total(&self) -> u64 {
+        self.ejections_total.load(Relaxed)
+    }
+
+    pub fn check_healthy(&self) -> bool {
+        self.check_healthy.load(Relaxed)
+    }
+
+    #[inline]
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Relaxed) != 0 {
+            self.consecutive_failures.store(0, Relaxed);
+        }
+        if self.ejection_streak.load(Relaxed) != 0 {
+            self.ejection_streak.store(0, Relaxed);
+        }
+    }
+
+    /// Counts a failure; ejects after `spec.consecutive_failures` in a row, for
+    /// `base × 2^streak` capped at `max`. Returns whether this call ejected it.
+    pub fn record_failure(&self, spec: &Ejection, now_ms: u64) -> bool {
+        if spec.consecutive_failures == 0 {
+            return false;
+        }
+        let n = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        if n < spec.consecutive_failures || self.ejected(now_ms) {
+            return false;
+        }
+        self.consecutive_failures.store(0, Relaxed);
+        let streak = self.ejection_streak.fetch_add(1, Relaxed).min(16);
+        let period = spec.base_ms.saturating_mul(1 << streak).min(spec.max_ms.max(spec.base_ms));
+        self.ejected_until_ms.store(now_ms + period, Relaxed);
+        self.ejections_total.fetch_add(1, Relaxed);
+        tracing::warn!(upstream = %self.addr, failures = n, ejected_ms = period, "upstream ejected");
+        true
+    }
+
+    /// Applies one active health-check result with the configured thresholds.
+    pub fn record_check(&self, ok: bool, spec: &HealthCheck) {
+        let healthy = self.check_healthy.load(Relaxed);
+        if ok == healthy {
+            self.check_streak.store(0, Relaxed);
+            return;
+        }
+        let streak = self.check_streak.fetch_add(1, Relaxed) + 1;
+        let threshold = if ok { spec.healthy_threshold } else { spec.unhealthy_threshold };
+        if streak >= threshold.max(1) {
+            self.check_healthy.store(ok, Relaxed);
+            self.check_streak.store(0, Relaxed);
+            tracing::warn!(upstream = %self.addr, healthy = ok, "health check changed state");
+        }
+    }
+
+    /// Marks healthy again (a pool without health checks).
+    pub fn reset_check(&self) {
+        self.check_healthy.store(true, Relaxed);
+        self.check_streak.store(0, Relaxed);
+    }
+}
+
+/// The HTTP client used to forward requests; one per (connect timeout, protocol),
+/// reused across reloads so keep-alive connections survive them.
+pub type ProxyClient = Client<HttpConnector, Incoming>;
+
+/// Builds a forwarding client.
+pub fn build_client(connect_ms: u64, http2: bool) -> ProxyClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_millis(connect_ms)));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(256);
+    b.timer(hyper_util::rt::TokioTimer::new()).pool_timer(hyper_util::rt::TokioTimer::new());
+    if http2 {
+        b.http2_only(true);
+    }
+    b.build(connector)
+}
+
+/// One version's instances on one route.
+#[derive(Debug)]
+pub struct Pool {
+    pub version: String,
+    pub version_header: HeaderValue,
+    pub instances: Vec<Arc<Instance>>,
+    pub http2: bool,
+    pub client: ProxyClient,
+    pub stats: Arc<VersionStats>,
+    pub ejection: Ejection,
+    pub health_check: Option<HealthCheck>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        version: &str,
+        instances: Vec<Arc<Instance>>,
+        http2: bool,
+        client: ProxyClient,
+        stats: Arc<VersionStats>,
+        ejection: Ejection,
+        health_check: Option<HealthCheck>,
+    ) -> Pool {
+        Pool {
+            version: version.to_string(),
+            version_header: HeaderValue::from_str(version).unwrap_or(HeaderValue::from_static("unknown")),
+            instances,
+            http2,
+            client,
+            stats,
+            ejection,
+            health_check,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next available instance, round robin; `None` when none is available.
+    #[inline]
+    pub fn pick(&self, now_ms: u64) -> Option<&Arc<Instance>> {
+        let n = self.instances.len();
+        let start = self.next.fetch_add(1, Relaxed);
+        (0..n).map(|i| &self.instances[(start + i) % n]).find(|inst| inst.available(now_ms))
+    }
+
+    /// Whether at least one instance is available.
+    pub fn any_available(&self, now_ms: u64) -> bool {
+        self.instances.iter().any(|i| i.available(now_ms))
+    }
+}
+
+/// Runs the active health checks of one pool until aborted.
+pub async fn health_check_loop(instances: Vec<Arc<Instance>>, spec: HealthCheck) {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_millis(spec.timeout_ms)));
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector);
+    let mut tick = tokio::time::interval(Duration::from_millis(spec.interval_ms.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for inst in &instances {
+            let uri = format!("http://{}{}", inst.addr, spec.path);
+            let Ok(req) = http::Request::get(uri).header("user-agent", "canary-health-check").body(Empty::new())
+            else {
+                inst.record_check(false, &spec);
+                continue;
+            };
+            let res = tokio::time::timeout(Duration::from_millis(spec.timeout_ms), client.request(req)).await;
+            let ok = matches!(&res, Ok(Ok(r)) if r.status().is_success());
+            inst.record_check(ok, &spec);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ejection() -> Ejection {
+        Ejection { consecutive_failures: 3, base_ms: 1_000, max_ms: 3_000 }
+    }
+
+    #[test]
+    fn ejects_after_consecutive_failures_with_backoff() {
+        let i = Instance::new("127.0.0.1:1").unwrap();
+        let spec = ejection();
+        assert!(!i.record_failure(&spec, 0));
+        i.record_success();
+        assert!(!i.record_failure(&spec, 0));
+        assert!(!i.record_failure(&spec, 0));
+        assert!(i.record_failure(&spec, 0));
+        assert!(!i.available(999));
+        assert!(i.available(1_000));
+        // Fails again after returning: twice as long.
+        for _ in 0..3 {
+            i.record_failure(&spec, 1_000);
+        }
+        assert!(!i.available(2_999));
+        assert!(i.available(3_000));
+        // Capped at max.
+        for _ in 0..3 {
+            i.record_failure(&spec, 3_000);
+        }
+        assert!(i.available(6_000));
+    }
+
+    #[test]
+    fn health_thresholds() {
+        let i = Instance::new("127.0.0.1:1").unwrap();
+        let spec = HealthCheck { path: "/".into(), interval_ms: 1, timeout_ms: 1, unhealthy_threshold: 2, healthy_threshold: 1 };
+        i.record_check(false, &spec);
+        assert!(i.check_healthy());
+        i.record_check(false, &spec);
+        assert!(!i.check_healthy());
+        i.record_check(true, &spec);
+        assert!(i.check_healthy());
+    }
+
+    #[test]
+    fn round_robin_skips_unavailable() {
+        let a = Arc::new(Instance::new("127.0.0.1:1").unwrap());
+        let b = Arc::new(Instance::new("127.0.0.1:2").unwrap());
+        let spec = Ejection { consecutive_failures: 1, base_ms: 10_000, max_ms: 10_000 };
+        a.record_failure(&spec, 0);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _g = rt.enter();
+        let pool = Pool::new("v1", vec![a, b], false, build_client(100, false), Arc::new(VersionStats::new("r", "v1")), spec, None);
+        for _ in 0..4 {
+            assert_eq!(pool.pick(1).unwrap().addr, "127.0.0.1:2");
+        }
+        pool.instances[1].record_failure(&spec, 1);
+        assert!(pool.pick(2).is_none());
+        assert!(!pool.any_available(2));
+    }
+}

@@ -1,0 +1,222 @@
+//! Snapshots: the immutable routing state requests read, and the [`Proxy`] that
+//! builds and swaps them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use canary_config::{Config, Limits, PoolConfig, RouteConfig, Timeouts};
+use canary_core::{Route, RouteTable};
+use http::HeaderValue;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::task::JoinHandle;
+
+use crate::expo::{Exposition, Kind};
+use crate::metrics::{encode_versions, VersionStats};
+use crate::pool::{build_client, health_check_loop, now_ms, Instance, Pool, ProxyClient};
+use crate::runtime::{DataPlaneEvent, RouteRuntime};
+
+/// One route as the data plane serves it.
+#[derive(Debug)]
+pub struct RouteEntry {
+    pub runtime: Arc<RouteRuntime>,
+    pub stable: Arc<Pool>,
+    pub canary: Option<Arc<Pool>>,
+    pub timeouts: Timeouts,
+    pub route_header: HeaderValue,
+    /// `Set-Cookie` attributes after `name=value`.
+    pub cookie_suffix: &'static str,
+}
+
+/// Everything a request needs, immutable once built.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub table: RouteTable,
+    /// Parallel to `table.routes`.
+    pub entries: Vec<RouteEntry>,
+    pub limits: Limits,
+}
+
+impl Snapshot {
+    /// The route and its entry for a name.
+    pub fn route(&self, name: &str) -> Option<(&Route, &RouteEntry)> {
+        let i = self.table.routes.iter().position(|r| r.name == name)?;
+        Some((&self.table.routes[i], &self.entries[i]))
+    }
+}
+
+/// State kept across snapshots, keyed by name, touched only when building or scraping.
+#[derive(Default)]
+struct Registry {
+    instances: HashMap<String, Arc<Instance>>,
+    clients: HashMap<(u64, bool), ProxyClient>,
+    stats: HashMap<(String, String), Arc<VersionStats>>,
+    stats_order: Vec<Arc<VersionStats>>,
+    runtimes: HashMap<String, Arc<RouteRuntime>>,
+    health_tasks: Vec<JoinHandle<()>>,
+}
+
+/// The data plane: owns the current snapshot and what survives reloads.
+pub struct Proxy {
+    snapshot: ArcSwap<Snapshot>,
+    registry: Mutex<Registry>,
+    events_tx: UnboundedSender<DataPlaneEvent>,
+    events_rx: Mutex<Option<UnboundedReceiver<DataPlaneEvent>>>,
+    pub(crate) unrouted: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Proxy::new()
+    }
+}
+
+const COOKIE_SUFFIX: &str = "; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax";
+
+impl Proxy {
+    pub fn new() -> Proxy {
+        let (tx, rx) = unbounded_channel();
+        Proxy {
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            registry: Mutex::new(Registry::default()),
+            events_tx: tx,
+            events_rx: Mutex::new(Some(rx)),
+            unrouted: Default::default(),
+        }
+    }
+
+    /// The snapshot requests are served from now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    pub(crate) fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    /// The receiver of data-plane events (breaker trips, canary unavailable); once.
+    pub fn take_events(&self) -> Option<UnboundedReceiver<DataPlaneEvent>> {
+        self.events_rx.lock().ok()?.take()
+    }
+
+    /// The live state of a route, if it has ever been configured.
+    pub fn runtime(&self, route: &str) -> Option<Arc<RouteRuntime>> {
+        self.registry.lock().ok()?.runtimes.get(route).cloned()
+    }
+
+    /// Builds a snapshot from a validated config and swaps it in atomically.
+    ///
+    /// Instances, forwarding clients (with their keep-alive connections), counters and
+    /// route runtimes are reused by name, so a reload keeps health state, pooled
+    /// connections and weights. Health-check tasks are restarted. Must be called
+    /// within a tokio runtime. Weights are not touched: the controller owns them.
+    pub fn apply(&self, config: &Config) -> Arc<Snapshot> {
+        let mut reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        for t in reg.health_tasks.drain(..) {
+            t.abort();
+        }
+        let mut table = RouteTable::default();
+        let mut entries = Vec::with_capacity(config.routes.len());
+        for rc in &config.routes {
+            entries.push(self.build_entry(&mut reg, rc));
+            table.routes.push(rc.route.clone());
+        }
+        let snap = Arc::new(Snapshot { table, entries, limits: config.limits.clone() });
+        self.snapshot.store(snap.clone());
+        snap
+    }
+
+    fn build_entry(&self, reg: &mut Registry, rc: &RouteConfig) -> RouteEntry {
+        let name = rc.route.name.as_str();
+        let runtime = reg
+            .runtimes
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(RouteRuntime::new(name, self.events_tx.clone())))
+            .clone();
+        let stable = Arc::new(build_pool(reg, rc, &rc.stable));
+        let canary = rc.canary.as_ref().map(|p| Arc::new(build_pool(reg, rc, p)));
+        RouteEntry {
+            runtime,
+            stable,
+            canary,
+            timeouts: rc.timeouts,
+            route_header: HeaderValue::from_str(name).unwrap_or(HeaderValue::from_static("unknown")),
+            cookie_suffix: COOKIE_SUFFIX,
+        }
+    }
+
+    /// Writes the data plane's metric families.
+    pub fn encode_metrics(&self, e: &mut Exposition) {
+        let snap = self.snapshot();
+        let reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        encode_versions(e, &reg.stats_order);
+        e.family("canary_route_weight_percent", "Current canary weight of each route, in percent.", Kind::Gauge);
+        for (r, entry) in snap.table.routes.iter().zip(&snap.entries) {
+            e.sample("canary_route_weight_percent", &[("route", r.name.as_str())], entry.runtime.weight().percent());
+        }
+        e.family("canary_fallbacks_total", "Canary-bound requests sent to stable because no canary instance was available.", Kind::Counter);
+        for (r, entry) in snap.table.routes.iter().zip(&snap.entries) {
+            e.sample("canary_fallbacks_total", &[("route", r.name.as_str())], entry.runtime.fallbacks() as f64);
+        }
+        e.family("canary_breaker_tripped", "1 while a route's breaker holds canary traffic at 0.", Kind::Gauge);
+        for (r, entry) in snap.table.routes.iter().zip(&snap.entries) {
+            e.sample("canary_breaker_tripped", &[("route", r.name.as_str())], u8::from(entry.runtime.tripped()));
+        }
+        let now = now_ms();
+        e.family("canary_upstream_healthy", "1 when an upstream instance can take requests (not ejected, passing health checks).", Kind::Gauge);
+        let mut seen = std::collections::HashSet::new();
+        for (r, entry) in snap.table.routes.iter().zip(&snap.entries) {
+            for pool in std::iter::once(&entry.stable).chain(entry.canary.iter()) {
+                for inst in &pool.instances {
+                    if seen.insert((r.name.as_str(), pool.version.as_str(), inst.addr.as_str())) {
+                        let labels = [("route", r.name.as_str()), ("version", pool.version.as_str()), ("upstream", inst.addr.as_str())];
+                        e.sample("canary_upstream_healthy", &labels, u8::from(inst.available(now)));
+                    }
+                }
+            }
+        }
+        e.family("canary_upstream_ejections_total", "Times an upstream instance was ejected for consecutive failures.", Kind::Counter);
+        let mut addrs: Vec<_> = reg.instances.values().collect();
+        addrs.sort_by(|a, b| a.addr.cmp(&b.addr));
+        for inst in addrs {
+            e.sample("canary_upstream_ejections_total", &[("upstream", inst.addr.as_str())], inst.ejections_total() as f64);
+        }
+        e.family("canary_unrouted_requests_total", "Requests that matched no route (answered 404).", Kind::Counter);
+        e.sample("canary_unrouted_requests_total", &[], self.unrouted.load(std::sync::atomic::Ordering::Relaxed) as f64);
+    }
+}
+
+fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig) -> Pool {
+    let instances: Vec<Arc<Instance>> = pc
+        .upstreams
+        .iter()
+        .filter_map(|addr| {
+            if let Some(i) = reg.instances.get(addr) {
+                return Some(i.clone());
+            }
+            let inst = Arc::new(Instance::new(addr)?);
+            reg.instances.insert(addr.clone(), inst.clone());
+            Some(inst)
+        })
+        .collect();
+    let client = reg
+        .clients
+        .entry((rc.timeouts.connect_ms, pc.http2))
+        .or_insert_with(|| build_client(rc.timeouts.connect_ms, pc.http2))
+        .clone();
+    let key = (rc.route.name.clone(), pc.version.clone());
+    let stats = match reg.stats.get(&key) {
+        Some(s) => s.clone(),
+        None => {
+            let s = Arc::new(VersionStats::new(&key.0, &key.1));
+            reg.stats.insert(key, s.clone());
+            reg.stats_order.push(s.clone());
+            s
+        }
+    };
+    match &pc.health_check {
+        Some(hc) => reg.health_tasks.push(tokio::spawn(health_check_loop(instances.clone(), hc.clone()))),
+        None => instances.iter().for_each(|i| i.reset_check()),
+    }
+    Pool::new(&pc.version, instances, pc.http2, client, stats, rc.ejection, pc.health_check.clone())
+}
