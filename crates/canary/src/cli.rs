@@ -108,7 +108,10 @@ pub(crate) struct Api {
 impl Conn {
     /// A connection to the admin API at `admin`, token from the default variable.
     pub(crate) fn to(admin: &str) -> Conn {
-        Conn { admin: admin.to_string(), token_env: "CANARY_ADMIN_TOKEN".into() }
+        Conn {
+            admin: admin.to_string(),
+            token_env: "CANARY_ADMIN_TOKEN".into(),
+        }
     }
 }
 
@@ -116,25 +119,43 @@ impl Api {
     pub(crate) fn new(conn: &Conn) -> Api {
         Api {
             base: conn.admin.trim_end_matches('/').to_string(),
-            token: std::env::var(&conn.token_env).ok().filter(|t| !t.is_empty()),
+            token: std::env::var(&conn.token_env)
+                .ok()
+                .filter(|t| !t.is_empty()),
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
     }
 
-    pub(crate) async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<(StatusCode, Value), String> {
-        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
+    pub(crate) async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value), String> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let req = req.header("content-type", "application/json").body(Full::new(body)).map_err(|e| e.to_string())?;
+        let req = req
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .map_err(|e| e.to_string())?;
         let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
             .await
             .map_err(|_| format!("{}: no answer within 10s", self.base))?
             .map_err(|e| format!("cannot reach the admin API at {}: {e}", self.base))?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes) }));
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes) }));
         Ok((status, v))
     }
 
@@ -144,7 +165,11 @@ impl Api {
         if status.is_success() {
             Ok(v)
         } else {
-            Err(format!("{} ({})", v["error"].as_str().unwrap_or("error"), status.as_u16()))
+            Err(format!(
+                "{} ({})",
+                v["error"].as_str().unwrap_or("error"),
+                status.as_u16()
+            ))
         }
     }
 }
@@ -168,10 +193,21 @@ pub(crate) fn verdict_text(v: &Value) -> String {
         return "-".into();
     }
     let sum = |s: &Value| {
-        let p99 = s["p99_ms"].as_f64().map_or("-".into(), |p| format!("{p:.1}ms"));
-        format!("{} req, {:.2}% err, p99 {p99}", s["requests"], s["error_rate"].as_f64().unwrap_or(0.0) * 100.0)
+        let p99 = s["p99_ms"]
+            .as_f64()
+            .map_or("-".into(), |p| format!("{p:.1}ms"));
+        format!(
+            "{} req, {:.2}% err, p99 {p99}",
+            s["requests"],
+            s["error_rate"].as_f64().unwrap_or(0.0) * 100.0
+        )
     };
-    format!("{} (canary {}; stable {})", v["result"].as_str().unwrap_or("?"), sum(&v["canary"]), sum(&v["stable"]))
+    format!(
+        "{} (canary {}; stable {})",
+        v["result"].as_str().unwrap_or("?"),
+        sum(&v["canary"]),
+        sum(&v["stable"])
+    )
 }
 
 fn step_text(r: &Value) -> String {
@@ -193,11 +229,16 @@ fn print_table(routes: &[Value]) {
                 pct(&r["weight"]),
                 r["phase"].as_str().unwrap_or("-").to_string(),
                 step_text(r),
-                r["last_verdict"]["result"].as_str().unwrap_or("-").to_string(),
+                r["last_verdict"]["result"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_string(),
             ]
         })
         .collect();
-    let head = ["ROUTE", "MODE", "STABLE", "CANARY", "WEIGHT", "PHASE", "STEP", "VERDICT"];
+    let head = [
+        "ROUTE", "MODE", "STABLE", "CANARY", "WEIGHT", "PHASE", "STEP", "VERDICT",
+    ];
     let mut w = head.map(str::len);
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -205,7 +246,11 @@ fn print_table(routes: &[Value]) {
         }
     }
     let line = |cells: &[String]| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(&head.map(String::from));
@@ -225,14 +270,21 @@ fn print_route(r: &Value) {
             .enumerate()
             .map(|(i, s)| {
                 let mark = if Some(i as u64) == cur { "*" } else { "" };
-                format!("{mark}{} ({})", pct(&s["weight"]), s["pause"].as_str().unwrap_or(""))
+                format!(
+                    "{mark}{} ({})",
+                    pct(&s["weight"]),
+                    s["pause"].as_str().unwrap_or("")
+                )
             })
             .collect();
         println!("steps: {}", plan.join(" → "));
     }
     if !r["last_verdict"].is_null() {
         println!("last verdict: {}", verdict_text(&r["last_verdict"]));
-        if let Some(reasons) = r["last_verdict"]["reasons"].as_array().filter(|a| !a.is_empty()) {
+        if let Some(reasons) = r["last_verdict"]["reasons"]
+            .as_array()
+            .filter(|a| !a.is_empty())
+        {
             for reason in reasons {
                 println!("  - {}", reason.as_str().unwrap_or(""));
             }
@@ -248,7 +300,10 @@ fn fmt_time(ms: u64) -> String {
 }
 
 pub fn main(cmd: AdminCmd) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("canary: {e}");
@@ -281,27 +336,71 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
             }
             Ok(0)
         }
-        AdminCmd::Weight { route, weight, conn } => {
-            let v = Api::new(&conn).ok(Method::PUT, &route_path(&route, "/weight"), Some(json!({ "weight": weight }))).await?;
-            println!("{route}: weight {} ({})", pct(&v["weight"]), v["phase"].as_str().unwrap_or(v["mode"].as_str().unwrap_or("")));
+        AdminCmd::Weight {
+            route,
+            weight,
+            conn,
+        } => {
+            let v = Api::new(&conn)
+                .ok(
+                    Method::PUT,
+                    &route_path(&route, "/weight"),
+                    Some(json!({ "weight": weight })),
+                )
+                .await?;
+            println!(
+                "{route}: weight {} ({})",
+                pct(&v["weight"]),
+                v["phase"]
+                    .as_str()
+                    .unwrap_or(v["mode"].as_str().unwrap_or(""))
+            );
             Ok(0)
         }
         AdminCmd::Promote { route, full, conn } => {
-            let v = Api::new(&conn).ok(Method::POST, &route_path(&route, "/promote"), Some(json!({ "full": full }))).await?;
-            println!("{route}: {} at {} (step {})", v["phase"].as_str().unwrap_or("?"), pct(&v["weight"]), step_text(&v));
+            let v = Api::new(&conn)
+                .ok(
+                    Method::POST,
+                    &route_path(&route, "/promote"),
+                    Some(json!({ "full": full })),
+                )
+                .await?;
+            println!(
+                "{route}: {} at {} (step {})",
+                v["phase"].as_str().unwrap_or("?"),
+                pct(&v["weight"]),
+                step_text(&v)
+            );
             Ok(0)
         }
-        AdminCmd::Abort { route, reason, conn } => {
+        AdminCmd::Abort {
+            route,
+            reason,
+            conn,
+        } => {
             let body = json!({ "reason": reason.unwrap_or_default() });
-            let v = Api::new(&conn).ok(Method::POST, &route_path(&route, "/abort"), Some(body)).await?;
+            let v = Api::new(&conn)
+                .ok(Method::POST, &route_path(&route, "/abort"), Some(body))
+                .await?;
             println!("{route}: aborted, weight {}", pct(&v["weight"]));
             Ok(0)
         }
         AdminCmd::Pause { route, conn } => simple(&conn, &route, "pause").await,
         AdminCmd::Resume { route, conn } => simple(&conn, &route, "resume").await,
         AdminCmd::Retry { route, conn } => simple(&conn, &route, "retry").await,
-        AdminCmd::Events { route, limit, json, conn } => {
-            let v = Api::new(&conn).ok(Method::GET, &route_path(&route, &format!("/events?limit={limit}")), None).await?;
+        AdminCmd::Events {
+            route,
+            limit,
+            json,
+            conn,
+        } => {
+            let v = Api::new(&conn)
+                .ok(
+                    Method::GET,
+                    &route_path(&route, &format!("/events?limit={limit}")),
+                    None,
+                )
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 return Ok(0);
@@ -323,13 +422,24 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
             }
             Ok(0)
         }
-        AdminCmd::Wait { route, timeout, conn } => wait(&conn, &route, timeout).await,
+        AdminCmd::Wait {
+            route,
+            timeout,
+            conn,
+        } => wait(&conn, &route, timeout).await,
     }
 }
 
 async fn simple(conn: &Conn, route: &str, verb: &str) -> Result<u8, String> {
-    let v = Api::new(conn).ok(Method::POST, &route_path(route, &format!("/{verb}")), None).await?;
-    println!("{route}: {} at {} (step {})", v["phase"].as_str().unwrap_or("?"), pct(&v["weight"]), step_text(&v));
+    let v = Api::new(conn)
+        .ok(Method::POST, &route_path(route, &format!("/{verb}")), None)
+        .await?;
+    println!(
+        "{route}: {} at {} (step {})",
+        v["phase"].as_str().unwrap_or("?"),
+        pct(&v["weight"]),
+        step_text(&v)
+    );
     Ok(0)
 }
 
@@ -354,24 +464,42 @@ async fn wait(conn: &Conn, route: &str, timeout: Duration) -> Result<u8, String>
                 }
                 match phase {
                     "promoted" => {
-                        println!("{route}: promoted — {}", r["message"].as_str().unwrap_or(""));
+                        println!(
+                            "{route}: promoted — {}",
+                            r["message"].as_str().unwrap_or("")
+                        );
                         return Ok(0);
                     }
                     "aborted" => {
-                        println!("{route}: aborted — {}", r["abort_reason"].as_str().unwrap_or(""));
+                        println!(
+                            "{route}: aborted — {}",
+                            r["abort_reason"].as_str().unwrap_or("")
+                        );
                         return Ok(1);
                     }
                     "none" => return Err(format!("route {route:?} has no rollout to wait for")),
                     _ => {}
                 }
             }
-            Ok((status, v)) => return Err(format!("{} ({})", v["error"].as_str().unwrap_or("error"), status.as_u16())),
+            Ok((status, v)) => {
+                return Err(format!(
+                    "{} ({})",
+                    v["error"].as_str().unwrap_or("error"),
+                    status.as_u16()
+                ))
+            }
             Err(e) => eprintln!("canary: {e}; retrying"),
         }
         if Instant::now() >= deadline {
-            println!("{route}: timed out after {}", humantime::format_duration(timeout));
+            println!(
+                "{route}: timed out after {}",
+                humantime::format_duration(timeout)
+            );
             return Ok(2);
         }
-        tokio::time::sleep(Duration::from_millis(500).min(deadline.saturating_duration_since(Instant::now()))).await;
+        tokio::time::sleep(
+            Duration::from_millis(500).min(deadline.saturating_duration_since(Instant::now())),
+        )
+        .await;
     }
 }

@@ -40,12 +40,18 @@ pub struct DemoArgs {
 }
 
 /// A built-in upstream: answers `hello from <version>`; fails with 500 when `failing`.
-async fn upstream(version: &'static str, failing: Arc<AtomicBool>, delay: Duration) -> std::io::Result<SocketAddr> {
+async fn upstream(
+    version: &'static str,
+    failing: Arc<AtomicBool>,
+    delay: Duration,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let failing = failing.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
@@ -53,7 +59,10 @@ async fn upstream(version: &'static str, failing: Arc<AtomicBool>, delay: Durati
                     async move {
                         tokio::time::sleep(delay).await;
                         let (status, body) = if failing {
-                            (StatusCode::INTERNAL_SERVER_ERROR, format!("{version} is broken\n"))
+                            (
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                format!("{version} is broken\n"),
+                            )
                         } else {
                             (StatusCode::OK, format!("hello from {version}\n"))
                         };
@@ -62,7 +71,9 @@ async fn upstream(version: &'static str, failing: Arc<AtomicBool>, delay: Durati
                         Ok::<_, Infallible>(r)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });
@@ -117,7 +128,11 @@ struct Traffic {
 }
 
 /// Synthetic users: about 150 requests a second from 5 000 distinct user ids.
-async fn traffic(listen: SocketAddr, stats: Arc<Traffic>, fault_at: Arc<std::sync::Mutex<Option<Instant>>>) {
+async fn traffic(
+    listen: SocketAddr,
+    stats: Arc<Traffic>,
+    fault_at: Arc<std::sync::Mutex<Option<Instant>>>,
+) {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut n: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
@@ -137,8 +152,13 @@ async fn traffic(listen: SocketAddr, stats: Arc<Traffic>, fault_at: Arc<std::syn
             let fault_at = fault_at.clone();
             tokio::spawn(async move {
                 stats.sent.fetch_add(1, Relaxed);
-                if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
-                    let v2 = resp.headers().get("x-canary-version").is_some_and(|v| v == "v2");
+                if let Ok(Ok(resp)) =
+                    tokio::time::timeout(Duration::from_secs(5), client.request(req)).await
+                {
+                    let v2 = resp
+                        .headers()
+                        .get("x-canary-version")
+                        .is_some_and(|v| v == "v2");
                     if v2 && resp.status().is_server_error() {
                         stats.v2_errors.fetch_add(1, Relaxed);
                         if fault_at.lock().map(|f| f.is_some()).unwrap_or(false) {
@@ -157,7 +177,10 @@ async fn traffic(listen: SocketAddr, stats: Arc<Traffic>, fault_at: Arc<std::syn
 
 pub fn main(a: DemoArgs) -> ExitCode {
     crate::serve::init_tracing_quiet();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("canary demo: {e}");
@@ -175,8 +198,17 @@ pub fn main(a: DemoArgs) -> ExitCode {
 
 async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let v2_failing = Arc::new(AtomicBool::new(false));
-    let v1 = upstream("v1", Arc::new(AtomicBool::new(false)), Duration::from_millis(1)).await?;
-    let v2_delay = if a.slow_canary { Duration::from_millis(60) } else { Duration::from_millis(1) };
+    let v1 = upstream(
+        "v1",
+        Arc::new(AtomicBool::new(false)),
+        Duration::from_millis(1),
+    )
+    .await?;
+    let v2_delay = if a.slow_canary {
+        Duration::from_millis(60)
+    } else {
+        Duration::from_millis(1)
+    };
     let v2 = upstream("v2", v2_failing.clone(), v2_delay).await?;
     let dir = std::env::temp_dir().join(format!("canary-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -187,7 +219,12 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn({
         let path = path.clone();
-        async move { crate::serve::run(&path, cfg, async { let _ = stop_rx.await; }).await }
+        async move {
+            crate::serve::run(&path, cfg, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        }
     });
     let api = Api::new(&Conn::to(&format!("http://{}", a.admin)));
     // Wait for the admin API (bounded).
@@ -203,7 +240,10 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    println!("canary demo: v1 on {v1}, v2 on {v2}, proxy on {}, admin on {}", a.listen, a.admin);
+    println!(
+        "canary demo: v1 on {v1}, v2 on {v2}, proxy on {}, admin on {}",
+        a.listen, a.admin
+    );
     println!("config: {}", path.display());
     println!("rollout of v2: 10% → 25% → 50% → 100%, 8 s per step, analysis every 2 s against v1");
     if a.faulty_canary {
@@ -214,14 +254,31 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     println!();
     println!("try, in another terminal:");
-    println!("  curl -si http://{}/ | grep -i x-canary-version          # which version served you", a.listen);
+    println!(
+        "  curl -si http://{}/ | grep -i x-canary-version          # which version served you",
+        a.listen
+    );
     println!("  curl -s -H 'x-user-id: alice' http://{}/                # the same user always gets the same version", a.listen);
-    println!("  curl -s -H 'x-canary: always' http://{}/                # a rule: straight to v2", a.listen);
-    println!("  curl -s http://{}/metrics | grep canary_requests_total", a.admin);
-    println!("  cargo run --release -- status web --admin http://{}", a.admin);
+    println!(
+        "  curl -s -H 'x-canary: always' http://{}/                # a rule: straight to v2",
+        a.listen
+    );
+    println!(
+        "  curl -s http://{}/metrics | grep canary_requests_total",
+        a.admin
+    );
+    println!(
+        "  cargo run --release -- status web --admin http://{}",
+        a.admin
+    );
     println!();
 
-    let stats = Arc::new(Traffic { sent: AtomicU64::new(0), v2_errors: AtomicU64::new(0), v2_errors_after_fault: AtomicU64::new(0), last_v2_error: Default::default() });
+    let stats = Arc::new(Traffic {
+        sent: AtomicU64::new(0),
+        v2_errors: AtomicU64::new(0),
+        v2_errors_after_fault: AtomicU64::new(0),
+        last_v2_error: Default::default(),
+    });
     let fault_at: Arc<std::sync::Mutex<Option<Instant>>> = Default::default();
     let load = tokio::spawn(traffic(a.listen, stats.clone(), fault_at.clone()));
     let start = Instant::now();
@@ -230,15 +287,26 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut aborted_at = None;
     while start.elapsed() < Duration::from_secs(180) {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let Ok((StatusCode::OK, r)) = api.call(Method::GET, "/api/v1/routes/web", None).await else { continue };
+        let Ok((StatusCode::OK, r)) = api.call(Method::GET, "/api/v1/routes/web", None).await
+        else {
+            continue;
+        };
         let phase = r["phase"].as_str().unwrap_or("?").to_string();
         let step = r["step"].as_u64().unwrap_or(0);
-        if a.faulty_canary && step >= 1 && phase == "progressing" && !v2_failing.load(Relaxed) && start.elapsed() > Duration::from_secs(12) {
+        if a.faulty_canary
+            && step >= 1
+            && phase == "progressing"
+            && !v2_failing.load(Relaxed)
+            && start.elapsed() > Duration::from_secs(12)
+        {
             v2_failing.store(true, Relaxed);
             if let Ok(mut f) = fault_at.lock() {
                 *f = Some(Instant::now());
             }
-            println!("[{:>4.1}s] v2 starts failing now", start.elapsed().as_secs_f64());
+            println!(
+                "[{:>4.1}s] v2 starts failing now",
+                start.elapsed().as_secs_f64()
+            );
         }
         let line = format!(
             "phase {phase:<11} step {}/4  weight {:>5}%  verdict {}",
@@ -264,10 +332,16 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     println!();
     match &outcome {
         Some(r) if r["phase"] == "promoted" => {
-            println!("v2 promoted: all users on v2. {}", r["message"].as_str().unwrap_or(""));
+            println!(
+                "v2 promoted: all users on v2. {}",
+                r["message"].as_str().unwrap_or("")
+            );
         }
         Some(r) => {
-            println!("v2 rolled back: {}", r["abort_reason"].as_str().unwrap_or("?"));
+            println!(
+                "v2 rolled back: {}",
+                r["abort_reason"].as_str().unwrap_or("?")
+            );
             let fault = fault_at.lock().ok().and_then(|f| *f);
             let last_err = stats.last_v2_error.lock().ok().and_then(|l| *l);
             if let (Some(f), Some(l)) = (fault, last_err) {
@@ -281,15 +355,30 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         None => println!("the rollout did not finish within 3 minutes"),
     }
-    println!("{} synthetic requests sent. Journal: cargo run --release -- events web --admin http://{}", stats.sent.load(Relaxed), a.admin);
+    println!(
+        "{} synthetic requests sent. Journal: cargo run --release -- events web --admin http://{}",
+        stats.sent.load(Relaxed),
+        a.admin
+    );
     let promoted = outcome.as_ref().is_some_and(|r| r["phase"] == "promoted");
-    let expected = if a.faulty_canary || a.slow_canary { !promoted && outcome.is_some() } else { promoted };
+    let expected = if a.faulty_canary || a.slow_canary {
+        !promoted && outcome.is_some()
+    } else {
+        promoted
+    };
     if !a.exit {
-        println!("\nThe proxy keeps serving on {} (admin {}). Ctrl-C to stop.", a.listen, a.admin);
+        println!(
+            "\nThe proxy keeps serving on {} (admin {}). Ctrl-C to stop.",
+            a.listen, a.admin
+        );
         crate::serve::shutdown_signal().await;
     }
     let _ = stop_tx.send(());
     let _ = server.await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(if expected { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if expected {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

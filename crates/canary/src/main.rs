@@ -46,7 +46,11 @@ fn main() -> ExitCode {
         Cmd::Validate { config } => match canary_config::load(&config) {
             Ok(cfg) => {
                 let n = cfg.routes.len();
-                println!("{}: ok ({n} route{})", config.display(), if n == 1 { "" } else { "s" });
+                println!(
+                    "{}: ok ({n} route{})",
+                    config.display(),
+                    if n == 1 { "" } else { "s" }
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -14,7 +14,8 @@ use canary_proxy::Proxy;
 use tokio::net::TcpListener;
 
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CANARY_LOG").unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("CANARY_LOG").unwrap_or_else(|_| "info".into());
     let _ = fmt_logger().with_env_filter(filter).try_init();
 }
 
@@ -82,11 +83,18 @@ pub async fn shutdown_signal() {
 /// The admin token from the configured environment variable, if set and non-empty.
 pub fn admin_token(cfg: &Config) -> Option<Arc<str>> {
     let var = cfg.admin_token_env.as_deref()?;
-    std::env::var(var).ok().filter(|t| !t.is_empty()).map(Arc::from)
+    std::env::var(var)
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(Arc::from)
 }
 
 /// Everything `serve` runs, until `shutdown` resolves.
-pub async fn run(path: &Path, cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+pub async fn run(
+    path: &Path,
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let token = admin_token(&cfg);
     if !cfg.admin.ip().is_loopback() && token.is_none() {
         bail!(
@@ -94,30 +102,49 @@ pub async fn run(path: &Path, cfg: Config, shutdown: impl std::future::Future<Ou
             cfg.admin
         );
     }
-    let store = Store::open(&cfg.state_dir).with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
+    let store = Store::open(&cfg.state_dir)
+        .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
     let proxy = Arc::new(Proxy::new());
     let controller = Arc::new(Controller::new(proxy.clone(), store));
     controller.apply(&cfg).context("applying the config")?;
-    let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("binding listen address {}", cfg.listen))?;
-    let admin_listener = TcpListener::bind(cfg.admin).await.with_context(|| format!("binding admin address {}", cfg.admin))?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding listen address {}", cfg.listen))?;
+    let admin_listener = TcpListener::bind(cfg.admin)
+        .await
+        .with_context(|| format!("binding admin address {}", cfg.admin))?;
     tracing::info!(listen = %cfg.listen, admin = %cfg.admin, routes = cfg.routes.len(), token = token.is_some(), "canary serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let app = router(Admin { controller: controller.clone(), token });
+    let app = router(Admin {
+        controller: controller.clone(),
+        token,
+    });
     let admin_task = tokio::spawn({
         let stop = stopped(stop_rx.clone());
         async move {
-            if let Err(e) = axum::serve(admin_listener, app).with_graceful_shutdown(stop).await {
+            if let Err(e) = axum::serve(admin_listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
                 tracing::error!(error = %e, "admin server failed");
             }
         }
     });
     let ctl_task = tokio::spawn(run_controller(controller.clone(), stopped(stop_rx.clone())));
-    let watch_task = tokio::spawn(source::watch(controller.clone(), path.to_path_buf(), Some(cfg)));
-    let proxy_task = tokio::spawn(canary_proxy::server::serve(proxy, listener, stopped(stop_rx.clone())));
+    let watch_task = tokio::spawn(source::watch(
+        controller.clone(),
+        path.to_path_buf(),
+        Some(cfg),
+    ));
+    let proxy_task = tokio::spawn(canary_proxy::server::serve(
+        proxy,
+        listener,
+        stopped(stop_rx.clone()),
+    ));
 
     shutdown.await;
     tracing::info!("stopping: draining connections");
@@ -131,6 +158,7 @@ pub async fn run(path: &Path, cfg: Config, shutdown: impl std::future::Future<Ou
 
 /// Logging for the demo: warnings only, so progress lines stay readable.
 pub fn init_tracing_quiet() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CANARY_LOG").unwrap_or_else(|_| "warn".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("CANARY_LOG").unwrap_or_else(|_| "warn".into());
     let _ = fmt_logger().with_env_filter(filter).try_init();
 }

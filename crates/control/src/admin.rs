@@ -72,7 +72,14 @@ async fn metrics(State(a): State<Admin>) -> Response {
     let mut e = Exposition::new();
     a.controller.proxy().encode_metrics(&mut e);
     a.controller.encode_metrics(&mut e);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], e.finish()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        e.finish(),
+    )
+        .into_response()
 }
 
 async fn readyz(State(a): State<Admin>) -> Response {
@@ -88,7 +95,10 @@ async fn list(State(a): State<Admin>) -> Response {
 }
 
 async fn show(State(a): State<Admin>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let s = a.controller.status(&name).ok_or(ControlError::NotFound(name))?;
+    let s = a
+        .controller
+        .status(&name)
+        .ok_or(ControlError::NotFound(name))?;
     Ok(Json(s).into_response())
 }
 
@@ -97,7 +107,11 @@ struct EventsQuery {
     limit: Option<usize>,
 }
 
-async fn events(State(a): State<Admin>, Path(name): Path<String>, Query(q): Query<EventsQuery>) -> Result<Response, ApiError> {
+async fn events(
+    State(a): State<Admin>,
+    Path(name): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
     let evs = a.controller.events(&name, q.limit.unwrap_or(1000).max(1))?;
     Ok(Json(evs).into_response())
 }
@@ -118,7 +132,10 @@ fn authorize(a: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
     if diff == 0 {
         Ok(())
     } else {
-        Err(ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into()))
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        ))
     }
 }
 
@@ -127,10 +144,16 @@ fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &Bytes) -> Result<T, ApiE
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
 }
 
-async fn run(a: &Admin, headers: &HeaderMap, name: &str, cmd: Command) -> Result<Response, ApiError> {
+async fn run(
+    a: &Admin,
+    headers: &HeaderMap,
+    name: &str,
+    cmd: Command,
+) -> Result<Response, ApiError> {
     authorize(a, headers)?;
     let s = a.controller.command(name, cmd)?;
     Ok(Json(s).into_response())
@@ -142,13 +165,26 @@ struct WeightBody {
     weight: Option<f64>,
 }
 
-async fn set_weight(State(a): State<Admin>, Path(name): Path<String>, headers: HeaderMap, b: Bytes) -> Result<Response, ApiError> {
+async fn set_weight(
+    State(a): State<Admin>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    b: Bytes,
+) -> Result<Response, ApiError> {
     authorize(&a, &headers)?;
     let WeightBody { weight } = body(&b)?;
-    let w = weight
-        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "body must be {\"weight\": <0-100>}".into()))?;
-    let w = Weight::from_percent(w)
-        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, format!("weight {w} is out of range (0–100, at most two decimals)")))?;
+    let w = weight.ok_or_else(|| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "body must be {\"weight\": <0-100>}".into(),
+        )
+    })?;
+    let w = Weight::from_percent(w).ok_or_else(|| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("weight {w} is out of range (0–100, at most two decimals)"),
+        )
+    })?;
     run(&a, &headers, &name, Command::SetWeight(w)).await
 }
 
@@ -159,7 +195,12 @@ struct PromoteBody {
     full: bool,
 }
 
-async fn promote(State(a): State<Admin>, Path(name): Path<String>, headers: HeaderMap, b: Bytes) -> Result<Response, ApiError> {
+async fn promote(
+    State(a): State<Admin>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    b: Bytes,
+) -> Result<Response, ApiError> {
     authorize(&a, &headers)?;
     let PromoteBody { full } = body(&b)?;
     run(&a, &headers, &name, Command::Promote { full }).await
@@ -172,21 +213,42 @@ struct AbortBody {
     reason: String,
 }
 
-async fn abort(State(a): State<Admin>, Path(name): Path<String>, headers: HeaderMap, b: Bytes) -> Result<Response, ApiError> {
+async fn abort(
+    State(a): State<Admin>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    b: Bytes,
+) -> Result<Response, ApiError> {
     authorize(&a, &headers)?;
     let AbortBody { reason } = body(&b)?;
-    let reason = if reason.trim().is_empty() { "aborted by user".to_string() } else { format!("user: {reason}") };
+    let reason = if reason.trim().is_empty() {
+        "aborted by user".to_string()
+    } else {
+        format!("user: {reason}")
+    };
     run(&a, &headers, &name, Command::Abort { reason }).await
 }
 
-async fn pause(State(a): State<Admin>, Path(name): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn pause(
+    State(a): State<Admin>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     run(&a, &headers, &name, Command::Pause).await
 }
 
-async fn resume(State(a): State<Admin>, Path(name): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn resume(
+    State(a): State<Admin>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     run(&a, &headers, &name, Command::Resume).await
 }
 
-async fn retry(State(a): State<Admin>, Path(name): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn retry(
+    State(a): State<Admin>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     run(&a, &headers, &name, Command::Retry).await
 }

@@ -24,7 +24,9 @@ use crate::store::{Store, StoreError};
 
 /// Wall-clock milliseconds since the Unix epoch: persisted times must survive restarts.
 pub fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A user command on a route.
@@ -146,7 +148,11 @@ fn diff(a: &VersionWindow, b: &VersionWindow) -> VersionWindow {
 
 impl Controller {
     pub fn new(proxy: Arc<Proxy>, store: Store) -> Controller {
-        Controller { proxy, store, inner: Mutex::new(Inner::default()) }
+        Controller {
+            proxy,
+            store,
+            inner: Mutex::new(Inner::default()),
+        }
     }
 
     pub fn proxy(&self) -> &Arc<Proxy> {
@@ -182,8 +188,14 @@ impl Controller {
         let mut routes = Vec::with_capacity(config.routes.len());
         for rc in &config.routes {
             let name = rc.route.name.clone();
-            let runtime = self.proxy.runtime(&name).expect("apply registers every route");
-            let prev = old.iter().position(|c| c.cfg.route.name == name).map(|i| old.swap_remove(i));
+            let runtime = self
+                .proxy
+                .runtime(&name)
+                .expect("apply registers every route");
+            let prev = old
+                .iter()
+                .position(|c| c.cfg.route.name == name)
+                .map(|i| old.swap_remove(i));
             let mut ctl = match prev {
                 Some(mut p) => {
                     if p.cfg.weight != rc.weight {
@@ -191,7 +203,8 @@ impl Controller {
                         p.manual_weight = None;
                     }
                     let same_versions = p.cfg.stable.version == rc.stable.version
-                        && p.cfg.canary.as_ref().map(|c| &c.version) == rc.canary.as_ref().map(|c| &c.version);
+                        && p.cfg.canary.as_ref().map(|c| &c.version)
+                            == rc.canary.as_ref().map(|c| &c.version);
                     if !same_versions {
                         p.samples.clear();
                     }
@@ -232,8 +245,14 @@ impl Controller {
                     }
                     // A breaker trip not yet seen by the event loop must not be undone.
                     if ctl.runtime.tripped() && s.phase.is_active() {
-                        let failures = ctl.cfg.rollout.as_ref().and_then(|r| r.breaker_failures).unwrap_or(0);
-                        let out = rollout::step(s, spec, Input::Breaker { failures }, now).map_err(|e| ControlError::Conflict(e.0))?;
+                        let failures = ctl
+                            .cfg
+                            .rollout
+                            .as_ref()
+                            .and_then(|r| r.breaker_failures)
+                            .unwrap_or(0);
+                        let out = rollout::step(s, spec, Input::Breaker { failures }, now)
+                            .map_err(|e| ControlError::Conflict(e.0))?;
                         events.extend(out.events);
                         ctl.rollout = Some(out.state);
                     }
@@ -249,7 +268,9 @@ impl Controller {
             },
             (None, Some(_)) | (_, None) => {
                 if let Some(s) = ctl.rollout.take() {
-                    let done = ctl.cfg.canary.is_none() && s.phase == Phase::Promoted && s.canary_version == ctl.cfg.stable.version;
+                    let done = ctl.cfg.canary.is_none()
+                        && s.phase == Phase::Promoted
+                        && s.canary_version == ctl.cfg.stable.version;
                     let reason = if done {
                         format!("{} is now stable: rollout complete", s.canary_version)
                     } else {
@@ -259,9 +280,21 @@ impl Controller {
                     events.push(Event {
                         at_ms: now,
                         canary_version: s.canary_version.clone(),
-                        kind: if done { "complete".into() } else { "end".into() },
-                        from: rollout::Position { phase: s.phase, step: s.step, weight: s.weight().percent() },
-                        to: rollout::Position { phase: s.phase, step: s.step, weight: 0.0 },
+                        kind: if done {
+                            "complete".into()
+                        } else {
+                            "end".into()
+                        },
+                        from: rollout::Position {
+                            phase: s.phase,
+                            step: s.step,
+                            weight: s.weight().percent(),
+                        },
+                        to: rollout::Position {
+                            phase: s.phase,
+                            step: s.step,
+                            weight: 0.0,
+                        },
                         reason,
                         verdict: None,
                     });
@@ -283,24 +316,41 @@ impl Controller {
         let mono = mono_ms();
         let mut inner = self.lock();
         for ctl in inner.routes.iter_mut() {
-            let (Some(spec), Some(state)) = (ctl.cfg.rollout.clone(), ctl.rollout.clone()) else { continue };
+            let (Some(spec), Some(state)) = (ctl.cfg.rollout.clone(), ctl.rollout.clone()) else {
+                continue;
+            };
             if !state.phase.is_active() {
                 continue;
             }
-            let Some((_, entry)) = snap.route(&ctl.cfg.route.name) else { continue };
-            let Some(canary_pool) = &entry.canary else { continue };
+            let Some((_, entry)) = snap.route(&ctl.cfg.route.name) else {
+                continue;
+            };
+            let Some(canary_pool) = &entry.canary else {
+                continue;
+            };
             let due = now.saturating_sub(ctl.last_verdict_ms) >= spec.interval_ms;
             // One sample a second is plenty for windows of seconds to minutes.
             if due || ctl.samples.back().is_none_or(|b| now >= b.at_ms + 1_000) {
-                ctl.samples.push_back(Sample { at_ms: now, canary: canary_pool.stats.counts(), stable: entry.stable.stats.counts() });
+                ctl.samples.push_back(Sample {
+                    at_ms: now,
+                    canary: canary_pool.stats.counts(),
+                    stable: entry.stable.stats.counts(),
+                });
             }
             while ctl.samples.len() > 2 && ctl.samples[1].at_ms + spec.window_ms <= now {
                 ctl.samples.pop_front();
             }
             let mut verdict = None;
             if due {
-                let (Some(base), Some(last)) = (ctl.samples.front(), ctl.samples.back()) else { continue };
-                let v = judge(&spec.analysis, &diff(&last.canary, &base.canary), &diff(&last.stable, &base.stable), now);
+                let (Some(base), Some(last)) = (ctl.samples.front(), ctl.samples.back()) else {
+                    continue;
+                };
+                let v = judge(
+                    &spec.analysis,
+                    &diff(&last.canary, &base.canary),
+                    &diff(&last.stable, &base.stable),
+                    now,
+                );
                 ctl.verdicts[match v.result {
                     VerdictResult::Pass => 0,
                     VerdictResult::Fail => 1,
@@ -320,7 +370,9 @@ impl Controller {
 
     fn apply_input(&self, ctl: &mut RouteCtl, spec: &RolloutSpec, input: Input, now: u64) {
         let Some(state) = &ctl.rollout else { return };
-        let Ok(out) = rollout::step(state, spec, input, now) else { return };
+        let Ok(out) = rollout::step(state, spec, input, now) else {
+            return;
+        };
         if let Err(e) = self.commit(ctl, out) {
             tracing::error!(route = %ctl.cfg.route.name, error = %e, "could not persist rollout state");
         }
@@ -355,11 +407,16 @@ impl Controller {
         let now = wall_ms();
         let mut inner = self.lock();
         let (route, input) = match ev {
-            DataPlaneEvent::BreakerTripped { route, failures } => (route, Input::Breaker { failures }),
+            DataPlaneEvent::BreakerTripped { route, failures } => {
+                (route, Input::Breaker { failures })
+            }
             DataPlaneEvent::CanaryUnavailable { route } => {
                 // Only an abort if the pool really has no available instance.
                 let snap = self.proxy.snapshot();
-                let down = snap.route(&route).and_then(|(_, e)| e.canary.as_ref()).is_some_and(|p| !p.any_available(mono_ms()));
+                let down = snap
+                    .route(&route)
+                    .and_then(|(_, e)| e.canary.as_ref())
+                    .is_some_and(|p| !p.any_available(mono_ms()));
                 if !down {
                     return;
                 }
@@ -393,7 +450,8 @@ impl Controller {
                     Command::Retry => Input::Retry,
                     Command::SetWeight(w) => Input::SetWeight(w),
                 };
-                let out = rollout::step(state, &spec, input, now).map_err(|e| ControlError::Conflict(e.0))?;
+                let out = rollout::step(state, &spec, input, now)
+                    .map_err(|e| ControlError::Conflict(e.0))?;
                 self.commit(ctl, out)?;
             }
             (_, _, Some(_)) => match cmd {
@@ -402,9 +460,17 @@ impl Controller {
                     ctl.runtime.set_weight(w);
                     tracing::info!(route, weight = %w, "weight set by user");
                 }
-                _ => return Err(ControlError::Conflict(format!("route {route:?} has no rollout; only its weight can be set"))),
+                _ => {
+                    return Err(ControlError::Conflict(format!(
+                        "route {route:?} has no rollout; only its weight can be set"
+                    )))
+                }
             },
-            (_, _, None) => return Err(ControlError::Conflict(format!("route {route:?} has no canary"))),
+            (_, _, None) => {
+                return Err(ControlError::Conflict(format!(
+                    "route {route:?} has no canary"
+                )))
+            }
         }
         Ok(self.status_of(ctl))
     }
@@ -418,7 +484,11 @@ impl Controller {
     /// One route's status.
     pub fn status(&self, route: &str) -> Option<RouteStatus> {
         let inner = self.lock();
-        inner.routes.iter().find(|c| c.cfg.route.name == route).map(|c| self.status_of(c))
+        inner
+            .routes
+            .iter()
+            .find(|c| c.cfg.route.name == route)
+            .map(|c| self.status_of(c))
     }
 
     /// Whether the route exists.
@@ -438,14 +508,31 @@ impl Controller {
             (Some(_), Some(_)) => "rollout",
             (Some(_), None) => "manual",
         };
-        let make_stable = s.filter(|s| s.phase == Phase::Promoted).map(|s| s.canary_version.clone());
+        let make_stable = s
+            .filter(|s| s.phase == Phase::Promoted)
+            .map(|s| s.canary_version.clone());
         let message = match (s, &c.cfg.canary) {
             (Some(s), _) => match s.phase {
-                Phase::Progressing => format!("step {}/{}: waiting for the pause and a passing analysis", s.step + 1, c.cfg.rollout.as_ref().map_or(0, |r| r.steps.len())),
-                Phase::Waiting => format!("step {}: waiting for `canary promote {}`", s.step + 1, c.cfg.route.name),
+                Phase::Progressing => format!(
+                    "step {}/{}: waiting for the pause and a passing analysis",
+                    s.step + 1,
+                    c.cfg.rollout.as_ref().map_or(0, |r| r.steps.len())
+                ),
+                Phase::Waiting => format!(
+                    "step {}: waiting for `canary promote {}`",
+                    s.step + 1,
+                    c.cfg.route.name
+                ),
                 Phase::Paused => format!("paused: `canary resume {}` continues", c.cfg.route.name),
-                Phase::Promoted => format!("promoted: make {} the stable version in the config and remove the canary", s.canary_version),
-                Phase::Aborted => format!("aborted ({}): fix the canary and deploy a new version, or `canary retry {}`", s.abort_reason.as_deref().unwrap_or("?"), c.cfg.route.name),
+                Phase::Promoted => format!(
+                    "promoted: make {} the stable version in the config and remove the canary",
+                    s.canary_version
+                ),
+                Phase::Aborted => format!(
+                    "aborted ({}): fix the canary and deploy a new version, or `canary retry {}`",
+                    s.abort_reason.as_deref().unwrap_or("?"),
+                    c.cfg.route.name
+                ),
             },
             (None, Some(_)) => "canary weight set by config or API".into(),
             (None, None) => "no canary".into(),
@@ -458,7 +545,16 @@ impl Controller {
             weight: c.runtime.weight().percent(),
             phase: s.map(|s| s.phase),
             step: s.map(|s| s.step),
-            steps: c.cfg.rollout.iter().flat_map(|r| r.steps.iter()).map(|st| StepView { weight: st.weight.percent(), pause: fmt_pause(st.pause) }).collect(),
+            steps: c
+                .cfg
+                .rollout
+                .iter()
+                .flat_map(|r| r.steps.iter())
+                .map(|st| StepView {
+                    weight: st.weight.percent(),
+                    pause: fmt_pause(st.pause),
+                })
+                .collect(),
             step_started_ms: s.map(|s| s.step_started_ms),
             failed_verdicts: s.map_or(0, |s| s.failed_verdicts),
             last_verdict: s.and_then(|s| s.last_verdict.clone()),
@@ -482,36 +578,80 @@ impl Controller {
     /// Writes the controller's metric families.
     pub fn encode_metrics(&self, e: &mut Exposition) {
         let inner = self.lock();
-        e.family("canary_rollout_phase", "1 for the current phase of each route's rollout.", Kind::Gauge);
+        e.family(
+            "canary_rollout_phase",
+            "1 for the current phase of each route's rollout.",
+            Kind::Gauge,
+        );
         for c in &inner.routes {
             if let Some(s) = &c.rollout {
                 for p in Phase::ALL {
-                    e.sample("canary_rollout_phase", &[("route", c.cfg.route.name.as_str()), ("phase", p.as_str())], u8::from(s.phase == p));
+                    e.sample(
+                        "canary_rollout_phase",
+                        &[("route", c.cfg.route.name.as_str()), ("phase", p.as_str())],
+                        u8::from(s.phase == p),
+                    );
                 }
             }
         }
-        e.family("canary_rollout_step", "Index (0-based) of the current step of each route's rollout.", Kind::Gauge);
+        e.family(
+            "canary_rollout_step",
+            "Index (0-based) of the current step of each route's rollout.",
+            Kind::Gauge,
+        );
         for c in &inner.routes {
             if let Some(s) = &c.rollout {
-                e.sample("canary_rollout_step", &[("route", c.cfg.route.name.as_str())], s.step as f64);
+                e.sample(
+                    "canary_rollout_step",
+                    &[("route", c.cfg.route.name.as_str())],
+                    s.step as f64,
+                );
             }
         }
-        e.family("canary_analysis_verdicts_total", "Analysis verdicts by result.", Kind::Counter);
+        e.family(
+            "canary_analysis_verdicts_total",
+            "Analysis verdicts by result.",
+            Kind::Counter,
+        );
         for c in inner.routes.iter().filter(|c| c.cfg.rollout.is_some()) {
             for (i, r) in ["pass", "fail", "inconclusive"].iter().enumerate() {
-                e.sample("canary_analysis_verdicts_total", &[("route", c.cfg.route.name.as_str()), ("result", *r)], c.verdicts[i] as f64);
+                e.sample(
+                    "canary_analysis_verdicts_total",
+                    &[("route", c.cfg.route.name.as_str()), ("result", *r)],
+                    c.verdicts[i] as f64,
+                );
             }
         }
-        e.family("canary_rollout_aborts_total", "Rollout aborts by reason (analysis, breaker, canary_unhealthy, user).", Kind::Counter);
+        e.family(
+            "canary_rollout_aborts_total",
+            "Rollout aborts by reason (analysis, breaker, canary_unhealthy, user).",
+            Kind::Counter,
+        );
         for c in inner.routes.iter().filter(|c| c.cfg.rollout.is_some()) {
             for r in ["analysis", "breaker", "canary_unhealthy", "user"] {
                 let n = c.aborts.get(r).copied().unwrap_or(0);
-                e.sample("canary_rollout_aborts_total", &[("route", c.cfg.route.name.as_str()), ("reason", r)], n as f64);
+                e.sample(
+                    "canary_rollout_aborts_total",
+                    &[("route", c.cfg.route.name.as_str()), ("reason", r)],
+                    n as f64,
+                );
             }
         }
-        e.family("canary_config_reloads_total", "Config reloads by result.", Kind::Counter);
-        e.sample("canary_config_reloads_total", &[("result", "success")], inner.reloads_ok as f64);
-        e.sample("canary_config_reloads_total", &[("result", "failure")], inner.reloads_failed as f64);
+        e.family(
+            "canary_config_reloads_total",
+            "Config reloads by result.",
+            Kind::Counter,
+        );
+        e.sample(
+            "canary_config_reloads_total",
+            &[("result", "success")],
+            inner.reloads_ok as f64,
+        );
+        e.sample(
+            "canary_config_reloads_total",
+            &[("result", "failure")],
+            inner.reloads_failed as f64,
+        );
     }
 }
 
@@ -519,7 +659,12 @@ impl Controller {
 fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
     match (&ctl.rollout, &ctl.cfg.canary) {
         (Some(s), Some(_)) => {
-            let limit = ctl.cfg.rollout.as_ref().and_then(|r| r.breaker_failures).unwrap_or(0);
+            let limit = ctl
+                .cfg
+                .rollout
+                .as_ref()
+                .and_then(|r| r.breaker_failures)
+                .unwrap_or(0);
             if !s.phase.is_active() {
                 ctl.runtime.arm_breaker(0);
             } else if rearm || !ctl.runtime.breaker_armed() && !ctl.runtime.tripped() {
@@ -529,7 +674,8 @@ fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
         }
         (None, Some(_)) => {
             ctl.runtime.arm_breaker(0);
-            ctl.runtime.set_weight(ctl.manual_weight.unwrap_or(ctl.cfg.weight));
+            ctl.runtime
+                .set_weight(ctl.manual_weight.unwrap_or(ctl.cfg.weight));
         }
         (_, None) => {
             ctl.runtime.arm_breaker(0);

@@ -16,11 +16,19 @@ use crate::controller::Controller;
 
 /// Loads, validates and applies the config file once. On failure the running config
 /// is untouched and every problem is logged.
-pub fn reload(controller: &Controller, path: &Path, old: &mut Option<canary_config::Config>) -> bool {
+pub fn reload(
+    controller: &Controller,
+    path: &Path,
+    old: &mut Option<canary_config::Config>,
+) -> bool {
     match canary_config::load(path) {
         Ok(cfg) => {
             if let Some(prev) = old.as_ref() {
-                if prev.listen != cfg.listen || prev.admin != cfg.admin || prev.limits != cfg.limits || prev.workers != cfg.workers {
+                if prev.listen != cfg.listen
+                    || prev.admin != cfg.admin
+                    || prev.limits != cfg.limits
+                    || prev.workers != cfg.workers
+                {
                     tracing::warn!("listen, admin, limits and workers changes take effect only after a restart");
                 }
                 let changes = canary_config::diff(prev, &cfg);
@@ -44,7 +52,11 @@ pub fn reload(controller: &Controller, path: &Path, old: &mut Option<canary_conf
 
 /// Watches `path` (through its directory) and listens for SIGHUP; reloads on either.
 /// Runs until the task is dropped.
-pub async fn watch(controller: Arc<Controller>, path: PathBuf, mut current: Option<canary_config::Config>) {
+pub async fn watch(
+    controller: Arc<Controller>,
+    path: PathBuf,
+    mut current: Option<canary_config::Config>,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let file_name = path.file_name().map(|f| f.to_os_string());
     let dir = match path.parent() {
@@ -54,7 +66,10 @@ pub async fn watch(controller: Arc<Controller>, path: PathBuf, mut current: Opti
     let watch_tx = tx.clone();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
-            let ours = ev.paths.iter().any(|p| p.file_name().map(|f| f.to_os_string()) == file_name);
+            let ours = ev
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|f| f.to_os_string()) == file_name);
             if ours && !matches!(ev.kind, notify::EventKind::Access(_)) {
                 let _ = watch_tx.send(());
             }
@@ -77,7 +92,11 @@ pub async fn watch(controller: Arc<Controller>, path: PathBuf, mut current: Opti
     {
         let hup_tx = tx.clone();
         tokio::spawn(async move {
-            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading config");
                 if hup_tx.send(()).is_err() {

@@ -20,11 +20,17 @@ pub enum StoreError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: corrupt state file: {source}")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The state directory.
@@ -37,7 +43,9 @@ impl Store {
     /// Opens (and creates) the state directory.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        Ok(Store { dir: dir.to_path_buf() })
+        Ok(Store {
+            dir: dir.to_path_buf(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -74,7 +82,10 @@ impl Store {
             };
         };
         let tmp = self.dir.join(format!(".{route}.state.json.tmp"));
-        let bytes = serde_json::to_vec_pretty(state).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
+        let bytes = serde_json::to_vec_pretty(state).map_err(|source| StoreError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
         {
             let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
             f.write_all(&bytes).map_err(io_err(&tmp))?;
@@ -93,14 +104,21 @@ impl Store {
             return Ok(());
         }
         let path = self.journal_path(route);
-        let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
         let mut buf = Vec::new();
         if ends_torn(&path) {
             // A crash mid-append left a partial line: end it so this entry stays readable.
             buf.push(b'\n');
         }
         for ev in events {
-            serde_json::to_writer(&mut buf, ev).map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
+            serde_json::to_writer(&mut buf, ev).map_err(|source| StoreError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
             buf.push(b'\n');
         }
         f.write_all(&buf).map_err(io_err(&path))?;
@@ -134,7 +152,9 @@ impl Store {
 /// Whether the file is non-empty and does not end with a newline.
 fn ends_torn(path: &Path) -> bool {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = File::open(path) else { return false };
+    let Ok(mut f) = File::open(path) else {
+        return false;
+    };
     if f.seek(SeekFrom::End(-1)).is_err() {
         return false;
     }
@@ -175,7 +195,11 @@ mod tests {
     fn journal_keeps_order_and_skips_a_torn_line() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let pos = Position { phase: Phase::Progressing, step: 0, weight: 5.0 };
+        let pos = Position {
+            phase: Phase::Progressing,
+            step: 0,
+            weight: 5.0,
+        };
         let ev = |kind: &str| Event {
             at_ms: 1,
             canary_version: "v2".into(),
@@ -186,10 +210,18 @@ mod tests {
             verdict: None,
         };
         store.append("web", &[ev("start"), ev("advance")]).unwrap();
-        let mut f = OpenOptions::new().append(true).open(dir.path().join("web.events.jsonl")).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("web.events.jsonl"))
+            .unwrap();
         f.write_all(b"{\"at_ms\": 3, \"kin").unwrap();
         store.append("web", &[ev("promote")]).unwrap();
-        let kinds: Vec<_> = store.events("web", 10).unwrap().into_iter().map(|e| e.kind).collect();
+        let kinds: Vec<_> = store
+            .events("web", 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
         assert_eq!(kinds, ["start", "advance", "promote"]);
         assert_eq!(store.events("web", 1).unwrap()[0].kind, "promote");
     }

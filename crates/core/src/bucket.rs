@@ -56,7 +56,6 @@ mod tests {
 mod properties {
     use proptest::prelude::*;
 
-
     use crate::routing::tests::Facts;
     use crate::routing::{Route, Target};
     use crate::weight::Weight;

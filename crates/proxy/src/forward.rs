@@ -43,7 +43,8 @@ pub struct ConnInfo {
 impl ConnInfo {
     pub fn new(peer: SocketAddr) -> ConnInfo {
         let ip = peer.ip().to_canonical();
-        let peer_header = HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        let peer_header =
+            HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
         ConnInfo { peer, peer_header }
     }
 }
@@ -79,7 +80,10 @@ impl RequestFacts for Facts<'_> {
 pub fn error_response(status: StatusCode, msg: &'static str) -> Response<ProxyBody> {
     let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(msg.as_bytes()))));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -130,7 +134,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     h.remove(header::PROXY_AUTHORIZATION);
     h.remove(header::TRANSFER_ENCODING);
     h.remove(header::TRAILER);
-    if h.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
+    if h.get(header::TE)
+        .is_some_and(|v| v.as_bytes() != b"trailers")
+    {
         h.remove(header::TE);
     }
 }
@@ -138,11 +144,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
 }
 
 /// Records the outcome when dropped, so a request whose client went away (the
@@ -162,23 +169,40 @@ impl Drop for Outcome<'_> {
 
 impl Proxy {
     /// Handles one request end to end.
-    pub async fn handle(self: &Arc<Self>, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Response<ProxyBody> {
         let snap = self.load();
         if header_bytes(req.headers()) > snap.limits.max_header_bytes {
-            return error_response(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request header fields too large\n");
+            return error_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request header fields too large\n",
+            );
         }
         let host_value = match req.headers().get(header::HOST) {
             Some(h) => Some(h.clone()),
-            None => req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+            None => req
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
-        let host = host_value.as_ref().and_then(|h| h.to_str().ok()).map(host_without_port);
+        let host = host_value
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .map(host_without_port);
         let Some(idx) = snap.table.find(host, req.uri().path()) else {
             self.unrouted.fetch_add(1, Relaxed);
             return error_response(StatusCode::NOT_FOUND, "no route for this request\n");
         };
         let route = &snap.table.routes[idx];
         let entry = &snap.entries[idx];
-        let facts = Facts { headers: req.headers(), query: req.uri().query(), ip: conn.peer.ip() };
+        let facts = Facts {
+            headers: req.headers(),
+            query: req.uri().query(),
+            ip: conn.peer.ip(),
+        };
 
         let mut generated = None;
         let key = match route.sticky_key(&facts) {
@@ -191,7 +215,9 @@ impl Proxy {
         };
         let decision = route.decide(entry.runtime.weight(), &facts, key);
         let (pool, target) = match (decision.target, &entry.canary) {
-            (Target::Canary, Some(canary)) if canary.any_available(now_ms()) => (canary, Target::Canary),
+            (Target::Canary, Some(canary)) if canary.any_available(now_ms()) => {
+                (canary, Target::Canary)
+            }
             (Target::Canary, Some(_)) => {
                 entry.runtime.fallback();
                 (&entry.stable, Target::Stable)
@@ -199,7 +225,11 @@ impl Proxy {
             _ => (&entry.stable, Target::Stable),
         };
         let set_cookie = generated.and_then(|id| {
-            HeaderValue::from_str(&format!("{}={id}{}", route.sticky.cookie, entry.cookie_suffix)).ok()
+            HeaderValue::from_str(&format!(
+                "{}={id}{}",
+                route.sticky.cookie, entry.cookie_suffix
+            ))
+            .ok()
         });
         let mut resp = forward(req, conn, host_value, entry, pool, target).await;
         if let Some(c) = set_cookie {
@@ -220,13 +250,19 @@ async fn forward(
     let Some(instance) = pool.pick(now_ms()) else {
         pool.stats.record(502, 0);
         let mut r = error_response(StatusCode::BAD_GATEWAY, "no healthy upstream\n");
-        r.headers_mut().insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
+        r.headers_mut()
+            .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
         return r;
     };
     let upgrade = is_upgrade(&req);
     let (mut parts, body) = req.into_parts();
-    let client_upgrade = if upgrade { parts.extensions.remove::<OnUpgrade>() } else { None };
-    let up_req = build_upstream_request(&mut parts, body, conn, host, entry, pool, instance, upgrade);
+    let client_upgrade = if upgrade {
+        parts.extensions.remove::<OnUpgrade>()
+    } else {
+        None
+    };
+    let up_req =
+        build_upstream_request(&mut parts, body, conn, host, entry, pool, instance, upgrade);
     let started = Instant::now();
     let mut outcome = Outcome { pool, done: false };
     let timeout = Duration::from_millis(entry.timeouts.request_ms);
@@ -239,14 +275,24 @@ async fn forward(
             (resp.map(Either::Left), failed)
         }
         Ok(Err(e)) => {
-            let kind = if e.is_connect() { UpstreamError::Connect } else { UpstreamError::Protocol };
+            let kind = if e.is_connect() {
+                UpstreamError::Connect
+            } else {
+                UpstreamError::Protocol
+            };
             tracing::debug!(upstream = %instance.addr, error = %e, "upstream error");
             pool.stats.record_upstream_error(kind);
-            (error_response(StatusCode::BAD_GATEWAY, "upstream unavailable\n"), true)
+            (
+                error_response(StatusCode::BAD_GATEWAY, "upstream unavailable\n"),
+                true,
+            )
         }
         Err(_) => {
             pool.stats.record_upstream_error(UpstreamError::Timeout);
-            (error_response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"), true)
+            (
+                error_response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"),
+                true,
+            )
         }
     };
     pool.stats.record(resp.status().as_u16(), elapsed_us);
@@ -269,7 +315,8 @@ async fn forward(
         }
         _ => strip_hop_by_hop(resp.headers_mut(), false),
     }
-    resp.headers_mut().insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
+    resp.headers_mut()
+        .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
     resp
 }
 
@@ -301,7 +348,11 @@ fn build_upstream_request(
     let mut up = Request::new(body);
     *up.method_mut() = std::mem::take(&mut parts.method);
     *up.uri_mut() = Uri::from_parts(uri).unwrap_or_else(|_| parts.uri.clone());
-    *up.version_mut() = if pool.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    *up.version_mut() = if pool.http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     let mut headers = std::mem::take(&mut parts.headers);
     strip_hop_by_hop(&mut headers, upgrade);
     if let Some(h) = host {

@@ -23,7 +23,11 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    const ALL: [UpstreamError; 3] = [UpstreamError::Connect, UpstreamError::Timeout, UpstreamError::Protocol];
+    const ALL: [UpstreamError; 3] = [
+        UpstreamError::Connect,
+        UpstreamError::Timeout,
+        UpstreamError::Protocol,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -99,51 +103,121 @@ impl VersionStats {
 /// Writes the per-version families for all stats.
 pub fn encode_versions(e: &mut Exposition, stats: &[std::sync::Arc<VersionStats>]) {
     const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-    e.family("canary_requests_total", "Requests answered, by route, version and status class.", Kind::Counter);
+    e.family(
+        "canary_requests_total",
+        "Requests answered, by route, version and status class.",
+        Kind::Counter,
+    );
     for s in stats {
         for (i, class) in CLASSES.iter().enumerate() {
-            let labels = [("route", s.route.as_str()), ("version", s.version.as_str()), ("class", *class)];
-            e.sample("canary_requests_total", &labels, s.status[i].load(Relaxed) as f64);
+            let labels = [
+                ("route", s.route.as_str()),
+                ("version", s.version.as_str()),
+                ("class", *class),
+            ];
+            e.sample(
+                "canary_requests_total",
+                &labels,
+                s.status[i].load(Relaxed) as f64,
+            );
         }
     }
-    e.family("canary_request_failures_total", "Failed requests (5xx, connect errors, timeouts) as the analysis counts them.", Kind::Counter);
+    e.family(
+        "canary_request_failures_total",
+        "Failed requests (5xx, connect errors, timeouts) as the analysis counts them.",
+        Kind::Counter,
+    );
     for s in stats {
         let labels = [("route", s.route.as_str()), ("version", s.version.as_str())];
-        e.sample("canary_request_failures_total", &labels, s.failures.load(Relaxed) as f64);
+        e.sample(
+            "canary_request_failures_total",
+            &labels,
+            s.failures.load(Relaxed) as f64,
+        );
     }
-    e.family("canary_upstream_errors_total", "Requests the upstream did not answer, by cause.", Kind::Counter);
+    e.family(
+        "canary_upstream_errors_total",
+        "Requests the upstream did not answer, by cause.",
+        Kind::Counter,
+    );
     for s in stats {
         for kind in UpstreamError::ALL {
-            let labels = [("route", s.route.as_str()), ("version", s.version.as_str()), ("kind", kind.as_str())];
-            e.sample("canary_upstream_errors_total", &labels, s.upstream_errors[kind as usize].load(Relaxed) as f64);
+            let labels = [
+                ("route", s.route.as_str()),
+                ("version", s.version.as_str()),
+                ("kind", kind.as_str()),
+            ];
+            e.sample(
+                "canary_upstream_errors_total",
+                &labels,
+                s.upstream_errors[kind as usize].load(Relaxed) as f64,
+            );
         }
     }
-    e.family("canary_client_aborts_total", "Requests whose client went away before the answer.", Kind::Counter);
+    e.family(
+        "canary_client_aborts_total",
+        "Requests whose client went away before the answer.",
+        Kind::Counter,
+    );
     for s in stats {
         let labels = [("route", s.route.as_str()), ("version", s.version.as_str())];
-        e.sample("canary_client_aborts_total", &labels, s.client_aborts.load(Relaxed) as f64);
+        e.sample(
+            "canary_client_aborts_total",
+            &labels,
+            s.client_aborts.load(Relaxed) as f64,
+        );
     }
-    e.family("canary_request_duration_seconds", "Time to the upstream's response headers.", Kind::Histogram);
+    e.family(
+        "canary_request_duration_seconds",
+        "Time to the upstream's response headers.",
+        Kind::Histogram,
+    );
     for s in stats {
         let counts: [u64; LATENCY_BUCKETS] = std::array::from_fn(|i| s.latency[i].load(Relaxed));
         let mut cumulative = 0u64;
         let mut exposed = EXPOSED_BOUNDS_US.iter().peekable();
         for (i, c) in counts.iter().enumerate() {
             cumulative += c;
-            let Some(&bound) = LATENCY_BOUNDS_US.get(i) else { break };
+            let Some(&bound) = LATENCY_BOUNDS_US.get(i) else {
+                break;
+            };
             if exposed.peek() == Some(&&bound) {
                 exposed.next();
                 let le = format!("{}", bound as f64 / 1e6);
-                let labels = [("route", s.route.as_str()), ("version", s.version.as_str()), ("le", le.as_str())];
-                e.sample("canary_request_duration_seconds_bucket", &labels, cumulative as f64);
+                let labels = [
+                    ("route", s.route.as_str()),
+                    ("version", s.version.as_str()),
+                    ("le", le.as_str()),
+                ];
+                e.sample(
+                    "canary_request_duration_seconds_bucket",
+                    &labels,
+                    cumulative as f64,
+                );
             }
         }
         let total: u64 = counts.iter().sum();
-        let labels = [("route", s.route.as_str()), ("version", s.version.as_str()), ("le", "+Inf")];
-        e.sample("canary_request_duration_seconds_bucket", &labels, total as f64);
+        let labels = [
+            ("route", s.route.as_str()),
+            ("version", s.version.as_str()),
+            ("le", "+Inf"),
+        ];
+        e.sample(
+            "canary_request_duration_seconds_bucket",
+            &labels,
+            total as f64,
+        );
         let labels = [("route", s.route.as_str()), ("version", s.version.as_str())];
-        e.sample("canary_request_duration_seconds_sum", &labels, s.latency_sum_us.load(Relaxed) as f64 / 1e6);
-        e.sample("canary_request_duration_seconds_count", &labels, total as f64);
+        e.sample(
+            "canary_request_duration_seconds_sum",
+            &labels,
+            s.latency_sum_us.load(Relaxed) as f64 / 1e6,
+        );
+        e.sample(
+            "canary_request_duration_seconds_count",
+            &labels,
+            total as f64,
+        );
     }
 }
 
@@ -174,6 +248,8 @@ mod tests {
         assert!(text.contains("le=\"10\"} 1"), "{text}");
         assert!(text.contains("le=\"30\"} 2"), "{text}");
         assert!(text.contains("le=\"+Inf\"} 2"), "{text}");
-        assert!(text.contains("canary_requests_total{route=\"web\",version=\"v1\",class=\"2xx\"} 2"));
+        assert!(
+            text.contains("canary_requests_total{route=\"web\",version=\"v1\",class=\"2xx\"} 2")
+        );
     }
 }

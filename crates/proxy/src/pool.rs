@@ -95,7 +95,10 @@ impl Instance {
         }
         self.consecutive_failures.store(0, Relaxed);
         let streak = self.ejection_streak.fetch_add(1, Relaxed).min(16);
-        let period = spec.base_ms.saturating_mul(1 << streak).min(spec.max_ms.max(spec.base_ms));
+        let period = spec
+            .base_ms
+            .saturating_mul(1 << streak)
+            .min(spec.max_ms.max(spec.base_ms));
         self.ejected_until_ms.store(now_ms + period, Relaxed);
         self.ejections_total.fetch_add(1, Relaxed);
         tracing::warn!(upstream = %self.addr, failures = n, ejected_ms = period, "upstream ejected");
@@ -110,7 +113,11 @@ impl Instance {
             return;
         }
         let streak = self.check_streak.fetch_add(1, Relaxed) + 1;
-        let threshold = if ok { spec.healthy_threshold } else { spec.unhealthy_threshold };
+        let threshold = if ok {
+            spec.healthy_threshold
+        } else {
+            spec.unhealthy_threshold
+        };
         if streak >= threshold.max(1) {
             self.check_healthy.store(ok, Relaxed);
             self.check_streak.store(0, Relaxed);
@@ -136,8 +143,10 @@ pub fn build_client(connect_ms: u64, http2: bool) -> ProxyClient {
     connector.set_connect_timeout(Some(Duration::from_millis(connect_ms)));
     connector.set_keepalive(Some(Duration::from_secs(60)));
     let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(256);
-    b.timer(hyper_util::rt::TokioTimer::new()).pool_timer(hyper_util::rt::TokioTimer::new());
+    b.pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256);
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new());
     if http2 {
         b.http2_only(true);
     }
@@ -171,7 +180,8 @@ impl Pool {
     ) -> Pool {
         Pool {
             version: version.to_string(),
-            version_header: HeaderValue::from_str(version).unwrap_or(HeaderValue::from_static("unknown")),
+            version_header: HeaderValue::from_str(version)
+                .unwrap_or(HeaderValue::from_static("unknown")),
             instances,
             http2,
             client,
@@ -187,7 +197,9 @@ impl Pool {
     pub fn pick(&self, now_ms: u64) -> Option<&Arc<Instance>> {
         let n = self.instances.len();
         let start = self.next.fetch_add(1, Relaxed);
-        (0..n).map(|i| &self.instances[(start + i) % n]).find(|inst| inst.available(now_ms))
+        (0..n)
+            .map(|i| &self.instances[(start + i) % n])
+            .find(|inst| inst.available(now_ms))
     }
 
     /// Whether at least one instance is available.
@@ -200,20 +212,25 @@ impl Pool {
 pub async fn health_check_loop(instances: Vec<Arc<Instance>>, spec: HealthCheck) {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(spec.timeout_ms)));
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector);
+    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector);
     let mut tick = tokio::time::interval(Duration::from_millis(spec.interval_ms.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         for inst in &instances {
             let uri = format!("http://{}{}", inst.addr, spec.path);
-            let Ok(req) = http::Request::get(uri).header("user-agent", "canary-health-check").body(Empty::new())
+            let Ok(req) = http::Request::get(uri)
+                .header("user-agent", "canary-health-check")
+                .body(Empty::new())
             else {
                 inst.record_check(false, &spec);
                 continue;
             };
-            let res = tokio::time::timeout(Duration::from_millis(spec.timeout_ms), client.request(req)).await;
+            let res =
+                tokio::time::timeout(Duration::from_millis(spec.timeout_ms), client.request(req))
+                    .await;
             let ok = matches!(&res, Ok(Ok(r)) if r.status().is_success());
             inst.record_check(ok, &spec);
         }
@@ -225,7 +242,11 @@ mod tests {
     use super::*;
 
     fn ejection() -> Ejection {
-        Ejection { consecutive_failures: 3, base_ms: 1_000, max_ms: 3_000 }
+        Ejection {
+            consecutive_failures: 3,
+            base_ms: 1_000,
+            max_ms: 3_000,
+        }
     }
 
     #[test]
@@ -255,7 +276,13 @@ mod tests {
     #[test]
     fn health_thresholds() {
         let i = Instance::new("127.0.0.1:1").unwrap();
-        let spec = HealthCheck { path: "/".into(), interval_ms: 1, timeout_ms: 1, unhealthy_threshold: 2, healthy_threshold: 1 };
+        let spec = HealthCheck {
+            path: "/".into(),
+            interval_ms: 1,
+            timeout_ms: 1,
+            unhealthy_threshold: 2,
+            healthy_threshold: 1,
+        };
         i.record_check(false, &spec);
         assert!(i.check_healthy());
         i.record_check(false, &spec);
@@ -268,11 +295,26 @@ mod tests {
     fn round_robin_skips_unavailable() {
         let a = Arc::new(Instance::new("127.0.0.1:1").unwrap());
         let b = Arc::new(Instance::new("127.0.0.1:2").unwrap());
-        let spec = Ejection { consecutive_failures: 1, base_ms: 10_000, max_ms: 10_000 };
+        let spec = Ejection {
+            consecutive_failures: 1,
+            base_ms: 10_000,
+            max_ms: 10_000,
+        };
         a.record_failure(&spec, 0);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let _g = rt.enter();
-        let pool = Pool::new("v1", vec![a, b], false, build_client(100, false), Arc::new(VersionStats::new("r", "v1")), spec, None);
+        let pool = Pool::new(
+            "v1",
+            vec![a, b],
+            false,
+            build_client(100, false),
+            Arc::new(VersionStats::new("r", "v1")),
+            spec,
+            None,
+        );
         for _ in 0..4 {
             assert_eq!(pool.pick(1).unwrap().addr, "127.0.0.1:2");
         }

@@ -98,7 +98,10 @@ impl RouteRuntime {
         if limit > 0 && run >= limit && !self.tripped.swap(true, Relaxed) {
             self.weight_bp.store(0, Relaxed);
             tracing::warn!(route = %self.name, failures = run, "breaker tripped: canary traffic stopped");
-            let _ = self.events.send(DataPlaneEvent::BreakerTripped { route: self.name.clone(), failures: run });
+            let _ = self.events.send(DataPlaneEvent::BreakerTripped {
+                route: self.name.clone(),
+                failures: run,
+            });
         }
     }
 
@@ -106,7 +109,9 @@ impl RouteRuntime {
     pub fn fallback(&self) {
         self.fallbacks.fetch_add(1, Relaxed);
         if self.breaker_armed() && !self.unavailable_reported.swap(true, Relaxed) {
-            let _ = self.events.send(DataPlaneEvent::CanaryUnavailable { route: self.name.clone() });
+            let _ = self.events.send(DataPlaneEvent::CanaryUnavailable {
+                route: self.name.clone(),
+            });
         }
     }
 
@@ -134,10 +139,20 @@ mod tests {
         r.canary_failure();
         assert_eq!(r.weight(), Weight::ZERO);
         r.canary_failure();
-        assert_eq!(rx.try_recv().unwrap(), DataPlaneEvent::BreakerTripped { route: "web".into(), failures: 3 });
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            DataPlaneEvent::BreakerTripped {
+                route: "web".into(),
+                failures: 3
+            }
+        );
         assert!(rx.try_recv().is_err(), "one event per trip");
         r.set_weight(Weight::FULL);
-        assert_eq!(r.weight(), Weight::ZERO, "a tick racing the trip cannot undo it");
+        assert_eq!(
+            r.weight(),
+            Weight::ZERO,
+            "a tick racing the trip cannot undo it"
+        );
         r.arm_breaker(3);
         r.set_weight(Weight::FULL);
         assert_eq!(r.weight(), Weight::FULL);

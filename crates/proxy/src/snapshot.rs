@@ -121,7 +121,11 @@ impl Proxy {
             entries.push(self.build_entry(&mut reg, rc));
             table.routes.push(rc.route.clone());
         }
-        let snap = Arc::new(Snapshot { table, entries, limits: config.limits.clone() });
+        let snap = Arc::new(Snapshot {
+            table,
+            entries,
+            limits: config.limits.clone(),
+        });
         self.snapshot.store(snap.clone());
         snap
     }
@@ -140,7 +144,8 @@ impl Proxy {
             stable,
             canary,
             timeouts: rc.timeouts,
-            route_header: HeaderValue::from_str(name).unwrap_or(HeaderValue::from_static("unknown")),
+            route_header: HeaderValue::from_str(name)
+                .unwrap_or(HeaderValue::from_static("unknown")),
             cookie_suffix: COOKIE_SUFFIX,
         }
     }
@@ -150,39 +155,91 @@ impl Proxy {
         let snap = self.snapshot();
         let reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         encode_versions(e, &reg.stats_order);
-        e.family("canary_route_weight_percent", "Current canary weight of each route, in percent.", Kind::Gauge);
+        e.family(
+            "canary_route_weight_percent",
+            "Current canary weight of each route, in percent.",
+            Kind::Gauge,
+        );
         for (r, entry) in snap.table.routes.iter().zip(&snap.entries) {
-            e.sample("canary_route_weight_percent", &[("route", r.name.as_str())], entry.runtime.weight().percent());
+            e.sample(
+                "canary_route_weight_percent",
+                &[("route", r.name.as_str())],
+                entry.runtime.weight().percent(),
+            );
         }
-        e.family("canary_fallbacks_total", "Canary-bound requests sent to stable because no canary instance was available.", Kind::Counter);
+        e.family(
+            "canary_fallbacks_total",
+            "Canary-bound requests sent to stable because no canary instance was available.",
+            Kind::Counter,
+        );
         for (r, entry) in snap.table.routes.iter().zip(&snap.entries) {
-            e.sample("canary_fallbacks_total", &[("route", r.name.as_str())], entry.runtime.fallbacks() as f64);
+            e.sample(
+                "canary_fallbacks_total",
+                &[("route", r.name.as_str())],
+                entry.runtime.fallbacks() as f64,
+            );
         }
-        e.family("canary_breaker_tripped", "1 while a route's breaker holds canary traffic at 0.", Kind::Gauge);
+        e.family(
+            "canary_breaker_tripped",
+            "1 while a route's breaker holds canary traffic at 0.",
+            Kind::Gauge,
+        );
         for (r, entry) in snap.table.routes.iter().zip(&snap.entries) {
-            e.sample("canary_breaker_tripped", &[("route", r.name.as_str())], u8::from(entry.runtime.tripped()));
+            e.sample(
+                "canary_breaker_tripped",
+                &[("route", r.name.as_str())],
+                u8::from(entry.runtime.tripped()),
+            );
         }
         let now = now_ms();
-        e.family("canary_upstream_healthy", "1 when an upstream instance can take requests (not ejected, passing health checks).", Kind::Gauge);
+        e.family(
+            "canary_upstream_healthy",
+            "1 when an upstream instance can take requests (not ejected, passing health checks).",
+            Kind::Gauge,
+        );
         let mut seen = std::collections::HashSet::new();
         for (r, entry) in snap.table.routes.iter().zip(&snap.entries) {
             for pool in std::iter::once(&entry.stable).chain(entry.canary.iter()) {
                 for inst in &pool.instances {
                     if seen.insert((r.name.as_str(), pool.version.as_str(), inst.addr.as_str())) {
-                        let labels = [("route", r.name.as_str()), ("version", pool.version.as_str()), ("upstream", inst.addr.as_str())];
-                        e.sample("canary_upstream_healthy", &labels, u8::from(inst.available(now)));
+                        let labels = [
+                            ("route", r.name.as_str()),
+                            ("version", pool.version.as_str()),
+                            ("upstream", inst.addr.as_str()),
+                        ];
+                        e.sample(
+                            "canary_upstream_healthy",
+                            &labels,
+                            u8::from(inst.available(now)),
+                        );
                     }
                 }
             }
         }
-        e.family("canary_upstream_ejections_total", "Times an upstream instance was ejected for consecutive failures.", Kind::Counter);
+        e.family(
+            "canary_upstream_ejections_total",
+            "Times an upstream instance was ejected for consecutive failures.",
+            Kind::Counter,
+        );
         let mut addrs: Vec<_> = reg.instances.values().collect();
         addrs.sort_by(|a, b| a.addr.cmp(&b.addr));
         for inst in addrs {
-            e.sample("canary_upstream_ejections_total", &[("upstream", inst.addr.as_str())], inst.ejections_total() as f64);
+            e.sample(
+                "canary_upstream_ejections_total",
+                &[("upstream", inst.addr.as_str())],
+                inst.ejections_total() as f64,
+            );
         }
-        e.family("canary_unrouted_requests_total", "Requests that matched no route (answered 404).", Kind::Counter);
-        e.sample("canary_unrouted_requests_total", &[], self.unrouted.load(std::sync::atomic::Ordering::Relaxed) as f64);
+        e.family(
+            "canary_unrouted_requests_total",
+            "Requests that matched no route (answered 404).",
+            Kind::Counter,
+        );
+        e.sample(
+            "canary_unrouted_requests_total",
+            &[],
+            self.unrouted.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        );
     }
 }
 
@@ -215,8 +272,19 @@ fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig) -> Pool {
         }
     };
     match &pc.health_check {
-        Some(hc) => reg.health_tasks.push(tokio::spawn(health_check_loop(instances.clone(), hc.clone()))),
+        Some(hc) => reg.health_tasks.push(tokio::spawn(health_check_loop(
+            instances.clone(),
+            hc.clone(),
+        ))),
         None => instances.iter().for_each(|i| i.reset_check()),
     }
-    Pool::new(&pc.version, instances, pc.http2, client, stats, rc.ejection, pc.health_check.clone())
+    Pool::new(
+        &pc.version,
+        instances,
+        pc.http2,
+        client,
+        stats,
+        rc.ejection,
+        pc.health_check.clone(),
+    )
 }
