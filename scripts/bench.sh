@@ -80,6 +80,7 @@ cleanup() {
   [[ "$CLEANED" == 1 ]] && return 0
   CLEANED=1
   set +e
+  if [[ -n "$LOAD_PID" ]]; then kill "$LOAD_PID" 2>/dev/null; wait "$LOAD_PID" 2>/dev/null; fi
   if [[ -n "$SAMPLER_PID" ]]; then kill "$SAMPLER_PID" 2>/dev/null; wait "$SAMPLER_PID" 2>/dev/null; fi
   local p
   for p in "${PIDS[@]+"${PIDS[@]}"}"; do stop_group "$p"; done
@@ -100,6 +101,17 @@ cleanup() {
 trap 'rc=$?; cleanup; [[ $CLEANUP_BAD == 1 && $rc == 0 ]] && rc=3; exit $rc' EXIT
 trap 'warn "interrupted"; cleanup; exit 130' INT
 trap 'warn "terminated"; cleanup; exit 143' TERM
+
+LOAD_PID=""
+run_load() {     # run_load SECS OUTFILE CMD...: bounded, interruptible (bash runs traps during `wait`)
+  local secs="$1" out="$2"; shift 2
+  timeout --foreground "$secs" "$@" >"$out" 2>&1 </dev/null &
+  LOAD_PID=$!
+  local rc=0
+  wait "$LOAD_PID" || rc=$?
+  LOAD_PID=""
+  return $rc
+}
 
 LAST_PID=""
 start_bg() {     # start_bg LOGFILE CMD...: start in its own session/process group
@@ -303,19 +315,19 @@ measure() {      # measure TARGET WORKERS REP
   python3 "$BL" sample "$TGT_PID" "$d/rss-max" $((WARMUP + n_conns * DURATION + OHA_DURATION + 60)) &
   SAMPLER_PID=$!
   if ((WARMUP > 0)); then
-    timeout --foreground $((WARMUP + 20)) wrk -t1 -c50 -d"${WARMUP}s" "$url" >"$d/warmup.txt" 2>&1 || true
+    run_load $((WARMUP + 20)) "$d/warmup.txt" wrk -t1 -c50 -d"${WARMUP}s" "$url" || true
   fi
   for c in $CONNS; do
     bl cpu "$TGT_PID" >"$d/wrk-c$c.cpu0"
     rc=0
-    timeout --foreground $((DURATION + 30)) wrk -t1 -c"$c" -d"${DURATION}s" --timeout 5s "$url" >"$d/wrk-c$c.txt" 2>&1 || rc=$?
+    run_load $((DURATION + 30)) "$d/wrk-c$c.txt" wrk -t1 -c"$c" -d"${DURATION}s" --timeout 5s "$url" || rc=$?
     bl cpu "$TGT_PID" >"$d/wrk-c$c.cpu1"
     echo "$rc" >"$d/wrk-c$c.rc"
   done
   rc=0
-  timeout --foreground $((OHA_DURATION + 30)) oha -z "${OHA_DURATION}s" -q "$RATE" -c "$OHA_CONNS" \
-    -w -t 10s --latency-correction --no-tui --output-format json "$url" >"$d/oha.json" 2>"$d/oha.err" || rc=$?
-  [[ $rc == 0 ]] || warn "$t: oha exited $rc: $(head -c 300 "$d/oha.err")"
+  run_load $((OHA_DURATION + 30)) "$d/oha.out" oha -z "${OHA_DURATION}s" -q "$RATE" -c "$OHA_CONNS" \
+    -w -t 10s --latency-correction --no-tui --output-format json -o "$d/oha.json" "$url" || rc=$?
+  [[ $rc == 0 ]] || warn "$t: oha exited $rc: $(head -c 300 "$d/oha.out")"
   kill "$SAMPLER_PID" 2>/dev/null || true; wait "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=""
   stop_target "$t"
   printf '{"target":"%s","workers":%s,"rep":%s,"conns":[%s],"rate":%s,"busy_max":%s}\n' \
