@@ -237,6 +237,11 @@ impl Controller {
         let name = ctl.cfg.route.name.clone();
         let prev_phase = ctl.rollout.as_ref().map(|s| s.phase);
         let mut events = Vec::new();
+        if let (Some(spec), Some(st)) = (&ctl.cfg.rollout, ctl.rollout.as_mut()) {
+            // The plan was shortened under a running rollout: hold at its last step with
+            // the current weight (never jump to 100).
+            st.step = st.step.min(spec.steps.len().saturating_sub(1));
+        }
         match (&ctl.cfg.rollout, &ctl.cfg.canary) {
             (Some(spec), Some(canary)) => match &ctl.rollout {
                 Some(s) if s.canary_version == canary.version => {
