@@ -10,6 +10,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONDONTWRITEBYTECODE=1
 HERE="$ROOT/scripts/bench"
 BL="$HERE/benchlib.py"
 RESULTS="$ROOT/bench/results"
@@ -340,7 +341,8 @@ w = " ".join(f"c{c}={v['rps'] or 0:,.0f}/s {v['cpu_us_per_req'] or 0:.1f}us" for
 o = r["oha"]
 p99 = f"{o['p99_ms']:.2f}ms" if o.get("p99_ms") is not None else "n/a"
 print(f"    -> {w}  p99={p99}  rss {(r['rss_idle_kb'] or 0)/1024:.1f}->{(r['rss_max_kb'] or 0)/1024:.1f}MiB"
-      + ("  FLAGGED: " + "; ".join(r["flags"]) if r["flags"] else ""))
+      + ("  ERRORS: " + "; ".join(r["flags"]) if r["flags"] else "")
+      + ("  NOISY: " + "; ".join(r.get("noise", [])) if r.get("noise") else ""))
 EOF
 }
 

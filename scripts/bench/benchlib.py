@@ -234,12 +234,12 @@ def collect(rundir):
     rec["rss_idle_kb"] = _read(os.path.join(rundir, "rss-idle"), int)
     rec["rss_max_kb"] = _read(os.path.join(rundir, "rss-max"), int)
     rec["busy_before_pct"] = _read(os.path.join(rundir, "busy-before"), float)
-    flags = []
+    flags, noise = [], []
     if rec["busy_before_pct"] is None and rec["rss_idle_kb"] is None:
         flags.append("target failed to start")
     bmax = meta.get("busy_max", 25)
     if rec["busy_before_pct"] is not None and rec["busy_before_pct"] > bmax:
-        flags.append(f"machine {rec['busy_before_pct']:.0f}% busy with other work before this run")
+        noise.append(f"machine {rec['busy_before_pct']:.0f}% busy with other work just before this run")
     for c, w in rec["wrk"].items():
         if w.get("failed"):
             flags.append(f"wrk c{c} failed")
@@ -253,7 +253,8 @@ def collect(rundir):
             flags.append(f"oha: {o['non2xx']} non-2xx, {o['errors_total']} errors {o['error_kinds']}")
         if o["rate_shortfall"]:
             flags.append(f"oha: achieved {o['rps']:.0f} req/s < 95% of {o['target_rate']}")
-    rec["flags"] = flags
+    rec["flags"] = flags        # errors: the figures of this run are suspect
+    rec["noise"] = noise        # the machine was not quiet: figures are noisy
     print(json.dumps(rec))
 
 
@@ -269,7 +270,7 @@ def _fmt(s, nd=0, unit=""):
     if s is None:
         return "–"
     f = f"{{:,.{nd}f}}"
-    if s["n"] == 1 or s["min"] == s["max"]:
+    if s["n"] == 1 or f.format(s["min"]) == f.format(s["max"]):
         return f.format(s["median"]) + unit
     return f"{f.format(s['median'])}{unit} ({f.format(s['min'])}–{f.format(s['max'])})"
 
@@ -298,7 +299,10 @@ def report(raw, metapath, outbase):
     }
     summary = {}
     for (wk, tgt), rs in sorted(groups.items()):
-        s = {"runs": len(rs), "flags": [f"rep {r['rep']}: {f}" for r in rs for f in r["flags"]]}
+        s = {"runs": len(rs), "flags": [f"rep {r['rep']}: {f}" for r in rs for f in r["flags"]],
+             "noise": [f"rep {r['rep']}: {f}" for r in rs for f in r.get("noise", [])],
+             "runs_with_errors": sum(1 for r in rs if r["flags"]),
+             "runs_noisy": sum(1 for r in rs if r.get("noise"))}
         for c in conns:
             s[f"rps_c{c}"] = _med([r["wrk"][c]["rps"] for r in rs])
             s[f"cpu_us_per_req_c{c}"] = _med([r["wrk"][c]["cpu_us_per_req"] for r in rs])
@@ -338,7 +342,9 @@ def report(raw, metapath, outbase):
              f"CPU = utime+stime of the proxy's processes during the wrk run / requests completed. "
              f"For `direct` the CPU and RSS are the upstream nginx's own. "
              f"Upstreams: one nginx, 1 worker, `return 200` on :18001 (v1) / :18002 (v2). "
-             f"Everything shares {meta.get('nproc')} cores with the load generator.")
+             f"Workers = nginx `worker_processes`, haproxy `nbthread`, canary `workers`. "
+             f"Everything shares {meta.get('nproc')} cores with the load generator; "
+             f"† = machine busy with other work before the run (noisy).")
     L.append("")
     if meta.get("skipped"):
         L.append("**Skipped targets:** " + "; ".join(meta["skipped"]))
@@ -350,7 +356,7 @@ def report(raw, metapath, outbase):
         L.append(f"## {wk} worker(s)/thread(s) per proxy")
         L.append("")
         hdr = ["target"] + [f"req/s c{c}" for c in conns] + [f"CPU µs/req c{c}" for c in conns] + \
-              [f"p50 ms @{p['rate']}/s", f"p99 ms @{p['rate']}/s", "RSS idle MiB", "RSS max MiB", "errors"]
+              [f"p50 ms @{p['rate']}/s", f"p99 ms @{p['rate']}/s", "RSS idle MiB", "RSS max MiB", "runs with errors"]
         L.append("| " + " | ".join(hdr) + " |")
         L.append("|" + "---|" * len(hdr))
         for tgt in p["targets"]:
@@ -364,11 +370,12 @@ def report(raw, metapath, outbase):
                     return None
                 return {kk: (vv / 1024 if kk != "n" else vv) for kk, vv in x.items()}
 
-            row = [f"**{tgt}**"] + [_fmt(s[f"rps_c{c}"]) for c in conns] + \
+            name = f"**{tgt}**" + (" †" if s["noise"] else "")
+            row = [name] + [_fmt(s[f"rps_c{c}"]) for c in conns] + \
                   [_fmt(s[f"cpu_us_per_req_c{c}"], 1) for c in conns] + \
                   [_fmt(s["p50_ms"], 2), _fmt(s["p99_ms"], 2),
                    _fmt(mib(s["rss_idle_kb"]), 1), _fmt(mib(s["rss_max_kb"]), 1),
-                   ("⚠ " + str(len(s["flags"]))) if s["flags"] else "0"]
+                   (f"⚠ {s['runs_with_errors']}/{s['runs']}") if s["flags"] else "0"]
             L.append("| " + " | ".join(row) + " |")
         L.append("")
         others = [t for t in p["targets"] if t != "nginx" and f"{wk}/{t}" in summary]
@@ -383,15 +390,24 @@ def report(raw, metapath, outbase):
                 if k not in summary or tgt == "nginx":
                     continue
                 rv = summary[k]["ratio_vs_nginx"]
-                L.append(f"| {tgt} | " + " | ".join(_fmt(rv[n], 2) + ("×" if rv[n] else "")
-                                                    for n in getters) + " |")
+                L.append(f"| {tgt} | " + " | ".join(_fmt(rv[n], 2, "×") for n in getters) + " |")
             L.append("")
     allflags = [(k, f) for k, s in summary.items() for f in s["flags"]]
     if allflags:
-        L.append("## ⚠ Flagged runs")
+        L.append("## ⚠ Runs with errors (their figures are suspect)")
         L.append("")
         for k, f in allflags:
-            L.append(f"- {k}: {f}")
+            L.append(f"- workers={k.replace('/', ' ')}: {f}")
+        L.append("")
+    allnoise = [(k, f) for k, s in summary.items() for f in s["noise"]]
+    if allnoise:
+        L.append("## † Noisy runs")
+        L.append("")
+        L.append("Other processes used the CPU just before these runs; on a shared machine their figures "
+                 "are lower/wider than the proxy's real capacity. Rerun on a quiet machine to confirm.")
+        L.append("")
+        for k, f in allnoise:
+            L.append(f"- workers={k.replace('/', ' ')}: {f}")
         L.append("")
     L.append(f"Wall time: {meta.get('wall_s', '?')} s. Raw per-run figures are in the JSON file.")
     L.append("")
