@@ -50,14 +50,21 @@ async fn weight_10_sends_about_10_percent_of_users_and_0_and_100_are_exact() {
         got.iter().all(|v| v == "v1" || v == "v2"),
         "unexpected versions"
     );
-    assert!((pct - 10.0).abs() <= 2.5, "v2 share {pct:.2}% is not 10±2.5");
+    assert!(
+        (pct - 10.0).abs() <= 2.5,
+        "v2 share {pct:.2}% is not 10±2.5"
+    );
     let n_v2 = got.iter().filter(|v| *v == "v2").count() as u64;
     assert_eq!(v2.requests(), n_v2, "the v2 upstream served the v2 answers");
 
     let none = versions_for(&c, "/none", "x-user-id", &u[..1000], 8).await;
     assert_eq!(share(&none, "v2"), 0.0, "weight 0 must send no one to v2");
     let all = versions_for(&c, "/all", "x-user-id", &u[..1000], 8).await;
-    assert_eq!(share(&all, "v2"), 100.0, "weight 100 must send everyone to v2");
+    assert_eq!(
+        share(&all, "v2"),
+        100.0,
+        "weight 100 must send everyone to v2"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +92,10 @@ async fn users_keep_their_version_by_header_and_by_generated_cookie() {
             .filter(|(_, (a, b))| a != b)
             .map(|(u, _)| u)
             .collect();
-        assert!(moved.is_empty(), "round {round}: users changed version: {moved:?}");
+        assert!(
+            moved.is_empty(),
+            "round {round}: users changed version: {moved:?}"
+        );
     }
     let pct = share(&first, "v2");
     assert!((30.0..=70.0).contains(&pct), "weight 50 gave {pct}% v2");
@@ -101,7 +111,10 @@ async fn users_keep_their_version_by_header_and_by_generated_cookie() {
             .to_string();
         let (pair, attrs) = cookie.split_once("; ").expect("cookie attributes");
         let id = pair.strip_prefix("canary_id=").expect("canary_id cookie");
-        assert!(!id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()), "{cookie}");
+        assert!(
+            !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()),
+            "{cookie}"
+        );
         let attrs: Vec<&str> = attrs.split("; ").collect();
         assert_eq!(attrs[0], "Path=/", "{cookie}");
         let max_age: u64 = attrs[1]
@@ -174,6 +187,9 @@ async fn raising_the_weight_in_the_file_only_moves_stable_users_to_the_canary() 
     assert!(moved > 0);
 }
 
+/// (path, request headers, expected version, what the case shows).
+type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, &'a str);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_rule_kind_matches_and_the_first_matching_rule_wins() {
     let v1 = Upstream::start("v1").await;
@@ -211,14 +227,29 @@ async fn each_rule_kind_matches_and_the_first_matching_rule_wins() {
     );
     let c = Canary::start(&body).await;
 
-    let cases: &[(&str, &[(&str, &str)], &str, &str)] = &[
+    let cases: &[Case] = &[
         ("/", &[], "v1", "no rule, weight 0"),
         ("/", &[("x-canary", "always")], "v2", "header exact"),
-        ("/", &[("x-canary", "Always")], "v1", "header exact is case-sensitive"),
-        ("/", &[("x-canary", "always-not")], "v1", "header exact is not a prefix"),
+        (
+            "/",
+            &[("x-canary", "Always")],
+            "v1",
+            "header exact is case-sensitive",
+        ),
+        (
+            "/",
+            &[("x-canary", "always-not")],
+            "v1",
+            "header exact is not a prefix",
+        ),
         ("/", &[("x-group", "beta-42")], "v2", "header regex"),
         ("/", &[("x-group", "beta-x")], "v1", "header regex mismatch"),
-        ("/", &[("x-group", "alpha-beta-1")], "v1", "header regex anchored"),
+        (
+            "/",
+            &[("x-group", "alpha-beta-1")],
+            "v1",
+            "header regex anchored",
+        ),
         ("/", &[("cookie", "a=b; beta=1")], "v2", "cookie"),
         ("/", &[("cookie", "beta=2")], "v1", "cookie other value"),
         ("/", &[("cookie", "notbeta=1")], "v1", "cookie other name"),
@@ -234,11 +265,31 @@ async fn each_rule_kind_matches_and_the_first_matching_rule_wins() {
             "v1",
             "first matching rule wins (stable before canary)",
         ),
-        ("/?canary=1", &[("x-force-stable", "1")], "v1", "first rule beats a later query rule"),
+        (
+            "/?canary=1",
+            &[("x-force-stable", "1")],
+            "v1",
+            "first rule beats a later query rule",
+        ),
         ("/full", &[], "v2", "weight 100 without a rule"),
-        ("/full", &[("x-force-stable", "1")], "v1", "a rule beats weight 100"),
-        ("/full", &[("x-canary", "always")], "v2", "canary rule at weight 100"),
-        ("/src", &[], "v2", "source 127.0.0.0/8 matches the loopback client"),
+        (
+            "/full",
+            &[("x-force-stable", "1")],
+            "v1",
+            "a rule beats weight 100",
+        ),
+        (
+            "/full",
+            &[("x-canary", "always")],
+            "v2",
+            "canary rule at weight 100",
+        ),
+        (
+            "/src",
+            &[],
+            "v2",
+            "source 127.0.0.0/8 matches the loopback client",
+        ),
         ("/nosrc", &[], "v1", "non-matching source falls to weight 0"),
     ];
     let mut failures = Vec::new();
@@ -257,5 +308,9 @@ async fn each_rule_kind_matches_and_the_first_matching_rule_wins() {
             }
         }
     }
-    assert!(failures.is_empty(), "rule mismatches:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "rule mismatches:\n{}",
+        failures.join("\n")
+    );
 }

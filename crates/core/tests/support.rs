@@ -35,6 +35,7 @@ impl RequestFacts for Facts {
 /// A realistic table: four routes, the matching one last-but-one with the rules of
 /// the README example (three header/cookie rules, a regex, a query and a CIDR rule).
 pub fn table() -> RouteTable {
+    let group = Regex::new("^beta-[0-9]+$").unwrap();
     let mut routes = Vec::new();
     for (name, host, prefix) in [
         ("admin", "admin.example.com", "/"),
@@ -72,7 +73,7 @@ pub fn table() -> RouteTable {
             Rule {
                 matcher: RuleMatch::HeaderRegex {
                     name: "x-group".into(),
-                    regex: Regex::new("^beta-[0-9]+$").unwrap(),
+                    regex: group.clone(),
                 },
                 to: Target::Canary,
             },

@@ -126,7 +126,8 @@ impl Upstream {
                     tokio::spawn(async move {
                         let svc = service_fn(move |req| serve_upstream(state.clone(), req));
                         let builder = auto::Builder::new(TokioExecutor::new());
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                         tokio::select! {
                             _ = conn => {}
                             _ = stop_rx.wait_for(|s| *s) => {}
@@ -231,12 +232,15 @@ async fn serve_upstream(
     }
     let n = st.seq.fetch_add(1, Relaxed) + 1;
     let every = st.fail_every.load(Relaxed);
-    let status = if every > 0 && n % every == 0 {
+    let status = if every > 0 && n.is_multiple_of(every) {
         500
     } else {
         st.status.load(Relaxed)
     };
-    Ok(text_response(status, format!("hello from {}\n", st.version)))
+    Ok(text_response(
+        status,
+        format!("hello from {}\n", st.version),
+    ))
 }
 
 /// Accepts a WebSocket handshake and echoes every text or binary message.
@@ -249,7 +253,8 @@ fn websocket_echo(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
-        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await
@@ -320,11 +325,7 @@ pub async fn send(
     let fut = async {
         let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
         let (parts, body) = resp.into_parts();
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+        let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
         Ok(Reply {
             status: parts.status.as_u16(),
             headers: parts.headers,
@@ -367,7 +368,11 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
 }
 
 /// Runs the `canary` binary with `args` (bounded: killed after 60 s).
-pub async fn run_canary(args: &[&str], env: &[(&str, &str)], cwd: Option<&Path>) -> (i32, String, String) {
+pub async fn run_canary(
+    args: &[&str],
+    env: &[(&str, &str)],
+    cwd: Option<&Path>,
+) -> (i32, String, String) {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let env: Vec<(String, String)> = env
         .iter()
@@ -664,9 +669,12 @@ impl Canary {
 
     /// Waits until the route's weight is `w` (e.g. after a reload).
     pub async fn wait_weight(&self, route: &str, w: f64) -> Value {
-        self.wait_status(route, &format!("at weight {w}"), Duration::from_secs(10), |s| {
-            s["weight"].as_f64() == Some(w)
-        })
+        self.wait_status(
+            route,
+            &format!("at weight {w}"),
+            Duration::from_secs(10),
+            |s| s["weight"].as_f64() == Some(w),
+        )
         .await
     }
 
@@ -855,9 +863,15 @@ pub async fn versions_for(
             tokio::spawn(async move {
                 let mut got = Vec::with_capacity(chunk.len());
                 for (i, user) in chunk {
-                    let r = send(&http, Method::GET, &url, &[(header.as_str(), user.as_str())], "")
-                        .await
-                        .unwrap_or_else(|e| panic!("GET {url} as {user}: {e}"));
+                    let r = send(
+                        &http,
+                        Method::GET,
+                        &url,
+                        &[(header.as_str(), user.as_str())],
+                        "",
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("GET {url} as {user}: {e}"));
                     assert_eq!(r.status, 200, "GET {url} as {user}: {r:?}");
                     let v = r.version().expect("x-canary-version").to_string();
                     got.push((i, v));
