@@ -113,19 +113,23 @@ fn header_bytes(h: &HeaderMap) -> usize {
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
-/// `keep_upgrade` keeps `Connection`/`Upgrade` for a WebSocket handshake.
+/// `keep_upgrade` keeps `Upgrade` (and `Connection: upgrade`) for a WebSocket
+/// handshake; the other headers `Connection` names are removed even then.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    if !keep_upgrade {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            h.remove(n);
-        }
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
         h.remove(header::CONNECTION);
         h.remove(header::UPGRADE);
     }
@@ -356,20 +360,28 @@ fn build_upstream_request(
     let mut headers = std::mem::take(&mut parts.headers);
     strip_hop_by_hop(&mut headers, upgrade);
     if let Some(h) = host {
-        if !pool.http2 && !headers.contains_key(header::HOST) {
+        if pool.http2 {
+            // `:authority` names the instance (the client connects by it); a `Host`
+            // that differs from it is malformed HTTP/2 (RFC 9113 §8.3.1). The client's
+            // host travels in `X-Forwarded-Host`.
+            headers.remove(header::HOST);
+        } else if !headers.contains_key(header::HOST) {
             headers.insert(header::HOST, h.clone());
         }
         headers.insert(X_FORWARDED_HOST.clone(), h);
     }
-    let xff = match headers.get(&X_FORWARDED_FOR) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + conn.peer_header.len());
-            v.extend_from_slice(prev.as_bytes());
+    // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3): keep them all.
+    let mut prev = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    let xff = if prev.peek().is_none() {
+        conn.peer_header.clone()
+    } else {
+        let mut v = Vec::with_capacity(64);
+        for p in prev {
+            v.extend_from_slice(p.as_bytes());
             v.extend_from_slice(b", ");
-            v.extend_from_slice(conn.peer_header.as_bytes());
-            HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.peer_header.clone())
         }
-        None => conn.peer_header.clone(),
+        v.extend_from_slice(conn.peer_header.as_bytes());
+        HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.peer_header.clone())
     };
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
