@@ -354,6 +354,62 @@ async fn stream_service(
     Ok(Response::new(StreamBody::new(frames).boxed_unsync()))
 }
 
+/// An upstream that speaks only HTTP/2 with prior knowledge (h2c), as gRPC servers
+/// do: `/healthz` answers 200 or 503 (`healthy`), anything else `hello`.
+struct H2OnlyUpstream {
+    addr: SocketAddr,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+    checks: Arc<AtomicU64>,
+    accept: JoinHandle<()>,
+}
+
+impl H2OnlyUpstream {
+    async fn start() -> H2OnlyUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let checks = Arc::new(AtomicU64::new(0));
+        let accept = tokio::spawn({
+            let (healthy, checks) = (healthy.clone(), checks.clone());
+            async move {
+                while let Ok((s, _)) = listener.accept().await {
+                    let (healthy, checks) = (healthy.clone(), checks.clone());
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req: Request<Incoming>| {
+                            let (healthy, checks) = (healthy.clone(), checks.clone());
+                            async move {
+                                let mut r = Response::new(Full::new(Bytes::from("hello\n")));
+                                if req.uri().path() == "/healthz" {
+                                    checks.fetch_add(1, Relaxed);
+                                    if !healthy.load(Relaxed) {
+                                        *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                                    }
+                                }
+                                Ok::<_, Infallible>(r)
+                            }
+                        });
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(s), svc)
+                            .await;
+                    });
+                }
+            }
+        });
+        H2OnlyUpstream {
+            addr,
+            healthy,
+            checks,
+            accept,
+        }
+    }
+}
+
+impl Drop for H2OnlyUpstream {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // Small helpers
 // ---------------------------------------------------------------------------------
@@ -927,6 +983,35 @@ async fn active_health_checks_take_an_instance_out_and_back() {
         a.requests() > a_before,
         "the instance did not get traffic back"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_of_an_http2_pool_speak_http2() {
+    let g = H2OnlyUpstream::start().await;
+    let body = format!(
+        "routes:\n  - name: grpc\n    stable:\n      version: g1\n      upstreams: [\"{}\"]\n      http2: true\n      health_check: {{interval: 100ms, timeout: 80ms, unhealthy_threshold: 1}}\n",
+        g.addr
+    );
+    let c = Canary::start(&body).await;
+    let addr = g.addr.to_string();
+    let healthy = [("route", "grpc"), ("upstream", addr.as_str())];
+    let deadline = Instant::now() + EVENTUALLY;
+    while g.checks.load(Relaxed) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "an h2c-only upstream never saw a health check\n{}",
+            c.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&c, "canary_upstream_healthy", &healthy).await, 1.0);
+    get_ok(&c, "/", 3, &[]).await;
+
+    g.healthy.store(false, Relaxed);
+    wait_metric(&c, "canary_upstream_healthy", &healthy, "0", |v| v == 0.0).await;
+    g.healthy.store(true, Relaxed);
+    wait_metric(&c, "canary_upstream_healthy", &healthy, "1", |v| v == 1.0).await;
+    get_ok(&c, "/", 3, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -275,6 +275,7 @@ fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig) -> Pool {
         Some(hc) => reg.health_tasks.push(tokio::spawn(health_check_loop(
             instances.clone(),
             hc.clone(),
+            pc.http2,
         ))),
         None => instances.iter().for_each(|i| i.reset_check()),
     }
