@@ -1222,6 +1222,143 @@ routes:
     );
 }
 
+/// Reads from `s` until EOF or an error; the bytes read, or `None` if the connection
+/// stayed open for `within`.
+async fn read_until_closed(s: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_header_senders_are_cut_off() {
+    let v1 = Upstream::start("v1").await;
+    let body = format!(
+        "limits: {{header_timeout: 500ms}}\nroutes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n",
+        addrs(&[&v1])
+    );
+    let c = Canary::start(&body).await;
+    let mut s = TcpStream::connect(c.listen).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n")
+        .await
+        .expect("write");
+    let got = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    let got = got.expect("a connection that never finishes its headers was kept open");
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        got.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "unexpected answer {text:?}"
+    );
+    assert_eq!(v1.requests(), 0);
+    get_ok(&c, "/", 2, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_closed_until_one_frees_up() {
+    let v1 = Upstream::start("v1").await;
+    let body = format!(
+        "limits: {{max_connections: 3}}\nroutes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n",
+        addrs(&[&v1])
+    );
+    let c = Canary::start(&body).await;
+    let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let mut s = TcpStream::connect(c.listen).await.expect("connect");
+        s.write_all(req).await.expect("write");
+        let r = tokio::time::timeout(REQUEST_TIMEOUT, read_response(&mut s))
+            .await
+            .expect("answer");
+        assert_eq!(r.status, 200, "connection {i}: {r:?}");
+        open.push(s);
+    }
+    // The fourth is closed without an answer.
+    let mut s = TcpStream::connect(c.listen).await.expect("connect");
+    let _ = s.write_all(req).await;
+    let got = read_until_closed(&mut s, REQUEST_TIMEOUT)
+        .await
+        .expect("a connection over the limit was kept open");
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    // Kept-alive connections still work; closing one lets a new one in.
+    open[0].write_all(req).await.expect("write");
+    let r = tokio::time::timeout(REQUEST_TIMEOUT, read_response(&mut open[0]))
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 200);
+    drop(open.pop());
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        let mut s = TcpStream::connect(c.listen).await.expect("connect");
+        let _ = s.write_all(req).await;
+        let r = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            let got = read_until_closed(&mut s, Duration::from_millis(300)).await;
+            match got {
+                Some(g) if g.is_empty() => None,
+                _ => Some(()),
+            }
+        })
+        .await
+        .expect("bounded");
+        if r.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed slot was never reused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_is_not_blamed_on_the_version() {
+    let slow = Upstream::start("v1").await;
+    slow.set_delay_ms(2_000);
+    let body = format!(
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n    ejection: {{consecutive_failures: 1}}\n    timeouts: {{request: 1s}}\n",
+        addrs(&[&slow])
+    );
+    let c = Canary::start(&body).await;
+    let mut s = TcpStream::connect(c.listen).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let deadline = Instant::now() + EVENTUALLY;
+    while slow.requests() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(s);
+    let labels = [("route", "web"), ("version", "v1")];
+    wait_metric(&c, "canary_client_aborts_total", &labels, "1", |v| v == 1.0).await;
+    // Wait past the request timeout: the abandoned request must not turn into a 504.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let m = c.metrics().await;
+    assert_eq!(
+        metric_value(&m, "canary_request_failures_total", &labels),
+        Some(0.0),
+        "{m}"
+    );
+    let addr = slow.addr.to_string();
+    assert_eq!(
+        metric_value(
+            &m,
+            "canary_upstream_healthy",
+            &[("upstream", addr.as_str())]
+        ),
+        Some(1.0),
+        "ejected for a client's hang-up"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_under_load_never_fail_a_request() {
     let v1a = Upstream::start("v1").await;
