@@ -49,6 +49,8 @@ struct RawReply {
     status: u16,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
+    /// Trailer fields after a chunked body.
+    trailers: Vec<(String, String)>,
 }
 
 impl RawReply {
@@ -143,6 +145,7 @@ async fn read_response(s: &mut TcpStream) -> RawReply {
         status,
         headers,
         body: Vec::new(),
+        trailers: Vec::new(),
     };
     if reply
         .header("transfer-encoding")
@@ -153,7 +156,15 @@ async fn read_response(s: &mut TcpStream) -> RawReply {
             let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
                 .unwrap_or_else(|_| panic!("bad chunk size {size_line:?}"));
             if size == 0 {
-                while !w.line().await.is_empty() {}
+                loop {
+                    let line = w.line().await;
+                    let Some((k, v)) = line.split_once(':') else {
+                        break;
+                    };
+                    reply
+                        .trailers
+                        .push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                }
                 break;
             }
             reply.body.extend(w.take(size).await);
@@ -405,6 +416,66 @@ impl H2OnlyUpstream {
 }
 
 impl Drop for H2OnlyUpstream {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// An upstream (HTTP/1.1 and h2c) that answers like a gRPC server: `Trailer:
+/// grpc-status, grpc-message`, a body, then those trailers. It reports the request
+/// trailer `x-req-sum` it received (or `none`) in the `x-got-req-sum` header.
+struct TrailerUpstream {
+    addr: SocketAddr,
+    accept: JoinHandle<()>,
+}
+
+impl TrailerUpstream {
+    async fn start() -> TrailerUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accept = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        let got =
+                            match tokio::time::timeout(REQUEST_TIMEOUT, req.into_body().collect())
+                                .await
+                            {
+                                Ok(Ok(c)) => c
+                                    .trailers()
+                                    .and_then(|t| t.get("x-req-sum"))
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("none")
+                                    .to_string(),
+                                _ => "error".to_string(),
+                            };
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        trailers.insert("grpc-message", http::HeaderValue::from_static("fine"));
+                        let frames = futures_util::stream::iter([
+                            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"payload"))),
+                            Ok(Frame::trailers(trailers)),
+                        ]);
+                        let mut r = Response::new(StreamBody::new(frames));
+                        let h = r.headers_mut();
+                        h.insert(
+                            "trailer",
+                            http::HeaderValue::from_static("grpc-status, grpc-message"),
+                        );
+                        h.insert("x-got-req-sum", http::HeaderValue::from_str(&got).unwrap());
+                        Ok::<_, Infallible>(r)
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        TrailerUpstream { addr, accept }
+    }
+}
+
+impl Drop for TrailerUpstream {
     fn drop(&mut self) {
         self.accept.abort();
     }
@@ -759,6 +830,58 @@ async fn h2c_clients_and_http2_upstream_pools() {
     assert!(r.json()["headers"].get("x-hop").is_none(), "{}", r.body);
     assert_eq!(g1.requests(), 7);
     assert_eq!(v1.requests(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_pass_through_for_grpc_and_http1_clients() {
+    let up = TrailerUpstream::start().await;
+    let body = format!(
+        "routes:\n  - name: h2\n    path_prefix: /h2\n    stable: {{version: g1, upstreams: [\"{a}\"], http2: true}}\n  - name: h1\n    stable: {{version: v1, upstreams: [\"{a}\"]}}\n",
+        a = up.addr
+    );
+    let c = Canary::start(&body).await;
+
+    // h2c clients (gRPC), to an h2c and to an HTTP/1.1 pool.
+    for path in ["/h2/svc/Method", "/svc/Method"] {
+        let req = Request::post(c.url(path))
+            .header("te", "trailers")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::from_static(b"request")))
+            .unwrap();
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, h2c_client().request(req))
+            .await
+            .expect("in time")
+            .expect("response");
+        assert_eq!(resp.status(), 200, "{path}");
+        let collected = tokio::time::timeout(REQUEST_TIMEOUT, resp.into_body().collect())
+            .await
+            .expect("in time")
+            .expect("body");
+        let trailers = collected.trailers().cloned();
+        assert_eq!(collected.to_bytes().as_ref(), b"payload");
+        let trailers = trailers.unwrap_or_else(|| panic!("{path}: no trailers"));
+        assert_eq!(trailers["grpc-status"], "0", "{path}: {trailers:?}");
+        assert_eq!(trailers["grpc-message"], "fine", "{path}: {trailers:?}");
+    }
+
+    // An HTTP/1.1 client that accepts trailers gets them too; its own request trailers
+    // reach the upstream.
+    let r = raw_exchange(
+        c.listen,
+        b"POST /svc HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nTrailer: x-req-sum\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-req-sum: 42\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.text(), "payload");
+    assert_eq!(r.header("x-got-req-sum"), Some("42"), "{r:?}");
+    let t = |k: &str| {
+        r.trailers
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(t("grpc-status"), Some("0"), "{r:?}");
+    assert_eq!(t("grpc-message"), Some("fine"), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

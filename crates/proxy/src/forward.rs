@@ -137,7 +137,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     h.remove("proxy-connection");
     h.remove(header::PROXY_AUTHORIZATION);
     h.remove(header::TRANSFER_ENCODING);
-    h.remove(header::TRAILER);
+    // `Trailer` is end to end (RFC 9110 §6.6.2), and hyper's HTTP/1.1 encoder sends
+    // only the trailer fields it declares: removing it would drop every trailer.
     if h.get(header::TE)
         .is_some_and(|v| v.as_bytes() != b"trailers")
     {
