@@ -828,7 +828,24 @@ async fn h2c_clients_and_http2_upstream_pools() {
     .expect("h1 → h2 upstream");
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.json()["headers"].get("x-hop").is_none(), "{}", r.body);
-    assert_eq!(g1.requests(), 7);
+    // Only `te: trailers` may reach an HTTP/2 upstream, however the client spelled TE.
+    for te in [
+        "trailers\r\nTE: gzip",
+        "gzip\r\nTE: trailers",
+        "gzip, trailers",
+        "Trailers",
+    ] {
+        let raw = format!("GET /grpc/echo HTTP/1.1\r\nHost: x\r\nTE: {te}\r\n\r\n");
+        let r = raw_exchange(c.listen, raw.as_bytes()).await;
+        assert_eq!(r.status, 200, "TE: {te:?}: {r:?}");
+        assert_eq!(
+            r.json()["headers"]["te"],
+            "trailers",
+            "TE: {te:?}: {}",
+            r.text()
+        );
+    }
+    assert_eq!(g1.requests(), 11);
     assert_eq!(v1.requests(), 3);
 }
 
@@ -882,6 +899,21 @@ async fn trailers_pass_through_for_grpc_and_http1_clients() {
     };
     assert_eq!(t("grpc-status"), Some("0"), "{r:?}");
     assert_eq!(t("grpc-message"), Some("fine"), "{r:?}");
+
+    // RFC 9110 §10.1.4: a sender of TE also lists it in Connection. That must not
+    // cost the upstream its `te: trailers` (nor the client its trailers).
+    let r = raw_exchange(
+        c.listen,
+        b"GET /svc HTTP/1.1\r\nHost: x\r\nConnection: TE\r\nTE: trailers\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.trailers
+            .iter()
+            .any(|(k, v)| k == "grpc-status" && v == "0"),
+        "{r:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

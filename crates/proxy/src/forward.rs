@@ -122,7 +122,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        // TE is named in Connection by every compliant sender; it is handled below.
+        .filter(|n| n != header::TE && !(keep_upgrade && n == header::UPGRADE))
         .collect();
     for n in named {
         h.remove(n);
@@ -139,10 +140,25 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     h.remove(header::TRANSFER_ENCODING);
     // `Trailer` is end to end (RFC 9110 §6.6.2), and hyper's HTTP/1.1 encoder sends
     // only the trailer fields it declares: removing it would drop every trailer.
-    if h.get(header::TE)
-        .is_some_and(|v| v.as_bytes() != b"trailers")
-    {
+
+    // Of TE only "trailers" may pass (gRPC needs it; HTTP/2 allows nothing else),
+    // whatever the list or the number of lines it came in.
+    if h.contains_key(header::TE) {
+        let trailers = h.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',').any(|t| {
+                    t.split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .eq_ignore_ascii_case("trailers")
+                })
+            })
+        });
         h.remove(header::TE);
+        if trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
 }
 
