@@ -845,7 +845,24 @@ async fn h2c_clients_and_http2_upstream_pools() {
             r.text()
         );
     }
-    assert_eq!(g1.requests(), 11);
+    // An upgrade handshake cannot cross HTTP/2: it goes as a plain request (no 101),
+    // never as a malformed one that blames the upstream.
+    for i in 0..6 {
+        let r = raw_exchange(
+            c.listen,
+            b"GET /grpc/echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await;
+        assert_eq!(r.status, 200, "#{i}: {r:?}");
+        assert!(r.json()["headers"].get("upgrade").is_none(), "{}", r.text());
+    }
+    assert_eq!(g1.requests(), 17);
+    let m = c.metrics().await;
+    assert_eq!(
+        metric_value(&m, "canary_request_failures_total", &[("route", "grpc")]),
+        Some(0.0),
+        "{m}"
+    );
     assert_eq!(v1.requests(), 3);
 }
 
