@@ -953,6 +953,27 @@ async fn large_bodies_stream_through_without_being_buffered() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["bytes"], 11);
     assert_eq!(r.json()["head"], "hello world");
+
+    // `Expect: 100-continue` (curl's habit for large uploads): the client gets its
+    // 100 before sending the body, then the final answer.
+    let expect = async {
+        let mut s = TcpStream::connect(c.listen).await.expect("connect");
+        s.write_all(b"POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\nExpect: 100-continue\r\n\r\n")
+            .await
+            .expect("head");
+        let interim = read_response(&mut s).await;
+        assert_eq!(interim.status, 100, "{interim:?}");
+        s.write_all(&pattern_chunk(0, 1000)).await.expect("body");
+        read_response(&mut s).await
+    };
+    let r = tokio::time::timeout(REQUEST_TIMEOUT, expect)
+        .await
+        .expect("100-continue exchange in time");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        (r.json()["bytes"].as_u64(), r.json()["bad_at"].is_null()),
+        (Some(1000), true)
+    );
     let baseline_kib = vm_hwm_kib(pid);
 
     // Request body: the upstream sees the first bytes before the client has sent the
@@ -1528,6 +1549,57 @@ async fn a_client_that_hangs_up_is_not_blamed_on_the_version() {
         ),
         Some(1.0),
         "ejected for a client's hang-up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_requests_in_flight_then_exits() {
+    let slow = Upstream::start("v1").await;
+    slow.set_delay_ms(1_000);
+    let body = format!(
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n",
+        addrs(&[&slow])
+    );
+    let c = Canary::start(&body).await;
+    let pid = c.pid().expect("running");
+    let url = c.url("/");
+    let in_flight = tokio::spawn(async move { send(&client(), Method::GET, &url, &[], "").await });
+    let deadline = Instant::now() + EVENTUALLY;
+    while slow.requests() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(st.success());
+    let r = in_flight
+        .await
+        .expect("task")
+        .expect("the request in flight was cut");
+    assert_eq!(r.status, 200, "{r:?}");
+    // The process exits by itself (a zombie until the harness reaps it).
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if state.is_empty() || state.contains("State:\tZ") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after SIGTERM:\n{}",
+            c.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        c.wait_log("stopping", Duration::from_secs(1)).await,
+        "{}",
+        c.log()
     );
 }
 
