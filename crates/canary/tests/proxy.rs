@@ -1553,6 +1553,61 @@ async fn a_client_that_hangs_up_is_not_blamed_on_the_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_a_truncated_body_is_not_blamed_on_the_version() {
+    let up = StreamUpstream::start().await;
+    let body = format!(
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: [\"{}\"]}}\n    ejection: {{consecutive_failures: 2, base: 1m, max: 1m}}\n",
+        up.addr
+    );
+    let c = Canary::start(&body).await;
+    for i in 0..3 {
+        let mut s = TcpStream::connect(c.listen).await.expect("connect");
+        s.write_all(b"POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n")
+            .await
+            .expect("head");
+        s.write_all(&pattern_chunk(0, 1000)).await.expect("part");
+        // Half-close: the body ends early, the client still reads the answer.
+        s.shutdown().await.expect("shutdown");
+        let got = read_until_closed(&mut s, REQUEST_TIMEOUT)
+            .await
+            .expect("the connection was kept open");
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 400"),
+            "#{i}: a client's short body answered as {text:?}"
+        );
+    }
+    let m = c.metrics().await;
+    let labels = [("route", "web"), ("version", "v1")];
+    assert_eq!(
+        metric_value(&m, "canary_request_failures_total", &labels),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "canary_client_aborts_total", &labels),
+        Some(3.0),
+        "{m}"
+    );
+    let addr = up.addr.to_string();
+    assert_eq!(
+        metric_value(
+            &m,
+            "canary_upstream_healthy",
+            &[("upstream", addr.as_str())]
+        ),
+        Some(1.0),
+        "the upstream was ejected for clients' short bodies"
+    );
+    let r = raw_exchange(
+        c.listen,
+        b"POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_requests_in_flight_then_exits() {
     let slow = Upstream::start("v1").await;
     slow.set_delay_ms(1_000);

@@ -295,6 +295,16 @@ async fn forward(
             let failed = resp.status().is_server_error();
             (resp.map(Either::Left), failed)
         }
+        Ok(Err(e)) if request_fault(&e) => {
+            // The client's side broke (its body ended early or errored): not the
+            // upstream's failure, so ejection, the breaker and the analysis never see it.
+            tracing::debug!(upstream = %instance.addr, error = %e, "request failed on the client side");
+            pool.stats.record_client_abort();
+            let mut r = error_response(StatusCode::BAD_REQUEST, "bad request\n");
+            r.headers_mut()
+                .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
+            return r;
+        }
         Ok(Err(e)) => {
             let kind = if e.is_connect() {
                 UpstreamError::Connect
@@ -339,6 +349,14 @@ async fn forward(
     resp.headers_mut()
         .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
     resp
+}
+
+/// Whether forwarding failed because of the request itself (e.g. the client's body
+/// stream ended early or failed), not because of the upstream.
+fn request_fault(e: &hyper_util::client::legacy::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_user)
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection.
