@@ -689,6 +689,69 @@ async fn forwarded_headers_are_set_and_hop_by_hop_headers_are_removed_both_ways(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_by_host_and_path_prefix() {
+    let up = Upstream::start("any").await;
+    let pool = |v: &str| format!("{{version: {v}, upstreams: {}}}", addrs(&[&up]));
+    let body = format!(
+        "routes:
+  - name: shop
+    hosts: [\"shop.example.com\"]
+    stable: {}
+  - name: org
+    hosts: [\"*.example.org\"]
+    stable: {}
+  - name: ip
+    hosts: [\"127.0.0.1\"]
+    path_prefix: /ip
+    stable: {}
+  - name: api
+    path_prefix: /api/
+    stable: {}
+",
+        pool("shop"),
+        pool("org"),
+        pool("ip"),
+        pool("api")
+    );
+    let c = Canary::start(&body).await;
+    let cases: &[(&str, &str, Option<&str>)] = &[
+        ("shop.example.com", "/", Some("shop")),
+        ("SHOP.Example.COM:8080", "/x", Some("shop")),
+        ("shop.example.com.evil.test", "/", None),
+        ("eu.example.org", "/", Some("org")),
+        ("a.b.example.org:443", "/", Some("org")),
+        ("example.org", "/", None),
+        ("evilexample.org", "/", None),
+        ("example.org", "/api/v1", Some("api")),
+        ("example.org", "/apix", None),
+        ("eu.example.org", "/api/v1", Some("org")),
+        ("127.0.0.1:1234", "/ip/x", Some("ip")),
+        ("127.0.0.2", "/ip/x", None),
+    ];
+    let mut wrong = Vec::new();
+    for (host, path, want) in cases {
+        let raw = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let r = raw_exchange(c.listen, raw.as_bytes()).await;
+        let got = match r.status {
+            200 => r.header("x-canary-version").map(str::to_string),
+            404 => None,
+            s => Some(format!("status {s}")),
+        };
+        if got.as_deref() != *want {
+            wrong.push(format!("Host {host} {path}: got {got:?}, want {want:?}"));
+        }
+    }
+    // HTTP/2 clients name the host in :authority.
+    let r = send(&h2c_client(), Method::GET, &c.url("/ip/x"), &[], "")
+        .await
+        .expect("h2c");
+    if r.version() != Some("ip") {
+        wrong.push(format!("h2c :authority 127.0.0.1: got {r:?}"));
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrade_is_forwarded_and_messages_round_trip() {
     let v1 = Upstream::start("v1").await;
     let v2 = Upstream::start("v2").await;
