@@ -1116,6 +1116,80 @@ async fn large_bodies_stream_through_without_being_buffered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_bodies_and_head_requests_pass_intact() {
+    const SIZE: usize = 8 * 1024 * 1024;
+    let up = StreamUpstream::start().await;
+    let body = format!(
+        "routes:\n  - name: h2\n    path_prefix: /h2\n    stable: {{version: v1, upstreams: [\"{a}\"], http2: true}}\n  - name: h1\n    stable: {{version: v1, upstreams: [\"{a}\"]}}\n",
+        a = up.addr
+    );
+    let c = Canary::start(&body).await;
+    let h2 = h2c_client();
+    // Bigger than HTTP/2's default flow-control windows, to an h1 and an h2c pool.
+    for prefix in ["", "/h2"] {
+        let req = Request::post(c.url(&format!("{prefix}/sink")))
+            .body(Full::new(Bytes::from(pattern_chunk(0, SIZE))))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(60), async {
+            let resp = h2.request(req).await.expect("response");
+            resp.into_body().collect().await.expect("body").to_bytes()
+        })
+        .await
+        .expect("upload in time");
+        let got: Value = serde_json::from_slice(&resp).expect("json");
+        assert_eq!(got["bytes"], SIZE, "{prefix}: {got}");
+        assert_eq!(got["bad_at"], Value::Null, "{prefix}: {got}");
+
+        up.release.notify_one();
+        let req = Request::get(c.url(&format!("{prefix}/stream?bytes={SIZE}")))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let bytes = tokio::time::timeout(Duration::from_secs(60), async {
+            let resp = h2.request(req).await.expect("response");
+            resp.into_body().collect().await.expect("body").to_bytes()
+        })
+        .await
+        .expect("download in time");
+        assert_eq!(bytes.len(), SIZE, "{prefix}");
+        assert!(
+            bytes
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == pattern(i as u64)),
+            "{prefix}: corrupted download"
+        );
+    }
+    // HEAD: the headers, no body, and the connection stays usable.
+    let v1 = Upstream::start("v1").await;
+    c.write_config(&format!(
+        "routes:\n  - name: h1\n    stable: {{version: v1, upstreams: {}}}\n",
+        addrs(&[&v1])
+    ));
+    wait_metric(
+        &c,
+        "canary_config_reloads_total",
+        &[("result", "success")],
+        "1",
+        |v| v == 1.0,
+    )
+    .await;
+    let http = client();
+    for _ in 0..3 {
+        let r = send(&http, Method::HEAD, &c.url("/"), &[], "")
+            .await
+            .expect("HEAD");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, "");
+        assert_eq!(r.version(), Some("v1"));
+        assert_eq!(r.header("content-length"), Some("14"), "{r:?}");
+        let r = send(&http, Method::GET, &c.url("/"), &[], "")
+            .await
+            .expect("GET");
+        assert_eq!(r.body, "hello from v1\n");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_instance_is_ejected_and_returns_after_the_back_off() {
     let a = Upstream::start("v1").await;
     let b = Upstream::start("v1").await;
