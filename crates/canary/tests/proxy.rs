@@ -1745,6 +1745,64 @@ async fn a_client_that_sends_a_truncated_body_is_not_blamed_on_the_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_an_upstream_timeout() {
+    let up = StreamUpstream::start().await;
+    let body = format!(
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: [\"{}\"]}}\n    timeouts: {{request: 1s}}\n    ejection: {{consecutive_failures: 1, base: 1m, max: 1m}}\n",
+        up.addr
+    );
+    let c = Canary::start(&body).await;
+    // The client takes longer than `timeouts.request` to send its body; the upstream
+    // answers as soon as the body is complete.
+    let upload = async {
+        let mut s = TcpStream::connect(c.listen).await.expect("connect");
+        s.write_all(b"POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n")
+            .await
+            .expect("head");
+        for i in 0..5u64 {
+            s.write_all(&pattern_chunk(i * 1000, 1000))
+                .await
+                .expect("body");
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        read_response(&mut s).await
+    };
+    let r = tokio::time::timeout(Duration::from_secs(30), upload)
+        .await
+        .expect("answer in time");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["bytes"], 5000);
+    let m = c.metrics().await;
+    let labels = [("route", "web"), ("version", "v1")];
+    assert_eq!(
+        metric_value(&m, "canary_request_failures_total", &labels),
+        Some(0.0)
+    );
+
+    // A slow upstream is still timed out once the body has gone.
+    let slow = Upstream::start("v1").await;
+    slow.set_delay_ms(3_000);
+    c.write_config(&format!(
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n    timeouts: {{request: 1s}}\n",
+        addrs(&[&slow])
+    ));
+    wait_metric(
+        &c,
+        "canary_config_reloads_total",
+        &[("result", "success")],
+        "1",
+        |v| v == 1.0,
+    )
+    .await;
+    let r = raw_exchange(
+        c.listen,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(r.status, 504, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_requests_in_flight_then_exits() {
     let slow = Upstream::start("v1").await;
     slow.set_delay_ms(1_000);

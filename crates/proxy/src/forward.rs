@@ -5,9 +5,12 @@
 //! the breaker and the analysis blame the right party, and a client that hangs up is
 //! never counted against a version.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,10 +18,12 @@ use canary_core::routing::{cookie_value, host_without_port};
 use canary_core::{RequestFacts, Target};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
 
 use crate::metrics::UpstreamError;
 use crate::pool::{now_ms, Instance, Pool};
@@ -32,6 +37,82 @@ static X_CANARY_ROUTE: HeaderName = HeaderName::from_static("x-canary-route");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The request body on its way upstream. It reports when the last byte has been
+/// handed over, so `timeouts.request` times the upstream, not a slow client upload.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    sent: Option<oneshot::Sender<()>>,
+}
+
+impl UpstreamBody {
+    /// Wraps `body`; the receiver resolves once it has been sent whole (`None` for a
+    /// request without a body: nothing to wait for, nothing allocated).
+    fn new(inner: Incoming) -> (UpstreamBody, Option<oneshot::Receiver<()>>) {
+        if inner.is_end_stream() {
+            return (UpstreamBody { inner, sent: None }, None);
+        }
+        let (tx, rx) = oneshot::channel();
+        (
+            UpstreamBody {
+                inner,
+                sent: Some(tx),
+            },
+            Some(rx),
+        )
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        // With a Content-Length, hyper stops polling at `is_end_stream` (no `None`).
+        let finished = match &r {
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            Poll::Ready(_) => true,
+            Poll::Pending => false,
+        };
+        if finished {
+            if let Some(tx) = this.sent.take() {
+                let _ = tx.send(());
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Waits for the upstream's response headers, for at most `timeout` after the request
+/// body has been sent whole (at once for a request without a body).
+async fn response_within<F: Future>(
+    response: F,
+    body_sent: Option<oneshot::Receiver<()>>,
+    timeout: Duration,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    tokio::pin!(response);
+    if let Some(sent) = body_sent {
+        tokio::select! {
+            r = &mut response => return Ok(r),
+            _ = sent => {}
+        }
+    }
+    tokio::time::timeout(timeout, response).await
+}
 
 /// Per-connection facts computed once per connection rather than per request.
 #[derive(Clone, Debug)]
@@ -282,12 +363,13 @@ async fn forward(
     } else {
         None
     };
+    let (body, body_sent) = UpstreamBody::new(body);
     let up_req =
         build_upstream_request(&mut parts, body, conn, host, entry, pool, instance, upgrade);
     let started = Instant::now();
     let mut outcome = Outcome { pool, done: false };
     let timeout = Duration::from_millis(entry.timeouts.request_ms);
-    let result = tokio::time::timeout(timeout, pool.client.request(up_req)).await;
+    let result = response_within(pool.client.request(up_req), body_sent, timeout).await;
     let elapsed_us = started.elapsed().as_micros() as u64;
     outcome.done = true;
     let (mut resp, failed) = match result {
@@ -372,14 +454,14 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
 #[allow(clippy::too_many_arguments)]
 fn build_upstream_request(
     parts: &mut http::request::Parts,
-    body: Incoming,
+    body: UpstreamBody,
     conn: &ConnInfo,
     host: Option<HeaderValue>,
     entry: &RouteEntry,
     pool: &Pool,
     instance: &Instance,
     upgrade: bool,
-) -> Request<Incoming> {
+) -> Request<UpstreamBody> {
     let mut uri = Uri::from_static("/").into_parts();
     uri.scheme = Some(http::uri::Scheme::HTTP);
     uri.authority = Some(instance.authority.clone());

@@ -12,11 +12,11 @@ use canary_config::{Ejection, HealthCheck};
 use http::uri::Authority;
 use http::HeaderValue;
 use http_body_util::Empty;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::forward::UpstreamBody;
 use crate::metrics::VersionStats;
 
 /// Milliseconds since the process started: a monotonic clock for ejection deadlines.
@@ -134,7 +134,7 @@ impl Instance {
 
 /// The HTTP client used to forward requests; one per (connect timeout, protocol),
 /// reused across reloads so keep-alive connections survive them.
-pub type ProxyClient = Client<HttpConnector, Incoming>;
+pub type ProxyClient = Client<HttpConnector, UpstreamBody>;
 
 /// Builds a forwarding client.
 pub fn build_client(connect_ms: u64, http2: bool) -> ProxyClient {
