@@ -1194,7 +1194,7 @@ async fn failing_instance_is_ejected_and_returns_after_the_back_off() {
     let a = Upstream::start("v1").await;
     let b = Upstream::start("v1").await;
     let body = format!(
-        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n    ejection: {{consecutive_failures: 3, base: 2s, max: 4s}}\n",
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n    ejection: {{consecutive_failures: 3, base: 5s, max: 10s}}\n",
         addrs(&[&a, &b])
     );
     let c = Canary::start(&body).await;
