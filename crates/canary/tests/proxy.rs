@@ -1,10 +1,13 @@
 //! The data plane end to end, against the real binary: forwarded and hop-by-hop
-//! headers, WebSocket, h2c on both sides, streaming bodies, passive ejection, active
-//! health checks, canary fallback, the answers the proxy makes itself, reloads under
-//! load, rejected configs and SIGHUP, `canary validate`, and the `/metrics` text.
+//! headers, host routing, WebSocket, h2c on both sides, trailers, streaming bodies,
+//! passive ejection, active health checks, canary fallback, the answers the proxy
+//! makes itself, connection limits, clients that hang up or upload slowly, graceful
+//! stop, reloads under load, rejected configs and SIGHUP, `canary validate`, and the
+//! `/metrics` text.
 //!
-//! Helpers only these tests need (raw HTTP/1.1 on a socket, a streaming upstream, an
-//! upstream that answers with hop-by-hop headers) live here rather than in `common`.
+//! Helpers only these tests need live here rather than in `common`: raw HTTP/1.1 on a
+//! socket, and upstreams that stream, send hop-by-hop headers, send trailers, or speak
+//! only h2c.
 
 mod common;
 
@@ -526,6 +529,22 @@ async fn get_ok(c: &Canary, path: &str, n: usize, headers: &[(&str, &str)]) -> V
         out.push(r.version().unwrap_or("").to_string());
     }
     out
+}
+
+/// Reads from `s` until EOF or an error; the bytes read, or `None` if the connection
+/// stayed open for `within`.
+async fn read_until_closed(s: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
 }
 
 /// The peak resident set size of a process, in KiB.
@@ -1550,22 +1569,6 @@ routes:
         ),
         3.0
     );
-}
-
-/// Reads from `s` until EOF or an error; the bytes read, or `None` if the connection
-/// stayed open for `within`.
-async fn read_until_closed(s: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, s.read(&mut chunk)).await {
-            Err(_) => return None,
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
-            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
