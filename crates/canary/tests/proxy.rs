@@ -583,15 +583,18 @@ async fn forwarded_headers_are_set_and_hop_by_hop_headers_are_removed_both_ways(
           Keep-Alive: timeout=5\r\n\
           Proxy-Connection: keep-alive\r\n\
           X-Upstream-End: kept\r\n\
+          X-Canary-Version: spoofed\r\n\
+          Set-Cookie: a=1; Path=/\r\n\
+          Set-Cookie: b=2; Path=/\r\n\
           Transfer-Encoding: chunked\r\n\
           \r\n\
           6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n",
     )
     .await;
     let body = format!(
-        "routes:\n  - name: hop\n    path_prefix: /hop\n    stable: {{version: h1, upstreams: [\"{}\"]}}\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n",
-        hop.addr,
-        addrs(&[&v1])
+        "routes:\n  - name: hop\n    path_prefix: /hop\n    stable: {{version: h1, upstreams: [\"{h}\"]}}\n    canary: {{version: h2, upstreams: [\"{h}\"]}}\n  - name: web\n    stable: {{version: v1, upstreams: {v}}}\n",
+        h = hop.addr,
+        v = addrs(&[&v1])
     );
     let c = Canary::start(&body).await;
 
@@ -689,7 +692,22 @@ async fn forwarded_headers_are_set_and_hop_by_hop_headers_are_removed_both_ways(
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.text(), "hello world");
     assert_eq!(r.header("x-canary-version"), Some("h1"), "{r:?}");
+    assert_eq!(
+        r.count("x-canary-version"),
+        1,
+        "the upstream's own value: {r:?}"
+    );
     assert_eq!(r.header("x-upstream-end"), Some("kept"), "{r:?}");
+    // The upstream's cookies and the generated sticky cookie, each on its own line.
+    let cookies: Vec<&str> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(cookies.len(), 3, "{cookies:?}");
+    assert_eq!(&cookies[..2], ["a=1; Path=/", "b=2; Path=/"], "{cookies:?}");
+    assert!(cookies[2].starts_with("canary_id="), "{cookies:?}");
     for gone in ["x-hop-resp", "keep-alive", "proxy-connection"] {
         assert!(r.header(gone).is_none(), "{gone} reached the client: {r:?}");
     }
@@ -832,7 +850,37 @@ async fn websocket_upgrade_is_forwarded_and_messages_round_trip() {
         assert!(got.is_binary());
         assert_eq!(got.into_data().as_ref(), big.as_slice());
         ws.close(None).await.expect("close");
+        // The close ends the tunnel: the stream finishes instead of hanging.
+        let end = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "the tunnel stayed open after a close");
     }
+    // A handshake the upstream refuses is a plain answer; the connection stays usable.
+    let mut s = TcpStream::connect(c.listen).await.expect("connect");
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let r = tokio::time::timeout(REQUEST_TIMEOUT, read_response(&mut s))
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.header("x-canary-version"), Some("v1"));
+    s.write_all(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let r = tokio::time::timeout(REQUEST_TIMEOUT, read_response(&mut s))
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.text(), "hello from v1\n");
     // Plain HTTP keeps working next to the tunnels.
     get_ok(&c, "/", 3, &[]).await;
 }
@@ -1508,6 +1556,21 @@ routes:
         assert!(short(&r), "{r:?}");
         still_serving("a large header block").await;
     }
+    // The same limit for HTTP/2 clients.
+    let big = "a".repeat(3_000);
+    match send(
+        &h2c_client(),
+        Method::GET,
+        &c.url("/app"),
+        &[("x-big", &big)],
+        "",
+    )
+    .await
+    {
+        Ok(r) => assert_eq!(r.status, 431, "h2c: {r:?}"),
+        Err(e) => panic!("h2c with a large header: no answer: {e}"),
+    }
+    still_serving("a large h2c header block").await;
     // Just under the limit is fine.
     let r = raw_exchange(
         c.listen,
