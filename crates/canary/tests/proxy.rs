@@ -661,6 +661,12 @@ async fn forwarded_headers_are_set_and_hop_by_hop_headers_are_removed_both_ways(
     assert_eq!(h["te"], "trailers", "{h:#}");
     assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{h:#}");
 
+    // HTTP/1.0 without Host still gets a well-framed answer.
+    let r = raw_exchange(c.listen, b"GET /echo HTTP/1.0\r\n\r\n").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-canary-version"), Some("v1"), "{r:?}");
+    assert_eq!(r.json()["served_by"], "v1");
+
     // Several X-Forwarded-For lines are one list: the client address goes at its end.
     let r = raw_exchange(
         c.listen,
