@@ -1641,6 +1641,41 @@ routes:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_change_only_with_a_restart_as_the_reload_says() {
+    let v1 = Upstream::start("v1").await;
+    let body = |limit: u32| {
+        format!(
+            "limits: {{max_header_bytes: {limit}}}\nroutes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n",
+            addrs(&[&v1])
+        )
+    };
+    let c = Canary::start(&body(4096)).await;
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(2_000)
+    );
+    assert_eq!(raw_exchange(c.listen, req.as_bytes()).await.status, 200);
+
+    let mut c = c;
+    c.write_config(&body(1024));
+    wait_metric(
+        &c,
+        "canary_config_reloads_total",
+        &[("result", "success")],
+        "1",
+        |v| v == 1.0,
+    )
+    .await;
+    assert!(c.log().contains("restart"), "{}", c.log());
+    let r = raw_exchange(c.listen, req.as_bytes()).await;
+    assert_eq!(r.status, 200, "a limit changed by a reload: {r:?}");
+
+    c.restart().await;
+    let r = raw_exchange(c.listen, req.as_bytes()).await;
+    assert_eq!(r.status, 431, "the new limit after the restart: {r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_header_senders_are_cut_off() {
     let v1 = Upstream::start("v1").await;
     let body = format!(
