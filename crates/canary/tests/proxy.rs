@@ -1800,15 +1800,16 @@ async fn a_client_that_hangs_up_is_not_blamed_on_the_version() {
 async fn a_client_that_sends_a_truncated_body_is_not_blamed_on_the_version() {
     let up = StreamUpstream::start().await;
     let body = format!(
-        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: [\"{}\"]}}\n    ejection: {{consecutive_failures: 2, base: 1m, max: 1m}}\n",
-        up.addr
+        "routes:\n  - name: h2\n    path_prefix: /h2\n    stable: {{version: v1, upstreams: [\"{a}\"], http2: true}}\n    ejection: {{consecutive_failures: 2, base: 1m, max: 1m}}\n  - name: web\n    stable: {{version: v1, upstreams: [\"{a}\"]}}\n    ejection: {{consecutive_failures: 2, base: 1m, max: 1m}}\n",
+        a = up.addr
     );
     let c = Canary::start(&body).await;
-    for i in 0..3 {
+    for i in 0..6 {
+        // To an HTTP/1.1 pool, then to an h2c one.
+        let path = if i < 3 { "/sink" } else { "/h2/sink" };
         let mut s = TcpStream::connect(c.listen).await.expect("connect");
-        s.write_all(b"POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n")
-            .await
-            .expect("head");
+        let head = format!("POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n");
+        s.write_all(head.as_bytes()).await.expect("head");
         s.write_all(&pattern_chunk(0, 1000)).await.expect("part");
         // Half-close: the body ends early, the client still reads the answer.
         s.shutdown().await.expect("shutdown");
@@ -1822,17 +1823,19 @@ async fn a_client_that_sends_a_truncated_body_is_not_blamed_on_the_version() {
         );
     }
     let m = c.metrics().await;
-    let labels = [("route", "web"), ("version", "v1")];
-    assert_eq!(
-        metric_value(&m, "canary_request_failures_total", &labels),
-        Some(0.0),
-        "{m}"
-    );
-    assert_eq!(
-        metric_value(&m, "canary_client_aborts_total", &labels),
-        Some(3.0),
-        "{m}"
-    );
+    for route in ["web", "h2"] {
+        let labels = [("route", route), ("version", "v1")];
+        assert_eq!(
+            metric_value(&m, "canary_request_failures_total", &labels),
+            Some(0.0),
+            "{m}"
+        );
+        assert_eq!(
+            metric_value(&m, "canary_client_aborts_total", &labels),
+            Some(3.0),
+            "{m}"
+        );
+    }
     let addr = up.addr.to_string();
     assert_eq!(
         metric_value(

@@ -38,26 +38,36 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// The request body on its way upstream. It reports when the last byte has been
-/// handed over, so `timeouts.request` times the upstream, not a slow client upload.
+/// How a request body's trip upstream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyEnd {
+    /// The last byte was handed over.
+    Sent,
+    /// The client's body broke off (ended early, or failed): the client's fault.
+    Broken,
+}
+
+/// The request body on its way upstream. It reports how it ended, so that
+/// `timeouts.request` times the upstream rather than a slow client upload, and a
+/// client's broken body is not blamed on the upstream.
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Incoming,
-    sent: Option<oneshot::Sender<()>>,
+    end: Option<oneshot::Sender<BodyEnd>>,
 }
 
 impl UpstreamBody {
-    /// Wraps `body`; the receiver resolves once it has been sent whole (`None` for a
-    /// request without a body: nothing to wait for, nothing allocated).
-    fn new(inner: Incoming) -> (UpstreamBody, Option<oneshot::Receiver<()>>) {
+    /// Wraps `body`; the receiver tells how it ended (`None` for a request without a
+    /// body: nothing to wait for, nothing allocated).
+    fn new(inner: Incoming) -> (UpstreamBody, Option<oneshot::Receiver<BodyEnd>>) {
         if inner.is_end_stream() {
-            return (UpstreamBody { inner, sent: None }, None);
+            return (UpstreamBody { inner, end: None }, None);
         }
         let (tx, rx) = oneshot::channel();
         (
             UpstreamBody {
                 inner,
-                sent: Some(tx),
+                end: Some(tx),
             },
             Some(rx),
         )
@@ -75,14 +85,15 @@ impl Body for UpstreamBody {
         let this = &mut *self;
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         // With a Content-Length, hyper stops polling at `is_end_stream` (no `None`).
-        let finished = match &r {
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-            Poll::Ready(_) => true,
-            Poll::Pending => false,
+        let end = match &r {
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => Some(BodyEnd::Sent),
+            Poll::Ready(None) => Some(BodyEnd::Sent),
+            Poll::Ready(Some(Err(_))) => Some(BodyEnd::Broken),
+            _ => None,
         };
-        if finished {
-            if let Some(tx) = this.sent.take() {
-                let _ = tx.send(());
+        if let Some(end) = end {
+            if let Some(tx) = this.end.take() {
+                let _ = tx.send(end);
             }
         }
         r
@@ -98,20 +109,25 @@ impl Body for UpstreamBody {
 }
 
 /// Waits for the upstream's response headers, for at most `timeout` after the request
-/// body has been sent whole (at once for a request without a body).
+/// body has been sent whole (at once for a request without a body). Also returns
+/// whether the client's body broke off.
 async fn response_within<F: Future>(
     response: F,
-    body_sent: Option<oneshot::Receiver<()>>,
+    body_end: Option<oneshot::Receiver<BodyEnd>>,
     timeout: Duration,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
+) -> (Result<F::Output, tokio::time::error::Elapsed>, bool) {
     tokio::pin!(response);
-    if let Some(sent) = body_sent {
+    let mut broken = false;
+    if let Some(mut end) = body_end {
         tokio::select! {
-            r = &mut response => return Ok(r),
-            _ = sent => {}
+            biased;
+            e = &mut end => broken = e == Ok(BodyEnd::Broken),
+            r = &mut response => {
+                return (Ok(r), end.try_recv() == Ok(BodyEnd::Broken));
+            }
         }
     }
-    tokio::time::timeout(timeout, response).await
+    (tokio::time::timeout(timeout, response).await, broken)
 }
 
 /// Per-connection facts computed once per connection rather than per request.
@@ -363,13 +379,14 @@ async fn forward(
     } else {
         None
     };
-    let (body, body_sent) = UpstreamBody::new(body);
+    let (body, body_end) = UpstreamBody::new(body);
     let up_req =
         build_upstream_request(&mut parts, body, conn, host, entry, pool, instance, upgrade);
     let started = Instant::now();
     let mut outcome = Outcome { pool, done: false };
     let timeout = Duration::from_millis(entry.timeouts.request_ms);
-    let result = response_within(pool.client.request(up_req), body_sent, timeout).await;
+    let (result, body_broken) =
+        response_within(pool.client.request(up_req), body_end, timeout).await;
     let elapsed_us = started.elapsed().as_micros() as u64;
     outcome.done = true;
     let (mut resp, failed) = match result {
@@ -377,9 +394,9 @@ async fn forward(
             let failed = resp.status().is_server_error();
             (resp.map(Either::Left), failed)
         }
-        Ok(Err(e)) if request_fault(&e) => {
-            // The client's side broke (its body ended early or errored): not the
-            // upstream's failure, so ejection, the breaker and the analysis never see it.
+        Ok(Err(e)) if body_broken => {
+            // The client's body ended early or failed: not the upstream's failure, so
+            // ejection, the breaker and the analysis never see it.
             tracing::debug!(upstream = %instance.addr, error = %e, "request failed on the client side");
             pool.stats.record_client_abort();
             let mut r = error_response(StatusCode::BAD_REQUEST, "bad request\n");
@@ -431,14 +448,6 @@ async fn forward(
     resp.headers_mut()
         .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
     resp
-}
-
-/// Whether forwarding failed because of the request itself (e.g. the client's body
-/// stream ended early or failed), not because of the upstream.
-fn request_fault(e: &hyper_util::client::legacy::Error) -> bool {
-    std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<hyper::Error>())
-        .is_some_and(hyper::Error::is_user)
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection.
