@@ -208,6 +208,11 @@ struct RawUpstream {
 
 impl RawUpstream {
     async fn start(response: &'static [u8]) -> RawUpstream {
+        RawUpstream::start_with(response, false).await
+    }
+
+    /// `close`: close each connection after the response (a body that breaks off).
+    async fn start_with(response: &'static [u8], close: bool) -> RawUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let accept = tokio::spawn(async move {
@@ -225,7 +230,7 @@ impl RawUpstream {
                         }
                         let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
                         buf.drain(..end + 4);
-                        if s.write_all(response).await.is_err() {
+                        if s.write_all(response).await.is_err() || close {
                             return;
                         }
                     }
@@ -1186,6 +1191,53 @@ async fn large_bodies_stream_through_without_being_buffered() {
         grew_kib < SIZE / 1024 / 2,
         "the proxy's peak RSS grew by {grew_kib} KiB while streaming {SIZE} B bodies"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_body_that_breaks_off_is_not_passed_on_as_complete() {
+    let chunked = RawUpstream::start_with(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        true,
+    )
+    .await;
+    let sized =
+        RawUpstream::start_with(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello", true).await;
+    let body = format!(
+        "routes:\n  - name: sized\n    path_prefix: /sized\n    stable: {{version: v1, upstreams: [\"{}\"]}}\n  - name: chunked\n    stable: {{version: v1, upstreams: [\"{}\"]}}\n",
+        sized.addr, chunked.addr
+    );
+    let c = Canary::start(&body).await;
+    for path in ["/", "/sized"] {
+        let mut s = TcpStream::connect(c.listen).await.expect("connect");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let got = read_until_closed(&mut s, REQUEST_TIMEOUT)
+            .await
+            .expect("the proxy kept the connection open after the upstream broke off");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{path}: {text:?}");
+        let (_, body) = text.split_once("\r\n\r\n").expect("head");
+        // Either way the client must be able to tell: no last chunk, or fewer bytes
+        // than announced.
+        if text
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            assert!(
+                !body.ends_with("0\r\n\r\n"),
+                "{path}: looks complete: {text:?}"
+            );
+        } else {
+            let len: usize = text
+                .to_ascii_lowercase()
+                .split("content-length: ")
+                .nth(1)
+                .and_then(|v| v.split("\r\n").next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{path}: no framing: {text:?}"));
+            assert!(body.len() < len, "{path}: looks complete: {text:?}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
