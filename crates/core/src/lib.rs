@@ -7,7 +7,7 @@
 //! # Layout
 //!
 //! - [`weight`]: the canary share as basis points, valid by construction.
-//! - [`bucket`]: the stable sticky hash that puts a user in one of 10 000 buckets.
+//! - [`mod@bucket`]: the stable sticky hash that puts a user in one of 10 000 buckets.
 //! - [`routing`]: route table, rules and the per-request routing decision.
 //! - [`latency`]: the fixed latency histogram layout shared by metrics and analysis.
 //! - [`analysis`]: turns windowed canary/stable measurements into a verdict.

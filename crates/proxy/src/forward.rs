@@ -5,9 +5,12 @@
 //! the breaker and the analysis blame the right party, and a client that hangs up is
 //! never counted against a version.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,10 +18,12 @@ use canary_core::routing::{cookie_value, host_without_port};
 use canary_core::{RequestFacts, Target};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
 
 use crate::metrics::UpstreamError;
 use crate::pool::{now_ms, Instance, Pool};
@@ -32,6 +37,98 @@ static X_CANARY_ROUTE: HeaderName = HeaderName::from_static("x-canary-route");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// How a request body's trip upstream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyEnd {
+    /// The last byte was handed over.
+    Sent,
+    /// The client's body broke off (ended early, or failed): the client's fault.
+    Broken,
+}
+
+/// The request body on its way upstream. It reports how it ended, so that
+/// `timeouts.request` times the upstream rather than a slow client upload, and a
+/// client's broken body is not blamed on the upstream.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    end: Option<oneshot::Sender<BodyEnd>>,
+}
+
+impl UpstreamBody {
+    /// Wraps `body`; the receiver tells how it ended (`None` for a request without a
+    /// body: nothing to wait for, nothing allocated).
+    fn new(inner: Incoming) -> (UpstreamBody, Option<oneshot::Receiver<BodyEnd>>) {
+        if inner.is_end_stream() {
+            return (UpstreamBody { inner, end: None }, None);
+        }
+        let (tx, rx) = oneshot::channel();
+        (
+            UpstreamBody {
+                inner,
+                end: Some(tx),
+            },
+            Some(rx),
+        )
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        // With a Content-Length, hyper stops polling at `is_end_stream` (no `None`).
+        let end = match &r {
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => Some(BodyEnd::Sent),
+            Poll::Ready(None) => Some(BodyEnd::Sent),
+            Poll::Ready(Some(Err(_))) => Some(BodyEnd::Broken),
+            _ => None,
+        };
+        if let Some(end) = end {
+            if let Some(tx) = this.end.take() {
+                let _ = tx.send(end);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Waits for the upstream's response headers, for at most `timeout` after the request
+/// body has been sent whole (at once for a request without a body). Also returns
+/// whether the client's body broke off.
+async fn response_within<F: Future>(
+    response: F,
+    body_end: Option<oneshot::Receiver<BodyEnd>>,
+    timeout: Duration,
+) -> (Result<F::Output, tokio::time::error::Elapsed>, bool) {
+    tokio::pin!(response);
+    let mut broken = false;
+    if let Some(mut end) = body_end {
+        tokio::select! {
+            biased;
+            e = &mut end => broken = e == Ok(BodyEnd::Broken),
+            r = &mut response => {
+                return (Ok(r), end.try_recv() == Ok(BodyEnd::Broken));
+            }
+        }
+    }
+    (tokio::time::timeout(timeout, response).await, broken)
+}
 
 /// Per-connection facts computed once per connection rather than per request.
 #[derive(Clone, Debug)]
@@ -113,19 +210,24 @@ fn header_bytes(h: &HeaderMap) -> usize {
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
-/// `keep_upgrade` keeps `Connection`/`Upgrade` for a WebSocket handshake.
+/// `keep_upgrade` keeps `Upgrade` (and `Connection: upgrade`) for a WebSocket
+/// handshake; the other headers `Connection` names are removed even then.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    if !keep_upgrade {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            h.remove(n);
-        }
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        // TE is named in Connection by every compliant sender; it is handled below.
+        .filter(|n| n != header::TE && !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
         h.remove(header::CONNECTION);
         h.remove(header::UPGRADE);
     }
@@ -133,11 +235,27 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     h.remove("proxy-connection");
     h.remove(header::PROXY_AUTHORIZATION);
     h.remove(header::TRANSFER_ENCODING);
-    h.remove(header::TRAILER);
-    if h.get(header::TE)
-        .is_some_and(|v| v.as_bytes() != b"trailers")
-    {
+    // `Trailer` is end to end (RFC 9110 §6.6.2), and hyper's HTTP/1.1 encoder sends
+    // only the trailer fields it declares: removing it would drop every trailer.
+
+    // Of TE only "trailers" may pass (gRPC needs it; HTTP/2 allows nothing else),
+    // whatever the list or the number of lines it came in.
+    if h.contains_key(header::TE) {
+        let trailers = h.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',').any(|t| {
+                    t.split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .eq_ignore_ascii_case("trailers")
+                })
+            })
+        });
         h.remove(header::TE);
+        if trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
 }
 
@@ -261,18 +379,30 @@ async fn forward(
     } else {
         None
     };
+    let (body, body_end) = UpstreamBody::new(body);
     let up_req =
         build_upstream_request(&mut parts, body, conn, host, entry, pool, instance, upgrade);
     let started = Instant::now();
     let mut outcome = Outcome { pool, done: false };
     let timeout = Duration::from_millis(entry.timeouts.request_ms);
-    let result = tokio::time::timeout(timeout, pool.client.request(up_req)).await;
+    let (result, body_broken) =
+        response_within(pool.client.request(up_req), body_end, timeout).await;
     let elapsed_us = started.elapsed().as_micros() as u64;
     outcome.done = true;
     let (mut resp, failed) = match result {
         Ok(Ok(resp)) => {
             let failed = resp.status().is_server_error();
             (resp.map(Either::Left), failed)
+        }
+        Ok(Err(e)) if body_broken => {
+            // The client's body ended early or failed: not the upstream's failure, so
+            // ejection, the breaker and the analysis never see it.
+            tracing::debug!(upstream = %instance.addr, error = %e, "request failed on the client side");
+            pool.stats.record_client_abort();
+            let mut r = error_response(StatusCode::BAD_REQUEST, "bad request\n");
+            r.headers_mut()
+                .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
+            return r;
         }
         Ok(Err(e)) => {
             let kind = if e.is_connect() {
@@ -333,14 +463,14 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
 #[allow(clippy::too_many_arguments)]
 fn build_upstream_request(
     parts: &mut http::request::Parts,
-    body: Incoming,
+    body: UpstreamBody,
     conn: &ConnInfo,
     host: Option<HeaderValue>,
     entry: &RouteEntry,
     pool: &Pool,
     instance: &Instance,
     upgrade: bool,
-) -> Request<Incoming> {
+) -> Request<UpstreamBody> {
     let mut uri = Uri::from_static("/").into_parts();
     uri.scheme = Some(http::uri::Scheme::HTTP);
     uri.authority = Some(instance.authority.clone());
@@ -356,20 +486,28 @@ fn build_upstream_request(
     let mut headers = std::mem::take(&mut parts.headers);
     strip_hop_by_hop(&mut headers, upgrade);
     if let Some(h) = host {
-        if !pool.http2 && !headers.contains_key(header::HOST) {
+        if pool.http2 {
+            // `:authority` names the instance (the client connects by it); a `Host`
+            // that differs from it is malformed HTTP/2 (RFC 9113 §8.3.1). The client's
+            // host travels in `X-Forwarded-Host`.
+            headers.remove(header::HOST);
+        } else if !headers.contains_key(header::HOST) {
             headers.insert(header::HOST, h.clone());
         }
         headers.insert(X_FORWARDED_HOST.clone(), h);
     }
-    let xff = match headers.get(&X_FORWARDED_FOR) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + conn.peer_header.len());
-            v.extend_from_slice(prev.as_bytes());
+    // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3): keep them all.
+    let mut prev = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    let xff = if prev.peek().is_none() {
+        conn.peer_header.clone()
+    } else {
+        let mut v = Vec::with_capacity(64);
+        for p in prev {
+            v.extend_from_slice(p.as_bytes());
             v.extend_from_slice(b", ");
-            v.extend_from_slice(conn.peer_header.as_bytes());
-            HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.peer_header.clone())
         }
-        None => conn.peer_header.clone(),
+        v.extend_from_slice(conn.peer_header.as_bytes());
+        HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.peer_header.clone())
     };
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));

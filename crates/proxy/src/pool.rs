@@ -12,11 +12,11 @@ use canary_config::{Ejection, HealthCheck};
 use http::uri::Authority;
 use http::HeaderValue;
 use http_body_util::Empty;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::forward::UpstreamBody;
 use crate::metrics::VersionStats;
 
 /// Milliseconds since the process started: a monotonic clock for ejection deadlines.
@@ -134,7 +134,7 @@ impl Instance {
 
 /// The HTTP client used to forward requests; one per (connect timeout, protocol),
 /// reused across reloads so keep-alive connections survive them.
-pub type ProxyClient = Client<HttpConnector, Incoming>;
+pub type ProxyClient = Client<HttpConnector, UpstreamBody>;
 
 /// Builds a forwarding client.
 pub fn build_client(connect_ms: u64, http2: bool) -> ProxyClient {
@@ -208,12 +208,14 @@ impl Pool {
     }
 }
 
-/// Runs the active health checks of one pool until aborted.
-pub async fn health_check_loop(instances: Vec<Arc<Instance>>, spec: HealthCheck) {
+/// Runs the active health checks of one pool until aborted. `http2`: check with h2c
+/// like the pool's traffic, since such upstreams (gRPC) may not speak HTTP/1.1.
+pub async fn health_check_loop(instances: Vec<Arc<Instance>>, spec: HealthCheck, http2: bool) {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(spec.timeout_ms)));
     let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
+        .http2_only(http2)
         .build(connector);
     let mut tick = tokio::time::interval(Duration::from_millis(spec.interval_ms.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -2,7 +2,7 @@
 //! builds and swaps them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use canary_config::{Config, Limits, PoolConfig, RouteConfig, Timeouts};
@@ -62,6 +62,9 @@ pub struct Proxy {
     registry: Mutex<Registry>,
     events_tx: UnboundedSender<DataPlaneEvent>,
     events_rx: Mutex<Option<UnboundedReceiver<DataPlaneEvent>>>,
+    /// The limits of the first config: the listener is built with them, so a reload
+    /// must not change them half-way (they are documented as needing a restart).
+    limits: OnceLock<Limits>,
     pub(crate) unrouted: std::sync::atomic::AtomicU64,
 }
 
@@ -81,6 +84,7 @@ impl Proxy {
             registry: Mutex::new(Registry::default()),
             events_tx: tx,
             events_rx: Mutex::new(Some(rx)),
+            limits: OnceLock::new(),
             unrouted: Default::default(),
         }
     }
@@ -110,6 +114,7 @@ impl Proxy {
     /// route runtimes are reused by name, so a reload keeps health state, pooled
     /// connections and weights. Health-check tasks are restarted. Must be called
     /// within a tokio runtime. Weights are not touched: the controller owns them.
+    /// Limits stay those of the first config applied (changing them needs a restart).
     pub fn apply(&self, config: &Config) -> Arc<Snapshot> {
         let mut reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         for t in reg.health_tasks.drain(..) {
@@ -124,7 +129,7 @@ impl Proxy {
         let snap = Arc::new(Snapshot {
             table,
             entries,
-            limits: config.limits.clone(),
+            limits: self.limits.get_or_init(|| config.limits.clone()).clone(),
         });
         self.snapshot.store(snap.clone());
         snap
@@ -275,6 +280,7 @@ fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig) -> Pool {
         Some(hc) => reg.health_tasks.push(tokio::spawn(health_check_loop(
             instances.clone(),
             hc.clone(),
+            pc.http2,
         ))),
         None => instances.iter().for_each(|i| i.reset_check()),
     }

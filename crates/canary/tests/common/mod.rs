@@ -575,6 +575,11 @@ impl Canary {
         }
     }
 
+    /// The child's process id while it runs (for signals and `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Everything the child wrote to stderr (its log) so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
