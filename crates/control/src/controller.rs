@@ -399,12 +399,28 @@ impl Controller {
         ctl.rollout = Some(out.state);
         // Apply to the data plane first: an abort must cut traffic even if the disk fails.
         let now_active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
+        if now_active && !was_active {
+            self.clear_canary_ejections(&name);
+        }
         sync_runtime(ctl, now_active && !was_active);
         self.store.append(&name, &out.events)?;
         if changed {
             self.store.save(&name, ctl.rollout.as_ref())?;
         }
         Ok(())
+    }
+
+    /// A retried rollout starts with a clean slate: the passive ejections that came with
+    /// the failures of the previous attempt would otherwise abort it at once as
+    /// `canary unhealthy` (for up to `ejection.max`). If the canary is still broken,
+    /// the re-armed breaker catches it again.
+    fn clear_canary_ejections(&self, route: &str) {
+        let snap = self.proxy.snapshot();
+        if let Some(pool) = snap.route(route).and_then(|(_, e)| e.canary.as_ref()) {
+            for i in &pool.instances {
+                i.clear_ejection();
+            }
+        }
     }
 
     /// Handles an event from the data plane.

@@ -274,6 +274,12 @@ async fn forward(
             let failed = resp.status().is_server_error();
             (resp.map(Either::Left), failed)
         }
+        Ok(Err(e)) if client_body_failed(&e) => {
+            // The client hung up mid-body: not the upstream's failure, and no one to
+            // answer; count it like any other client that went away.
+            pool.stats.record_client_abort();
+            return error_response(StatusCode::BAD_REQUEST, "incomplete request body\n");
+        }
         Ok(Err(e)) => {
             let kind = if e.is_connect() {
                 UpstreamError::Connect
@@ -318,6 +324,22 @@ async fn forward(
     resp.headers_mut()
         .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
     resp
+}
+
+/// Whether forwarding failed because the client's own request body did (the client
+/// hung up mid-body): hyper reports a user-body error caused by the incoming body's
+/// error.
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_user() && std::error::Error::source(h).is_some_and(|s| s.is::<hyper::Error>()) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection.
