@@ -15,20 +15,14 @@ const TOKEN: &str = "s3cret-token";
 const TOKEN_ENV: (&str, &str) = ("CANARY_ADMIN_TOKEN", TOKEN);
 const BEARER: (&str, &str) = ("authorization", "Bearer s3cret-token");
 
-/// Three routes: `web` (a rollout whose second step is manual), `plain` (a canary
-/// without a rollout) and `solo` (no canary). Admin calls need the token.
+/// Three routes: `plain` (a canary without a rollout, on `/plain`), `solo` (no
+/// canary, on `/solo`) and `web` (a rollout whose second step is manual, on the rest).
+/// Admin calls need the token.
 fn config(v1: &Upstream, v2: &Upstream) -> String {
     let (s, c) = (addrs(&[v1]), addrs(&[v2]));
     format!(
         "admin_token_env: CANARY_ADMIN_TOKEN
 routes:
-  - name: web
-    stable: {{version: v1, upstreams: {s}}}
-    canary: {{version: v2, upstreams: {c}}}
-    sticky: {{header: x-user-id}}
-    rollout:
-      steps: [{{weight: 10, pause: 1h}}, {{weight: 50, pause: manual}}, {{weight: 100, pause: 1h}}]
-      analysis: {{interval: 500ms, window: 3s, min_requests: 1000000}}
   - name: plain
     path_prefix: /plain
     stable: {{version: v1, upstreams: {s}}}
@@ -36,6 +30,13 @@ routes:
   - name: solo
     path_prefix: /solo
     stable: {{version: v1, upstreams: {s}}}
+  - name: web
+    stable: {{version: v1, upstreams: {s}}}
+    canary: {{version: v2, upstreams: {c}}}
+    sticky: {{header: x-user-id}}
+    rollout:
+      steps: [{{weight: 10, pause: 1h}}, {{weight: 50, pause: manual}}, {{weight: 100, pause: 1h}}]
+      analysis: {{interval: 500ms, window: 3s, min_requests: 1000000}}
 "
     )
 }
@@ -86,14 +87,14 @@ async fn every_admin_endpoint_its_happy_path_and_its_error_codes() {
         .iter()
         .map(|r| r["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["web", "plain", "solo"]);
+    assert_eq!(names, ["plain", "solo", "web"]);
     let modes: Vec<&str> = list
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r["mode"].as_str().unwrap())
         .collect();
-    assert_eq!(modes, ["rollout", "manual", "stable"]);
+    assert_eq!(modes, ["manual", "stable", "rollout"]);
     let web = c.status("web").await;
     assert_eq!(web["phase"], "progressing");
     assert_eq!(web["weight"], 10.0);
@@ -374,13 +375,14 @@ async fn every_cli_verb_and_its_exit_codes() {
         assert!(lines[0].contains(h), "{out}");
     }
     assert_eq!(lines.len(), 4, "{out}");
-    let web: Vec<&str> = lines[1].split_whitespace().collect();
+    let web: Vec<&str> = lines[3].split_whitespace().collect();
     assert_eq!(
         web[..7],
         ["web", "rollout", "v1", "v2", "10%", "progressing", "1/3"],
         "{out}"
     );
-    assert!(lines[3].starts_with("solo"), "{out}");
+    assert!(lines[1].starts_with("plain"), "{out}");
+    assert!(lines[2].starts_with("solo"), "{out}");
     let out = ok(c.cli(&["status", "web"]).await);
     assert!(
         out.contains("steps: *10% (3600s) → 50% (manual) → 100% (3600s)"),
