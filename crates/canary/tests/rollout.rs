@@ -18,6 +18,10 @@ const FAST_ANALYSIS: &str = "{interval: 500ms, window: 3s, min_requests: 20, max
 /// Analysis that never has enough canary requests to judge (always inconclusive).
 const NO_ANALYSIS: &str = "{interval: 500ms, window: 3s, min_requests: 1000000}";
 
+/// Sends testers to the canary whatever the weight.
+const TESTER_RULE: &str =
+    "    rules:\n      - header: {name: x-canary, value: always}\n        to: canary\n";
+
 /// A route `web` with stable `v1`, canary `v2`, sticky by `x-user-id`, and a rollout.
 /// `extra` is appended to the route (indented by four spaces).
 fn rollout_config(
@@ -345,7 +349,7 @@ async fn breaker_does_not_count_clients_that_hang_up() {
         "[{weight: 10, pause: manual}]",
         NO_ANALYSIS,
         3,
-        "    rules:\n      - header: {name: x-canary, value: always}\n        to: canary\n",
+        TESTER_RULE,
     );
     let c = Canary::start(&body).await;
     let http = common::client();
@@ -425,19 +429,22 @@ async fn breaker_does_not_count_clients_that_hang_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn analysis_aborts_a_canary_with_too_many_errors() {
+async fn analysis_aborts_a_canary_with_too_many_errors_until_a_new_version() {
     let v1 = Upstream::start("v1").await;
     let v2 = Upstream::start("v2").await;
     v2.fail_every(10);
-    let body = rollout_config(
-        &v1,
-        &v2,
-        "[{weight: 50, pause: 30s}, {weight: 100, pause: 30s}]",
-        "{interval: 500ms, window: 3s, min_requests: 20, max_error_rate: 0.05, failure_limit: 2}",
-        0,
-        "",
-    );
-    let c = Canary::start(&body).await;
+    let config = |version: &str| {
+        rollout_config(
+            &v1,
+            &v2,
+            "[{weight: 50, pause: 30s}, {weight: 100, pause: 30s}]",
+            "{interval: 500ms, window: 3s, min_requests: 20, max_error_rate: 0.05, failure_limit: 2}",
+            0,
+            TESTER_RULE,
+        )
+        .replace("version: v2", &format!("version: {version}"))
+    };
+    let mut c = Canary::start(&config("v2")).await;
     let traffic = load(&c, 4, 40);
     let s = c
         .wait_status("web", "aborted", Duration::from_secs(30), |s| {
@@ -483,6 +490,77 @@ async fn analysis_aborts_a_canary_with_too_many_errors() {
         ) >= Some(2.0),
         "{m}"
     );
+
+    // Aborted is sticky: rules still reach the canary, a restart and a reload with the
+    // same version keep it aborted; a new canary version starts a new rollout.
+    let r = c
+        .get("/", &[("x-canary", "always"), ("x-user-id", "tester")])
+        .await;
+    assert_eq!(
+        r.version(),
+        Some("v2"),
+        "rules must still apply after an abort"
+    );
+    c.restart().await;
+    let s = c.status("web").await;
+    assert_eq!(
+        (s["phase"].as_str(), s["weight"].as_f64()),
+        (Some("aborted"), Some(0.0)),
+        "{s:#}"
+    );
+    c.write_config(&config("v2").replace("pause: 30s}]", "pause: 20s}]"));
+    c.wait_status("web", "reloaded", Duration::from_secs(10), |s| {
+        s["steps"][1]["pause"] == "20s"
+    })
+    .await;
+    assert_eq!(c.status("web").await["phase"], "aborted");
+    c.write_config(&config("v3"));
+    let s = c
+        .wait_status("web", "rolling out v3", Duration::from_secs(10), |s| {
+            s["canary_version"] == "v3"
+        })
+        .await;
+    assert_eq!(
+        (s["phase"].as_str(), s["step"].as_u64()),
+        (Some("progressing"), Some(0)),
+        "{s:#}"
+    );
+    assert_eq!(s["weight"], 50.0, "{s:#}");
+    let evs = journal(&c, "web").await;
+    assert_eq!(
+        kinds(&evs),
+        ["start", "verdict", "abort", "start"],
+        "{evs:#?}"
+    );
+    assert_eq!(evs[3]["canary_version"], "v3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_paused_by_a_manual_weight_is_still_aborted_by_the_breaker() {
+    let v1 = Upstream::start("v1").await;
+    let v2 = Upstream::start("v2").await;
+    let body = rollout_config(&v1, &v2, "[{weight: 10, pause: 1h}]", NO_ANALYSIS, 5, "");
+    let c = Canary::start(&body).await;
+    let (code, v) = c
+        .admin_put("/api/v1/routes/web/weight", r#"{"weight":40}"#)
+        .await;
+    assert_eq!((code, v["phase"].as_str()), (200, Some("paused")), "{v}");
+    v2.set_status(503);
+    let traffic = load(&c, 4, 30);
+    let s = c
+        .wait_status("web", "aborted", Duration::from_secs(10), |s| {
+            phase_is(s, "aborted")
+        })
+        .await;
+    traffic.stop().await;
+    assert!(
+        s["abort_reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("breaker"),
+        "{s:#}"
+    );
+    assert_eq!(s["weight"], 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -648,7 +726,7 @@ async fn kill_9_resumes_the_same_step_and_weight_and_a_reload_does_not_restart_i
         steps,
         FAST_ANALYSIS,
         5,
-        "    rules:\n      - header: {name: x-canary, value: always}\n        to: canary\n",
+        TESTER_RULE,
     ));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
