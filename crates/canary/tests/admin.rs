@@ -112,6 +112,18 @@ async fn every_admin_endpoint_its_happy_path_and_its_error_codes() {
         404,
         "no such endpoint",
     );
+    // Every error is JSON, including the ones the router makes.
+    assert_error(
+        c.admin_get("/api/v1/routes/web/events?limit=many").await,
+        400,
+        "limit",
+    );
+    assert_error(c.admin_get("/api/v1/routes/web/pause").await, 405, "method");
+    assert_error(
+        call(&c, Method::DELETE, "/api/v1/routes/web", "").await,
+        405,
+        "method",
+    );
 
     // Every mutating call needs the token: missing, wrong, or not a bearer token.
     let mutations: [(Method, &str, &str); 7] = [

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -65,6 +66,12 @@ pub fn router(admin: Admin) -> Router {
         .route("/api/v1/routes/{name}/resume", post(resume))
         .route("/api/v1/routes/{name}/retry", post(retry))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint".into(),
+            )
+        })
         .with_state(admin)
 }
 
@@ -110,8 +117,9 @@ struct EventsQuery {
 async fn events(
     State(a): State<Admin>,
     Path(name): Path<String>,
-    Query(q): Query<EventsQuery>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let evs = a.controller.events(&name, q.limit.unwrap_or(1000).max(1))?;
     Ok(Json(evs).into_response())
 }
