@@ -110,6 +110,7 @@ routes:
         max_p99_latency: 500ms
         max_error_rate_increase: 0.01
         max_latency_increase: 2
+        latency_noise_floor: 25ms   # ~1 ms upstreams: a busy machine's jitter is no regression
         failure_limit: 2
       breaker:
         consecutive_failures: 5
@@ -360,9 +361,17 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         stats.sent.load(Relaxed),
         a.admin
     );
+    // The exit code says whether the demo showed what it set out to show: a rollback
+    // for the wrong reason (say, latency noise before the fault) is not a success.
+    let reason = outcome
+        .as_ref()
+        .and_then(|r| r["abort_reason"].as_str())
+        .unwrap_or("");
     let promoted = outcome.as_ref().is_some_and(|r| r["phase"] == "promoted");
-    let expected = if a.faulty_canary || a.slow_canary {
-        !promoted && outcome.is_some()
+    let expected = if a.faulty_canary {
+        reason.starts_with("breaker")
+    } else if a.slow_canary {
+        reason.contains("latency")
     } else {
         promoted
     };

@@ -641,9 +641,13 @@ async fn demo(extra: &[&str]) -> (i32, String, String, f64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_promotes_v2_and_the_faulty_demo_rolls_it_back() {
-    // Both at once: each takes tens of seconds, mostly waiting.
-    let (healthy, faulty) = tokio::join!(demo(&[]), demo(&["--faulty-canary"]));
+async fn demo_promotes_v2_and_rolls_back_a_faulty_or_slow_canary_for_the_right_reason() {
+    // All at once: each takes tens of seconds, mostly waiting.
+    let (healthy, faulty, slow) = tokio::join!(
+        demo(&[]),
+        demo(&["--faulty-canary"]),
+        demo(&["--slow-canary"])
+    );
 
     let (code, out, err, secs) = healthy;
     eprintln!("demo: exit {code} after {secs:.1} s");
@@ -660,4 +664,10 @@ async fn demo_promotes_v2_and_the_faulty_demo_rolls_it_back() {
     }
     assert_eq!(code, 0, "faulty demo failed:\n{out}\n{err}");
     assert!(out.contains("v2 rolled back: breaker"), "{out}");
+
+    let (code, out, err, secs) = slow;
+    eprintln!("demo --slow-canary: exit {code} after {secs:.1} s");
+    assert_eq!(code, 0, "slow demo failed:\n{out}\n{err}");
+    assert!(out.contains("v2 rolled back: analysis"), "{out}");
+    assert!(out.contains("max_latency_increase"), "{out}");
 }
