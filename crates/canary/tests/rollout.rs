@@ -679,6 +679,40 @@ async fn a_canary_pool_failing_health_checks_aborts_as_canary_unhealthy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_pool_fully_ejected_aborts_as_canary_unhealthy_without_a_breaker() {
+    let v1 = Upstream::start("v1").await;
+    let v2 = Upstream::start("v2").await;
+    let body = rollout_config(
+        &v1,
+        &v2,
+        "[{weight: 50, pause: 1h}]",
+        NO_ANALYSIS,
+        0,
+        "    ejection: {consecutive_failures: 3, base: 30s, max: 1m}\n",
+    );
+    let c = Canary::start(&body).await;
+    v2.set_status(502);
+    let traffic = load(&c, 4, 30);
+    let s = c
+        .wait_status("web", "aborted", Duration::from_secs(10), |s| {
+            phase_is(s, "aborted")
+        })
+        .await;
+    let samples = traffic.stop().await;
+    let reason = s["abort_reason"].as_str().unwrap_or("");
+    assert!(
+        reason.starts_with("canary unhealthy"),
+        "reason {reason:?}: {s:#}"
+    );
+    assert_eq!(s["weight"], 0.0);
+    // Requests bound for the ejected canary went to stable, not to an error.
+    let failed = samples
+        .iter()
+        .filter(|x| x.status != 200 && x.version.as_deref() != Some("v2"));
+    assert_eq!(failed.count(), 0, "stable answers failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_resumes_the_same_step_and_weight_and_a_reload_does_not_restart_it() {
     let v1 = Upstream::start("v1").await;
     let v2 = Upstream::start("v2").await;
