@@ -713,6 +713,54 @@ async fn a_canary_pool_fully_ejected_aborts_as_canary_unhealthy_without_a_breake
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_breaker_limit_applies_it_to_the_running_rollout() {
+    let v1 = Upstream::start("v1").await;
+    let v2 = Upstream::start("v2").await;
+    let config = |breaker| {
+        rollout_config(
+            &v1,
+            &v2,
+            "[{weight: 50, pause: 1h}]",
+            NO_ANALYSIS,
+            breaker,
+            "",
+        )
+    };
+    let c = Canary::start(&config(1000)).await;
+    c.write_config(&config(3));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = c.metrics().await;
+        if metric_value(&m, "canary_config_reloads_total", &[("result", "success")]) == Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reload not applied: {}", c.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = c.status("web").await;
+    assert_eq!(
+        (s["phase"].as_str(), s["step"].as_u64()),
+        (Some("progressing"), Some(0)),
+        "{s:#}"
+    );
+    v2.set_status(500);
+    let traffic = load(&c, 4, 30);
+    let s = c
+        .wait_status(
+            "web",
+            "aborted by the reloaded breaker",
+            Duration::from_secs(10),
+            |s| phase_is(s, "aborted"),
+        )
+        .await;
+    traffic.stop().await;
+    assert_eq!(
+        s["abort_reason"], "breaker: 3 consecutive canary failures",
+        "{s:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_resumes_the_same_step_and_weight_and_a_reload_does_not_restart_it() {
     let v1 = Upstream::start("v1").await;
     let v2 = Upstream::start("v2").await;

@@ -722,7 +722,8 @@ fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
                 .unwrap_or(0);
             if !s.phase.is_active() {
                 ctl.runtime.arm_breaker(0);
-            } else if rearm || !ctl.runtime.breaker_armed() && !ctl.runtime.tripped() {
+            } else if rearm || !ctl.runtime.tripped() && ctl.runtime.breaker_limit() != limit {
+                // Also when a reload changed the limit: the new one applies at once.
                 ctl.runtime.arm_breaker(limit);
             }
             ctl.runtime.set_weight(s.weight());
