@@ -761,6 +761,49 @@ async fn a_reload_that_changes_the_breaker_limit_applies_it_to_the_running_rollo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_rollout_holds_despite_passing_verdicts_and_resume_continues() {
+    let v1 = Upstream::start("v1").await;
+    let v2 = Upstream::start("v2").await;
+    let steps = "[{weight: 10, pause: 1s}, {weight: 50, pause: 1s}, {weight: 100, pause: 1h}]";
+    let c = Canary::start(&rollout_config(&v1, &v2, steps, FAST_ANALYSIS, 5, "")).await;
+    let (code, v) = c.admin_post("/api/v1/routes/web/pause", "").await;
+    assert_eq!((code, v["phase"].as_str()), (200, Some("paused")), "{v}");
+    let traffic = load(&c, 4, 30);
+    c.wait_status("web", "judged passing", Duration::from_secs(15), |s| {
+        s["last_verdict"]["result"] == "pass"
+    })
+    .await;
+    // Well past the 1 s pause, with passing verdicts: still held.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = c.status("web").await;
+    assert_eq!(
+        (s["phase"].as_str(), s["step"].as_u64()),
+        (Some("paused"), Some(0)),
+        "{s:#}"
+    );
+    assert_eq!(s["weight"], 10.0, "{s:#}");
+    assert_eq!(s["last_verdict"]["result"], "pass", "{s:#}");
+
+    let (code, v) = c.admin_post("/api/v1/routes/web/resume", "").await;
+    assert_eq!(
+        (code, v["phase"].as_str()),
+        (200, Some("progressing")),
+        "{v}"
+    );
+    c.wait_status("web", "at step 2", Duration::from_secs(15), |s| {
+        s["step"] == 1
+    })
+    .await;
+    traffic.stop().await;
+    let evs = journal(&c, "web").await;
+    assert_eq!(
+        kinds(&evs),
+        ["start", "pause", "resume", "advance"],
+        "{evs:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_resumes_the_same_step_and_weight_and_a_reload_does_not_restart_it() {
     let v1 = Upstream::start("v1").await;
     let v2 = Upstream::start("v2").await;
