@@ -338,12 +338,22 @@ async fn breaker_aborts_a_failing_canary_within_about_n_requests_and_retry_rearm
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_does_not_count_clients_that_hang_up() {
-    // Every request goes to the canary (rule); the canary is slow, the clients give up
-    // before it answers. Those are not canary failures.
+    hang_ups_are_not_canary_failures(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_does_not_count_clients_that_hang_up_with_an_http2_canary() {
+    hang_ups_are_not_canary_failures(true).await;
+}
+
+/// Every request goes to the canary (rule); the canary is slow, the clients give up
+/// before it answers or in the middle of their request body. Those are not canary
+/// failures. `http2`: the proxy talks h2c to the canary.
+async fn hang_ups_are_not_canary_failures(http2: bool) {
     let v1 = Upstream::start("v1").await;
     let v2 = Upstream::start("v2").await;
     v2.set_delay_ms(400);
-    let body = rollout_config(
+    let mut body = rollout_config(
         &v1,
         &v2,
         "[{weight: 10, pause: manual}]",
@@ -351,6 +361,12 @@ async fn breaker_does_not_count_clients_that_hang_up() {
         3,
         TESTER_RULE,
     );
+    if http2 {
+        body = body.replace(
+            "canary: {version: v2,",
+            "canary: {version: v2, http2: true,",
+        );
+    }
     let c = Canary::start(&body).await;
     let http = common::client();
     for i in 0..8 {

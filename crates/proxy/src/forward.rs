@@ -330,13 +330,20 @@ async fn forward(
 }
 
 /// Whether forwarding failed because the client's own request body did (the client
-/// hung up mid-body): hyper reports a user-body error caused by the incoming body's
-/// error.
+/// hung up mid-body).
 fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
+        // HTTP/1 upstream: a user-body error caused by the incoming body's error.
         if let Some(h) = err.downcast_ref::<hyper::Error>() {
             if h.is_user() && std::error::Error::source(h).is_some_and(|s| s.is::<hyper::Error>()) {
+                return true;
+            }
+        }
+        // HTTP/2 upstream: hyper resets the stream itself when the request body fails;
+        // it is the only reset our side makes while the answer is still awaited.
+        if let Some(h) = err.downcast_ref::<h2::Error>() {
+            if h.is_reset() && !h.is_remote() && !h.is_library() {
                 return true;
             }
         }
