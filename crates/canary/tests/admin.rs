@@ -95,6 +95,7 @@ async fn every_admin_endpoint_its_happy_path_and_its_error_codes() {
         .map(|r| r["mode"].as_str().unwrap())
         .collect();
     assert_eq!(modes, ["manual", "stable", "rollout"]);
+    assert!(c.metrics().await.contains("canary_rollout_phase"));
     let web = c.status("web").await;
     assert_eq!(web["phase"], "progressing");
     assert_eq!(web["weight"], 10.0);
@@ -510,6 +511,11 @@ async fn every_cli_verb_and_its_exit_codes() {
     // wait on a route without a rollout: exit 3.
     let (code, _, err) = cli(&c, &["wait", "plain", "--timeout", "1s"]).await;
     assert_eq!(code, 3, "{err}");
+    // The admin URL from CANARY_ADMIN.
+    let url = format!("http://{}", c.admin);
+    let (code, out, err) = run_canary(&["status", "web"], &[("CANARY_ADMIN", &url)], None).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("ROUTE"), "{out}");
     // An admin API that is not there: exit 3.
     let dead = format!("http://127.0.0.1:{}", free_port());
     let (code, _, err) = run_canary(&["status", "--admin", &dead], &[], None).await;
