@@ -154,6 +154,25 @@ async fn every_admin_endpoint_its_happy_path_and_its_error_codes() {
         "a rejected call changed state: {s:#}"
     );
     assert_eq!(c.status("web").await["weight"], 10.0);
+    // The token is case-sensitive, the scheme is not.
+    let upper = [("authorization", "Bearer S3CRET-TOKEN")];
+    let got = c
+        .admin(Method::POST, "/api/v1/routes/web/pause", "", &upper)
+        .await;
+    assert_error(got, 401, "token");
+    let lower = [("authorization", "bearer s3cret-token")];
+    let (code, v) = c
+        .admin(Method::POST, "/api/v1/routes/web/pause", "", &lower)
+        .await;
+    assert_eq!((code, v["phase"].as_str()), (200, Some("paused")), "{v}");
+    let (code, v) = c
+        .admin(Method::POST, "/api/v1/routes/web/resume", "", &lower)
+        .await;
+    assert_eq!(
+        (code, v["phase"].as_str()),
+        (200, Some("progressing")),
+        "{v}"
+    );
 
     // pause / resume, and 409 when they make no sense.
     let (code, v) = post(&c, "/api/v1/routes/web/pause", "").await;
@@ -308,8 +327,8 @@ async fn every_admin_endpoint_its_happy_path_and_its_error_codes() {
     assert_eq!(
         kinds,
         [
-            "start", "pause", "resume", "weight", "resume", "advance", "abort", "retry", "promote",
-            "abort"
+            "start", "pause", "resume", "pause", "resume", "weight", "resume", "advance", "abort",
+            "retry", "promote", "abort"
         ],
         "{evs:#}"
     );

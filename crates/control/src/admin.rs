@@ -130,7 +130,10 @@ fn authorize(a: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
     let got = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
         .unwrap_or("");
     let (g, w) = (got.as_bytes(), want.as_bytes());
     let mut diff = g.len() ^ w.len();
