@@ -1,6 +1,7 @@
 //! The rollout controller end to end: a healthy canary promoted step by step, the
-//! breaker, the analysis (absolute and relative limits), inconclusive holds, an
-//! unhealthy canary pool, and `kill -9` in the middle of a rollout.
+//! breaker (what it counts, what it does not, retry re-arming it, a reloaded limit),
+//! the analysis (absolute and relative limits), inconclusive holds, pauses, an
+//! unhealthy or fully ejected canary pool, reloads, and `kill -9` mid-rollout.
 //!
 //! Timings are short (pauses of 1 s, verdicts every 500 ms over 3 s) so the file runs
 //! in well under a minute of wall time per test; waits are generous upper bounds,
