@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -65,6 +66,12 @@ pub fn router(admin: Admin) -> Router {
         .route("/api/v1/routes/{name}/resume", post(resume))
         .route("/api/v1/routes/{name}/retry", post(retry))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint".into(),
+            )
+        })
         .with_state(admin)
 }
 
@@ -110,8 +117,9 @@ struct EventsQuery {
 async fn events(
     State(a): State<Admin>,
     Path(name): Path<String>,
-    Query(q): Query<EventsQuery>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let evs = a.controller.events(&name, q.limit.unwrap_or(1000).max(1))?;
     Ok(Json(evs).into_response())
 }
@@ -122,7 +130,10 @@ fn authorize(a: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
     let got = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
         .unwrap_or("");
     let (g, w) = (got.as_bytes(), want.as_bytes());
     let mut diff = g.len() ^ w.len();

@@ -364,7 +364,11 @@ impl Controller {
                 ctl.last_verdict_ms = now;
                 verdict = Some(v);
             }
-            let input = if state.weight_bp > 0 && !canary_pool.any_available(mono) {
+            let input = if let Some(trip) = pending_trip(ctl) {
+                // The breaker tripped and its event is still queued: it wins over this
+                // tick, whose promote (last step) would otherwise re-open the canary.
+                trip
+            } else if state.weight_bp > 0 && !canary_pool.any_available(mono) {
                 Input::CanaryUnhealthy
             } else {
                 Input::Tick { verdict }
@@ -399,12 +403,28 @@ impl Controller {
         ctl.rollout = Some(out.state);
         // Apply to the data plane first: an abort must cut traffic even if the disk fails.
         let now_active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
+        if now_active && !was_active {
+            self.clear_canary_ejections(&name);
+        }
         sync_runtime(ctl, now_active && !was_active);
         self.store.append(&name, &out.events)?;
         if changed {
             self.store.save(&name, ctl.rollout.as_ref())?;
         }
         Ok(())
+    }
+
+    /// A retried rollout starts with a clean slate: the passive ejections that came with
+    /// the failures of the previous attempt would otherwise abort it at once as
+    /// `canary unhealthy` (for up to `ejection.max`). If the canary is still broken,
+    /// the re-armed breaker catches it again.
+    fn clear_canary_ejections(&self, route: &str) {
+        let snap = self.proxy.snapshot();
+        if let Some(pool) = snap.route(route).and_then(|(_, e)| e.canary.as_ref()) {
+            for i in &pool.instances {
+                i.clear_ejection();
+            }
+        }
     }
 
     /// Handles an event from the data plane.
@@ -416,6 +436,14 @@ impl Controller {
                 (route, Input::Breaker { failures })
             }
             DataPlaneEvent::CanaryUnavailable { route } => {
+                // The failures that tripped the breaker may also have ejected the last
+                // canary instance: the breaker is the cause to report.
+                if let Some(ctl) = inner.routes.iter_mut().find(|c| c.cfg.route.name == route) {
+                    if let (Some(spec), Some(trip)) = (ctl.cfg.rollout.clone(), pending_trip(ctl)) {
+                        self.apply_input(ctl, &spec, trip, now);
+                        return;
+                    }
+                }
                 // Only an abort if the pool really has no available instance.
                 let snap = self.proxy.snapshot();
                 let down = snap
@@ -445,8 +473,16 @@ impl Controller {
             .find(|c| c.cfg.route.name == route)
             .ok_or_else(|| ControlError::NotFound(route.to_string()))?;
         match (&ctl.cfg.rollout, &ctl.rollout, &ctl.cfg.canary) {
-            (Some(spec), Some(state), Some(_)) => {
+            (Some(spec), Some(_), Some(_)) => {
                 let spec = spec.clone();
+                if let Some(trip) = pending_trip(ctl) {
+                    // The breaker acted first: the command applies to the aborted rollout
+                    // (a promote must not re-open a canary that just broke).
+                    self.apply_input(ctl, &spec, trip, now);
+                }
+                let Some(state) = &ctl.rollout else {
+                    unreachable!("matched above")
+                };
                 let input = match cmd.clone() {
                     Command::Promote { full } => Input::Promote { full },
                     Command::Abort { reason } => Input::Abort { reason },
@@ -660,6 +696,20 @@ impl Controller {
     }
 }
 
+/// The breaker input for a trip the data plane has made but the controller has not
+/// handled yet (its event is still queued), if the rollout is still on trial.
+fn pending_trip(ctl: &RouteCtl) -> Option<Input> {
+    let active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
+    (active && ctl.runtime.tripped()).then(|| Input::Breaker {
+        failures: ctl
+            .cfg
+            .rollout
+            .as_ref()
+            .and_then(|r| r.breaker_failures)
+            .unwrap_or(0),
+    })
+}
+
 /// Puts the route's weight and breaker in the data plane in line with its state.
 fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
     match (&ctl.rollout, &ctl.cfg.canary) {
@@ -672,7 +722,8 @@ fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
                 .unwrap_or(0);
             if !s.phase.is_active() {
                 ctl.runtime.arm_breaker(0);
-            } else if rearm || !ctl.runtime.breaker_armed() && !ctl.runtime.tripped() {
+            } else if rearm || !ctl.runtime.tripped() && ctl.runtime.breaker_limit() != limit {
+                // Also when a reload changed the limit: the new one applies at once.
                 ctl.runtime.arm_breaker(limit);
             }
             ctl.runtime.set_weight(s.weight());
@@ -686,5 +737,75 @@ fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
             ctl.runtime.arm_breaker(0);
             ctl.runtime.set_weight(Weight::ZERO);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One step at 50 % that passes at once (no pause, no minimum sample), breaker at 3.
+    const CONFIG: &str = r#"listen: 127.0.0.1:1
+routes:
+  - name: web
+    stable: {version: v1, upstreams: ["127.0.0.1:1"]}
+    canary: {version: v2, upstreams: ["127.0.0.1:2"]}
+    rollout:
+      steps: [{weight: 50, pause: 0}]
+      analysis: {min_requests: 0}
+      breaker: {consecutive_failures: 3}
+"#;
+
+    fn controller() -> (tempfile::TempDir, Controller) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let c = Controller::new(Arc::new(Proxy::new()), store);
+        let cfg = canary_config::parse("test.yaml", CONFIG).expect("config");
+        c.apply(&cfg).expect("apply");
+        (dir, c)
+    }
+
+    /// Trips the breaker in the data plane. No controller loop runs in these tests, so
+    /// the trip's event stays queued, as in the instant before the loop handles it.
+    fn trip(c: &Controller) {
+        let rt = c.proxy().runtime("web").expect("runtime");
+        for _ in 0..3 {
+            rt.canary_failure();
+        }
+        assert!(rt.tripped());
+        assert_eq!(rt.weight(), Weight::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_tick_racing_a_breaker_trip_aborts_instead_of_promoting() {
+        let (_dir, c) = controller();
+        trip(&c);
+        // Let the clock move past the step's start, so the tick's verdict is fresh and
+        // would promote.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        c.tick();
+        let s = c.status("web").expect("status");
+        assert_eq!(s.phase, Some(Phase::Aborted), "{s:?}");
+        assert!(
+            s.abort_reason
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("breaker"),
+            "{s:?}"
+        );
+        assert_eq!(s.weight, 0.0, "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn a_promote_racing_a_breaker_trip_is_refused_and_the_canary_stays_cut() {
+        let (_dir, c) = controller();
+        trip(&c);
+        let err = c
+            .command("web", Command::Promote { full: true })
+            .expect_err("promote after a trip");
+        assert!(matches!(err, ControlError::Conflict(_)), "{err}");
+        let s = c.status("web").expect("status");
+        assert_eq!(s.phase, Some(Phase::Aborted), "{s:?}");
+        assert_eq!(s.weight, 0.0, "{s:?}");
     }
 }

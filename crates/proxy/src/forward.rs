@@ -426,17 +426,20 @@ async fn forward(
         }
     };
     pool.stats.record(resp.status().as_u16(), elapsed_us);
-    if failed {
-        instance.record_failure(&pool.ejection, now_ms());
-    } else {
-        instance.record_success();
-    }
+    // The breaker first: when the same failures also eject the last canary instance,
+    // the trip is already recorded and the abort reports the breaker, not an
+    // unhealthy pool.
     if target == Target::Canary {
         if failed {
             entry.runtime.canary_failure();
         } else {
             entry.runtime.canary_success();
         }
+    }
+    if failed {
+        instance.record_failure(&pool.ejection, now_ms());
+    } else {
+        instance.record_success();
     }
     match (resp.status(), client_upgrade) {
         (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) => {

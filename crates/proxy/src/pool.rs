@@ -83,6 +83,14 @@ impl Instance {
         }
     }
 
+    /// Ends a passive ejection at once and forgets its back-off (a rollout is retried:
+    /// the canary gets a fresh chance). Active health checks still apply.
+    pub fn clear_ejection(&self) {
+        self.consecutive_failures.store(0, Relaxed);
+        self.ejection_streak.store(0, Relaxed);
+        self.ejected_until_ms.store(0, Relaxed);
+    }
+
     /// Counts a failure; ejects after `spec.consecutive_failures` in a row, for
     /// `base × 2^streak` capped at `max`. Returns whether this call ejected it.
     pub fn record_failure(&self, spec: &Ejection, now_ms: u64) -> bool {

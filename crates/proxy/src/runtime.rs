@@ -75,6 +75,11 @@ impl RouteRuntime {
         self.tripped.load(Relaxed)
     }
 
+    /// The consecutive canary failures the breaker trips at; 0 = disarmed.
+    pub fn breaker_limit(&self) -> u32 {
+        self.breaker_limit.load(Relaxed)
+    }
+
     /// Whether a rollout is watching this route (breaker armed).
     #[inline]
     pub fn breaker_armed(&self) -> bool {
