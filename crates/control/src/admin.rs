@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -50,6 +50,10 @@ impl From<ControlError> for ApiError {
     }
 }
 
+/// The largest request body the admin API reads (axum's default, made explicit so the
+/// error message and the docs can name it). Command bodies are a few bytes.
+pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
 /// Builds the admin router.
 pub fn router(admin: Admin) -> Router {
     Router::new()
@@ -72,6 +76,7 @@ pub fn router(admin: Admin) -> Router {
                 "method not allowed on this endpoint".into(),
             )
         })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(admin)
 }
 
@@ -151,11 +156,26 @@ fn authorize(a: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Parses an optional JSON body; empty means the default.
-fn body<T: for<'de> Deserialize<'de> + Default>(bytes: &Bytes) -> Result<T, ApiError> {
+///
+/// The handlers take the body as a `Result` so that a body axum could not read (over
+/// [`BODY_LIMIT`], or broken off) is answered as JSON like every other error, and only
+/// after the token check, as for a bad body.
+fn body<T: for<'de> Deserialize<'de> + Default>(
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes = bytes.map_err(|e| {
+        let status = e.status();
+        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("request body larger than {BODY_LIMIT} bytes")
+        } else {
+            format!("cannot read the request body: {}", e.body_text())
+        };
+        ApiError(status, msg)
+    })?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes)
+    serde_json::from_slice(&bytes)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
 }
 
@@ -180,10 +200,10 @@ async fn set_weight(
     State(a): State<Admin>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    b: Bytes,
+    b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&a, &headers)?;
-    let WeightBody { weight } = body(&b)?;
+    let WeightBody { weight } = body(b)?;
     let w = weight.ok_or_else(|| {
         ApiError(
             StatusCode::BAD_REQUEST,
@@ -210,10 +230,10 @@ async fn promote(
     State(a): State<Admin>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    b: Bytes,
+    b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&a, &headers)?;
-    let PromoteBody { full } = body(&b)?;
+    let PromoteBody { full } = body(b)?;
     run(&a, &headers, &name, Command::Promote { full }).await
 }
 
@@ -228,10 +248,10 @@ async fn abort(
     State(a): State<Admin>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    b: Bytes,
+    b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&a, &headers)?;
-    let AbortBody { reason } = body(&b)?;
+    let AbortBody { reason } = body(b)?;
     let reason = if reason.trim().is_empty() {
         "aborted by user".to_string()
     } else {
@@ -262,4 +282,107 @@ async fn retry(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     run(&a, &headers, &name, Command::Retry).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use axum::body::Body;
+    use axum::http::Request;
+    use canary_proxy::Proxy;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    const CONFIG: &str = r#"listen: 127.0.0.1:1
+routes:
+  - name: web
+    stable: {version: v1, upstreams: ["127.0.0.1:1"]}
+    canary: {version: v2, upstreams: ["127.0.0.1:2"]}
+    rollout:
+      steps: [{weight: 10, pause: 1h}, {weight: 100, pause: 1h}]
+"#;
+
+    fn admin(token: Option<&str>) -> (tempfile::TempDir, Router) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let c = Controller::new(Arc::new(Proxy::new()), store);
+        let cfg = canary_config::parse("test.yaml", CONFIG).expect("config");
+        c.apply(&cfg).expect("apply");
+        let a = Admin {
+            controller: Arc::new(c),
+            token: token.map(Arc::from),
+        };
+        (dir, router(a))
+    }
+
+    async fn call(r: &Router, req: Request<Body>) -> (StatusCode, serde_json::Value) {
+        let resp = r.clone().oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let v = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            panic!(
+                "{status}: not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&bytes)
+            )
+        });
+        (status, v)
+    }
+
+    fn req(method: &str, path: &str, body: Vec<u8>, token: Option<&str>) -> Request<Body> {
+        let mut b = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        b.body(Body::from(body)).expect("request")
+    }
+
+    /// Over the limit, with the whole (valid JSON) body padded with spaces.
+    fn huge_body() -> Vec<u8> {
+        let mut b = br#"{"weight": 10}"#.to_vec();
+        b.resize(BODY_LIMIT + 1, b' ');
+        b
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_a_json_413_on_every_endpoint_with_a_body() {
+        let (_dir, r) = admin(None);
+        for (method, path) in [
+            ("PUT", "/api/v1/routes/web/weight"),
+            ("POST", "/api/v1/routes/web/promote"),
+            ("POST", "/api/v1/routes/web/abort"),
+        ] {
+            let (status, v) = call(&r, req(method, path, huge_body(), None)).await;
+            assert_eq!(
+                status,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "{method} {path}: {v}"
+            );
+            let msg = v["error"].as_str().unwrap_or_default();
+            assert!(msg.contains("larger than 2097152 bytes"), "{v}");
+        }
+        // Nothing changed.
+        let (status, v) = call(&r, req("GET", "/api/v1/routes/web", vec![], None)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            (v["phase"].as_str(), v["weight"].as_f64()),
+            (Some("progressing"), Some(10.0))
+        );
+        // Exactly at the limit is read (and here parsed) as usual.
+        let mut at_limit = br#"{"weight": 20}"#.to_vec();
+        at_limit.resize(BODY_LIMIT, b' ');
+        let (status, v) = call(&r, req("PUT", "/api/v1/routes/web/weight", at_limit, None)).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["weight"], 20.0);
+    }
+
+    #[tokio::test]
+    async fn the_token_is_checked_before_an_oversized_body() {
+        let (_dir, r) = admin(Some("t0ken"));
+        let path = "/api/v1/routes/web/weight";
+        let (status, v) = call(&r, req("PUT", path, huge_body(), None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+        let (status, v) = call(&r, req("PUT", path, huge_body(), Some("t0ken"))).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    }
 }
