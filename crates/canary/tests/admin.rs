@@ -306,6 +306,8 @@ async fn every_admin_endpoint_its_happy_path_and_its_error_codes() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["phase"], "promoted");
     assert_eq!(v["weight"], 100.0);
+    // From the first step: a full promotion ends on the last step.
+    assert_eq!(v["step"], 2, "{v:#}");
     assert_eq!(v["make_stable"], "v2");
     assert_error(
         post(&c, "/api/v1/routes/web/promote", "").await,
@@ -482,7 +484,7 @@ async fn every_cli_verb_and_its_exit_codes() {
     let out = ok(cli(&c, &["pause", "web"]).await);
     assert!(out.contains("web: paused at 10%"), "{out}");
     let out = ok(cli(&c, &["promote", "web", "--full"]).await);
-    assert!(out.contains("web: promoted at 100%"), "{out}");
+    assert!(out.contains("web: promoted at 100% (step 3/3)"), "{out}");
     let (code, out, err) = cli(&c, &["wait", "web", "--timeout", "5s"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(

@@ -255,7 +255,10 @@ impl RolloutState {
         self.failed_verdicts = 0;
     }
 
-    fn promote_fully(&mut self) {
+    /// Promoted means every step is done: the step is the last one, so status and
+    /// `canary_rollout_step` say so also after `promote --full` from an early step.
+    fn promote_fully(&mut self, spec: &RolloutSpec) {
+        self.step = spec.steps.len().saturating_sub(1);
         self.phase = Phase::Promoted;
         self.weight_bp = Weight::FULL.basis_points();
     }
@@ -269,7 +272,7 @@ impl RolloutState {
     /// Advances one step, or to promoted after the last one.
     fn advance(&mut self, spec: &RolloutSpec, now_ms: u64) {
         if self.step + 1 >= spec.steps.len() {
-            self.promote_fully();
+            self.promote_fully(spec);
         } else {
             self.enter_step(spec, self.step + 1, now_ms);
         }
@@ -375,7 +378,7 @@ pub fn step(
                 return reject("promote");
             }
             if full {
-                s.promote_fully();
+                s.promote_fully(spec);
             } else {
                 s.advance(spec, now_ms);
             }

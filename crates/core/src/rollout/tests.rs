@@ -175,6 +175,24 @@ fn commands_rejected_where_they_make_no_sense() {
 }
 
 #[test]
+fn full_promotion_from_an_early_step_ends_on_the_last_step() {
+    let sp = spec();
+    let last = sp.steps.len() - 1;
+    let (s, _) = RolloutState::start(&sp, "v2", 0);
+    assert_eq!(s.step, 0);
+    let paused = step(&s, &sp, Input::Pause, 1).unwrap().state;
+    for from in [s, paused] {
+        let out = step(&from, &sp, Input::Promote { full: true }, 2).unwrap();
+        let p = out.state;
+        assert_eq!(
+            (p.phase, p.step, p.weight_bp),
+            (Phase::Promoted, last, 10_000)
+        );
+        assert_eq!(out.events[0].to.step, last, "{:?}", out.events);
+    }
+}
+
+#[test]
 fn abort_after_promotion_rolls_back() {
     let sp = spec();
     let (s, _) = RolloutState::start(&sp, "v2", 0);
@@ -343,6 +361,30 @@ proptest! {
             prop_assert!(s.weight_bp >= before || s.phase == Phase::Aborted);
             let planned = sp.steps.iter().any(|st| st.weight.basis_points() == s.weight_bp);
             prop_assert!(planned || s.weight_bp == 0 || s.phase == Phase::Promoted);
+        }
+    }
+
+    #[test]
+    fn promoted_is_always_on_the_last_step(
+        inputs in proptest::collection::vec((any_input(), 0u64..120_000), 0..40),
+    ) {
+        let sp = spec();
+        let (mut s, _) = RolloutState::start(&sp, "v2", 0);
+        let mut now = 0;
+        for (input, dt) in inputs {
+            now += dt;
+            if let Ok(o) = step(&s, &sp, at(input, now), now) {
+                s = o.state;
+                for ev in &o.events {
+                    if ev.to.phase == Phase::Promoted {
+                        prop_assert_eq!(ev.to.step, sp.steps.len() - 1);
+                    }
+                }
+            }
+            if s.phase == Phase::Promoted {
+                prop_assert_eq!(s.step, sp.steps.len() - 1);
+                prop_assert_eq!(s.weight_bp, 10_000);
+            }
         }
     }
 }
