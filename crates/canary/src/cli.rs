@@ -410,9 +410,10 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                     "{}  {:<8} {} {} → {} {}  {}",
                     fmt_time(e["at_ms"].as_u64().unwrap_or(0)),
                     e["kind"].as_str().unwrap_or(""),
-                    e["from"]["phase"].as_str().unwrap_or(""),
+                    // Entries of a route without a rollout have no phase.
+                    e["from"]["phase"].as_str().unwrap_or("manual"),
                     pct(&e["from"]["weight"]),
-                    e["to"]["phase"].as_str().unwrap_or(""),
+                    e["to"]["phase"].as_str().unwrap_or("manual"),
                     pct(&e["to"]["weight"]),
                     e["reason"].as_str().unwrap_or(""),
                 );

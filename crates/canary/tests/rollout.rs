@@ -1,7 +1,8 @@
 //! The rollout controller end to end: a healthy canary promoted step by step, the
 //! breaker (what it counts, what it does not, retry re-arming it, a reloaded limit),
 //! the analysis (absolute and relative limits), inconclusive holds, pauses, an
-//! unhealthy or fully ejected canary pool, reloads, and `kill -9` mid-rollout.
+//! unhealthy or fully ejected canary pool, reloads, and `kill -9` mid-rollout; a manual
+//! weight on a route without a rollout surviving `kill -9` until the file's weight changes.
 //!
 //! Timings are short (pauses of 1 s, verdicts every 500 ms over 3 s) so the file runs
 //! in well under a minute of wall time per test; waits are generous upper bounds,
@@ -894,4 +895,120 @@ async fn kill_9_resumes_the_same_step_and_weight_and_a_reload_does_not_restart_i
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["phase"], "waiting", "{v:#}");
     assert_eq!(v["weight"], 30.0, "{v:#}");
+}
+
+/// A route `web` with a canary and no rollout, at the file's `weight`; without a canary
+/// when `weight` is `None`.
+fn manual_config(v1: &Upstream, v2: &Upstream, weight: Option<f64>) -> String {
+    let mut body = format!(
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n    sticky: {{header: x-user-id}}\n",
+        addrs(&[v1])
+    );
+    if let Some(w) = weight {
+        body.push_str(&format!(
+            "    canary: {{version: v2, upstreams: {}}}\n    weight: {w}\n",
+            addrs(&[v2])
+        ));
+    }
+    body
+}
+
+/// The route's last journal entry, which must be a `weight` entry from `from` to `to`
+/// whose reason contains `why`.
+async fn assert_last_weight_entry(c: &Canary, from: f64, to: f64, why: &str) {
+    let evs = journal(c, "web").await;
+    let e = evs.last().unwrap_or_else(|| panic!("empty journal"));
+    assert_eq!(e["kind"], "weight", "{evs:#?}");
+    assert_eq!(
+        (e["from"]["weight"].as_f64(), e["to"]["weight"].as_f64()),
+        (Some(from), Some(to)),
+        "{e:#}"
+    );
+    assert!(
+        e["from"]["phase"].is_null() && e["to"]["step"].is_null(),
+        "{e:#}"
+    );
+    assert!(e["reason"].as_str().unwrap_or("").contains(why), "{e:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_weight_survives_kill_9_until_the_file_weight_changes_or_the_canary_goes() {
+    let v1 = Upstream::start("v1").await;
+    let v2 = Upstream::start("v2").await;
+    let mut c = Canary::start(&manual_config(&v1, &v2, Some(10.0))).await;
+    let weight_file = c.dir.path().join("state").join("web.weight.json");
+    assert!(!weight_file.exists());
+    let set = |w: u32| format!(r#"{{"weight":{w}}}"#);
+
+    // Set by hand, journaled, persisted; kill -9 keeps it.
+    let (code, v) = c.admin_put("/api/v1/routes/web/weight", &set(30)).await;
+    assert_eq!(code, 200, "{v}");
+    assert_last_weight_entry(&c, 10.0, 30.0, "by user").await;
+    assert!(weight_file.exists());
+    let (code, out, err) = c.cli(&["events", "web"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("weight   manual 10% → manual 30%  weight set to 30%"),
+        "{out}"
+    );
+    let users: Vec<String> = (0..2000).map(|i| format!("mw-{i}")).collect();
+    let got = versions_for(&c, "/", "x-user-id", &users, 8).await;
+    c.kill9();
+    c.restart().await;
+    let s = c.status("web").await;
+    assert_eq!(
+        (s["mode"].as_str(), s["weight"].as_f64()),
+        (Some("manual"), Some(30.0)),
+        "{s:#}"
+    );
+    let again = versions_for(&c, "/", "x-user-id", &users, 8).await;
+    assert_eq!(got, again, "users changed version across the restart");
+    let pct = share(&again, "v2");
+    assert!(
+        (24.0..=36.0).contains(&pct),
+        "v2 share {pct}% after restart"
+    );
+
+    // A reload that changes something else keeps it; changing the file's weight wins.
+    c.write_config(&format!(
+        "{}    timeouts: {{request: 20s}}\n",
+        manual_config(&v1, &v2, Some(10.0))
+    ));
+    assert!(
+        c.wait_log("config reloaded", Duration::from_secs(10)).await,
+        "no reload: {}",
+        c.log()
+    );
+    assert_eq!(c.status("web").await["weight"], 30.0);
+    c.write_config(&manual_config(&v1, &v2, Some(20.0)));
+    c.wait_weight("web", 20.0).await;
+    assert_last_weight_entry(&c, 30.0, 20.0, "config's weight changed to 20%").await;
+    assert!(!weight_file.exists());
+
+    // Also when the file changes while canary is down.
+    let (code, v) = c.admin_put("/api/v1/routes/web/weight", &set(40)).await;
+    assert_eq!(code, 200, "{v}");
+    c.kill9();
+    c.write_config(&manual_config(&v1, &v2, Some(25.0)));
+    c.restart().await;
+    assert_eq!(c.status("web").await["weight"], 25.0);
+    assert_last_weight_entry(&c, 40.0, 25.0, "config's weight changed to 25%").await;
+    assert!(!weight_file.exists());
+
+    // Losing the canary clears it: the canary back at the file's weight, not the old 50.
+    let (code, v) = c.admin_put("/api/v1/routes/web/weight", &set(50)).await;
+    assert_eq!(code, 200, "{v}");
+    c.write_config(&manual_config(&v1, &v2, None));
+    c.wait_status("web", "without a canary", Duration::from_secs(10), |s| {
+        s["mode"] == "stable"
+    })
+    .await;
+    assert_last_weight_entry(&c, 50.0, 0.0, "no canary").await;
+    assert!(!weight_file.exists());
+    c.write_config(&manual_config(&v1, &v2, Some(25.0)));
+    c.wait_weight("web", 25.0).await;
+    assert_last_weight_entry(&c, 0.0, 25.0, "added by config").await;
+    c.kill9();
+    c.restart().await;
+    assert_eq!(c.status("web").await["weight"], 25.0);
 }

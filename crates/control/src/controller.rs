@@ -20,7 +20,7 @@ use canary_proxy::pool::now_ms as mono_ms;
 use canary_proxy::{DataPlaneEvent, Proxy, RouteRuntime};
 use serde::Serialize;
 
-use crate::store::{Store, StoreError};
+use crate::store::{ManualWeight, Store, StoreError};
 
 /// Wall-clock milliseconds since the Unix epoch: persisted times must survive restarts.
 pub fn wall_ms() -> u64 {
@@ -62,8 +62,9 @@ struct RouteCtl {
     cfg: RouteConfig,
     runtime: Arc<RouteRuntime>,
     rollout: Option<RolloutState>,
-    /// Weight set through the API on a route without a rollout.
-    manual_weight: Option<Weight>,
+    /// Weight set through the API on a route without a rollout; persisted in
+    /// `<route>.weight.json` so a restart does not change the traffic split.
+    manual: Option<ManualWeight>,
     samples: VecDeque<Sample>,
     last_verdict_ms: u64,
     verdicts: [u64; 3],
@@ -196,12 +197,9 @@ impl Controller {
                 .iter()
                 .position(|c| c.cfg.route.name == name)
                 .map(|i| old.swap_remove(i));
-            let mut ctl = match prev {
+            let (mut ctl, before) = match prev {
                 Some(mut p) => {
-                    if p.cfg.weight != rc.weight {
-                        // The file's weight changed: the file wins over an API override.
-                        p.manual_weight = None;
-                    }
+                    let before = manual_split(&p);
                     let same_versions = p.cfg.stable.version == rc.stable.version
                         && p.cfg.canary.as_ref().map(|c| &c.version)
                             == rc.canary.as_ref().map(|c| &c.version);
@@ -210,20 +208,28 @@ impl Controller {
                     }
                     p.cfg = rc.clone();
                     p.runtime = runtime;
-                    p
+                    (p, before)
                 }
-                None => RouteCtl {
-                    cfg: rc.clone(),
-                    runtime,
-                    rollout: self.store.load(&name)?,
-                    manual_weight: None,
-                    samples: VecDeque::new(),
-                    last_verdict_ms: 0,
-                    verdicts: [0; 3],
-                    aborts: BTreeMap::new(),
-                },
+                None => {
+                    let manual = self.store.load_manual(&name)?;
+                    // Before a restart, a persisted manual weight was the split.
+                    let before = manual
+                        .as_ref()
+                        .map(|m| (m.canary_version.clone(), bp_weight(m.weight_bp)));
+                    let ctl = RouteCtl {
+                        cfg: rc.clone(),
+                        runtime,
+                        rollout: self.store.load(&name)?,
+                        manual,
+                        samples: VecDeque::new(),
+                        last_verdict_ms: 0,
+                        verdicts: [0; 3],
+                        aborts: BTreeMap::new(),
+                    };
+                    (ctl, before)
+                }
             };
-            self.reconcile(&mut ctl, now, first)?;
+            self.reconcile(&mut ctl, now, first, before)?;
             routes.push(ctl);
         }
         inner.routes = routes;
@@ -232,11 +238,46 @@ impl Controller {
         Ok(())
     }
 
-    /// Brings a route's rollout in line with its (new) config.
-    fn reconcile(&self, ctl: &mut RouteCtl, now: u64, first: bool) -> Result<(), ControlError> {
+    /// Brings a route's rollout (or manual weight) in line with its (new) config.
+    /// `before` is the route's split without a rollout before this config (canary
+    /// version and weight), to journal what the new config changes.
+    fn reconcile(
+        &self,
+        ctl: &mut RouteCtl,
+        now: u64,
+        first: bool,
+        before: Option<(String, Weight)>,
+    ) -> Result<(), ControlError> {
         let name = ctl.cfg.route.name.clone();
         let prev_phase = ctl.rollout.as_ref().map(|s| s.phase);
         let mut events = Vec::new();
+        // A manual weight holds only on a route with a canary and no rollout, and only
+        // while the file's weight is the one it was set over: the file wins when it
+        // changes (also while `canary` was stopped).
+        let mut cleared = None;
+        if let Some(m) = &ctl.manual {
+            let why = match (&ctl.cfg.canary, &ctl.cfg.rollout) {
+                (None, _) => Some("the route has no canary".to_string()),
+                (Some(_), Some(_)) => Some("the route has a rollout".to_string()),
+                (Some(_), None) if m.config_weight_bp != ctl.cfg.weight.basis_points() => {
+                    Some(format!("the config's weight changed to {}", ctl.cfg.weight))
+                }
+                _ => None,
+            };
+            let w = bp_weight(m.weight_bp);
+            match why {
+                Some(why) => {
+                    tracing::info!(route = %name, weight = %w, "manual weight cleared: {why}");
+                    cleared = Some(format!("manual weight {w} cleared: {why}"));
+                    ctl.manual = None;
+                    self.store.save_manual(&name, None)?;
+                }
+                None if first => {
+                    tracing::info!(route = %name, weight = %w, "restoring manual weight")
+                }
+                None => {}
+            }
+        }
         if let (Some(spec), Some(st)) = (&ctl.cfg.rollout, ctl.rollout.as_mut()) {
             // The plan was shortened under a running rollout: hold at its last step with
             // the current weight (never jump to 100).
@@ -291,20 +332,49 @@ impl Controller {
                             "end".into()
                         },
                         from: rollout::Position {
-                            phase: s.phase,
-                            step: s.step,
+                            phase: Some(s.phase),
+                            step: Some(s.step),
                             weight: s.weight().percent(),
                         },
-                        to: rollout::Position {
-                            phase: s.phase,
-                            step: s.step,
-                            weight: 0.0,
-                        },
+                        // The route keeps its canary at the config's weight, or has none.
+                        to: rollout::Position::manual(
+                            manual_split(ctl).map_or(Weight::ZERO, |(_, w)| w),
+                        ),
                         reason,
                         verdict: None,
                     });
                 }
             }
+        }
+        // The journal explains every change of the split, also on routes without a
+        // rollout (a rollout's own events explain the rest).
+        let after = manual_split(ctl);
+        let reason = match (&before, &after) {
+            (Some((v0, a)), Some((v1, b))) if a != b || v0 != v1 => {
+                let mut why = Vec::new();
+                why.extend(cleared.clone());
+                if v0 != v1 {
+                    why.push(format!("canary version {v0} → {v1}"));
+                }
+                if cleared.is_none() && a != b {
+                    why.push(format!("config weight {a} → {b}"));
+                }
+                Some(why.join("; "))
+            }
+            (Some((_, a)), None) if ctl.cfg.canary.is_none() && *a != Weight::ZERO => Some(
+                cleared
+                    .clone()
+                    .unwrap_or_else(|| "canary removed from config".into()),
+            ),
+            (None, Some((v1, b))) if !first && prev_phase.is_none() && *b != Weight::ZERO => {
+                Some(format!("canary {v1} added by config at {b}"))
+            }
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            let (v0, a) = before.clone().unwrap_or_default();
+            let (v1, b) = after.clone().unwrap_or((v0, Weight::ZERO));
+            events.push(Event::manual_weight(now, &v1, a, b, reason));
         }
         self.store.append(&name, &events)?;
         self.store.save(&name, ctl.rollout.as_ref())?;
@@ -396,7 +466,7 @@ impl Controller {
                 *ctl.aborts.entry(abort_category(&ev.reason)).or_default() += 1;
                 tracing::warn!(route = %name, reason = %ev.reason, "rollout aborted");
             } else {
-                tracing::info!(route = %name, kind = %ev.kind, weight = ev.to.weight, phase = ev.to.phase.as_str(), reason = %ev.reason, "rollout");
+                tracing::info!(route = %name, kind = %ev.kind, weight = ev.to.weight, phase = ev.to.phase.map_or("-", Phase::as_str), reason = %ev.reason, "rollout");
             }
         }
         let changed = ctl.rollout.as_ref() != Some(&out.state);
@@ -495,11 +565,33 @@ impl Controller {
                     .map_err(|e| ControlError::Conflict(e.0))?;
                 self.commit(ctl, out)?;
             }
-            (_, _, Some(_)) => match cmd {
+            (_, _, Some(canary)) => match cmd {
                 Command::SetWeight(w) => {
-                    ctl.manual_weight = Some(w);
+                    let from = ctl
+                        .manual
+                        .as_ref()
+                        .map_or(ctl.cfg.weight, |m| bp_weight(m.weight_bp));
+                    let m = ManualWeight {
+                        weight_bp: w.basis_points(),
+                        config_weight_bp: ctl.cfg.weight.basis_points(),
+                        canary_version: canary.version.clone(),
+                        set_ms: now,
+                    };
+                    // Persisted first: a weight the API confirmed must survive a restart.
+                    self.store.save_manual(route, Some(&m))?;
+                    let ev = Event::manual_weight(
+                        now,
+                        &canary.version,
+                        from,
+                        w,
+                        format!(
+                            "weight set to {w} by user; kept until the config's weight changes"
+                        ),
+                    );
+                    ctl.manual = Some(m);
                     ctl.runtime.set_weight(w);
                     tracing::info!(route, weight = %w, "weight set by user");
+                    self.store.append(route, &[ev])?;
                 }
                 _ => {
                     return Err(ControlError::Conflict(format!(
@@ -575,7 +667,10 @@ impl Controller {
                     c.cfg.route.name
                 ),
             },
-            (None, Some(_)) => "canary weight set by config or API".into(),
+            (None, Some(_)) if c.manual.is_some() => {
+                "canary weight set through the API (until the config's weight changes)".into()
+            }
+            (None, Some(_)) => "canary weight set by the config".into(),
             (None, None) => "no canary".into(),
         };
         RouteStatus {
@@ -710,6 +805,24 @@ fn pending_trip(ctl: &RouteCtl) -> Option<Input> {
     })
 }
 
+fn bp_weight(bp: u16) -> Weight {
+    Weight::from_basis_points(bp).unwrap_or(Weight::ZERO)
+}
+
+/// The canary version and weight of a route with a canary and no rollout: the manual
+/// weight if one is set, else the config's.
+fn manual_split(ctl: &RouteCtl) -> Option<(String, Weight)> {
+    match (&ctl.cfg.canary, &ctl.rollout) {
+        (Some(c), None) => Some((
+            c.version.clone(),
+            ctl.manual
+                .as_ref()
+                .map_or(ctl.cfg.weight, |m| bp_weight(m.weight_bp)),
+        )),
+        _ => None,
+    }
+}
+
 /// Puts the route's weight and breaker in the data plane in line with its state.
 fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
     match (&ctl.rollout, &ctl.cfg.canary) {
@@ -731,7 +844,7 @@ fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
         (None, Some(_)) => {
             ctl.runtime.arm_breaker(0);
             ctl.runtime
-                .set_weight(ctl.manual_weight.unwrap_or(ctl.cfg.weight));
+                .set_weight(manual_split(ctl).map_or(ctl.cfg.weight, |(_, w)| w));
         }
         (_, None) => {
             ctl.runtime.arm_breaker(0);

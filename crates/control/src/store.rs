@@ -2,7 +2,9 @@
 //!
 //! One JSON file per route (`<route>.state.json`), replaced atomically (write a temp
 //! file, fsync, rename, fsync the directory), so `kill -9` at any point leaves either
-//! the old or the new state, never a torn one. The journal is one JSON object per
+//! the old or the new state, never a torn one. A route without a rollout whose weight
+//! was set through the API has `<route>.weight.json` instead, written the same way; a
+//! state directory from before that file existed simply has none. The journal is one JSON object per
 //! line (`<route>.events.jsonl`), appended and fsynced. Plain files, not a database:
 //! the data is tiny, written a few times a minute, and operators can read it with
 //! `cat` and `jq`. Route names are restricted by the config to `[A-Za-z0-9_.-]`, so
@@ -13,6 +15,21 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use canary_core::rollout::{Event, RolloutState};
+use serde::{Deserialize, Serialize};
+
+/// A canary weight set through the API on a route without a rollout (`weight.json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManualWeight {
+    /// The weight set, in basis points.
+    pub weight_bp: u16,
+    /// The config file's `weight` when it was set, in basis points: when the file's
+    /// weight differs from this, the file has been edited since and wins.
+    pub config_weight_bp: u16,
+    /// The canary version at the time, for people reading the file.
+    pub canary_version: String,
+    /// When it was set (ms since the Unix epoch).
+    pub set_ms: u64,
+}
 
 /// Errors reading or writing the state directory.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +77,34 @@ impl Store {
         self.dir.join(format!("{route}.events.jsonl"))
     }
 
+    fn manual_path(&self, route: &str) -> PathBuf {
+        self.dir.join(format!("{route}.weight.json"))
+    }
+
     /// The persisted rollout of a route, if any.
     pub fn load(&self, route: &str) -> Result<Option<RolloutState>, StoreError> {
-        let path = self.state_path(route);
+        self.read_json(self.state_path(route))
+    }
+
+    /// Persists a route's rollout atomically; `None` removes it.
+    pub fn save(&self, route: &str, state: Option<&RolloutState>) -> Result<(), StoreError> {
+        self.write_json(route, self.state_path(route), "state.json", state)
+    }
+
+    /// The manual weight persisted for a route, if any.
+    pub fn load_manual(&self, route: &str) -> Result<Option<ManualWeight>, StoreError> {
+        self.read_json(self.manual_path(route))
+    }
+
+    /// Persists a route's manual weight atomically; `None` removes it.
+    pub fn save_manual(&self, route: &str, m: Option<&ManualWeight>) -> Result<(), StoreError> {
+        self.write_json(route, self.manual_path(route), "weight.json", m)
+    }
+
+    fn read_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: PathBuf,
+    ) -> Result<Option<T>, StoreError> {
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
@@ -72,17 +114,23 @@ impl Store {
         }
     }
 
-    /// Persists a route's rollout atomically; `None` removes it.
-    pub fn save(&self, route: &str, state: Option<&RolloutState>) -> Result<(), StoreError> {
-        let path = self.state_path(route);
-        let Some(state) = state else {
+    /// Replaces `path` atomically with `value` as JSON (temp file, fsync, rename, fsync
+    /// of the directory); `None` removes it.
+    fn write_json<T: Serialize>(
+        &self,
+        route: &str,
+        path: PathBuf,
+        suffix: &str,
+        value: Option<&T>,
+    ) -> Result<(), StoreError> {
+        let Some(value) = value else {
             return match fs::remove_file(&path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
                 _ => Ok(()),
             };
         };
-        let tmp = self.dir.join(format!(".{route}.state.json.tmp"));
-        let bytes = serde_json::to_vec_pretty(state).map_err(|source| StoreError::Corrupt {
+        let tmp = self.dir.join(format!(".{route}.{suffix}.tmp"));
+        let bytes = serde_json::to_vec_pretty(value).map_err(|source| StoreError::Corrupt {
             path: path.clone(),
             source,
         })?;
@@ -192,12 +240,39 @@ mod tests {
     }
 
     #[test]
+    fn manual_weight_round_trips_beside_the_state_and_is_absent_in_an_old_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // An old state dir: a rollout state file, no weight file.
+        store.save("web", Some(&state())).unwrap();
+        assert_eq!(store.load_manual("web").unwrap(), None);
+        let m = ManualWeight {
+            weight_bp: 3000,
+            config_weight_bp: 1000,
+            canary_version: "v2".into(),
+            set_ms: 7,
+        };
+        store.save_manual("plain", Some(&m)).unwrap();
+        assert!(dir.path().join("plain.weight.json").exists());
+        assert_eq!(store.load_manual("plain").unwrap(), Some(m));
+        assert_eq!(store.load("plain").unwrap(), None);
+        store.save_manual("plain", None).unwrap();
+        store.save_manual("plain", None).unwrap();
+        assert_eq!(store.load_manual("plain").unwrap(), None);
+        std::fs::write(dir.path().join("plain.weight.json"), b"{").unwrap();
+        assert!(matches!(
+            store.load_manual("plain"),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
     fn journal_keeps_order_and_skips_a_torn_line() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let pos = Position {
-            phase: Phase::Progressing,
-            step: 0,
+            phase: Some(Phase::Progressing),
+            step: Some(0),
             weight: 5.0,
         };
         let ev = |kind: &str| Event {

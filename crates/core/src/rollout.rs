@@ -149,11 +149,50 @@ impl Input {
 }
 
 /// A point in a rollout, for the journal.
+///
+/// `phase` and `step` are `None` on a route without a rollout (a manual weight, or the
+/// config's weight changing), where only the weight means something; they are then
+/// left out of the JSON.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Position {
-    pub phase: Phase,
-    pub step: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<usize>,
     pub weight: f64,
+}
+
+impl Position {
+    /// A route without a rollout at `weight`.
+    pub fn manual(weight: Weight) -> Position {
+        Position {
+            phase: None,
+            step: None,
+            weight: weight.percent(),
+        }
+    }
+}
+
+impl Event {
+    /// A change of the canary weight on a route without a rollout: set through the API,
+    /// or the config's weight changing (which also clears an API override).
+    pub fn manual_weight(
+        at_ms: u64,
+        canary_version: &str,
+        from: Weight,
+        to: Weight,
+        reason: String,
+    ) -> Event {
+        Event {
+            at_ms,
+            canary_version: canary_version.to_string(),
+            kind: "weight".into(),
+            from: Position::manual(from),
+            to: Position::manual(to),
+            reason,
+            verdict: None,
+        }
+    }
 }
 
 /// One journal entry: a transition or a failed verdict, with the evidence.
@@ -161,7 +200,8 @@ pub struct Position {
 pub struct Event {
     pub at_ms: u64,
     pub canary_version: String,
-    /// `start`, `advance`, `promote`, `abort`, `pause`, `resume`, `retry`, `weight`, `verdict`.
+    /// `start`, `advance`, `promote`, `abort`, `pause`, `resume`, `retry`, `weight`, `verdict`
+    /// (and, written by the controller, `complete`, `end`).
     pub kind: String,
     pub from: Position,
     pub to: Position,
@@ -186,8 +226,8 @@ impl RolloutState {
     /// A fresh rollout of `canary_version` at the first step.
     pub fn start(spec: &RolloutSpec, canary_version: &str, now_ms: u64) -> (RolloutState, Event) {
         let before = Position {
-            phase: Phase::Progressing,
-            step: 0,
+            phase: Some(Phase::Progressing),
+            step: Some(0),
             weight: 0.0,
         };
         let mut s = RolloutState {
@@ -218,8 +258,8 @@ impl RolloutState {
 
     fn position(&self) -> Position {
         Position {
-            phase: self.phase,
-            step: self.step,
+            phase: Some(self.phase),
+            step: Some(self.step),
             weight: self.weight().percent(),
         }
     }

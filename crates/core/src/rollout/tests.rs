@@ -188,8 +188,25 @@ fn full_promotion_from_an_early_step_ends_on_the_last_step() {
             (p.phase, p.step, p.weight_bp),
             (Phase::Promoted, last, 10_000)
         );
-        assert_eq!(out.events[0].to.step, last, "{:?}", out.events);
+        assert_eq!(out.events[0].to.step, Some(last), "{:?}", out.events);
     }
+}
+
+#[test]
+fn journal_positions_keep_their_format_and_manual_ones_have_only_a_weight() {
+    // A line written before positions could lack a phase still reads.
+    let old = r#"{"at_ms":1,"canary_version":"v2","kind":"pause",
+        "from":{"phase":"progressing","step":1,"weight":25.0},
+        "to":{"phase":"paused","step":1,"weight":25.0},"reason":"paused by user"}"#;
+    let ev: Event = serde_json::from_str(old).unwrap();
+    assert_eq!((ev.to.phase, ev.to.step), (Some(Phase::Paused), Some(1)));
+    let w = |p: f64| Weight::from_percent(p).unwrap();
+    let m = Event::manual_weight(5, "v2", w(10.0), w(30.0), "by user".into());
+    let json = serde_json::to_value(&m).unwrap();
+    assert_eq!(json["kind"], "weight");
+    assert_eq!(json["from"], serde_json::json!({"weight": 10.0}));
+    assert_eq!(json["to"], serde_json::json!({"weight": 30.0}));
+    assert_eq!(serde_json::from_value::<Event>(json).unwrap(), m);
 }
 
 #[test]
@@ -376,8 +393,8 @@ proptest! {
             if let Ok(o) = step(&s, &sp, at(input, now), now) {
                 s = o.state;
                 for ev in &o.events {
-                    if ev.to.phase == Phase::Promoted {
-                        prop_assert_eq!(ev.to.step, sp.steps.len() - 1);
+                    if ev.to.phase == Some(Phase::Promoted) {
+                        prop_assert_eq!(ev.to.step, Some(sp.steps.len() - 1));
                     }
                 }
             }
