@@ -84,9 +84,15 @@ pub enum AdminCmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Wait for a rollout to finish: exit 0 when promoted, 1 when aborted, 2 on timeout.
+    /// Wait for a rollout to finish: exit 0 when promoted (or its version is stable), 1
+    /// when aborted or replaced by another version, 2 on timeout.
     Wait {
         route: String,
+        /// The canary version to wait for (default: the one being rolled out when
+        /// `wait` starts). With it, `wait` also waits for a config that has not been
+        /// applied yet, and exits 0 at once if the version is already stable.
+        #[arg(long, value_name = "VERSION")]
+        version: Option<String>,
         /// How long to wait, e.g. 90s, 10m.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -425,9 +431,10 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
         }
         AdminCmd::Wait {
             route,
+            version,
             timeout,
             conn,
-        } => wait(&conn, &route, timeout).await,
+        } => wait(&conn, &route, version, timeout).await,
     }
 }
 
@@ -444,42 +451,120 @@ async fn simple(conn: &Conn, route: &str, verb: &str) -> Result<u8, String> {
     Ok(0)
 }
 
-/// Polls until promoted (0), aborted (1) or timeout (2), printing each change.
-async fn wait(conn: &Conn, route: &str, timeout: Duration) -> Result<u8, String> {
+/// What `wait` follows: the canary version a pipeline deployed.
+#[derive(Debug, Default)]
+struct WaitTarget {
+    /// The version waited for: from `--version`, else the canary of the first status
+    /// that has a rollout.
+    version: Option<String>,
+    /// Whether the version has been seen on the route (as canary or stable) yet.
+    seen: bool,
+}
+
+impl WaitTarget {
+    /// Judges one route status: `Some((exit code, message))` when the wait is over,
+    /// `Err` when there is nothing to wait for.
+    fn judge(&mut self, route: &str, r: &Value) -> Result<Option<(u8, String)>, String> {
+        let stable = r["stable_version"].as_str().unwrap_or("");
+        let canary = r["canary_version"].as_str();
+        let phase = r["phase"].as_str();
+        if self.version.is_none() {
+            match (canary, phase) {
+                (Some(c), Some(_)) => self.version = Some(c.to_string()),
+                _ => {
+                    return Err(format!(
+                        "route {route:?} has no rollout to wait for (stable {stable}); \
+                         `--version V` waits for V, and exits 0 if V is already stable"
+                    ))
+                }
+            }
+        }
+        let want = self.version.clone().unwrap_or_default();
+        if stable == want {
+            return Ok(Some((
+                0,
+                format!("{route}: {want} is stable: rollout complete"),
+            )));
+        }
+        if canary == Some(want.as_str()) {
+            self.seen = true;
+            return Ok(match phase {
+                Some("promoted") => Some((
+                    0,
+                    format!(
+                        "{route}: promoted — {}",
+                        r["message"].as_str().unwrap_or("")
+                    ),
+                )),
+                Some("aborted") => Some((
+                    1,
+                    format!(
+                        "{route}: aborted — {}",
+                        r["abort_reason"].as_str().unwrap_or("")
+                    ),
+                )),
+                Some(_) => None,
+                None => Some((
+                    1,
+                    format!(
+                        "{route}: the rollout of {want} was removed from the config \
+                         ({want} stays a canary at {} without a rollout)",
+                        pct(&r["weight"])
+                    ),
+                )),
+            });
+        }
+        if !self.seen {
+            // `--version` named a version the running config does not have yet: the
+            // pipeline has just deployed it and the reload is on its way.
+            return Ok(None);
+        }
+        let now = match canary {
+            Some(c) => format!("the canary is now {c}"),
+            None => format!("the route has no canary; stable is {stable}"),
+        };
+        Ok(Some((
+            1,
+            format!("{route}: {want} will not be promoted: {now}"),
+        )))
+    }
+}
+
+/// Polls until the version waited for is promoted or stable (0), aborted or replaced
+/// (1), or timeout (2), printing each change.
+async fn wait(
+    conn: &Conn,
+    route: &str,
+    version: Option<String>,
+    timeout: Duration,
+) -> Result<u8, String> {
     let api = Api::new(conn);
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
+    let mut target = WaitTarget {
+        version,
+        seen: false,
+    };
     loop {
         match api.call(Method::GET, &route_path(route, ""), None).await {
             Ok((StatusCode::OK, r)) => {
-                let phase = r["phase"].as_str().unwrap_or("none");
                 let line = format!(
-                    "{route}: {phase}, step {}, weight {}, verdict {}",
+                    "{route}: {}, step {}, weight {}, verdict {}, canary {}",
+                    r["phase"]
+                        .as_str()
+                        .unwrap_or(r["mode"].as_str().unwrap_or("-")),
                     step_text(&r),
                     pct(&r["weight"]),
-                    r["last_verdict"]["result"].as_str().unwrap_or("-")
+                    r["last_verdict"]["result"].as_str().unwrap_or("-"),
+                    r["canary_version"].as_str().unwrap_or("-"),
                 );
                 if line != last {
                     println!("{line}");
                     last = line;
                 }
-                match phase {
-                    "promoted" => {
-                        println!(
-                            "{route}: promoted — {}",
-                            r["message"].as_str().unwrap_or("")
-                        );
-                        return Ok(0);
-                    }
-                    "aborted" => {
-                        println!(
-                            "{route}: aborted — {}",
-                            r["abort_reason"].as_str().unwrap_or("")
-                        );
-                        return Ok(1);
-                    }
-                    "none" => return Err(format!("route {route:?} has no rollout to wait for")),
-                    _ => {}
+                if let Some((code, msg)) = target.judge(route, &r)? {
+                    println!("{msg}");
+                    return Ok(code);
                 }
             }
             Ok((status, v)) => {
@@ -502,5 +587,84 @@ async fn wait(conn: &Conn, route: &str, timeout: Duration) -> Result<u8, String>
             Duration::from_millis(500).min(deadline.saturating_duration_since(Instant::now())),
         )
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(stable: &str, canary: Option<&str>, phase: Option<&str>) -> Value {
+        json!({"stable_version": stable, "canary_version": canary, "phase": phase,
+               "mode": if phase.is_some() { "rollout" } else if canary.is_some() { "manual" } else { "stable" },
+               "weight": 10.0, "message": "m", "abort_reason": "r"})
+    }
+
+    fn code(t: &mut WaitTarget, r: &Value) -> Option<u8> {
+        t.judge("web", r)
+            .expect("something to wait for")
+            .map(|(c, _)| c)
+    }
+
+    #[test]
+    fn wait_follows_the_first_version_it_sees() {
+        let mut t = WaitTarget::default();
+        assert_eq!(
+            code(&mut t, &status("v1", Some("v2"), Some("progressing"))),
+            None
+        );
+        assert_eq!(t.version.as_deref(), Some("v2"));
+        assert_eq!(
+            code(&mut t, &status("v1", Some("v2"), Some("paused"))),
+            None
+        );
+        assert_eq!(
+            code(&mut t, &status("v1", Some("v2"), Some("promoted"))),
+            Some(0)
+        );
+        assert_eq!(
+            code(&mut t, &status("v1", Some("v2"), Some("aborted"))),
+            Some(1)
+        );
+        // Completed: the config names it stable (exit 0, not an error).
+        assert_eq!(code(&mut t, &status("v2", None, None)), Some(0));
+        // Replaced by another version, rolled back by the config, rollout removed.
+        assert_eq!(
+            code(&mut t, &status("v1", Some("v3"), Some("progressing"))),
+            Some(1)
+        );
+        assert_eq!(code(&mut t, &status("v1", None, None)), Some(1));
+        assert_eq!(code(&mut t, &status("v1", Some("v2"), None)), Some(1));
+    }
+
+    #[test]
+    fn wait_without_a_rollout_needs_a_version_and_with_one_waits_for_it() {
+        let mut t = WaitTarget::default();
+        let err = t.judge("web", &status("v2", None, None)).unwrap_err();
+        assert!(err.contains("--version"), "{err}");
+        let mut t = WaitTarget {
+            version: Some("v2".into()),
+            seen: false,
+        };
+        assert_eq!(code(&mut t, &status("v2", None, None)), Some(0));
+        let mut t = WaitTarget {
+            version: Some("v3".into()),
+            seen: false,
+        };
+        // Not deployed yet (another rollout still running, or no canary): keep waiting.
+        assert_eq!(
+            code(&mut t, &status("v1", Some("v2"), Some("progressing"))),
+            None
+        );
+        assert_eq!(code(&mut t, &status("v2", None, None)), None);
+        assert_eq!(
+            code(&mut t, &status("v2", Some("v3"), Some("waiting"))),
+            None
+        );
+        // Once seen, another version replacing it ends the wait.
+        assert_eq!(
+            code(&mut t, &status("v2", Some("v4"), Some("progressing"))),
+            Some(1)
+        );
     }
 }

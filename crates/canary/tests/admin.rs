@@ -544,6 +544,100 @@ async fn every_cli_verb_and_its_exit_codes() {
     assert!(err.contains("cannot reach the admin API"), "{err}");
 }
 
+/// `canary wait` in the background against `c` (no token: it only reads).
+fn spawn_wait(c: &Canary, args: &[&str]) -> tokio::task::JoinHandle<(i32, String, String)> {
+    let admin = format!("http://{}", c.admin);
+    let mut all: Vec<String> = ["wait", "web", "--timeout", "30s", "--admin", &admin]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    all.extend(args.iter().map(|s| s.to_string()));
+    tokio::spawn(async move {
+        let args: Vec<&str> = all.iter().map(String::as_str).collect();
+        run_canary(&args, &[], None).await
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_follows_the_version_it_saw_to_stable_and_reports_a_replaced_one() {
+    let (v1, v2, c) = start().await;
+    let base = config(&v1, &v2);
+    let web_at = base.find("  - name: web").expect("web route");
+    let (head, web) = base.split_at(web_at);
+    // The rollout done: the config names v2 as stable and drops the canary.
+    let v2_stable = format!(
+        "{head}  - name: web\n    stable: {{version: v2, upstreams: {}}}\n",
+        addrs(&[&v2])
+    );
+    let canary = |v: &str| {
+        format!(
+            "{head}{}",
+            web.replace("version: v2", &format!("version: {v}"))
+        )
+    };
+
+    // Completes while waiting: exit 0, not 3.
+    let waiter = spawn_wait(&c, &[]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.write_config(&v2_stable);
+    let (code, out, err) = waiter.await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("web: progressing, step 1/3, weight 10%"),
+        "{out}"
+    );
+    assert!(out.contains("web: v2 is stable: rollout complete"), "{out}");
+
+    // Started after it completed: nothing to follow without --version (3); with the
+    // version it is done at once (0); a version not deployed yet is waited for (2).
+    c.wait_status("web", "stable", Duration::from_secs(10), |s| {
+        s["mode"] == "stable"
+    })
+    .await;
+    let (code, out, err) = cli(&c, &["wait", "web", "--timeout", "5s"]).await;
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(
+        err.contains("no rollout") && err.contains("--version"),
+        "{err}"
+    );
+    let (code, out, err) = cli(&c, &["wait", "web", "--version", "v2", "--timeout", "5s"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("web: v2 is stable"), "{out}");
+    let (code, out, err) = cli(&c, &["wait", "web", "--version", "v3", "--timeout", "1s"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+
+    // Replaced under it: a pipeline waiting for v3 learns that v4 took its place (1).
+    c.write_config(&canary("v3"));
+    c.wait_status("web", "rolling out v3", Duration::from_secs(10), |s| {
+        s["canary_version"] == "v3" && s["phase"] == "progressing"
+    })
+    .await;
+    let waiter = spawn_wait(&c, &[]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.write_config(&canary("v4"));
+    let (code, out, err) = waiter.await.unwrap();
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("web: v3 will not be promoted: the canary is now v4"),
+        "{out}"
+    );
+
+    // --version waits for a config that is not applied yet, then follows it.
+    let waiter = spawn_wait(&c, &["--version", "v5"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.write_config(&canary("v5"));
+    c.wait_status("web", "rolling out v5", Duration::from_secs(10), |s| {
+        s["canary_version"] == "v5"
+    })
+    .await;
+    let (code, v) = post(&c, "/api/v1/routes/web/promote", r#"{"full":true}"#).await;
+    assert_eq!(code, 200, "{v}");
+    let (code, out, err) = waiter.await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("canary v4"), "saw v4 go by: {out}");
+    assert!(out.contains("web: promoted"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_exits_0_when_the_rollout_gets_promoted_while_waiting() {
     let (_v1, _v2, c) = start().await;
