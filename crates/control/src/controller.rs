@@ -187,6 +187,8 @@ impl Controller {
         let first = !inner.applied;
         let mut old: Vec<RouteCtl> = std::mem::take(&mut inner.routes);
         let mut routes = Vec::with_capacity(config.routes.len());
+        // The first error; every route is applied regardless.
+        let mut result = Ok(());
         for rc in &config.routes {
             let name = rc.route.name.clone();
             let runtime = self
@@ -211,7 +213,22 @@ impl Controller {
                     (p, before)
                 }
                 None => {
-                    let manual = self.store.load_manual(&name)?;
+                    let loaded = self
+                        .store
+                        .load_manual(&name)
+                        .and_then(|m| Ok((m, self.store.load(&name)?)));
+                    let (manual, rollout) = match loaded {
+                        Ok(l) => l,
+                        Err(e) => {
+                            // Unreadable state: no guessing. At startup `serve` refuses
+                            // to start; on a reload this route is left out of the
+                            // controller (the data plane keeps its weight) and the
+                            // other routes are applied.
+                            tracing::error!(route = %name, error = %e, "cannot read the route's state");
+                            result = result.and(Err(e.into()));
+                            continue;
+                        }
+                    };
                     // Before a restart, a persisted manual weight was the split.
                     let before = manual
                         .as_ref()
@@ -219,7 +236,7 @@ impl Controller {
                     let ctl = RouteCtl {
                         cfg: rc.clone(),
                         runtime,
-                        rollout: self.store.load(&name)?,
+                        rollout,
                         manual,
                         samples: VecDeque::new(),
                         last_verdict_ms: 0,
@@ -229,13 +246,16 @@ impl Controller {
                     (ctl, before)
                 }
             };
-            self.reconcile(&mut ctl, now, first, before)?;
+            // A state directory that cannot be written must not lose the route: the
+            // controller keeps driving it from memory (see `reconcile`).
+            let reconciled = self.reconcile(&mut ctl, now, first, before);
+            result = result.and(reconciled);
             routes.push(ctl);
         }
         inner.routes = routes;
         inner.applied = true;
         inner.reloads_ok += u64::from(!first);
-        Ok(())
+        result
     }
 
     /// Brings a route's rollout (or manual weight) in line with its (new) config.
@@ -255,6 +275,8 @@ impl Controller {
         // while the file's weight is the one it was set over: the file wins when it
         // changes (also while `canary` was stopped).
         let mut cleared = None;
+        // Store errors are reported after the data plane is in line with the new state.
+        let mut persisted = Ok(());
         if let Some(m) = &ctl.manual {
             let why = match (&ctl.cfg.canary, &ctl.cfg.rollout) {
                 (None, _) => Some("the route has no canary".to_string()),
@@ -270,7 +292,7 @@ impl Controller {
                     tracing::info!(route = %name, weight = %w, "manual weight cleared: {why}");
                     cleared = Some(format!("manual weight {w} cleared: {why}"));
                     ctl.manual = None;
-                    self.store.save_manual(&name, None)?;
+                    persisted = persisted.and(self.store.save_manual(&name, None));
                 }
                 None if first => {
                     tracing::info!(route = %name, weight = %w, "restoring manual weight")
@@ -376,10 +398,13 @@ impl Controller {
             let (v1, b) = after.clone().unwrap_or((v0, Weight::ZERO));
             events.push(Event::manual_weight(now, &v1, a, b, reason));
         }
-        self.store.append(&name, &events)?;
-        self.store.save(&name, ctl.rollout.as_ref())?;
         let fresh = prev_phase.is_none() || events.iter().any(|e| e.kind == "start");
+        // The data plane first, as in `commit`: a failing disk must not leave the
+        // weight of the old config in place.
         sync_runtime(ctl, fresh || first);
+        persisted
+            .and(self.store.append(&name, &events))
+            .and(self.store.save(&name, ctl.rollout.as_ref()))?;
         Ok(())
     }
 
@@ -887,6 +912,31 @@ routes:
         }
         assert!(rt.tripped());
         assert_eq!(rt.weight(), Weight::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_cannot_write_the_state_dir_keeps_every_route_and_applies_it() {
+        let (dir, c) = controller();
+        // The journal cannot be appended to: its path is a directory.
+        let journal = dir.path().join("web.events.jsonl");
+        std::fs::remove_file(&journal).expect("journal of the first rollout");
+        std::fs::create_dir(&journal).expect("mkdir");
+        // A new canary version starts a new rollout, whose `start` cannot be journaled.
+        let cfg = canary_config::parse("test.yaml", &CONFIG.replace("version: v2", "version: v3"))
+            .expect("config");
+        let err = c.apply(&cfg).expect_err("the journal write fails");
+        assert!(matches!(err, ControlError::Store(_)), "{err}");
+        let s = c.status("web").expect("the route is still known");
+        assert_eq!(s.canary_version.as_deref(), Some("v3"), "{s:?}");
+        assert_eq!(
+            (s.phase, s.weight),
+            (Some(Phase::Progressing), 50.0),
+            "{s:?}"
+        );
+        // Commands still reach it.
+        c.command("web", Command::Pause)
+            .expect_err("journal still unwritable");
+        assert_eq!(c.status("web").expect("status").phase, Some(Phase::Paused));
     }
 
     #[tokio::test]
