@@ -1011,4 +1011,12 @@ async fn a_manual_weight_survives_kill_9_until_the_file_weight_changes_or_the_ca
     c.kill9();
     c.restart().await;
     assert_eq!(c.status("web").await["weight"], 25.0);
+
+    // A new canary version does not inherit a share chosen for the previous one.
+    let (code, v) = c.admin_put("/api/v1/routes/web/weight", &set(100)).await;
+    assert_eq!(code, 200, "{v}");
+    c.write_config(&manual_config(&v1, &v2, Some(25.0)).replace("version: v2", "version: v3"));
+    c.wait_weight("web", 25.0).await;
+    assert_last_weight_entry(&c, 100.0, 25.0, "canary version changed from v2 to v3").await;
+    assert!(!weight_file.exists());
 }

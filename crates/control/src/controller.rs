@@ -281,6 +281,12 @@ impl Controller {
             let why = match (&ctl.cfg.canary, &ctl.cfg.rollout) {
                 (None, _) => Some("the route has no canary".to_string()),
                 (Some(_), Some(_)) => Some("the route has a rollout".to_string()),
+                // A share chosen for one build says nothing about the next: a new canary
+                // version starts from the file's weight, never from a leftover 100 %.
+                (Some(c), None) if c.version != m.canary_version => Some(format!(
+                    "the canary version changed from {} to {}",
+                    m.canary_version, c.version
+                )),
                 (Some(_), None) if m.config_weight_bp != ctl.cfg.weight.basis_points() => {
                     Some(format!("the config's weight changed to {}", ctl.cfg.weight))
                 }
