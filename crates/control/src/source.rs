@@ -35,7 +35,7 @@ pub fn reload(
                 tracing::info!(file = %path.display(), changes = %changes.join("; "), "config reloaded");
             }
             if let Err(e) = controller.apply(&cfg) {
-                tracing::error!(error = %e, "config applied to the data plane, but rollout state could not be persisted");
+                tracing::error!(error = %e, "config applied to the data plane, but the state directory failed (routes whose state could not be read are left out until it is fixed and the config reloaded)");
             }
             *old = Some(cfg);
             true
