@@ -10,6 +10,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc malloc: the request path allocates and frees a few dozen
+/// small blocks (header maps, body channels, futures); see docs/performance.md.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Canary releases in one binary: a reverse proxy in front of your stable and canary
 /// versions, and the controller that moves traffic between them.
 #[derive(Parser)]
