@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc instead of glibc malloc: the request path allocates and frees a few dozen
-/// small blocks (header maps, body channels, futures); see docs/performance.md.
+/// Optional (`--features mimalloc`): fewer instructions per request than glibc malloc,
+/// but a larger resident set; see docs/performance.md.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
