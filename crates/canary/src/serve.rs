@@ -42,11 +42,13 @@ pub fn main(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(w) = cfg.workers {
-        rt.worker_threads(w);
-    }
-    let rt = match rt.enable_all().build() {
+    // The control plane (controller, admin API, health checks, config watch) gets one
+    // runtime thread; the data plane runs on its own per-core threads (`run`).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build();
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("canary: cannot start the runtime: {e}");
@@ -104,16 +106,18 @@ pub async fn run(
     }
     let store = Store::open(&cfg.state_dir)
         .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
-    let proxy = Arc::new(Proxy::new());
+    let workers = cfg.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let proxy = Arc::new(Proxy::with_workers(workers));
     let controller = Arc::new(Controller::new(proxy.clone(), store));
     controller.apply(&cfg).context("applying the config")?;
-    let listener = TcpListener::bind(cfg.listen)
-        .await
+    let listeners = canary_proxy::server::bind_reuseport(cfg.listen, workers)
         .with_context(|| format!("binding listen address {}", cfg.listen))?;
     let admin_listener = TcpListener::bind(cfg.admin)
         .await
         .with_context(|| format!("binding admin address {}", cfg.admin))?;
-    tracing::info!(listen = %cfg.listen, admin = %cfg.admin, routes = cfg.routes.len(), token = token.is_some(), "canary serving");
+    tracing::info!(listen = %cfg.listen, admin = %cfg.admin, routes = cfg.routes.len(), workers, token = token.is_some(), "canary serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -140,11 +144,13 @@ pub async fn run(
         path.to_path_buf(),
         Some(cfg),
     ));
-    let proxy_task = tokio::spawn(canary_proxy::server::serve(
-        proxy,
-        listener,
-        stopped(stop_rx.clone()),
-    ));
+    let workers = canary_proxy::server::spawn_workers(proxy, listeners, stop_rx.clone())
+        .context("starting data-plane workers")?;
+    let proxy_task = tokio::task::spawn_blocking(move || {
+        for w in workers {
+            let _ = w.join();
+        }
+    });
 
     shutdown.await;
     tracing::info!("stopping: draining connections");

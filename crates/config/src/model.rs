@@ -21,7 +21,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Name of the environment variable holding the admin token (`admin_token_env`).
     pub admin_token_env: Option<String>,
-    /// Tokio worker threads for the proxy (`workers`); `None` = one per core.
+    /// Data-plane worker threads (`workers`), each with its own runtime and
+    /// `SO_REUSEPORT` listener; `None` = one per core.
     pub workers: Option<usize>,
     /// Client-side limits (`limits`).
     pub limits: Limits,

@@ -184,24 +184,43 @@ pub fn error_response(status: StatusCode, msg: &'static str) -> Response<ProxyBo
     r
 }
 
-/// A fresh sticky id: 128 bits, unique within the process (counter) and unpredictable
-/// across processes (SipHash with std's random keys). Sticky ids need uniqueness, not
-/// secrecy, so this avoids a dependency on a CSPRNG crate.
-fn generate_id() -> String {
+/// A fresh sticky id: 128 bits as 32 lowercase hex digits, unique within the process
+/// (counter) and unpredictable across processes (SipHash with std's random keys).
+/// Sticky ids need uniqueness, not secrecy, so this avoids a dependency on a CSPRNG
+/// crate. Written into a stack buffer: no allocation, no `fmt` machinery.
+fn generate_id() -> [u8; 32] {
     use std::hash::{BuildHasher, Hasher};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     thread_local! {
         static KEYS: std::hash::RandomState = std::hash::RandomState::new();
     }
     let n = COUNTER.fetch_add(1, Relaxed);
-    KEYS.with(|k| {
+    let (a, b) = KEYS.with(|k| {
         let mut a = k.build_hasher();
         a.write_u64(n);
         let mut b = k.build_hasher();
         b.write_u64(!n);
         b.write_u64(0x9e37_79b9_7f4a_7c15);
-        format!("{:016x}{:016x}", a.finish(), b.finish())
-    })
+        (a.finish(), b.finish())
+    });
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (i, word) in [a, b].into_iter().enumerate() {
+        for j in 0..16 {
+            out[i * 16 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
+        }
+    }
+    out
+}
+
+/// `Set-Cookie: name=id; attributes`, built in one allocation.
+fn sticky_cookie(name: &str, id: &[u8], suffix: &str) -> Option<HeaderValue> {
+    let mut v = Vec::with_capacity(name.len() + 1 + id.len() + suffix.len());
+    v.extend_from_slice(name.as_bytes());
+    v.push(b'=');
+    v.extend_from_slice(id);
+    v.extend_from_slice(suffix.as_bytes());
+    HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
 }
 
 /// Size of the request header block as it came in (names, values, separators).
@@ -213,22 +232,59 @@ fn header_bytes(h: &HeaderMap) -> usize {
 /// `keep_upgrade` keeps `Upgrade` (and `Connection: upgrade`) for a WebSocket
 /// handshake; the other headers `Connection` names are removed even then.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        // TE is named in Connection by every compliant sender; it is handled below.
-        .filter(|n| n != header::TE && !(keep_upgrade && n == header::UPGRADE))
-        .collect();
-    for n in named {
-        h.remove(n);
+    // One pass over the (few) names first: most messages carry no hop-by-hop header
+    // but `Connection`, and each `remove` below hashes its name.
+    let mut connection = false;
+    let mut other = false;
+    for name in h.keys() {
+        if *name == header::CONNECTION {
+            connection = true;
+        } else if *name == header::UPGRADE
+            || *name == header::PROXY_AUTHORIZATION
+            || *name == header::TRANSFER_ENCODING
+            || *name == header::TE
+            || name.as_str() == "keep-alive"
+            || name.as_str() == "proxy-connection"
+        {
+            other = true;
+        }
     }
-    if keep_upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(header::CONNECTION);
+    if connection {
+        // Names listed in `Connection` besides the usual tokens are rare: collect them
+        // only when present. `keep-alive`, `upgrade` and `te` are dealt with below
+        // (`Upgrade` survives a handshake; `TE: trailers` always may pass), and a
+        // header literally named `close` does not exist in practice.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for token in h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+        {
+            if ["keep-alive", "close", "upgrade", "te"]
+                .iter()
+                .any(|t| token.eq_ignore_ascii_case(t))
+            {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(n);
+            }
+        }
+        for n in named {
+            h.remove(n);
+        }
+        if keep_upgrade {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        } else {
+            h.remove(header::CONNECTION);
+        }
+    }
+    if !other {
+        return;
+    }
+    if !keep_upgrade {
         h.remove(header::UPGRADE);
     }
     h.remove("keep-alive");
@@ -327,7 +383,7 @@ impl Proxy {
             Some(k) => Some(k.bytes()),
             None if route.has_canary => {
                 generated = Some(generate_id());
-                generated.as_deref().map(str::as_bytes)
+                generated.as_ref().map(<[u8; 32]>::as_slice)
             }
             None => None,
         };
@@ -342,13 +398,8 @@ impl Proxy {
             }
             _ => (&entry.stable, Target::Stable),
         };
-        let set_cookie = generated.and_then(|id| {
-            HeaderValue::from_str(&format!(
-                "{}={id}{}",
-                route.sticky.cookie, entry.cookie_suffix
-            ))
-            .ok()
-        });
+        let set_cookie =
+            generated.and_then(|id| sticky_cookie(&route.sticky.cookie, &id, entry.cookie_suffix));
         let mut resp = forward(req, conn, host_value, entry, pool, target).await;
         if let Some(c) = set_cookie {
             resp.headers_mut().append(header::SET_COOKIE, c);
@@ -386,7 +437,7 @@ async fn forward(
     let mut outcome = Outcome { pool, done: false };
     let timeout = Duration::from_millis(entry.timeouts.request_ms);
     let (result, body_broken) =
-        response_within(pool.client.request(up_req), body_end, timeout).await;
+        response_within(pool.client.get().request(up_req), body_end, timeout).await;
     let elapsed_us = started.elapsed().as_micros() as u64;
     outcome.done = true;
     let (mut resp, failed) = match result {
@@ -518,4 +569,67 @@ fn build_upstream_request(
     headers.insert(X_CANARY_ROUTE.clone(), entry.route_header.clone());
     *up.headers_mut() = headers;
     up
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_32_hex_digits_and_distinct() {
+        let a = generate_id();
+        let b = generate_id();
+        assert_ne!(a, b);
+        assert!(a
+            .iter()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        let cookie = sticky_cookie("canary_id", &a, "; Path=/").unwrap();
+        let want = format!("canary_id={}; Path=/", std::str::from_utf8(&a).unwrap());
+        assert_eq!(cookie.to_str().unwrap(), want);
+    }
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-private, close"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-type"]);
+
+        let mut h = map(&[("connection", "keep-alive"), ("content-length", "3")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+
+        let mut h = map(&[("te", "trailers"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn upgrade_handshake_keeps_connection_and_upgrade() {
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "timeout=5"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.contains_key("connection") && h.contains_key("upgrade"));
+        assert!(!h.contains_key("keep-alive"));
+    }
 }

@@ -140,9 +140,48 @@ impl Instance {
     }
 }
 
-/// The HTTP client used to forward requests; one per (connect timeout, protocol),
-/// reused across reloads so keep-alive connections survive them.
+/// The HTTP client used to forward requests; one per (connect timeout, protocol)
+/// and data-plane worker, reused across reloads so keep-alive connections survive them.
 pub type ProxyClient = Client<HttpConnector, UpstreamBody>;
+
+thread_local! {
+    /// The data-plane worker this thread runs (see `server::spawn_workers`); 0 elsewhere.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as data-plane worker `i`.
+pub fn set_worker_index(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+/// One forwarding client per data-plane worker.
+///
+/// hyper-util's `Client` spawns each upstream connection's task on the runtime of the
+/// thread that opened it. With one current-thread runtime per worker, a client (and
+/// its pool) per worker keeps every upstream connection on the thread that uses it:
+/// the pool's mutex is never contended and no request crosses threads. A hand-written
+/// per-thread pool on `hyper::client::conn` would also drop the pool's checkout
+/// machinery, but would have to re-implement HTTP/2 multiplexing, upgrades and idle
+/// reaping; this gets the cross-thread win with the maintained client.
+#[derive(Clone, Debug)]
+pub struct WorkerClients(Arc<[ProxyClient]>);
+
+impl WorkerClients {
+    pub fn new(workers: usize, connect_ms: u64, http2: bool) -> WorkerClients {
+        WorkerClients(
+            (0..workers.max(1))
+                .map(|_| build_client(connect_ms, http2))
+                .collect(),
+        )
+    }
+
+    /// The current worker's client (worker 0's on any other thread).
+    #[inline]
+    pub fn get(&self) -> &ProxyClient {
+        let i = WORKER.with(std::cell::Cell::get);
+        &self.0[if i < self.0.len() { i } else { 0 }]
+    }
+}
 
 /// Builds a forwarding client.
 pub fn build_client(connect_ms: u64, http2: bool) -> ProxyClient {
@@ -168,7 +207,7 @@ pub struct Pool {
     pub version_header: HeaderValue,
     pub instances: Vec<Arc<Instance>>,
     pub http2: bool,
-    pub client: ProxyClient,
+    pub client: WorkerClients,
     pub stats: Arc<VersionStats>,
     pub ejection: Ejection,
     pub health_check: Option<HealthCheck>,
@@ -181,7 +220,7 @@ impl Pool {
         version: &str,
         instances: Vec<Arc<Instance>>,
         http2: bool,
-        client: ProxyClient,
+        client: WorkerClients,
         stats: Arc<VersionStats>,
         ejection: Ejection,
         health_check: Option<HealthCheck>,
@@ -320,7 +359,7 @@ mod tests {
             "v1",
             vec![a, b],
             false,
-            build_client(100, false),
+            WorkerClients::new(1, 100, false),
             Arc::new(VersionStats::new("r", "v1")),
             spec,
             None,

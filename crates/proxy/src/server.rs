@@ -1,7 +1,17 @@
 //! The proxy listener: accept loop, connection limit, HTTP/1.1 + h2c, graceful stop.
+//!
+//! Thread per core: [`spawn_workers`] starts one OS thread per worker, each running a
+//! current-thread tokio runtime with its own `SO_REUSEPORT` listener on the same
+//! address. The kernel spreads new connections over the listeners; a connection, its
+//! requests and its upstream connections then stay on one thread, with no
+//! work-stealing scheduler and no cross-thread wake-ups on the request path. Workers
+//! share only the snapshot (`ArcSwap`, so a reload reaches every worker at once), the
+//! lock-free counters and the connection-limit semaphore.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,10 +19,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use crate::forward::ConnInfo;
+use crate::pool::set_worker_index;
 use crate::snapshot::Proxy;
 
 /// How long in-flight requests get to finish after a stop signal.
@@ -24,6 +36,17 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Limits (header size, header timeout, connection count) are read from the snapshot
 /// current at start; changing them needs a restart (documented in `docs/config.md`).
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let permits = Arc::new(Semaphore::new(proxy.snapshot().limits.max_connections));
+    serve_with(proxy, listener, permits, shutdown).await;
+}
+
+/// [`serve`] with a connection limit shared with other workers.
+pub async fn serve_with(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    shutdown: impl Future<Output = ()>,
+) {
     let limits = proxy.snapshot().limits.clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -39,7 +62,6 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -86,4 +108,62 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
     {
         tracing::warn!("drain timeout: closing remaining connections");
     }
+}
+
+/// Binds `workers` listeners on `addr` with `SO_REUSEPORT` (port 0 picks one port for
+/// all of them). Binding happens here, on the caller's thread, so errors surface at
+/// start-up.
+pub fn bind_reuseport(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(workers.max(1));
+    let mut addr = addr;
+    for _ in 0..workers.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// Runs one data-plane worker per listener, each on its own thread with a
+/// current-thread runtime, until `stop` turns true; then each drains its connections
+/// (see [`serve`]). The returned handles finish when their worker has drained.
+pub fn spawn_workers(
+    proxy: Arc<Proxy>,
+    listeners: Vec<std::net::TcpListener>,
+    stop: watch::Receiver<bool>,
+) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let permits = Arc::new(Semaphore::new(proxy.snapshot().limits.max_connections));
+    let mut handles = Vec::with_capacity(listeners.len());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (proxy, permits, mut stop) = (proxy.clone(), permits.clone(), stop.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("canary-worker-{i}"))
+            .spawn(move || {
+                set_worker_index(i);
+                rt.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(worker = i, error = %e, "cannot register listener");
+                            return;
+                        }
+                    };
+                    let stopped = async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    };
+                    serve_with(proxy, listener, permits, stopped).await;
+                });
+            })?;
+        handles.push(handle);
+    }
+    Ok(handles)
 }

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::expo::{Exposition, Kind};
 use crate::metrics::{encode_versions, VersionStats};
-use crate::pool::{build_client, health_check_loop, now_ms, Instance, Pool, ProxyClient};
+use crate::pool::{health_check_loop, now_ms, Instance, Pool, WorkerClients};
 use crate::runtime::{DataPlaneEvent, RouteRuntime};
 
 /// One route as the data plane serves it.
@@ -49,7 +49,7 @@ impl Snapshot {
 #[derive(Default)]
 struct Registry {
     instances: HashMap<String, Arc<Instance>>,
-    clients: HashMap<(u64, bool), ProxyClient>,
+    clients: HashMap<(u64, bool), WorkerClients>,
     stats: HashMap<(String, String), Arc<VersionStats>>,
     stats_order: Vec<Arc<VersionStats>>,
     runtimes: HashMap<String, Arc<RouteRuntime>>,
@@ -66,6 +66,8 @@ pub struct Proxy {
     /// must not change them half-way (they are documented as needing a restart).
     limits: OnceLock<Limits>,
     pub(crate) unrouted: std::sync::atomic::AtomicU64,
+    /// Data-plane workers: one forwarding client per worker and pool kind.
+    workers: usize,
 }
 
 impl Default for Proxy {
@@ -77,7 +79,13 @@ impl Default for Proxy {
 const COOKIE_SUFFIX: &str = "; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax";
 
 impl Proxy {
+    /// A proxy for one data-plane worker.
     pub fn new() -> Proxy {
+        Proxy::with_workers(1)
+    }
+
+    /// A proxy served by `workers` data-plane threads (see `server::spawn_workers`).
+    pub fn with_workers(workers: usize) -> Proxy {
         let (tx, rx) = unbounded_channel();
         Proxy {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
@@ -86,6 +94,7 @@ impl Proxy {
             events_rx: Mutex::new(Some(rx)),
             limits: OnceLock::new(),
             unrouted: Default::default(),
+            workers: workers.max(1),
         }
     }
 
@@ -123,7 +132,7 @@ impl Proxy {
         let mut table = RouteTable::default();
         let mut entries = Vec::with_capacity(config.routes.len());
         for rc in &config.routes {
-            entries.push(self.build_entry(&mut reg, rc));
+            entries.push(self.build_entry(&mut reg, rc, self.workers));
             table.routes.push(rc.route.clone());
         }
         let snap = Arc::new(Snapshot {
@@ -135,15 +144,18 @@ impl Proxy {
         snap
     }
 
-    fn build_entry(&self, reg: &mut Registry, rc: &RouteConfig) -> RouteEntry {
+    fn build_entry(&self, reg: &mut Registry, rc: &RouteConfig, workers: usize) -> RouteEntry {
         let name = rc.route.name.as_str();
         let runtime = reg
             .runtimes
             .entry(name.to_string())
             .or_insert_with(|| Arc::new(RouteRuntime::new(name, self.events_tx.clone())))
             .clone();
-        let stable = Arc::new(build_pool(reg, rc, &rc.stable));
-        let canary = rc.canary.as_ref().map(|p| Arc::new(build_pool(reg, rc, p)));
+        let stable = Arc::new(build_pool(reg, rc, &rc.stable, workers));
+        let canary = rc
+            .canary
+            .as_ref()
+            .map(|p| Arc::new(build_pool(reg, rc, p, workers)));
         RouteEntry {
             runtime,
             stable,
@@ -248,7 +260,7 @@ impl Proxy {
     }
 }
 
-fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig) -> Pool {
+fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig, workers: usize) -> Pool {
     let instances: Vec<Arc<Instance>> = pc
         .upstreams
         .iter()
@@ -264,7 +276,7 @@ fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig) -> Pool {
     let client = reg
         .clients
         .entry((rc.timeouts.connect_ms, pc.http2))
-        .or_insert_with(|| build_client(rc.timeouts.connect_ms, pc.http2))
+        .or_insert_with(|| WorkerClients::new(workers, rc.timeouts.connect_ms, pc.http2))
         .clone();
     let key = (rc.route.name.clone(), pc.version.clone());
     let stats = match reg.stats.get(&key) {
