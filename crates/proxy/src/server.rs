@@ -113,7 +113,15 @@ pub async fn serve_with(
 /// Binds `workers` listeners on `addr` with `SO_REUSEPORT` (port 0 picks one port for
 /// all of them). Binding happens here, on the caller's thread, so errors surface at
 /// start-up.
+///
+/// `SO_REUSEPORT` would also let a second process (a second `canary serve` started
+/// by mistake) join the port and silently take half the connections. A plain bind
+/// first makes a port already in use fail loudly, as operators expect; the window
+/// between that probe and the real binds is microseconds at start-up.
 pub fn bind_reuseport(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        drop(std::net::TcpListener::bind(addr)?);
+    }
     let mut out = Vec::with_capacity(workers.max(1));
     let mut addr = addr;
     for _ in 0..workers.max(1) {
@@ -166,4 +174,21 @@ pub fn spawn_workers(
         handles.push(handle);
     }
     Ok(handles)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_in_use_is_an_error_even_for_another_reuseport_process() {
+        let ours = bind_reuseport("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = ours[0].local_addr().unwrap();
+        assert!(ours.iter().all(|l| l.local_addr().unwrap() == addr));
+        let err = bind_reuseport(addr, 2).expect_err("second bind on a port in use");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = bind_reuseport(plain.local_addr().unwrap(), 1).expect_err("port in use");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
 }
