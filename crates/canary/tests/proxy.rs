@@ -1440,6 +1440,51 @@ async fn active_health_checks_take_an_instance_out_and_back() {
     );
 }
 
+/// Regression: instances were shared by address across pools, so a reload made a pool
+/// without health checks reset the "down" that another pool's check had found, and the
+/// checked route sent traffic to an instance failing its checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pools_naming_one_address_keep_their_own_health() {
+    let a = Upstream::start("v1").await;
+    let b = Upstream::start("v1").await;
+    let body = |timeout: &str| {
+        format!(
+            "routes:\n  - name: checked\n    path_prefix: /checked\n    stable:\n      version: v1\n      upstreams: {}\n      health_check: {{path: /healthz, interval: 100ms, timeout: 80ms, unhealthy_threshold: 1}}\n  - name: plain\n    stable:\n      version: v1\n      upstreams: {}\n    timeouts: {{request: {timeout}}}\n",
+            addrs(&[&a, &b]),
+            addrs(&[&a])
+        )
+    };
+    let c = Canary::start(&body("30s")).await;
+    let a_addr = a.addr.to_string();
+    let checked_a = [("route", "checked"), ("upstream", a_addr.as_str())];
+    let plain_a = [("route", "plain"), ("upstream", a_addr.as_str())];
+    a.set_healthy(false);
+    wait_metric(&c, "canary_upstream_healthy", &checked_a, "0", |v| v == 0.0).await;
+    // A reload (the plain route's timeout changes) must not bring it back.
+    c.write_config(&body("20s"));
+    assert!(
+        c.wait_log("config reloaded", EVENTUALLY).await,
+        "no reload: {}",
+        c.log()
+    );
+    let before = a.requests();
+    get_ok(&c, "/checked", 10, &[]).await;
+    assert_eq!(
+        a.requests(),
+        before,
+        "the checked route sent traffic to an instance failing its checks after a reload"
+    );
+    assert_eq!(metric(&c, "canary_upstream_healthy", &checked_a).await, 0.0);
+    // The route without checks still uses it: its view is its own.
+    assert_eq!(metric(&c, "canary_upstream_healthy", &plain_a).await, 1.0);
+    get_ok(&c, "/", 3, &[]).await;
+    assert_eq!(
+        a.requests(),
+        before + 3,
+        "the plain route lost its instance"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_of_an_http2_pool_speak_http2() {
     let g = H2OnlyUpstream::start().await;

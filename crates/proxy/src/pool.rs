@@ -1,7 +1,8 @@
 //! Upstream instances and pools: balancing, passive ejection, active health checks.
 //!
-//! An [`Instance`] is shared by address across reloads, so its health and ejection
-//! state survive a config change. Everything on the request path is atomics.
+//! An [`Instance`] is kept by (route, version, address) across reloads, so its health
+//! and ejection state survive a config change, and each pool judges an address on its
+//! own traffic and checks. Everything on the request path is atomics.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};

@@ -48,7 +48,10 @@ impl Snapshot {
 /// State kept across snapshots, keyed by name, touched only when building or scraping.
 #[derive(Default)]
 struct Registry {
-    instances: HashMap<String, Arc<Instance>>,
+    /// Keyed by (route, version, address): each pool owns its instances' health and
+    /// ejection state, so two pools that name the same address (one health-checked,
+    /// one not) never overwrite each other's view.
+    instances: HashMap<(String, String, String), Arc<Instance>>,
     clients: HashMap<(u64, bool), WorkerClients>,
     stats: HashMap<(String, String), Arc<VersionStats>>,
     stats_order: Vec<Arc<VersionStats>>,
@@ -135,6 +138,20 @@ impl Proxy {
             entries.push(self.build_entry(&mut reg, rc, self.workers));
             table.routes.push(rc.route.clone());
         }
+        // Forget the instances of pools the new config no longer has.
+        let used: std::collections::HashSet<(&str, &str, &str)> = entries
+            .iter()
+            .flat_map(|e| std::iter::once(&e.stable).chain(e.canary.iter()))
+            .flat_map(|p| {
+                let route = p.stats.route.as_str();
+                let version = p.version.as_str();
+                p.instances
+                    .iter()
+                    .map(move |i| (route, version, i.addr.as_str()))
+            })
+            .collect();
+        reg.instances
+            .retain(|(r, v, a), _| used.contains(&(r.as_str(), v.as_str(), a.as_str())));
         let snap = Arc::new(Snapshot {
             table,
             entries,
@@ -214,36 +231,33 @@ impl Proxy {
             "1 when an upstream instance can take requests (not ejected, passing health checks).",
             Kind::Gauge,
         );
-        let mut seen = std::collections::HashSet::new();
-        for (r, entry) in snap.table.routes.iter().zip(&snap.entries) {
-            for pool in std::iter::once(&entry.stable).chain(entry.canary.iter()) {
-                for inst in &pool.instances {
-                    if seen.insert((r.name.as_str(), pool.version.as_str(), inst.addr.as_str())) {
-                        let labels = [
-                            ("route", r.name.as_str()),
-                            ("version", pool.version.as_str()),
-                            ("upstream", inst.addr.as_str()),
-                        ];
-                        e.sample(
-                            "canary_upstream_healthy",
-                            &labels,
-                            u8::from(inst.available(now)),
-                        );
-                    }
-                }
-            }
+        let instances = pool_instances(&snap);
+        for (route, version, inst) in &instances {
+            let labels = [
+                ("route", *route),
+                ("version", *version),
+                ("upstream", inst.addr.as_str()),
+            ];
+            e.sample(
+                "canary_upstream_healthy",
+                &labels,
+                u8::from(inst.available(now)),
+            );
         }
         e.family(
             "canary_upstream_ejections_total",
             "Times an upstream instance was ejected for consecutive failures.",
             Kind::Counter,
         );
-        let mut addrs: Vec<_> = reg.instances.values().collect();
-        addrs.sort_by(|a, b| a.addr.cmp(&b.addr));
-        for inst in addrs {
+        for (route, version, inst) in &instances {
+            let labels = [
+                ("route", *route),
+                ("version", *version),
+                ("upstream", inst.addr.as_str()),
+            ];
             e.sample(
                 "canary_upstream_ejections_total",
-                &[("upstream", inst.addr.as_str())],
+                &labels,
                 inst.ejections_total() as f64,
             );
         }
@@ -260,16 +274,32 @@ impl Proxy {
     }
 }
 
+/// Every instance of the snapshot's pools with its route and version. The config
+/// makes (route, version, address) unique: versions differ within a route and a pool
+/// lists an address once.
+fn pool_instances(snap: &Snapshot) -> Vec<(&str, &str, &Arc<Instance>)> {
+    let mut out = Vec::new();
+    for (r, entry) in snap.table.routes.iter().zip(&snap.entries) {
+        for pool in std::iter::once(&entry.stable).chain(entry.canary.iter()) {
+            for inst in &pool.instances {
+                out.push((r.name.as_str(), pool.version.as_str(), inst));
+            }
+        }
+    }
+    out
+}
+
 fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig, workers: usize) -> Pool {
     let instances: Vec<Arc<Instance>> = pc
         .upstreams
         .iter()
         .filter_map(|addr| {
-            if let Some(i) = reg.instances.get(addr) {
+            let key = (rc.route.name.clone(), pc.version.clone(), addr.clone());
+            if let Some(i) = reg.instances.get(&key) {
                 return Some(i.clone());
             }
             let inst = Arc::new(Instance::new(addr)?);
-            reg.instances.insert(addr.clone(), inst.clone());
+            reg.instances.insert(key, inst.clone());
             Some(inst)
         })
         .collect();
