@@ -28,9 +28,10 @@ use tokio::sync::oneshot;
 use crate::metrics::UpstreamError;
 use crate::pool::{now_ms, Instance, Pool};
 use crate::snapshot::{Proxy, RouteEntry};
+use crate::upstream::{self, PooledBody, SendError};
 
 /// The body the proxy answers with: the upstream's stream, or a short error text.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
 
 static X_CANARY_VERSION: HeaderName = HeaderName::from_static("x-canary-version");
 static X_CANARY_ROUTE: HeaderName = HeaderName::from_static("x-canary-route");
@@ -436,8 +437,20 @@ async fn forward(
     let started = Instant::now();
     let mut outcome = Outcome { pool, done: false };
     let timeout = Duration::from_millis(entry.timeouts.request_ms);
-    let (result, body_broken) =
-        response_within(pool.client.get().request(up_req), body_end, timeout).await;
+    let send = async {
+        match &pool.client {
+            Some(h2) => match h2.get().request(up_req).await {
+                Ok(resp) => Ok(resp.map(PooledBody::unpooled)),
+                Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
+                Err(e) => Err(SendError::Protocol(e.into())),
+            },
+            None => {
+                let connect_ms = entry.timeouts.connect_ms;
+                upstream::send(instance.idle(), &instance.addr, connect_ms, up_req).await
+            }
+        }
+    };
+    let (result, body_broken) = response_within(send, body_end, timeout).await;
     let elapsed_us = started.elapsed().as_micros() as u64;
     outcome.done = true;
     let (mut resp, failed) = match result {
@@ -456,10 +469,9 @@ async fn forward(
             return r;
         }
         Ok(Err(e)) => {
-            let kind = if e.is_connect() {
-                UpstreamError::Connect
-            } else {
-                UpstreamError::Protocol
+            let kind = match e {
+                SendError::Connect(_) => UpstreamError::Connect,
+                SendError::Protocol(_) => UpstreamError::Protocol,
             };
             tracing::debug!(upstream = %instance.addr, error = %e, "upstream error");
             pool.stats.record_upstream_error(kind);
@@ -525,13 +537,25 @@ fn build_upstream_request(
     instance: &Instance,
     upgrade: bool,
 ) -> Request<UpstreamBody> {
-    let mut uri = Uri::from_static("/").into_parts();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(instance.authority.clone());
-    uri.path_and_query = parts.uri.path_and_query().cloned();
     let mut up = Request::new(body);
     *up.method_mut() = std::mem::take(&mut parts.method);
-    *up.uri_mut() = Uri::from_parts(uri).unwrap_or_else(|_| parts.uri.clone());
+    *up.uri_mut() = if pool.http2 {
+        // The HTTP/2 client takes the instance from an absolute URI (`:authority`).
+        let mut uri = Uri::from_static("/").into_parts();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(instance.authority.clone());
+        uri.path_and_query = parts.uri.path_and_query().cloned();
+        Uri::from_parts(uri).unwrap_or_else(|_| parts.uri.clone())
+    } else if *up.method() == http::Method::CONNECT {
+        parts.uri.clone()
+    } else {
+        // HTTP/1.1 to the instance's own connection: origin-form (`/path?query`),
+        // whatever form the client used.
+        match parts.uri.path_and_query() {
+            Some(pq) => Uri::from(pq.clone()),
+            None => Uri::from_static("/"),
+        }
+    };
     *up.version_mut() = if pool.http2 {
         Version::HTTP_2
     } else {
@@ -549,6 +573,9 @@ fn build_upstream_request(
             headers.insert(header::HOST, h.clone());
         }
         headers.insert(X_FORWARDED_HOST.clone(), h);
+    } else if !pool.http2 {
+        // HTTP/1.1 requires a `Host` (an HTTP/1.0 client may send none): the instance's.
+        headers.insert(header::HOST, instance.host_header.clone());
     }
     // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3): keep them all.
     let mut prev = headers.get_all(&X_FORWARDED_FOR).iter().peekable();

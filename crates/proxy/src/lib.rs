@@ -13,6 +13,7 @@
 //!   clients and counters by name across reloads.
 //! - [`forward`]: the per-request handler.
 //! - [`pool`]: instances, balancing, ejection, health checks.
+//! - [`upstream`]: pooled HTTP/1.1 connections to the instances, per worker.
 //! - [`runtime`]: per-route weight, breaker and events to the controller.
 //! - [`metrics`], [`expo`]: lock-free counters and their Prometheus text encoding.
 //! - [`server`]: the accept loop, connection limits, graceful shutdown.
@@ -24,6 +25,7 @@ pub mod pool;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
+pub mod upstream;
 
 pub use runtime::{DataPlaneEvent, RouteRuntime};
 pub use snapshot::{Proxy, Snapshot};

@@ -19,6 +19,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::forward::UpstreamBody;
 use crate::metrics::VersionStats;
+use crate::upstream::IdleList;
 
 /// Milliseconds since the process started: a monotonic clock for ejection deadlines.
 pub fn now_ms() -> u64 {
@@ -39,13 +40,20 @@ pub struct Instance {
     /// The active health check's view; true when the pool has no health check.
     check_healthy: AtomicBool,
     check_streak: AtomicU32,
+    /// `Host` for a request that came without one.
+    pub host_header: HeaderValue,
+    /// Idle HTTP/1.1 connections, one list per data-plane worker.
+    idle: Box<[Arc<IdleList>]>,
 }
 
 impl Instance {
-    pub fn new(addr: &str) -> Option<Instance> {
+    /// An instance of `addr` (`host:port`) served by `workers` data-plane workers.
+    pub fn new(addr: &str, workers: usize) -> Option<Instance> {
         Some(Instance {
             addr: addr.to_string(),
             authority: addr.parse().ok()?,
+            host_header: HeaderValue::from_str(addr).ok()?,
+            idle: (0..workers.max(1)).map(|_| Arc::default()).collect(),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ejection_streak: AtomicU32::new(0),
@@ -53,6 +61,13 @@ impl Instance {
             check_healthy: AtomicBool::new(true),
             check_streak: AtomicU32::new(0),
         })
+    }
+
+    /// The current worker's idle HTTP/1.1 connections to this instance.
+    #[inline]
+    pub fn idle(&self) -> &Arc<IdleList> {
+        let i = WORKER.with(std::cell::Cell::get);
+        &self.idle[if i < self.idle.len() { i } else { 0 }]
     }
 
     /// Whether the instance may take a request now.
@@ -141,8 +156,9 @@ impl Instance {
     }
 }
 
-/// The HTTP client used to forward requests; one per (connect timeout, protocol)
-/// and data-plane worker, reused across reloads so keep-alive connections survive them.
+/// The HTTP client that forwards to HTTP/2 pools; one per connect timeout and
+/// data-plane worker, reused across reloads so its connections survive them.
+/// HTTP/1.1 pools use [`crate::upstream`] instead.
 pub type ProxyClient = Client<HttpConnector, UpstreamBody>;
 
 thread_local! {
@@ -208,7 +224,8 @@ pub struct Pool {
     pub version_header: HeaderValue,
     pub instances: Vec<Arc<Instance>>,
     pub http2: bool,
-    pub client: WorkerClients,
+    /// The forwarding client of an HTTP/2 pool; `None` for HTTP/1.1 pools.
+    pub client: Option<WorkerClients>,
     pub stats: Arc<VersionStats>,
     pub ejection: Ejection,
     pub health_check: Option<HealthCheck>,
@@ -221,7 +238,7 @@ impl Pool {
         version: &str,
         instances: Vec<Arc<Instance>>,
         http2: bool,
-        client: WorkerClients,
+        client: Option<WorkerClients>,
         stats: Arc<VersionStats>,
         ejection: Ejection,
         health_check: Option<HealthCheck>,
@@ -301,7 +318,7 @@ mod tests {
 
     #[test]
     fn ejects_after_consecutive_failures_with_backoff() {
-        let i = Instance::new("127.0.0.1:1").unwrap();
+        let i = Instance::new("127.0.0.1:1", 1).unwrap();
         let spec = ejection();
         assert!(!i.record_failure(&spec, 0));
         i.record_success();
@@ -325,7 +342,7 @@ mod tests {
 
     #[test]
     fn health_thresholds() {
-        let i = Instance::new("127.0.0.1:1").unwrap();
+        let i = Instance::new("127.0.0.1:1", 1).unwrap();
         let spec = HealthCheck {
             path: "/".into(),
             interval_ms: 1,
@@ -343,8 +360,8 @@ mod tests {
 
     #[test]
     fn round_robin_skips_unavailable() {
-        let a = Arc::new(Instance::new("127.0.0.1:1").unwrap());
-        let b = Arc::new(Instance::new("127.0.0.1:2").unwrap());
+        let a = Arc::new(Instance::new("127.0.0.1:1", 1).unwrap());
+        let b = Arc::new(Instance::new("127.0.0.1:2", 1).unwrap());
         let spec = Ejection {
             consecutive_failures: 1,
             base_ms: 10_000,
@@ -360,7 +377,7 @@ mod tests {
             "v1",
             vec![a, b],
             false,
-            WorkerClients::new(1, 100, false),
+            None,
             Arc::new(VersionStats::new("r", "v1")),
             spec,
             None,

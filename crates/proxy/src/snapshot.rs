@@ -52,7 +52,8 @@ struct Registry {
     /// ejection state, so two pools that name the same address (one health-checked,
     /// one not) never overwrite each other's view.
     instances: HashMap<(String, String, String), Arc<Instance>>,
-    clients: HashMap<(u64, bool), WorkerClients>,
+    /// HTTP/2 forwarding clients by connect timeout.
+    clients: HashMap<u64, WorkerClients>,
     stats: HashMap<(String, String), Arc<VersionStats>>,
     stats_order: Vec<Arc<VersionStats>>,
     runtimes: HashMap<String, Arc<RouteRuntime>>,
@@ -298,16 +299,18 @@ fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig, workers: us
             if let Some(i) = reg.instances.get(&key) {
                 return Some(i.clone());
             }
-            let inst = Arc::new(Instance::new(addr)?);
+            let inst = Arc::new(Instance::new(addr, workers)?);
             reg.instances.insert(key, inst.clone());
             Some(inst)
         })
         .collect();
-    let client = reg
-        .clients
-        .entry((rc.timeouts.connect_ms, pc.http2))
-        .or_insert_with(|| WorkerClients::new(workers, rc.timeouts.connect_ms, pc.http2))
-        .clone();
+    // HTTP/1.1 pools keep their connections in their instances (`upstream`).
+    let client = pc.http2.then(|| {
+        reg.clients
+            .entry(rc.timeouts.connect_ms)
+            .or_insert_with(|| WorkerClients::new(workers, rc.timeouts.connect_ms, true))
+            .clone()
+    });
     let key = (rc.route.name.clone(), pc.version.clone());
     let stats = match reg.stats.get(&key) {
         Some(s) => s.clone(),
