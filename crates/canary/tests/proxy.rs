@@ -799,6 +799,92 @@ async fn routes_match_by_host_and_path_prefix() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
+/// RFC 9112 §3.2: one valid `Host` per HTTP/1.1 request, and an absolute-form target
+/// names the host itself. Two `Host` lines used to be forwarded both, routed by the
+/// first; an absolute-form target was routed by `Host` instead of its own authority.
+#[tokio::test]
+async fn host_headers_follow_rfc_9112_and_absolute_targets_route_by_their_authority() {
+    let up = Upstream::start("any").await;
+    let pool = |v: &str| format!("{{version: {v}, upstreams: {}}}", addrs(&[&up]));
+    let body = format!(
+        "limits: {{max_header_bytes: 2048}}
+routes:
+  - name: shop
+    hosts: [\"shop.example.com\"]
+    stable: {}
+  - name: other
+    stable: {}
+",
+        pool("shop"),
+        pool("other"),
+    );
+    let c = Canary::start(&body).await;
+    for (what, raw) in [
+        (
+            "two Host lines",
+            "GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: shop.example.com\r\n\r\n",
+        ),
+        ("no Host in HTTP/1.1", "GET /echo HTTP/1.1\r\n\r\n"),
+        (
+            "userinfo and a path in Host",
+            "GET /echo HTTP/1.1\r\nHost: a b:c:d@/\r\n\r\n",
+        ),
+        (
+            "a port over 65535",
+            "GET /echo HTTP/1.1\r\nHost: 127.0.0.1:99999999\r\n\r\n",
+        ),
+        (
+            "userinfo in an absolute target",
+            "GET http://u@shop.example.com/echo HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+    ] {
+        let r = raw_exchange(c.listen, raw.as_bytes()).await;
+        assert_eq!(r.status, 400, "{what}: {r:?}");
+        assert!(r.text().contains("Host"), "{what}: {r:?}");
+    }
+
+    // HTTP/1.0 needs no Host.
+    let r = raw_exchange(c.listen, b"GET /echo HTTP/1.0\r\n\r\n").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-canary-version"), Some("other"));
+
+    // The absolute target's authority wins over Host, with or without one, and
+    // replaces it upstream; the path goes upstream in origin form.
+    for raw in [
+        "GET http://shop.example.com/echo?q=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        "GET http://shop.example.com/echo?q=1 HTTP/1.1\r\nHost: shop.example.com\r\n\r\n",
+    ] {
+        let r = raw_exchange(c.listen, raw.as_bytes()).await;
+        assert_eq!(r.status, 200, "{raw}: {r:?}");
+        assert_eq!(r.header("x-canary-version"), Some("shop"), "{raw}");
+        let seen = r.json();
+        assert_eq!(seen["uri"], "/echo?q=1", "{seen:#}");
+        assert_eq!(seen["headers"]["host"], "shop.example.com", "{seen:#}");
+        assert_eq!(
+            seen["headers"]["x-forwarded-host"], "shop.example.com",
+            "{seen:#}"
+        );
+    }
+
+    // The request target counts toward `max_header_bytes`: alone over it, 414; with
+    // the headers over it, 431.
+    let long = format!(
+        "GET /echo?{} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "a".repeat(3_000)
+    );
+    let r = raw_exchange(c.listen, long.as_bytes()).await;
+    assert_eq!(r.status, 414, "{r:?}");
+    let both = format!(
+        "GET /echo?{} HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(1_200),
+        "b".repeat(1_200)
+    );
+    let r = raw_exchange(c.listen, both.as_bytes()).await;
+    assert_eq!(r.status, 431, "{r:?}");
+    let r = raw_exchange(c.listen, b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(r.status, 200, "still serving: {r:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrade_is_forwarded_and_messages_round_trip() {
     let v1 = Upstream::start("v1").await;

@@ -229,6 +229,84 @@ fn header_bytes(h: &HeaderMap) -> usize {
     h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum()
 }
 
+/// Size of the request target (path and query, and the authority of an absolute form).
+fn target_bytes(uri: &Uri) -> usize {
+    uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+}
+
+/// The host a request is for (RFC 9112 §3.2): the request target's authority when it
+/// has one (an absolute-form target, or HTTP/2's `:authority`), which overrides
+/// `Host`; else its one `Host` line. `Err` for a request the RFC says must get a
+/// `400`: more than one `Host` line, an invalid one, or an HTTP/1.1 request without.
+fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ()> {
+    let mut lines = req.headers().get_all(header::HOST).iter();
+    let host = lines.next();
+    if lines.next().is_some() {
+        return Err(());
+    }
+    if let Some(a) = req.uri().authority() {
+        if a.as_str().contains('@') {
+            // Userinfo has no place in an `http` target (RFC 9110 §4.2.4).
+            return Err(());
+        }
+        return HeaderValue::from_str(a.as_str()).map(Some).map_err(drop);
+    }
+    match host {
+        Some(h) if valid_host(h.as_bytes()) => Ok(Some(h.clone())),
+        Some(_) => Err(()),
+        None if req.version() == Version::HTTP_11 => Err(()),
+        None => Ok(None),
+    }
+}
+
+/// Whether `h` is a valid `Host` value: `host[:port]`, the host a registered name,
+/// an IPv4 address or a bracketed IPv6 address, the port at most 65535. Written here
+/// because `http::uri::Authority` parses only by copying into a new buffer, once per
+/// request, and accepts userinfo.
+fn valid_host(h: &[u8]) -> bool {
+    let (host, port) = match h.iter().rposition(|&c| c == b':') {
+        Some(i) if !h.starts_with(b"[") || h[..i].ends_with(b"]") => (&h[..i], &h[i + 1..]),
+        _ => (h, &b""[..]),
+    };
+    let port_ok = port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
+        && port.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')) <= 65_535;
+    let host_ok = match host {
+        [b'[', inner @ .., b']'] => {
+            !inner.is_empty()
+                && inner
+                    .iter()
+                    .all(|c| c.is_ascii_hexdigit() || matches!(c, b':' | b'.'))
+        }
+        _ => {
+            !host.is_empty()
+                && host.iter().all(|c| {
+                    c.is_ascii_alphanumeric()
+                        || matches!(
+                            c,
+                            b'-' | b'.'
+                                | b'_'
+                                | b'~'
+                                | b'%'
+                                | b'!'
+                                | b'$'
+                                | b'&'
+                                | b'\''
+                                | b'('
+                                | b')'
+                                | b'*'
+                                | b'+'
+                                | b','
+                                | b';'
+                                | b'='
+                        )
+                })
+        }
+    };
+    port_ok && host_ok
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
 /// `keep_upgrade` keeps `Upgrade` (and `Connection: upgrade`) for a WebSocket
 /// handshake; the other headers `Connection` names are removed even then.
@@ -350,18 +428,20 @@ impl Proxy {
         conn: &ConnInfo,
     ) -> Response<ProxyBody> {
         let snap = self.load();
-        if header_bytes(req.headers()) > snap.limits.max_header_bytes {
+        // The request target counts toward the header limit, as nginx's buffers do.
+        let max = snap.limits.max_header_bytes;
+        let target = target_bytes(req.uri());
+        if target > max {
+            return error_response(StatusCode::URI_TOO_LONG, "request target too long\n");
+        }
+        if target + header_bytes(req.headers()) > max {
             return error_response(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request header fields too large\n",
             );
         }
-        let host_value = match req.headers().get(header::HOST) {
-            Some(h) => Some(h.clone()),
-            None => req
-                .uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        let Ok(host_value) = request_host(&req) else {
+            return error_response(StatusCode::BAD_REQUEST, "missing or invalid Host header\n");
         };
         let host = host_value
             .as_ref()
@@ -569,7 +649,9 @@ fn build_upstream_request(
             // that differs from it is malformed HTTP/2 (RFC 9113 §8.3.1). The client's
             // host travels in `X-Forwarded-Host`.
             headers.remove(header::HOST);
-        } else if !headers.contains_key(header::HOST) {
+        } else {
+            // The request's host: the same `Host` line, or the authority of an
+            // absolute-form target, which replaces `Host` (RFC 9112 §3.2.2).
             headers.insert(header::HOST, h.clone());
         }
         headers.insert(X_FORWARDED_HOST.clone(), h);
@@ -646,6 +728,36 @@ mod tests {
         let mut h = map(&[("te", "trailers"), ("accept", "*/*")]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn host_values_are_checked_as_rfc_9112_asks() {
+        for ok in [
+            "shop.example.com",
+            "shop.example.com:8080",
+            "127.0.0.1",
+            "127.0.0.1:65535",
+            "[::1]",
+            "[::1]:8080",
+            "xn--bcher-kva.example",
+            "host:",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b:c:d@/",
+            "127.0.0.1:99999999",
+            "127.0.0.1:65536",
+            "user@host",
+            "::1",
+            "[::1",
+            "[]:80",
+            "host:8x",
+            "host/path",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]
