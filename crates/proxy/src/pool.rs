@@ -30,6 +30,9 @@ pub fn now_ms() -> u64 {
 /// One upstream instance (`host:port`).
 #[derive(Debug)]
 pub struct Instance {
+    /// The route and version of the pool this instance belongs to (for logs).
+    route: String,
+    version: String,
     pub addr: String,
     pub authority: Authority,
     consecutive_failures: AtomicU32,
@@ -47,9 +50,12 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// An instance of `addr` (`host:port`) served by `workers` data-plane workers.
-    pub fn new(addr: &str, workers: usize) -> Option<Instance> {
+    /// An instance of `addr` (`host:port`) in the `route`/`version` pool, served by
+    /// `workers` data-plane workers.
+    pub fn new(route: &str, version: &str, addr: &str, workers: usize) -> Option<Instance> {
         Some(Instance {
+            route: route.to_string(),
+            version: version.to_string(),
             addr: addr.to_string(),
             authority: addr.parse().ok()?,
             host_header: HeaderValue::from_str(addr).ok()?,
@@ -125,7 +131,14 @@ impl Instance {
             .min(spec.max_ms.max(spec.base_ms));
         self.ejected_until_ms.store(now_ms + period, Relaxed);
         self.ejections_total.fetch_add(1, Relaxed);
-        tracing::warn!(upstream = %self.addr, failures = n, ejected_ms = period, "upstream ejected");
+        tracing::warn!(
+            route = %self.route,
+            version = %self.version,
+            upstream = %self.addr,
+            failures = n,
+            ejected_ms = period,
+            "upstream ejected"
+        );
         true
     }
 
@@ -145,7 +158,13 @@ impl Instance {
         if streak >= threshold.max(1) {
             self.check_healthy.store(ok, Relaxed);
             self.check_streak.store(0, Relaxed);
-            tracing::warn!(upstream = %self.addr, healthy = ok, "health check changed state");
+            tracing::warn!(
+                route = %self.route,
+                version = %self.version,
+                upstream = %self.addr,
+                healthy = ok,
+                "health check changed state"
+            );
         }
     }
 
@@ -318,7 +337,7 @@ mod tests {
 
     #[test]
     fn ejects_after_consecutive_failures_with_backoff() {
-        let i = Instance::new("127.0.0.1:1", 1).unwrap();
+        let i = Instance::new("r", "v1", "127.0.0.1:1", 1).unwrap();
         let spec = ejection();
         assert!(!i.record_failure(&spec, 0));
         i.record_success();
@@ -342,7 +361,7 @@ mod tests {
 
     #[test]
     fn health_thresholds() {
-        let i = Instance::new("127.0.0.1:1", 1).unwrap();
+        let i = Instance::new("r", "v1", "127.0.0.1:1", 1).unwrap();
         let spec = HealthCheck {
             path: "/".into(),
             interval_ms: 1,
@@ -360,8 +379,8 @@ mod tests {
 
     #[test]
     fn round_robin_skips_unavailable() {
-        let a = Arc::new(Instance::new("127.0.0.1:1", 1).unwrap());
-        let b = Arc::new(Instance::new("127.0.0.1:2", 1).unwrap());
+        let a = Arc::new(Instance::new("r", "v1", "127.0.0.1:1", 1).unwrap());
+        let b = Arc::new(Instance::new("r", "v1", "127.0.0.1:2", 1).unwrap());
         let spec = Ejection {
             consecutive_failures: 1,
             base_ms: 10_000,

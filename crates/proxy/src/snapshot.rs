@@ -299,7 +299,7 @@ fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig, workers: us
             if let Some(i) = reg.instances.get(&key) {
                 return Some(i.clone());
             }
-            let inst = Arc::new(Instance::new(addr, workers)?);
+            let inst = Arc::new(Instance::new(&rc.route.name, &pc.version, addr, workers)?);
             reg.instances.insert(key, inst.clone());
             Some(inst)
         })
