@@ -114,7 +114,10 @@ impl<B: RequestBody> IdleList<B> {
     }
 
     fn put(&self, sender: SendRequest<B>) {
-        let now = now_ms();
+        self.put_at(sender, now_ms());
+    }
+
+    fn put_at(&self, sender: SendRequest<B>, now: u64) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         // Reap from the cold end: the list is used LIFO, so the oldest idle is first.
         while conns
@@ -395,6 +398,17 @@ mod tests {
         let idle = Arc::new(Idle::default());
         let err = send(&idle, &addr, 1000, get()).await.unwrap_err();
         assert!(matches!(err, SendError::Connect(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_older_than_the_idle_timeout_are_closed() {
+        let (addr, _) = server(usize::MAX).await;
+        let idle = Arc::new(Idle::default());
+        idle.put_at(connect(&addr, 1000).await.unwrap(), 0);
+        idle.put_at(connect(&addr, 1000).await.unwrap(), IDLE_TIMEOUT_MS);
+        assert_eq!(idle.len(), 2, "not older than the timeout yet");
+        idle.put_at(connect(&addr, 1000).await.unwrap(), IDLE_TIMEOUT_MS + 1);
+        assert_eq!(idle.len(), 2, "the first one is reaped");
     }
 
     #[tokio::test]
