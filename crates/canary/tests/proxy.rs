@@ -2,8 +2,8 @@
 //! headers, host routing, WebSocket, h2c on both sides, trailers, streaming bodies,
 //! passive ejection, active health checks, canary fallback, the answers the proxy
 //! makes itself, connection limits, clients that hang up or upload slowly, graceful
-//! stop, reloads under load, rejected configs and SIGHUP, `canary validate`, and the
-//! `/metrics` text.
+//! stop, reloads under load, rejected configs and SIGHUP, reloads through symlinks and
+//! a ConfigMap's `..data` swap, `canary validate`, and the `/metrics` text.
 //!
 //! Helpers only these tests need live here rather than in `common`: raw HTTP/1.1 on a
 //! socket, and upstreams that stream, send hop-by-hop headers, send trailers, or speak
@@ -2330,6 +2330,140 @@ async fn invalid_reload_is_rejected_with_positions_and_sighup_reloads() {
     assert!(c.log().contains("SIGHUP"), "{}", c.log());
     assert_eq!(c.status("web").await["weight"], 40.0);
     get_ok(&c, "/", 5, &[("x-user-id", "after")]).await;
+}
+
+/// A route `web` (stable v1, canary v2) at `weight`, for the reload tests.
+fn weighted(v1: &Upstream, v2: &Upstream, weight: u32) -> String {
+    format!(
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n    canary: {{version: v2, upstreams: {}}}\n    weight: {weight}\n",
+        addrs(&[v1]),
+        addrs(&[v2])
+    )
+}
+
+/// Rewrites `path` in place (same inode: truncate and write), as `echo … > file` does.
+fn write_in_place(path: &std::path::Path, text: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .expect("open for writing");
+    std::io::Write::write_all(&mut f, text.as_bytes()).expect("write in place");
+}
+
+/// Replaces `path` atomically (temp file in the same directory, rename).
+fn replace_atomically(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write temp file");
+    std::fs::rename(&tmp, path).expect("rename over");
+}
+
+/// Points the symlink `link` at `to` atomically (new link, rename over), as
+/// `ln -sfn` and the kubelet do.
+fn swap_symlink(to: &str, link: &std::path::Path) {
+    let tmp = link.with_extension("swap");
+    std::os::unix::fs::symlink(to, &tmp).expect("symlink");
+    std::fs::rename(&tmp, link).expect("rename symlink over");
+}
+
+/// Regression: with `--config` a symlink, or a path through a symlinked directory,
+/// edits reached the file but no reload happened (only the link's directory was
+/// watched, for the link's own name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_follows_a_symlinked_config_file_and_directory() {
+    let v1 = Upstream::start("v1").await;
+    let v2 = Upstream::start("v2").await;
+    let mut c = Canary::start(&weighted(&v1, &v2, 10)).await;
+    let d = c.dir.path().to_path_buf();
+
+    // link.yaml -> real.yaml; serve from the link.
+    let real = d.join("real.yaml");
+    std::fs::write(&real, c.full_config(&weighted(&v1, &v2, 10))).unwrap();
+    std::os::unix::fs::symlink("real.yaml", d.join("link.yaml")).unwrap();
+    c.config_path = d.join("link.yaml");
+    c.restart().await;
+    write_in_place(&real, &c.full_config(&weighted(&v1, &v2, 20)));
+    c.wait_weight("web", 20.0).await;
+    replace_atomically(&real, &c.full_config(&weighted(&v1, &v2, 30)));
+    c.wait_weight("web", 30.0).await;
+
+    // cur -> a, served as cur/canary.yaml; then cur -> b.
+    for (sub, w) in [("a", 40), ("b", 50)] {
+        std::fs::create_dir(d.join(sub)).unwrap();
+        let text = c.full_config(&weighted(&v1, &v2, w));
+        std::fs::write(d.join(sub).join("canary.yaml"), text).unwrap();
+    }
+    std::os::unix::fs::symlink("a", d.join("cur")).unwrap();
+    c.config_path = d.join("cur").join("canary.yaml");
+    c.restart().await;
+    assert_eq!(c.status("web").await["weight"], 40.0);
+    swap_symlink("b", &d.join("cur"));
+    c.wait_weight("web", 50.0).await;
+    // The new target's directory is watched now.
+    write_in_place(
+        &d.join("b").join("canary.yaml"),
+        &c.full_config(&weighted(&v1, &v2, 60)),
+    );
+    c.wait_weight("web", 60.0).await;
+    get_ok(&c, "/", 3, &[]).await;
+}
+
+/// Regression: a Kubernetes ConfigMap volume (`canary.yaml -> ..data/canary.yaml`,
+/// `..data -> ..<timestamp>/`) is updated by swapping `..data` and deleting the old
+/// directory; that was never noticed. Each swap must reload exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_follows_a_configmap_data_symlink_swap() {
+    let v1 = Upstream::start("v1").await;
+    let v2 = Upstream::start("v2").await;
+    let mut c = Canary::start(&weighted(&v1, &v2, 10)).await;
+    let cm = c.dir.path().join("configmap");
+    let header = c.header();
+    let version = |name: &str, w: u32| {
+        std::fs::create_dir_all(cm.join(name)).unwrap();
+        let text = format!("{header}{}", weighted(&v1, &v2, w));
+        std::fs::write(cm.join(name).join("canary.yaml"), text).unwrap();
+    };
+    version("..2026_12_01_a", 20);
+    std::os::unix::fs::symlink("..2026_12_01_a", cm.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/canary.yaml", cm.join("canary.yaml")).unwrap();
+    c.config_path = cm.join("canary.yaml");
+    c.restart().await;
+    assert_eq!(c.status("web").await["weight"], 20.0);
+
+    // What the kubelet does: new directory, `..data_tmp` -> it, rename over `..data`,
+    // remove the old directory.
+    let mut old = "..2026_12_01_a";
+    for (n, (new, w)) in [("..2026_12_01_b", 30), ("..2026_12_01_c", 40)]
+        .into_iter()
+        .enumerate()
+    {
+        version(new, w);
+        std::os::unix::fs::symlink(new, cm.join("..data_tmp")).unwrap();
+        std::fs::rename(cm.join("..data_tmp"), cm.join("..data")).unwrap();
+        std::fs::remove_dir_all(cm.join(old)).unwrap();
+        old = new;
+        c.wait_weight("web", f64::from(w)).await;
+        wait_metric(
+            &c,
+            "canary_config_reloads_total",
+            &[("result", "success")],
+            "counted",
+            |v| v >= (n + 1) as f64,
+        )
+        .await;
+    }
+    assert_eq!(
+        metric(&c, "canary_config_reloads_total", &[("result", "success")]).await,
+        2.0,
+        "one reload per swap\n{}",
+        c.log()
+    );
+    assert_eq!(
+        metric(&c, "canary_config_reloads_total", &[("result", "failure")]).await,
+        0.0,
+        "a swap never shows a half-written or missing file\n{}",
+        c.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,7 @@ use crate::error::{ConfigError, Diagnostic};
 use crate::model::{Config, Ejection, HealthCheck, Limits, PoolConfig, RouteConfig, Timeouts};
 use crate::raw::{
     List, RawAnalysis, RawConfig, RawEjection, RawHealthCheck, RawLimits, RawPool, RawRollout,
-    RawRoute, RawRule, RawStep, RawSticky, RawTimeouts, StringList, S,
+    RawRoute, RawRule, RawStep, RawSticky, RawTimeouts, StringList, UnknownKey, UnknownKeys, S,
 };
 
 /// Default admin address (`admin`).
@@ -56,7 +56,8 @@ pub(crate) fn validate(file: &str, root: S<RawConfig>) -> Result<Config, ConfigE
         && raw.admin_token_env.is_none()
         && raw.workers.is_none()
         && raw.limits.is_none()
-        && raw.routes.is_none();
+        && raw.routes.is_none()
+        && raw.unknown.is_empty();
     if empty {
         return Err(ConfigError::single(
             file,
@@ -64,6 +65,11 @@ pub(crate) fn validate(file: &str, root: S<RawConfig>) -> Result<Config, ConfigE
             1,
             "the config is empty; it needs at least `listen` and `routes`",
         ));
+    }
+    let mut unknown = Vec::new();
+    raw.unknown_keys("", &mut unknown);
+    for key in unknown {
+        c.unknown_key(key);
     }
     let config = c.config(root);
     if c.diagnostics.is_empty() {
@@ -90,6 +96,20 @@ impl Checker {
             column: at.column(),
             message,
         });
+    }
+
+    /// A key that is not part of the format: likely a typo, so name the closest key.
+    fn unknown_key(&mut self, k: UnknownKey) {
+        let mut message = format!(
+            "{}: unknown field `{}`, expected one of {}",
+            k.path,
+            k.key,
+            k.expected.join(", ")
+        );
+        if let Some(near) = closest(&k.key, k.expected) {
+            message.push_str(&format!(" (did you mean `{near}`?)"));
+        }
+        self.err(k.at, message);
     }
 
     fn config(&mut self, root: S<RawConfig>) -> Config {
@@ -1216,6 +1236,47 @@ impl Checker {
     }
 }
 
+/// The allowed key nearest to a mistyped one, if it is near enough to be the intended
+/// one: at most one edit for short keys, two for longer ones (a swap of two neighbouring
+/// letters, as in `wieght`, counts as one).
+fn closest(key: &str, allowed: &[&'static str]) -> Option<&'static str> {
+    let limit = if key.chars().count() <= 4 { 1 } else { 2 };
+    allowed
+        .iter()
+        .map(|&a| (edit_distance(&key.to_ascii_lowercase(), a), a))
+        .filter(|&(d, _)| d <= limit)
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, a)| a)
+}
+
+/// Optimal string alignment distance: insertions, deletions, substitutions and swaps
+/// of adjacent characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    // d[i][j]: distance between a[..i] and b[..j].
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
 fn placeholder_pool() -> PoolConfig {
     PoolConfig {
         version: String::new(),
@@ -1244,6 +1305,19 @@ fn regex_error(e: &regex::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn closest_key_catches_typos_only() {
+        let route = RawRoute::FIELDS;
+        assert_eq!(closest("wieght", route), Some("weight"));
+        assert_eq!(closest("Weight", route), Some("weight"));
+        assert_eq!(closest("path_prefx", route), Some("path_prefix"));
+        assert_eq!(closest("host", route), Some("hosts"));
+        assert_eq!(closest("upstreams", route), None);
+        assert_eq!(closest("x", route), None);
+        assert_eq!(edit_distance("", "ab"), 2);
+        assert_eq!(edit_distance("ab", "ba"), 1);
+    }
 
     #[test]
     #[allow(clippy::invalid_regex, reason = "the invalid pattern is the point")]

@@ -250,13 +250,100 @@ fn unknown_key_points_at_the_key() {
     one_error(
         &format!("{BASE}    wieght: 10\n"),
         "6:5",
-        "unknown field `wieght`",
+        "routes[0].wieght: unknown field `wieght`, expected one of name, hosts, path_prefix, \
+         stable, canary, weight, sticky, rules, timeouts, ejection, rollout (did you mean \
+         `weight`?)",
     );
     one_error(
         &format!("{BASE}    sticky: {{header: x, cokie: y}}\n"),
         "6:25",
-        "unknown field `cokie`",
+        "routes[0].sticky.cokie: unknown field `cokie`, expected one of header, cookie (did \
+         you mean `cookie`?)",
     );
+    one_error(
+        &format!("{BASE}    rollout:\n      steps: [{{weight: 10, pause: 1m}}]\n      breaker: {{failures: 3}}\n"),
+        "8:17",
+        "routes[0].rollout.breaker.failures: unknown field `failures`, expected one of \
+         consecutive_failures",
+    );
+    // Nothing near enough to guess from: no guess.
+    assert_eq!(
+        errors(&format!("{BASE}    color: blue\n")),
+        [
+            "c.yaml:6:5: routes[0].color: unknown field `color`, expected one of name, hosts, \
+          path_prefix, stable, canary, weight, sticky, rules, timeouts, ejection, rollout"
+        ]
+    );
+}
+
+/// Regression: the first unknown key used to stop parsing, hiding every other problem
+/// (and every other unknown key) in the file.
+#[test]
+fn unknown_keys_do_not_hide_other_errors() {
+    let yaml = "\
+listen: 127.0.0.1:8080
+route_defaults: {}
+routes:
+  - name: web
+    hosts: [\"*\"]
+    stable: {version: v1, upstreams: [\"127.0.0.1:9001\"]}
+    canary: {version: v2, upstreams: [\"127.0.0.1:9002\"]}
+    weight: 150
+    wieght: 3
+    rules:
+      - header: {name: x-group, regex: \"(beta\"}
+        to: canary
+  - name: web
+    stable: {version: v1, upstreams: [\"127.0.0.1:9001\"], helth_check: {}}
+";
+    let errs = errors(yaml);
+    let at_path: Vec<String> = errs
+        .iter()
+        .map(|e| e.splitn(5, ':').take(4).collect::<Vec<_>>().join(":"))
+        .collect();
+    assert_eq!(
+        at_path,
+        [
+            "c.yaml:2:1: route_defaults",
+            "c.yaml:5:13: routes[0].hosts[0]",
+            "c.yaml:8:13: routes[0].weight",
+            "c.yaml:9:5: routes[0].wieght",
+            "c.yaml:11:40: routes[0].rules[0].header.regex",
+            "c.yaml:13:11: routes[1].name",
+            "c.yaml:14:58: routes[1].stable.helth_check",
+        ],
+        "{errs:#?}"
+    );
+    assert!(errs[3].contains("unknown field `wieght`"), "{}", errs[3]);
+    assert!(
+        errs[6].contains("did you mean `health_check`?"),
+        "{}",
+        errs[6]
+    );
+}
+
+/// Unknown keys are found in parts of the file that validation skips, such as the
+/// matchers of a rule that has two.
+#[test]
+fn unknown_keys_in_a_rejected_rule_are_reported() {
+    let errs = errors(&format!(
+        "{BASE}    rules:\n      - header: {{name: x, valeu: a}}\n        cookie: {{name: a, value: b}}\n        to: canary\n"
+    ));
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].starts_with("c.yaml:7:9: routes[0].rules[0]: a rule needs exactly one"));
+    assert!(
+        errs[1].starts_with("c.yaml:7:27: routes[0].rules[0].header.valeu: unknown field `valeu`")
+    );
+}
+
+/// A file of nothing but unknown keys is not "empty": the keys are named.
+#[test]
+fn file_of_unknown_keys_names_them() {
+    let errs = errors("lisen: 127.0.0.1:8080\n");
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(errs[0].starts_with("c.yaml:1:1: lisen: unknown field `lisen`"));
+    assert!(errs[0].ends_with("(did you mean `listen`?)"));
+    assert!(errs[1].contains("missing required key `listen`"));
 }
 
 #[test]

@@ -7,7 +7,8 @@
 //! - [`store`]: atomic state files and the append-only journal in `state_dir`.
 //! - [`admin`]: the axum router for `/api/v1`, `/metrics`, `/healthz`, `/readyz`.
 //! - [`source`]: the config file source: reload on file change (watching the
-//!   directory, since editors replace files) and on SIGHUP.
+//!   directories of the file and of the symlinks leading to it, since editors
+//!   replace files and ConfigMaps swap links) and on SIGHUP.
 
 pub mod admin;
 pub mod controller;
