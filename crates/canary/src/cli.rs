@@ -102,8 +102,8 @@ pub enum AdminCmd {
 }
 
 /// Exit code for errors other than the outcome `wait` reports (unknown route,
-/// rejected token, unreachable API).
-const EXIT_ERROR: u8 = 3;
+/// rejected token, unreachable API, a usage error).
+pub(crate) const EXIT_ERROR: u8 = 3;
 
 pub(crate) struct Api {
     base: String,

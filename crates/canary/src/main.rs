@@ -47,7 +47,19 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            // `--help` and `--version` print to stdout and succeed. A usage error exits
+            // 3, not clap's 2, which `wait` reports as "timed out" (docs/cli.md).
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(cli::EXIT_ERROR)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match args.command {
         Cmd::Validate { config } => match canary_config::load(&config) {
             Ok(cfg) => {

@@ -544,6 +544,43 @@ async fn every_cli_verb_and_its_exit_codes() {
     assert!(err.contains("cannot reach the admin API"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_exit_3_not_2_which_wait_uses_for_timed_out() {
+    for args in [
+        &["wait", "web", "--timeout", "bogus"][..],
+        &["wait", "web", "--timeout", "10"],
+        &["wait"],
+        &["weight", "web", "abc"],
+        &["weight", "web", "-1"],
+        &["status", "--no-such-flag"],
+        &["no-such-verb"],
+        &["validate"],
+        &[],
+    ] {
+        let (code, out, err) = run_canary(args, &[], None).await;
+        assert_eq!(code, 3, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("Usage") || err.contains("--help"),
+            "{args:?}: {err}"
+        );
+    }
+    // Help and version still print to stdout and succeed.
+    for args in [
+        &["--help"][..],
+        &["help", "wait"],
+        &["wait", "--help"],
+        &["--version"],
+    ] {
+        let (code, out, err) = run_canary(args, &[], None).await;
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        assert!(
+            out.contains("canary") || out.contains("Usage"),
+            "{args:?}: {out}"
+        );
+        assert_eq!(err, "", "{args:?}");
+    }
+}
+
 /// `canary wait` in the background against `c` (no token: it only reads).
 fn spawn_wait(c: &Canary, args: &[&str]) -> tokio::task::JoinHandle<(i32, String, String)> {
     let admin = format!("http://{}", c.admin);
