@@ -257,7 +257,7 @@ fn print_table(routes: &[Value]) {
             .enumerate()
             .map(|(i, c)| format!("{c:<width$}", width = w[i]))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        outln!("{}", s.join("  ").trim_end());
     };
     line(&head.map(String::from));
     for r in &rows {
@@ -267,8 +267,8 @@ fn print_table(routes: &[Value]) {
 
 fn print_route(r: &Value) {
     print_table(std::slice::from_ref(r));
-    println!();
-    println!("{}", r["message"].as_str().unwrap_or(""));
+    outln!();
+    outln!("{}", r["message"].as_str().unwrap_or(""));
     if let Some(steps) = r["steps"].as_array().filter(|s| !s.is_empty()) {
         let cur = r["step"].as_u64();
         let plan: Vec<String> = steps
@@ -283,21 +283,21 @@ fn print_route(r: &Value) {
                 )
             })
             .collect();
-        println!("steps: {}", plan.join(" → "));
+        outln!("steps: {}", plan.join(" → "));
     }
     if !r["last_verdict"].is_null() {
-        println!("last verdict: {}", verdict_text(&r["last_verdict"]));
+        outln!("last verdict: {}", verdict_text(&r["last_verdict"]));
         if let Some(reasons) = r["last_verdict"]["reasons"]
             .as_array()
             .filter(|a| !a.is_empty())
         {
             for reason in reasons {
-                println!("  - {}", reason.as_str().unwrap_or(""));
+                outln!("  - {}", reason.as_str().unwrap_or(""));
             }
         }
     }
     if let Some(a) = r["abort_reason"].as_str() {
-        println!("abort reason: {a}");
+        outln!("abort reason: {a}");
     }
 }
 
@@ -312,14 +312,14 @@ pub fn main(cmd: AdminCmd) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("canary: {e}");
+            errln!("canary: {e}");
             return ExitCode::from(EXIT_ERROR);
         }
     };
     match rt.block_on(run(cmd)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("canary: {e}");
+            errln!("canary: {e}");
             ExitCode::from(EXIT_ERROR)
         }
     }
@@ -334,7 +334,7 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                 None => api.ok(Method::GET, "/api/v1/routes", None).await?,
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else if route.is_some() {
                 print_route(&v);
             } else {
@@ -354,7 +354,7 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                     Some(json!({ "weight": weight })),
                 )
                 .await?;
-            println!(
+            outln!(
                 "{route}: weight {} ({})",
                 pct(&v["weight"]),
                 v["phase"]
@@ -371,7 +371,7 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                     Some(json!({ "full": full })),
                 )
                 .await?;
-            println!(
+            outln!(
                 "{route}: {} at {} (step {})",
                 v["phase"].as_str().unwrap_or("?"),
                 pct(&v["weight"]),
@@ -388,7 +388,7 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
             let v = Api::new(&conn)
                 .ok(Method::POST, &route_path(&route, "/abort"), Some(body))
                 .await?;
-            println!("{route}: aborted, weight {}", pct(&v["weight"]));
+            outln!("{route}: aborted, weight {}", pct(&v["weight"]));
             Ok(0)
         }
         AdminCmd::Pause { route, conn } => simple(&conn, &route, "pause").await,
@@ -408,11 +408,11 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                 )
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 return Ok(0);
             }
             for e in v.as_array().map(Vec::as_slice).unwrap_or_default() {
-                println!(
+                outln!(
                     "{}  {:<8} {} {} → {} {}  {}",
                     fmt_time(e["at_ms"].as_u64().unwrap_or(0)),
                     e["kind"].as_str().unwrap_or(""),
@@ -424,7 +424,7 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                     e["reason"].as_str().unwrap_or(""),
                 );
                 if !e["verdict"].is_null() {
-                    println!("    evidence: {}", verdict_text(&e["verdict"]));
+                    outln!("    evidence: {}", verdict_text(&e["verdict"]));
                 }
             }
             Ok(0)
@@ -442,7 +442,7 @@ async fn simple(conn: &Conn, route: &str, verb: &str) -> Result<u8, String> {
     let v = Api::new(conn)
         .ok(Method::POST, &route_path(route, &format!("/{verb}")), None)
         .await?;
-    println!(
+    outln!(
         "{route}: {} at {} (step {})",
         v["phase"].as_str().unwrap_or("?"),
         pct(&v["weight"]),
@@ -559,11 +559,11 @@ async fn wait(
                     r["canary_version"].as_str().unwrap_or("-"),
                 );
                 if line != last {
-                    println!("{line}");
+                    outln!("{line}");
                     last = line;
                 }
                 if let Some((code, msg)) = target.judge(route, &r)? {
-                    println!("{msg}");
+                    outln!("{msg}");
                     return Ok(code);
                 }
             }
@@ -574,10 +574,10 @@ async fn wait(
                     status.as_u16()
                 ))
             }
-            Err(e) => eprintln!("canary: {e}; retrying"),
+            Err(e) => errln!("canary: {e}; retrying"),
         }
         if Instant::now() >= deadline {
-            println!(
+            outln!(
                 "{route}: timed out after {}",
                 humantime::format_duration(timeout)
             );

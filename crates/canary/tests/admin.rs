@@ -581,6 +581,69 @@ async fn usage_errors_exit_3_not_2_which_wait_uses_for_timed_out() {
     }
 }
 
+/// Runs `canary` with its stdout a pipe whose reader is gone, as in `canary events web |
+/// head -c 10` once `head` has exited: (exit code, stderr).
+async fn run_into_a_closed_pipe(args: &[&str]) -> (i32, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        // The write end of a pipe whose read end is closed: the stdin of a process that
+        // has exited (so no write can land in the pipe's buffer before it closes).
+        let mut reader = Command::new(env!("CARGO_BIN_EXE_canary"))
+            .arg("--version")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the reader");
+        let pipe = reader.stdin.take().expect("its stdin");
+        reader.wait().expect("the reader exits");
+        let out = Command::new(env!("CARGO_BIN_EXE_canary"))
+            .args(&args)
+            .env_remove("CANARY_ADMIN_TOKEN")
+            .env_remove("CANARY_ADMIN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(pipe))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn canary")
+            .wait_with_output()
+            .expect("canary exits");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .expect("cli task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_into_a_closed_pipe_is_dropped_without_a_panic_and_keeps_the_exit_code() {
+    let (_v1, _v2, c) = start().await;
+    let admin = format!("http://{}", c.admin);
+    for (args, want) in [
+        (&["events", "web", "--json"][..], 0),
+        (&["events", "web"], 0),
+        (&["status", "web"], 0),
+        (&["status"], 0),
+        (&["--help"], 0),
+        // `wait` still reports its outcome (timed out), not success or a crash.
+        (&["wait", "web", "--timeout", "1s"], 2),
+    ] {
+        let mut all = args.to_vec();
+        if args[0] != "--help" {
+            all.extend(["--admin", admin.as_str()]);
+        }
+        let (code, err) = run_into_a_closed_pipe(&all).await;
+        assert_eq!(code, want, "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?}");
+    }
+    // An error still goes to stderr with its exit code.
+    let (code, err) = run_into_a_closed_pipe(&["status", "nope", "--admin", &admin]).await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("unknown route"), "{err}");
+}
+
 /// `canary wait` in the background against `c` (no token: it only reads).
 fn spawn_wait(c: &Canary, args: &[&str]) -> tokio::task::JoinHandle<(i32, String, String)> {
     let admin = format!("http://{}", c.admin);
