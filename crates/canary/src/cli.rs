@@ -301,6 +301,37 @@ fn print_route(r: &Value) {
     }
 }
 
+/// A journal position: `phase weight` during a rollout, `manual weight` on a route
+/// with a canary and no rollout, `stable` on a route without a canary.
+fn position_text(p: &Value) -> String {
+    if p["no_canary"].as_bool() == Some(true) {
+        return "stable".into();
+    }
+    format!(
+        "{} {}",
+        p["phase"].as_str().unwrap_or("manual"),
+        pct(&p["weight"])
+    )
+}
+
+/// One journal entry: time, kind, from → to, reason.
+fn event_line(e: &Value) -> String {
+    let kind = e["kind"].as_str().unwrap_or("");
+    // A `complete` entry always ends without a canary; journals written before
+    // positions said so have `"to":{"weight":0.0}` there.
+    let to = if kind == "complete" {
+        "stable".to_string()
+    } else {
+        position_text(&e["to"])
+    };
+    format!(
+        "{}  {kind:<8} {} → {to}  {}",
+        fmt_time(e["at_ms"].as_u64().unwrap_or(0)),
+        position_text(&e["from"]),
+        e["reason"].as_str().unwrap_or(""),
+    )
+}
+
 fn fmt_time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
@@ -412,17 +443,7 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                 return Ok(0);
             }
             for e in v.as_array().map(Vec::as_slice).unwrap_or_default() {
-                outln!(
-                    "{}  {:<8} {} {} → {} {}  {}",
-                    fmt_time(e["at_ms"].as_u64().unwrap_or(0)),
-                    e["kind"].as_str().unwrap_or(""),
-                    // Entries of a route without a rollout have no phase.
-                    e["from"]["phase"].as_str().unwrap_or("manual"),
-                    pct(&e["from"]["weight"]),
-                    e["to"]["phase"].as_str().unwrap_or("manual"),
-                    pct(&e["to"]["weight"]),
-                    e["reason"].as_str().unwrap_or(""),
-                );
+                outln!("{}", event_line(e));
                 if !e["verdict"].is_null() {
                     outln!("    evidence: {}", verdict_text(&e["verdict"]));
                 }
@@ -665,6 +686,39 @@ mod tests {
         assert_eq!(
             code(&mut t, &status("v2", Some("v4"), Some("progressing"))),
             Some(1)
+        );
+    }
+
+    #[test]
+    fn events_show_a_route_without_a_canary_as_stable_not_manual_0() {
+        let e = |kind: &str, from: Value, to: Value| json!({"at_ms": 0, "kind": kind, "from": from, "to": to, "reason": "r"});
+        let promoted = json!({"phase": "promoted", "step": 2, "weight": 100.0});
+        let line = event_line(&e(
+            "complete",
+            promoted.clone(),
+            json!({"weight": 0.0, "no_canary": true}),
+        ));
+        assert!(line.contains("promoted 100% → stable  r"), "{line}");
+        // A journal written before `no_canary` existed.
+        let line = event_line(&e("complete", promoted, json!({"weight": 0.0})));
+        assert!(line.contains("promoted 100% → stable  r"), "{line}");
+        let line = event_line(&e(
+            "start",
+            json!({"weight": 0.0, "no_canary": true}),
+            json!({"phase": "progressing", "step": 0, "weight": 10.0}),
+        ));
+        assert!(
+            line.contains("start    stable → progressing 10%  r"),
+            "{line}"
+        );
+        let line = event_line(&e(
+            "weight",
+            json!({"weight": 10.0}),
+            json!({"weight": 30.0}),
+        ));
+        assert!(
+            line.contains("weight   manual 10% → manual 30%  r"),
+            "{line}"
         );
     }
 }

@@ -721,6 +721,28 @@ async fn wait_follows_the_version_it_saw_to_stable_and_reports_a_replaced_one() 
         out.contains("web: v3 will not be promoted: the canary is now v4"),
         "{out}"
     );
+    // The journal says where each rollout started from: no canary after v2 was made
+    // stable, then v3's rollout, which v4 replaced.
+    c.wait_status("web", "rolling out v4", Duration::from_secs(10), |s| {
+        s["canary_version"] == "v4"
+    })
+    .await;
+    let out = ok(c.cli(&["events", "web"]).await);
+    let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with(' ')).collect();
+    let n = lines.len();
+    assert!(n >= 4, "{out}");
+    assert!(
+        lines[n - 3].contains("end      progressing 10% → stable"),
+        "{out}"
+    );
+    assert!(
+        lines[n - 2].contains("start    stable → progressing 10%  new canary version v3"),
+        "{out}"
+    );
+    assert!(
+        lines[n - 1].contains("start    progressing 10% → progressing 10%  new canary version v4; replaces the rollout of v3"),
+        "{out}"
+    );
 
     // --version waits for a config that is not applied yet, then follows it.
     let waiter = spawn_wait(&c, &["--version", "v5"]);
