@@ -480,6 +480,9 @@ struct WaitTarget {
     version: Option<String>,
     /// Whether the version has been seen on the route (as canary or stable) yet.
     seen: bool,
+    /// Whether the version has been seen with a rollout: only then is a canary without
+    /// one a rollout removed under `wait`, rather than nothing to wait for.
+    rolled_out: bool,
 }
 
 impl WaitTarget {
@@ -509,6 +512,16 @@ impl WaitTarget {
         }
         if canary == Some(want.as_str()) {
             self.seen = true;
+            if phase.is_none() && !self.rolled_out {
+                // A canary at a fixed weight: nothing will ever promote it.
+                return Err(format!(
+                    "route {route:?} has no rollout to wait for: {want} is a canary at {} \
+                     without a rollout (stable {stable}); it is promoted by making it the \
+                     stable version in the config",
+                    pct(&r["weight"])
+                ));
+            }
+            self.rolled_out |= phase.is_some();
             return Ok(match phase {
                 Some("promoted") => Some((
                     0,
@@ -564,7 +577,7 @@ async fn wait(
     let mut last = String::new();
     let mut target = WaitTarget {
         version,
-        seen: false,
+        ..WaitTarget::default()
     };
     loop {
         match api.call(Method::GET, &route_path(route, ""), None).await {
@@ -665,12 +678,12 @@ mod tests {
         assert!(err.contains("--version"), "{err}");
         let mut t = WaitTarget {
             version: Some("v2".into()),
-            seen: false,
+            ..WaitTarget::default()
         };
         assert_eq!(code(&mut t, &status("v2", None, None)), Some(0));
         let mut t = WaitTarget {
             version: Some("v3".into()),
-            seen: false,
+            ..WaitTarget::default()
         };
         // Not deployed yet (another rollout still running, or no canary): keep waiting.
         assert_eq!(
@@ -687,6 +700,36 @@ mod tests {
             code(&mut t, &status("v2", Some("v4"), Some("progressing"))),
             Some(1)
         );
+    }
+
+    #[test]
+    fn wait_for_a_canary_that_never_had_a_rollout_is_an_error_not_a_removed_rollout() {
+        let plain = status("v1", Some("v2"), None);
+        for version in [Some("v2".to_string()), None] {
+            let mut t = WaitTarget {
+                version,
+                ..WaitTarget::default()
+            };
+            let err = t.judge("plain", &plain).unwrap_err();
+            assert!(err.contains("has no rollout to wait for"), "{err}");
+        }
+        // Deployed as a canary without a rollout while `--version` waited for it.
+        let mut t = WaitTarget {
+            version: Some("v2".into()),
+            ..WaitTarget::default()
+        };
+        assert_eq!(code(&mut t, &status("v1", None, None)), None);
+        let err = t.judge("plain", &plain).unwrap_err();
+        assert!(err.contains("without a rollout"), "{err}");
+        // Its rollout removed while waiting: that is an outcome (1), as before.
+        let mut t = WaitTarget::default();
+        assert_eq!(
+            code(&mut t, &status("v1", Some("v2"), Some("progressing"))),
+            None
+        );
+        let (c, msg) = t.judge("web", &plain).unwrap().unwrap();
+        assert_eq!(c, 1);
+        assert!(msg.contains("was removed from the config"), "{msg}");
     }
 
     #[test]

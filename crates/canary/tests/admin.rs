@@ -545,6 +545,23 @@ async fn every_cli_verb_and_its_exit_codes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_the_version_of_a_canary_without_a_rollout_exits_3_at_once_not_1_removed() {
+    let (_v1, _v2, c) = start().await;
+    // `plain` has v2 as a canary at a fixed weight and never had a rollout.
+    let t = Instant::now();
+    let (code, out, err) = cli(
+        &c,
+        &["wait", "plain", "--version", "v2", "--timeout", "20s"],
+    )
+    .await;
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("no rollout to wait for"), "{err}");
+    assert!(!out.contains("removed"), "{out}");
+    // At once, not after the timeout.
+    assert!(t.elapsed() < Duration::from_secs(20), "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_exit_3_not_2_which_wait_uses_for_timed_out() {
     for args in [
         &["wait", "web", "--timeout", "bogus"][..],
