@@ -102,8 +102,8 @@ pub enum AdminCmd {
 }
 
 /// Exit code for errors other than the outcome `wait` reports (unknown route,
-/// rejected token, unreachable API).
-const EXIT_ERROR: u8 = 3;
+/// rejected token, unreachable API, a usage error).
+pub(crate) const EXIT_ERROR: u8 = 3;
 
 pub(crate) struct Api {
     base: String,
@@ -257,7 +257,7 @@ fn print_table(routes: &[Value]) {
             .enumerate()
             .map(|(i, c)| format!("{c:<width$}", width = w[i]))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        outln!("{}", s.join("  ").trim_end());
     };
     line(&head.map(String::from));
     for r in &rows {
@@ -267,8 +267,8 @@ fn print_table(routes: &[Value]) {
 
 fn print_route(r: &Value) {
     print_table(std::slice::from_ref(r));
-    println!();
-    println!("{}", r["message"].as_str().unwrap_or(""));
+    outln!();
+    outln!("{}", r["message"].as_str().unwrap_or(""));
     if let Some(steps) = r["steps"].as_array().filter(|s| !s.is_empty()) {
         let cur = r["step"].as_u64();
         let plan: Vec<String> = steps
@@ -283,22 +283,53 @@ fn print_route(r: &Value) {
                 )
             })
             .collect();
-        println!("steps: {}", plan.join(" → "));
+        outln!("steps: {}", plan.join(" → "));
     }
     if !r["last_verdict"].is_null() {
-        println!("last verdict: {}", verdict_text(&r["last_verdict"]));
+        outln!("last verdict: {}", verdict_text(&r["last_verdict"]));
         if let Some(reasons) = r["last_verdict"]["reasons"]
             .as_array()
             .filter(|a| !a.is_empty())
         {
             for reason in reasons {
-                println!("  - {}", reason.as_str().unwrap_or(""));
+                outln!("  - {}", reason.as_str().unwrap_or(""));
             }
         }
     }
     if let Some(a) = r["abort_reason"].as_str() {
-        println!("abort reason: {a}");
+        outln!("abort reason: {a}");
     }
+}
+
+/// A journal position: `phase weight` during a rollout, `manual weight` on a route
+/// with a canary and no rollout, `stable` on a route without a canary.
+fn position_text(p: &Value) -> String {
+    if p["no_canary"].as_bool() == Some(true) {
+        return "stable".into();
+    }
+    format!(
+        "{} {}",
+        p["phase"].as_str().unwrap_or("manual"),
+        pct(&p["weight"])
+    )
+}
+
+/// One journal entry: time, kind, from → to, reason.
+fn event_line(e: &Value) -> String {
+    let kind = e["kind"].as_str().unwrap_or("");
+    // A `complete` entry always ends without a canary; journals written before
+    // positions said so have `"to":{"weight":0.0}` there.
+    let to = if kind == "complete" {
+        "stable".to_string()
+    } else {
+        position_text(&e["to"])
+    };
+    format!(
+        "{}  {kind:<8} {} → {to}  {}",
+        fmt_time(e["at_ms"].as_u64().unwrap_or(0)),
+        position_text(&e["from"]),
+        e["reason"].as_str().unwrap_or(""),
+    )
 }
 
 fn fmt_time(ms: u64) -> String {
@@ -312,14 +343,14 @@ pub fn main(cmd: AdminCmd) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("canary: {e}");
+            errln!("canary: {e}");
             return ExitCode::from(EXIT_ERROR);
         }
     };
     match rt.block_on(run(cmd)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("canary: {e}");
+            errln!("canary: {e}");
             ExitCode::from(EXIT_ERROR)
         }
     }
@@ -334,7 +365,7 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                 None => api.ok(Method::GET, "/api/v1/routes", None).await?,
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else if route.is_some() {
                 print_route(&v);
             } else {
@@ -354,7 +385,7 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                     Some(json!({ "weight": weight })),
                 )
                 .await?;
-            println!(
+            outln!(
                 "{route}: weight {} ({})",
                 pct(&v["weight"]),
                 v["phase"]
@@ -371,7 +402,7 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                     Some(json!({ "full": full })),
                 )
                 .await?;
-            println!(
+            outln!(
                 "{route}: {} at {} (step {})",
                 v["phase"].as_str().unwrap_or("?"),
                 pct(&v["weight"]),
@@ -388,7 +419,7 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
             let v = Api::new(&conn)
                 .ok(Method::POST, &route_path(&route, "/abort"), Some(body))
                 .await?;
-            println!("{route}: aborted, weight {}", pct(&v["weight"]));
+            outln!("{route}: aborted, weight {}", pct(&v["weight"]));
             Ok(0)
         }
         AdminCmd::Pause { route, conn } => simple(&conn, &route, "pause").await,
@@ -408,23 +439,13 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                 )
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 return Ok(0);
             }
             for e in v.as_array().map(Vec::as_slice).unwrap_or_default() {
-                println!(
-                    "{}  {:<8} {} {} → {} {}  {}",
-                    fmt_time(e["at_ms"].as_u64().unwrap_or(0)),
-                    e["kind"].as_str().unwrap_or(""),
-                    // Entries of a route without a rollout have no phase.
-                    e["from"]["phase"].as_str().unwrap_or("manual"),
-                    pct(&e["from"]["weight"]),
-                    e["to"]["phase"].as_str().unwrap_or("manual"),
-                    pct(&e["to"]["weight"]),
-                    e["reason"].as_str().unwrap_or(""),
-                );
+                outln!("{}", event_line(e));
                 if !e["verdict"].is_null() {
-                    println!("    evidence: {}", verdict_text(&e["verdict"]));
+                    outln!("    evidence: {}", verdict_text(&e["verdict"]));
                 }
             }
             Ok(0)
@@ -442,7 +463,7 @@ async fn simple(conn: &Conn, route: &str, verb: &str) -> Result<u8, String> {
     let v = Api::new(conn)
         .ok(Method::POST, &route_path(route, &format!("/{verb}")), None)
         .await?;
-    println!(
+    outln!(
         "{route}: {} at {} (step {})",
         v["phase"].as_str().unwrap_or("?"),
         pct(&v["weight"]),
@@ -459,6 +480,9 @@ struct WaitTarget {
     version: Option<String>,
     /// Whether the version has been seen on the route (as canary or stable) yet.
     seen: bool,
+    /// Whether the version has been seen with a rollout: only then is a canary without
+    /// one a rollout removed under `wait`, rather than nothing to wait for.
+    rolled_out: bool,
 }
 
 impl WaitTarget {
@@ -488,6 +512,16 @@ impl WaitTarget {
         }
         if canary == Some(want.as_str()) {
             self.seen = true;
+            if phase.is_none() && !self.rolled_out {
+                // A canary at a fixed weight: nothing will ever promote it.
+                return Err(format!(
+                    "route {route:?} has no rollout to wait for: {want} is a canary at {} \
+                     without a rollout (stable {stable}); it is promoted by making it the \
+                     stable version in the config",
+                    pct(&r["weight"])
+                ));
+            }
+            self.rolled_out |= phase.is_some();
             return Ok(match phase {
                 Some("promoted") => Some((
                     0,
@@ -543,7 +577,7 @@ async fn wait(
     let mut last = String::new();
     let mut target = WaitTarget {
         version,
-        seen: false,
+        ..WaitTarget::default()
     };
     loop {
         match api.call(Method::GET, &route_path(route, ""), None).await {
@@ -559,11 +593,11 @@ async fn wait(
                     r["canary_version"].as_str().unwrap_or("-"),
                 );
                 if line != last {
-                    println!("{line}");
+                    outln!("{line}");
                     last = line;
                 }
                 if let Some((code, msg)) = target.judge(route, &r)? {
-                    println!("{msg}");
+                    outln!("{msg}");
                     return Ok(code);
                 }
             }
@@ -574,10 +608,10 @@ async fn wait(
                     status.as_u16()
                 ))
             }
-            Err(e) => eprintln!("canary: {e}; retrying"),
+            Err(e) => errln!("canary: {e}; retrying"),
         }
         if Instant::now() >= deadline {
-            println!(
+            outln!(
                 "{route}: timed out after {}",
                 humantime::format_duration(timeout)
             );
@@ -644,12 +678,12 @@ mod tests {
         assert!(err.contains("--version"), "{err}");
         let mut t = WaitTarget {
             version: Some("v2".into()),
-            seen: false,
+            ..WaitTarget::default()
         };
         assert_eq!(code(&mut t, &status("v2", None, None)), Some(0));
         let mut t = WaitTarget {
             version: Some("v3".into()),
-            seen: false,
+            ..WaitTarget::default()
         };
         // Not deployed yet (another rollout still running, or no canary): keep waiting.
         assert_eq!(
@@ -665,6 +699,69 @@ mod tests {
         assert_eq!(
             code(&mut t, &status("v2", Some("v4"), Some("progressing"))),
             Some(1)
+        );
+    }
+
+    #[test]
+    fn wait_for_a_canary_that_never_had_a_rollout_is_an_error_not_a_removed_rollout() {
+        let plain = status("v1", Some("v2"), None);
+        for version in [Some("v2".to_string()), None] {
+            let mut t = WaitTarget {
+                version,
+                ..WaitTarget::default()
+            };
+            let err = t.judge("plain", &plain).unwrap_err();
+            assert!(err.contains("has no rollout to wait for"), "{err}");
+        }
+        // Deployed as a canary without a rollout while `--version` waited for it.
+        let mut t = WaitTarget {
+            version: Some("v2".into()),
+            ..WaitTarget::default()
+        };
+        assert_eq!(code(&mut t, &status("v1", None, None)), None);
+        let err = t.judge("plain", &plain).unwrap_err();
+        assert!(err.contains("without a rollout"), "{err}");
+        // Its rollout removed while waiting: that is an outcome (1), as before.
+        let mut t = WaitTarget::default();
+        assert_eq!(
+            code(&mut t, &status("v1", Some("v2"), Some("progressing"))),
+            None
+        );
+        let (c, msg) = t.judge("web", &plain).unwrap().unwrap();
+        assert_eq!(c, 1);
+        assert!(msg.contains("was removed from the config"), "{msg}");
+    }
+
+    #[test]
+    fn events_show_a_route_without_a_canary_as_stable_not_manual_0() {
+        let e = |kind: &str, from: Value, to: Value| json!({"at_ms": 0, "kind": kind, "from": from, "to": to, "reason": "r"});
+        let promoted = json!({"phase": "promoted", "step": 2, "weight": 100.0});
+        let line = event_line(&e(
+            "complete",
+            promoted.clone(),
+            json!({"weight": 0.0, "no_canary": true}),
+        ));
+        assert!(line.contains("promoted 100% → stable  r"), "{line}");
+        // A journal written before `no_canary` existed.
+        let line = event_line(&e("complete", promoted, json!({"weight": 0.0})));
+        assert!(line.contains("promoted 100% → stable  r"), "{line}");
+        let line = event_line(&e(
+            "start",
+            json!({"weight": 0.0, "no_canary": true}),
+            json!({"phase": "progressing", "step": 0, "weight": 10.0}),
+        ));
+        assert!(
+            line.contains("start    stable → progressing 10%  r"),
+            "{line}"
+        );
+        let line = event_line(&e(
+            "weight",
+            json!({"weight": 10.0}),
+            json!({"weight": 30.0}),
+        ));
+        assert!(
+            line.contains("weight   manual 10% → manual 30%  r"),
+            "{line}"
         );
     }
 }

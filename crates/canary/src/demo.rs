@@ -189,14 +189,14 @@ pub fn main(a: DemoArgs) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("canary demo: {e}");
+            errln!("canary demo: {e}");
             return ExitCode::FAILURE;
         }
     };
     match rt.block_on(run(a)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("canary demo: {e:#}");
+            errln!("canary demo: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -246,38 +246,39 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    println!(
+    outln!(
         "canary demo: v1 on {v1}, v2 on {v2}, proxy on {}, admin on {}",
-        a.listen, a.admin
+        a.listen,
+        a.admin
     );
-    println!("config: {}", path.display());
-    println!("rollout of v2: 10% → 25% → 50% → 100%, 8 s per step, analysis every 2 s against v1");
+    outln!("config: {}", path.display());
+    outln!("rollout of v2: 10% → 25% → 50% → 100%, 8 s per step, analysis every 2 s against v1");
     if a.faulty_canary {
-        println!("--faulty-canary: v2 will start returning 500 during the 25% step");
+        outln!("--faulty-canary: v2 will start returning 500 during the 25% step");
     }
     if a.slow_canary {
-        println!("--slow-canary: v2 answers in ~60 ms against v1's ~1 ms; the relative latency limit should abort it");
+        outln!("--slow-canary: v2 answers in ~60 ms against v1's ~1 ms; the relative latency limit should abort it");
     }
-    println!();
-    println!("try, in another terminal:");
-    println!(
+    outln!();
+    outln!("try, in another terminal:");
+    outln!(
         "  curl -si http://{}/ | grep -i x-canary-version          # which version served you",
         a.listen
     );
-    println!("  curl -s -H 'x-user-id: alice' http://{}/                # the same user always gets the same version", a.listen);
-    println!(
+    outln!("  curl -s -H 'x-user-id: alice' http://{}/                # the same user always gets the same version", a.listen);
+    outln!(
         "  curl -s -H 'x-canary: always' http://{}/                # a rule: straight to v2",
         a.listen
     );
-    println!(
+    outln!(
         "  curl -s http://{}/metrics | grep canary_requests_total",
         a.admin
     );
-    println!(
+    outln!(
         "  cargo run --release -- status web --admin http://{}",
         a.admin
     );
-    println!();
+    outln!();
 
     let stats = Arc::new(Traffic {
         sent: AtomicU64::new(0),
@@ -310,7 +311,7 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             if let Ok(mut f) = fault_at.lock() {
                 *f = Some(Instant::now());
             }
-            println!(
+            outln!(
                 "[{:>4.1}s] v2 starts failing now",
                 start.elapsed().as_secs_f64()
             );
@@ -322,7 +323,7 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             verdict_text(&r["last_verdict"])
         );
         if line != last_line {
-            println!("[{:>4.1}s] {line}", start.elapsed().as_secs_f64());
+            outln!("[{:>4.1}s] {line}", start.elapsed().as_secs_f64());
             last_line = line;
         }
         if phase == "promoted" || phase == "aborted" {
@@ -336,23 +337,23 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     // Let in-flight requests land before counting what users saw.
     tokio::time::sleep(Duration::from_millis(500)).await;
     load.abort();
-    println!();
+    outln!();
     match &outcome {
         Some(r) if r["phase"] == "promoted" => {
-            println!(
+            outln!(
                 "v2 promoted: all users on v2. {}",
                 r["message"].as_str().unwrap_or("")
             );
         }
         Some(r) => {
-            println!(
+            outln!(
                 "v2 rolled back: {}",
                 r["abort_reason"].as_str().unwrap_or("?")
             );
             let first_err = stats.first_v2_error.lock().ok().and_then(|f| *f);
             let last_err = stats.last_v2_error.lock().ok().and_then(|l| *l);
             if let (Some(f), Some(l)) = (first_err, last_err) {
-                println!(
+                outln!(
                     "after v2 began failing, users saw {} v2 errors; the last one {:.0} ms after the first",
                     stats.v2_errors_after_fault.load(Relaxed),
                     l.duration_since(f).as_secs_f64() * 1000.0
@@ -360,9 +361,9 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             }
             let _ = aborted_at;
         }
-        None => println!("the rollout did not finish within 3 minutes"),
+        None => outln!("the rollout did not finish within 3 minutes"),
     }
-    println!(
+    outln!(
         "{} synthetic requests sent. Journal: cargo run --release -- events web --admin http://{}",
         stats.sent.load(Relaxed),
         a.admin
@@ -382,9 +383,10 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         promoted
     };
     if !a.exit {
-        println!(
+        outln!(
             "\nThe proxy keeps serving on {} (admin {}). Ctrl-C to stop.",
-            a.listen, a.admin
+            a.listen,
+            a.admin
         );
         crate::serve::shutdown_signal().await;
     }

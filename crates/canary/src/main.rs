@@ -1,6 +1,8 @@
 //! The `canary` binary: argument parsing, wiring and shutdown. No logic a test needs
 //! lives here; it is in the library crates.
 
+#[macro_use]
+mod output;
 mod cli;
 mod demo;
 mod serve;
@@ -47,12 +49,25 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match args.command {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            // `--help` and `--version` print to stdout and succeed. A usage error exits
+            // 3, not clap's 2, which `wait` reports as "timed out" (docs/cli.md).
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(cli::EXIT_ERROR)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let admin = matches!(args.command, Cmd::Admin(_));
+    let code = match args.command {
         Cmd::Validate { config } => match canary_config::load(&config) {
             Ok(cfg) => {
                 let n = cfg.routes.len();
-                println!(
+                outln!(
                     "{}: ok ({n} route{})",
                     config.display(),
                     if n == 1 { "" } else { "s" }
@@ -60,12 +75,22 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{e}");
+                errln!("{e}");
                 ExitCode::FAILURE
             }
         },
         Cmd::Serve { config } => serve::main(&config),
         Cmd::Demo(a) => demo::main(a),
         Cmd::Admin(c) => cli::main(c),
+    };
+    if output::failed() {
+        // The output was not delivered: an error of the verb (3 for the admin verbs, as
+        // for any other error; 1 for `validate`, `serve` and `demo`).
+        return if admin {
+            ExitCode::from(cli::EXIT_ERROR)
+        } else {
+            ExitCode::FAILURE
+        };
     }
+    code
 }

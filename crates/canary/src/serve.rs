@@ -38,7 +38,7 @@ pub fn main(path: &Path) -> ExitCode {
     let cfg = match canary_config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{e}");
+            errln!("{e}");
             return ExitCode::FAILURE;
         }
     };
@@ -51,14 +51,14 @@ pub fn main(path: &Path) -> ExitCode {
     let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("canary: cannot start the runtime: {e}");
+            errln!("canary: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match rt.block_on(run(path, cfg, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("canary: {e:#}");
+            errln!("canary: {e:#}");
             ExitCode::FAILURE
         }
     }

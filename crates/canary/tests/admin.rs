@@ -544,6 +544,123 @@ async fn every_cli_verb_and_its_exit_codes() {
     assert!(err.contains("cannot reach the admin API"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_the_version_of_a_canary_without_a_rollout_exits_3_at_once_not_1_removed() {
+    let (_v1, _v2, c) = start().await;
+    // `plain` has v2 as a canary at a fixed weight and never had a rollout.
+    let t = Instant::now();
+    let (code, out, err) = cli(
+        &c,
+        &["wait", "plain", "--version", "v2", "--timeout", "20s"],
+    )
+    .await;
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("no rollout to wait for"), "{err}");
+    assert!(!out.contains("removed"), "{out}");
+    // At once, not after the timeout.
+    assert!(t.elapsed() < Duration::from_secs(20), "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_exit_3_not_2_which_wait_uses_for_timed_out() {
+    for args in [
+        &["wait", "web", "--timeout", "bogus"][..],
+        &["wait", "web", "--timeout", "10"],
+        &["wait"],
+        &["weight", "web", "abc"],
+        &["weight", "web", "-1"],
+        &["status", "--no-such-flag"],
+        &["no-such-verb"],
+        &["validate"],
+        &[],
+    ] {
+        let (code, out, err) = run_canary(args, &[], None).await;
+        assert_eq!(code, 3, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("Usage") || err.contains("--help"),
+            "{args:?}: {err}"
+        );
+    }
+    // Help and version still print to stdout and succeed.
+    for args in [
+        &["--help"][..],
+        &["help", "wait"],
+        &["wait", "--help"],
+        &["--version"],
+    ] {
+        let (code, out, err) = run_canary(args, &[], None).await;
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        assert!(
+            out.contains("canary") || out.contains("Usage"),
+            "{args:?}: {out}"
+        );
+        assert_eq!(err, "", "{args:?}");
+    }
+}
+
+/// Runs `canary` with its stdout a pipe whose reader is gone, as in `canary events web |
+/// head -c 10` once `head` has exited: (exit code, stderr).
+async fn run_into_a_closed_pipe(args: &[&str]) -> (i32, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        // The write end of a pipe whose read end is closed: the stdin of a process that
+        // has exited (so no write can land in the pipe's buffer before it closes).
+        let mut reader = Command::new(env!("CARGO_BIN_EXE_canary"))
+            .arg("--version")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the reader");
+        let pipe = reader.stdin.take().expect("its stdin");
+        reader.wait().expect("the reader exits");
+        let out = Command::new(env!("CARGO_BIN_EXE_canary"))
+            .args(&args)
+            .env_remove("CANARY_ADMIN_TOKEN")
+            .env_remove("CANARY_ADMIN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(pipe))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn canary")
+            .wait_with_output()
+            .expect("canary exits");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .expect("cli task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_into_a_closed_pipe_is_dropped_without_a_panic_and_keeps_the_exit_code() {
+    let (_v1, _v2, c) = start().await;
+    let admin = format!("http://{}", c.admin);
+    for (args, want) in [
+        (&["events", "web", "--json"][..], 0),
+        (&["events", "web"], 0),
+        (&["status", "web"], 0),
+        (&["status"], 0),
+        (&["--help"], 0),
+        // `wait` still reports its outcome (timed out), not success or a crash.
+        (&["wait", "web", "--timeout", "1s"], 2),
+    ] {
+        let mut all = args.to_vec();
+        if args[0] != "--help" {
+            all.extend(["--admin", admin.as_str()]);
+        }
+        let (code, err) = run_into_a_closed_pipe(&all).await;
+        assert_eq!(code, want, "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?}");
+    }
+    // An error still goes to stderr with its exit code.
+    let (code, err) = run_into_a_closed_pipe(&["status", "nope", "--admin", &admin]).await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("unknown route"), "{err}");
+}
+
 /// `canary wait` in the background against `c` (no token: it only reads).
 fn spawn_wait(c: &Canary, args: &[&str]) -> tokio::task::JoinHandle<(i32, String, String)> {
     let admin = format!("http://{}", c.admin);
@@ -619,6 +736,28 @@ async fn wait_follows_the_version_it_saw_to_stable_and_reports_a_replaced_one() 
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         out.contains("web: v3 will not be promoted: the canary is now v4"),
+        "{out}"
+    );
+    // The journal says where each rollout started from: no canary after v2 was made
+    // stable, then v3's rollout, which v4 replaced.
+    c.wait_status("web", "rolling out v4", Duration::from_secs(10), |s| {
+        s["canary_version"] == "v4"
+    })
+    .await;
+    let out = ok(c.cli(&["events", "web"]).await);
+    let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with(' ')).collect();
+    let n = lines.len();
+    assert!(n >= 4, "{out}");
+    assert!(
+        lines[n - 3].contains("end      progressing 10% → stable"),
+        "{out}"
+    );
+    assert!(
+        lines[n - 2].contains("start    stable → progressing 10%  new canary version v3"),
+        "{out}"
+    );
+    assert!(
+        lines[n - 1].contains("start    progressing 10% → progressing 10%  new canary version v4; replaces the rollout of v3"),
         "{out}"
     );
 

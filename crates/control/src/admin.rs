@@ -260,11 +260,21 @@ async fn abort(
     run(&a, &headers, &name, Command::Abort { reason }).await
 }
 
+/// The body of `pause`, `resume` and `retry`: none, or `{}`. An unknown field is a
+/// 400 as on the other calls, so a typo (`{"resume": true}` sent to `pause`) is not
+/// silently taken for something else.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NoBody {}
+
 async fn pause(
     State(a): State<Admin>,
     Path(name): Path<String>,
     headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    authorize(&a, &headers)?;
+    let NoBody {} = body(b)?;
     run(&a, &headers, &name, Command::Pause).await
 }
 
@@ -272,7 +282,10 @@ async fn resume(
     State(a): State<Admin>,
     Path(name): Path<String>,
     headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    authorize(&a, &headers)?;
+    let NoBody {} = body(b)?;
     run(&a, &headers, &name, Command::Resume).await
 }
 
@@ -280,7 +293,10 @@ async fn retry(
     State(a): State<Admin>,
     Path(name): Path<String>,
     headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    authorize(&a, &headers)?;
+    let NoBody {} = body(b)?;
     run(&a, &headers, &name, Command::Retry).await
 }
 
@@ -351,6 +367,9 @@ routes:
             ("PUT", "/api/v1/routes/web/weight"),
             ("POST", "/api/v1/routes/web/promote"),
             ("POST", "/api/v1/routes/web/abort"),
+            ("POST", "/api/v1/routes/web/pause"),
+            ("POST", "/api/v1/routes/web/resume"),
+            ("POST", "/api/v1/routes/web/retry"),
         ] {
             let (status, v) = call(&r, req(method, path, huge_body(), None)).await;
             assert_eq!(
@@ -384,5 +403,60 @@ routes:
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
         let (status, v) = call(&r, req("PUT", path, huge_body(), Some("t0ken"))).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    }
+
+    #[tokio::test]
+    async fn pause_resume_and_retry_with_an_unknown_field_are_a_400_not_a_200() {
+        let (_dir, r) = admin(None);
+        let path = |verb: &str| format!("/api/v1/routes/web/{verb}");
+        for verb in ["pause", "resume", "retry"] {
+            for bad in [r#"{"x":1}"#, "{", "not json", "[1]", "7"] {
+                let (status, v) = call(&r, req("POST", &path(verb), bad.into(), None)).await;
+                assert_eq!(status, StatusCode::BAD_REQUEST, "{verb} {bad}: {v}");
+                let msg = v["error"].as_str().unwrap_or_default();
+                assert!(msg.starts_with("bad JSON body"), "{verb} {bad}: {v}");
+            }
+        }
+        // Nothing changed.
+        let (_, v) = call(&r, req("GET", "/api/v1/routes/web", vec![], None)).await;
+        assert_eq!(v["phase"], "progressing", "{v}");
+        // No body, blanks or `{}` are accepted.
+        for (verb, body, phase) in [
+            ("pause", "", "paused"),
+            ("resume", "{}", "progressing"),
+            ("pause", " { } ", "paused"),
+            ("resume", "\n", "progressing"),
+        ] {
+            let (status, v) = call(&r, req("POST", &path(verb), body.into(), None)).await;
+            assert_eq!(status, StatusCode::OK, "{verb} {body:?}: {v}");
+            assert_eq!(v["phase"], phase, "{verb} {body:?}: {v}");
+        }
+        let (_, v) = call(&r, req("POST", &path("abort"), vec![], None)).await;
+        assert_eq!(v["phase"], "aborted", "{v}");
+        let (status, v) = call(&r, req("POST", &path("retry"), b"{}".to_vec(), None)).await;
+        assert_eq!(
+            (status, v["phase"].as_str()),
+            (StatusCode::OK, Some("progressing")),
+            "{v}"
+        );
+    }
+
+    #[tokio::test]
+    async fn promote_and_abort_with_an_unknown_field_are_a_400() {
+        let (_dir, r) = admin(None);
+        for (path, bad) in [
+            ("/api/v1/routes/web/promote", r#"{"full":true,"x":1}"#),
+            ("/api/v1/routes/web/abort", r#"{"reason":"r","x":1}"#),
+        ] {
+            let (status, v) = call(&r, req("POST", path, bad.into(), None)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {v}");
+            assert!(
+                v["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("unknown field"),
+                "{v}"
+            );
+        }
     }
 }

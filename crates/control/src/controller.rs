@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use canary_config::{Config, RouteConfig};
 use canary_core::analysis::{judge, Verdict, VerdictResult, VersionWindow};
-use canary_core::rollout::{self, Event, Input, Pause, Phase, RolloutSpec, RolloutState};
+use canary_core::rollout::{self, Event, Input, Pause, Phase, Position, RolloutSpec, RolloutState};
 use canary_core::Weight;
 use canary_proxy::expo::{Exposition, Kind};
 use canary_proxy::pool::now_ms as mono_ms;
@@ -270,6 +270,13 @@ impl Controller {
     ) -> Result<(), ControlError> {
         let name = ctl.cfg.route.name.clone();
         let prev_phase = ctl.rollout.as_ref().map(|s| s.phase);
+        // Where the route was before this config, for the `start` entry of a new rollout:
+        // the rollout it replaces, else its canary without a rollout, else no canary.
+        let prev_position = match (&ctl.rollout, &before) {
+            (Some(s), _) => (s.position(), Some(s.canary_version.clone())),
+            (None, Some((_, w))) => (Position::manual(*w), None),
+            (None, None) => (Position::no_canary(), None),
+        };
         let mut events = Vec::new();
         // A manual weight holds only on a route with a canary and no rollout, and only
         // while the file's weight is the one it was set over: the file wins when it
@@ -332,7 +339,11 @@ impl Controller {
                     }
                 }
                 _ => {
-                    let (s, ev) = RolloutState::start(spec, &canary.version, now);
+                    let (from, replaced) = prev_position;
+                    let (s, mut ev) = RolloutState::start(spec, &canary.version, now, from);
+                    if let Some(old) = replaced {
+                        ev.reason = format!("{}; replaces the rollout of {old}", ev.reason);
+                    }
                     tracing::info!(route = %name, version = %canary.version, weight = %s.weight(), "rollout started");
                     events.push(ev);
                     ctl.rollout = Some(s);
@@ -359,15 +370,12 @@ impl Controller {
                         } else {
                             "end".into()
                         },
-                        from: rollout::Position {
-                            phase: Some(s.phase),
-                            step: Some(s.step),
-                            weight: s.weight().percent(),
-                        },
+                        from: s.position(),
                         // The route keeps its canary at the config's weight, or has none.
-                        to: rollout::Position::manual(
-                            manual_split(ctl).map_or(Weight::ZERO, |(_, w)| w),
-                        ),
+                        to: match manual_split(ctl) {
+                            Some((_, w)) => Position::manual(w),
+                            None => Position::no_canary(),
+                        },
                         reason,
                         verdict: None,
                     });
@@ -402,7 +410,15 @@ impl Controller {
         if let Some(reason) = reason {
             let (v0, a) = before.clone().unwrap_or_default();
             let (v1, b) = after.clone().unwrap_or((v0, Weight::ZERO));
-            events.push(Event::manual_weight(now, &v1, a, b, reason));
+            let mut ev = Event::manual_weight(now, &v1, a, b, reason);
+            // The canary added or removed: that side had none.
+            if before.is_none() {
+                ev.from = Position::no_canary();
+            }
+            if after.is_none() {
+                ev.to = Position::no_canary();
+            }
+            events.push(ev);
         }
         let fresh = prev_phase.is_none() || events.iter().any(|e| e.kind == "start");
         // The data plane first, as in `commit`: a failing disk must not leave the
@@ -976,5 +992,87 @@ routes:
         let s = c.status("web").expect("status");
         assert_eq!(s.phase, Some(Phase::Aborted), "{s:?}");
         assert_eq!(s.weight, 0.0, "{s:?}");
+    }
+
+    fn apply(c: &Controller, text: &str) {
+        let cfg = canary_config::parse("test.yaml", text).expect("config");
+        c.apply(&cfg).expect("apply");
+    }
+
+    fn last_event(c: &Controller) -> Event {
+        c.events("web", 1000)
+            .expect("events")
+            .pop()
+            .expect("an entry")
+    }
+
+    #[tokio::test]
+    async fn a_start_entry_shows_the_state_it_replaces_not_progressing_at_0() {
+        let (_dir, c) = controller();
+        // The first rollout of a new route: before it, everything went to stable.
+        let ev = last_event(&c);
+        assert_eq!(
+            (ev.kind.as_str(), ev.from.clone()),
+            ("start", Position::no_canary())
+        );
+        c.command(
+            "web",
+            Command::Abort {
+                reason: "bad".into(),
+            },
+        )
+        .expect("abort");
+        // A new version after an abort: from aborted at 0 %.
+        apply(&c, &CONFIG.replace("version: v2", "version: v3"));
+        let ev = last_event(&c);
+        assert_eq!(
+            (ev.kind.as_str(), ev.canary_version.as_str()),
+            ("start", "v3")
+        );
+        assert_eq!(
+            (ev.from.phase, ev.from.step, ev.from.weight),
+            (Some(Phase::Aborted), Some(0), 0.0),
+            "{ev:?}"
+        );
+        assert!(ev.reason.contains("replaces the rollout of v2"), "{ev:?}");
+        // A new version replacing one in progress: from its step and weight.
+        apply(&c, &CONFIG.replace("version: v2", "version: v4"));
+        let ev = last_event(&c);
+        assert_eq!(ev.canary_version, "v4");
+        assert_eq!(
+            (ev.from.phase, ev.from.step, ev.from.weight),
+            (Some(Phase::Progressing), Some(0), 50.0),
+            "{ev:?}"
+        );
+        // A canary without a rollout that gets one: from its weight.
+        // The route without its rollout: v5 as a canary at 20 %.
+        let (head, _) = CONFIG.split_once("    rollout:").expect("rollout section");
+        let manual = format!(
+            "{}    weight: 20\n",
+            head.replace("version: v2", "version: v5")
+        );
+        apply(&c, &manual);
+        apply(&c, &CONFIG.replace("version: v2", "version: v5"));
+        let ev = last_event(&c);
+        let twenty = Weight::from_percent(20.0).expect("weight");
+        assert_eq!(ev.kind, "start", "{ev:?}");
+        assert_eq!(ev.from, Position::manual(twenty), "{ev:?}");
+    }
+
+    #[tokio::test]
+    async fn a_complete_entry_ends_on_no_canary_not_on_a_manual_0() {
+        let (_dir, c) = controller();
+        c.command("web", Command::Promote { full: true })
+            .expect("promote");
+        let stable = "listen: 127.0.0.1:1
+routes:
+  - name: web
+    stable: {version: v2, upstreams: [\"127.0.0.1:2\"]}
+";
+        apply(&c, stable);
+        let ev = last_event(&c);
+        assert_eq!(ev.kind, "complete", "{ev:?}");
+        assert_eq!(ev.from.phase, Some(Phase::Promoted), "{ev:?}");
+        assert_eq!(ev.to, Position::no_canary(), "{ev:?}");
     }
 }

@@ -274,6 +274,7 @@ mod tests {
             phase: Some(Phase::Progressing),
             step: Some(0),
             weight: 5.0,
+            no_canary: false,
         };
         let ev = |kind: &str| Event {
             at_ms: 1,

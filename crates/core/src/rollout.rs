@@ -152,7 +152,9 @@ impl Input {
 ///
 /// `phase` and `step` are `None` on a route without a rollout (a manual weight, or the
 /// config's weight changing), where only the weight means something; they are then
-/// left out of the JSON.
+/// left out of the JSON. `no_canary` marks a route without a canary at all (all traffic
+/// to stable, weight 0): before its first canary, or after the canary was made stable
+/// or removed. It is only written when true, so the other entries keep their format.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Position {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,15 +162,30 @@ pub struct Position {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<usize>,
     pub weight: f64,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_canary: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 impl Position {
-    /// A route without a rollout at `weight`.
+    /// A route with a canary but without a rollout, at `weight`.
     pub fn manual(weight: Weight) -> Position {
         Position {
             phase: None,
             step: None,
             weight: weight.percent(),
+            no_canary: false,
+        }
+    }
+
+    /// A route without a canary: everything goes to stable.
+    pub fn no_canary() -> Position {
+        Position {
+            no_canary: true,
+            ..Position::manual(Weight::ZERO)
         }
     }
 }
@@ -223,13 +240,15 @@ impl std::fmt::Display for Rejected {
 impl std::error::Error for Rejected {}
 
 impl RolloutState {
-    /// A fresh rollout of `canary_version` at the first step.
-    pub fn start(spec: &RolloutSpec, canary_version: &str, now_ms: u64) -> (RolloutState, Event) {
-        let before = Position {
-            phase: Some(Phase::Progressing),
-            step: Some(0),
-            weight: 0.0,
-        };
+    /// A fresh rollout of `canary_version` at the first step. `before` is where the
+    /// route was until now, for the journal's `start` entry: the rollout of the version
+    /// it replaces, the canary's weight without a rollout, or no canary at all.
+    pub fn start(
+        spec: &RolloutSpec,
+        canary_version: &str,
+        now_ms: u64,
+        before: Position,
+    ) -> (RolloutState, Event) {
         let mut s = RolloutState {
             canary_version: canary_version.to_string(),
             phase: Phase::Progressing,
@@ -256,11 +275,13 @@ impl RolloutState {
         Weight::from_basis_points(self.weight_bp).unwrap_or(Weight::ZERO)
     }
 
-    fn position(&self) -> Position {
+    /// Where this rollout is, as the journal shows it.
+    pub fn position(&self) -> Position {
         Position {
             phase: Some(self.phase),
             step: Some(self.step),
             weight: self.weight().percent(),
+            no_canary: false,
         }
     }
 

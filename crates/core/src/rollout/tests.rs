@@ -70,7 +70,7 @@ fn tick(s: &RolloutState, sp: &RolloutSpec, r: Option<VerdictResult>, now: u64) 
 #[test]
 fn healthy_rollout_goes_through_every_step_to_promoted() {
     let sp = spec();
-    let (mut s, ev) = RolloutState::start(&sp, "v2", 0);
+    let (mut s, ev) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
     assert_eq!(ev.kind, "start");
     assert_eq!(s.weight_bp, 500);
     // Pause not elapsed: holds even with a pass.
@@ -100,7 +100,7 @@ fn healthy_rollout_goes_through_every_step_to_promoted() {
 #[test]
 fn inconclusive_holds_and_never_aborts() {
     let sp = spec();
-    let (mut s, _) = RolloutState::start(&sp, "v2", 0);
+    let (mut s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
     for i in 1..100 {
         s = tick(&s, &sp, Some(VerdictResult::Inconclusive), i * 10 * S);
     }
@@ -110,7 +110,7 @@ fn inconclusive_holds_and_never_aborts() {
 #[test]
 fn stale_pass_from_before_the_step_does_not_advance() {
     let sp = spec();
-    let (s, _) = RolloutState::start(&sp, "v2", 0);
+    let (s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
     let mut s = tick(&s, &sp, Some(VerdictResult::Pass), 30 * S);
     assert_eq!(s.step, 1);
     // Step 1 began at 30 s; a later tick with no new verdict must not advance.
@@ -121,7 +121,7 @@ fn stale_pass_from_before_the_step_does_not_advance() {
 #[test]
 fn failure_limit_consecutive_fails_abort() {
     let sp = spec();
-    let (s, _) = RolloutState::start(&sp, "v2", 0);
+    let (s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
     let s = tick(&s, &sp, Some(VerdictResult::Fail), 10 * S);
     assert_eq!(s.phase, Phase::Progressing);
     let s = tick(&s, &sp, Some(VerdictResult::Pass), 20 * S);
@@ -148,7 +148,7 @@ fn failure_limit_consecutive_fails_abort() {
 #[test]
 fn breaker_and_unhealthy_abort_with_their_reason() {
     let sp = spec();
-    let (s, _) = RolloutState::start(&sp, "v2", 0);
+    let (s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
     let b = step(&s, &sp, Input::Breaker { failures: 5 }, 1)
         .unwrap()
         .state;
@@ -161,7 +161,7 @@ fn breaker_and_unhealthy_abort_with_their_reason() {
 #[test]
 fn commands_rejected_where_they_make_no_sense() {
     let sp = spec();
-    let (s, _) = RolloutState::start(&sp, "v2", 0);
+    let (s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
     assert!(step(&s, &sp, Input::Resume, 1).is_err());
     assert!(step(&s, &sp, Input::Retry, 1).is_err());
     let a = step(&s, &sp, Input::Abort { reason: "".into() }, 1)
@@ -178,7 +178,7 @@ fn commands_rejected_where_they_make_no_sense() {
 fn full_promotion_from_an_early_step_ends_on_the_last_step() {
     let sp = spec();
     let last = sp.steps.len() - 1;
-    let (s, _) = RolloutState::start(&sp, "v2", 0);
+    let (s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
     assert_eq!(s.step, 0);
     let paused = step(&s, &sp, Input::Pause, 1).unwrap().state;
     for from in [s, paused] {
@@ -207,12 +207,46 @@ fn journal_positions_keep_their_format_and_manual_ones_have_only_a_weight() {
     assert_eq!(json["from"], serde_json::json!({"weight": 10.0}));
     assert_eq!(json["to"], serde_json::json!({"weight": 30.0}));
     assert_eq!(serde_json::from_value::<Event>(json).unwrap(), m);
+    // A route without a canary says so; the other positions do not grow a field.
+    let json = serde_json::to_value(Position::no_canary()).unwrap();
+    assert_eq!(json, serde_json::json!({"weight": 0.0, "no_canary": true}));
+    assert!(
+        !serde_json::from_str::<Position>(r#"{"weight":0.0}"#)
+            .unwrap()
+            .no_canary
+    );
+}
+
+#[test]
+fn a_start_entry_shows_the_state_before_the_new_rollout_not_a_made_up_one() {
+    let sp = spec();
+    let (v2, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
+    let aborted = step(&v2, &sp, Input::Abort { reason: "r".into() }, S)
+        .unwrap()
+        .state;
+    let (v3, ev) = RolloutState::start(&sp, "v3", 2 * S, aborted.position());
+    assert_eq!(ev.kind, "start");
+    assert_eq!(ev.canary_version, "v3");
+    assert_eq!(
+        (ev.from.phase, ev.from.step, ev.from.weight),
+        (Some(Phase::Aborted), Some(0), 0.0),
+        "{ev:?}"
+    );
+    assert_eq!(ev.to, v3.position());
+    // Replacing a rollout in progress shows its step and weight.
+    let v3 = step(&v3, &sp, Input::Promote { full: false }, 3 * S)
+        .unwrap()
+        .state;
+    let (_, ev) = RolloutState::start(&sp, "v4", 4 * S, v3.position());
+    assert_eq!(ev.from, v3.position());
+    assert_eq!(ev.from.step, Some(1), "{ev:?}");
+    assert!(ev.from.weight > 0.0, "{ev:?}");
 }
 
 #[test]
 fn abort_after_promotion_rolls_back() {
     let sp = spec();
-    let (s, _) = RolloutState::start(&sp, "v2", 0);
+    let (s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
     let p = step(&s, &sp, Input::Promote { full: true }, 1)
         .unwrap()
         .state;
@@ -233,7 +267,7 @@ fn abort_after_promotion_rolls_back() {
 #[test]
 fn manual_weight_pauses_and_resume_never_lowers_it() {
     let sp = spec();
-    let (s, _) = RolloutState::start(&sp, "v2", 0);
+    let (s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
     let m = step(
         &s,
         &sp,
@@ -253,7 +287,7 @@ fn manual_weight_pauses_and_resume_never_lowers_it() {
 #[test]
 fn pause_keeps_served_time_on_resume() {
     let sp = spec();
-    let (s, _) = RolloutState::start(&sp, "v2", 0);
+    let (s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
     let p = step(&s, &sp, Input::Pause, 10 * S).unwrap().state;
     let r = step(&p, &sp, Input::Resume, 20 * S).unwrap().state;
     assert_eq!(
@@ -265,7 +299,7 @@ fn pause_keeps_served_time_on_resume() {
 #[test]
 fn a_failed_verdict_while_paused_still_counts() {
     let sp = spec();
-    let (s, _) = RolloutState::start(&sp, "v2", 0);
+    let (s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
     let p = step(&s, &sp, Input::Pause, 1).unwrap().state;
     let p = tick(&p, &sp, Some(VerdictResult::Fail), 10 * S);
     let p = tick(&p, &sp, Some(VerdictResult::Fail), 20 * S);
@@ -311,7 +345,7 @@ proptest! {
         last in prop_oneof![Just(VerdictResult::Fail), Just(VerdictResult::Inconclusive)],
     ) {
         let sp = spec();
-        let (mut s, _) = RolloutState::start(&sp, "v2", 0);
+        let (mut s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
         let mut now = 0;
         for (input, dt) in inputs {
             now += dt;
@@ -327,7 +361,7 @@ proptest! {
         inputs in proptest::collection::vec((any_input(), 0u64..120_000), 0..40),
     ) {
         let sp = spec();
-        let (s, _) = RolloutState::start(&sp, "v2", 0);
+        let (s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
         let mut s = step(&s, &sp, Input::Abort { reason: "x".into() }, 0).unwrap().state;
         let mut now = 0;
         for (input, dt) in inputs {
@@ -346,7 +380,7 @@ proptest! {
         next in any_input(),
     ) {
         let sp = spec();
-        let (mut s, _) = RolloutState::start(&sp, "v2", 0);
+        let (mut s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
         let mut now = 0;
         for (input, dt) in inputs {
             now += dt;
@@ -369,7 +403,7 @@ proptest! {
         ]), 0..60),
     ) {
         let sp = spec();
-        let (mut s, _) = RolloutState::start(&sp, "v2", 0);
+        let (mut s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
         let mut now = 0;
         for r in results {
             now += 10 * S;
@@ -386,7 +420,7 @@ proptest! {
         inputs in proptest::collection::vec((any_input(), 0u64..120_000), 0..40),
     ) {
         let sp = spec();
-        let (mut s, _) = RolloutState::start(&sp, "v2", 0);
+        let (mut s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
         let mut now = 0;
         for (input, dt) in inputs {
             now += dt;
