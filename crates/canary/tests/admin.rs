@@ -889,15 +889,28 @@ async fn serve_refuses_a_non_loopback_admin_listener_without_a_token() {
     assert_eq!(r.unwrap().status, 200);
 }
 
-/// Runs `canary demo --exit` on free loopback ports: (exit code, stdout, seconds).
+/// Runs `canary demo --exit` on free loopback ports: (exit code, stdout, stderr,
+/// seconds).
+///
+/// A port picked free can be taken before the demo binds it (the demos run side by
+/// side, each binding its own upstreams on port 0): that start-up failure is not
+/// what is tested, so it is retried on new ports, at most three times.
 async fn demo(extra: &[&str]) -> (i32, String, String, f64) {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let admin = format!("127.0.0.1:{}", free_port());
-    let mut args = vec!["demo", "--exit", "--listen", &listen, "--admin", &admin];
-    args.extend_from_slice(extra);
-    let t = Instant::now();
-    let (code, out, err) = run_canary(&args, &[], None).await;
-    (code, out, err, t.elapsed().as_secs_f64())
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let listen = format!("127.0.0.1:{}", free_port());
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut args = vec!["demo", "--exit", "--listen", &listen, "--admin", &admin];
+        args.extend_from_slice(extra);
+        let t = Instant::now();
+        let (code, out, err) = run_canary(&args, &[], None).await;
+        if code != 0 && err.contains("Address already in use") && attempt < 3 {
+            eprintln!("demo {extra:?}: a port was taken before it bound; retrying");
+            continue;
+        }
+        return (code, out, err, t.elapsed().as_secs_f64());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
