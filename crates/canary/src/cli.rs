@@ -36,6 +36,9 @@ pub enum AdminCmd {
     /// Set a route's canary weight in percent (pauses an automatic rollout).
     Weight {
         route: String,
+        /// Percent, 0–100 with up to two decimals (a negative one gets the API's
+        /// "out of range", not a flag error).
+        #[arg(allow_negative_numbers = true)]
         weight: f64,
         #[command(flatten)]
         conn: Conn,
