@@ -339,7 +339,17 @@ impl Controller {
                     }
                 }
                 _ => {
-                    let (from, replaced) = prev_position;
+                    let (mut from, mut replaced) = prev_position;
+                    // One edit can make the promoted version stable and bring the next
+                    // canary: the first rollout completed, then the new one starts from
+                    // a route without a canary.
+                    if let Some(old) = ctl.rollout.as_ref().filter(|s| {
+                        s.phase == Phase::Promoted && s.canary_version == ctl.cfg.stable.version
+                    }) {
+                        events.push(complete_event(old, now, Position::no_canary()));
+                        from = Position::no_canary();
+                        replaced = None;
+                    }
                     let (s, mut ev) = RolloutState::start(spec, &canary.version, now, from);
                     if let Some(old) = replaced {
                         ev.reason = format!("{}; replaces the rollout of {old}", ev.reason);
@@ -356,29 +366,26 @@ impl Controller {
                     let done = ctl.cfg.canary.is_none()
                         && s.phase == Phase::Promoted
                         && s.canary_version == ctl.cfg.stable.version;
-                    let reason = if done {
-                        format!("{} is now stable: rollout complete", s.canary_version)
-                    } else {
-                        "rollout removed from config".to_string()
+                    // The route keeps its canary at the config's weight, or has none.
+                    let to = match manual_split(ctl) {
+                        Some((_, w)) => Position::manual(w),
+                        None => Position::no_canary(),
                     };
-                    tracing::info!(route = %name, "{reason}");
-                    events.push(Event {
-                        at_ms: now,
-                        canary_version: s.canary_version.clone(),
-                        kind: if done {
-                            "complete".into()
-                        } else {
-                            "end".into()
-                        },
-                        from: s.position(),
-                        // The route keeps its canary at the config's weight, or has none.
-                        to: match manual_split(ctl) {
-                            Some((_, w)) => Position::manual(w),
-                            None => Position::no_canary(),
-                        },
-                        reason,
-                        verdict: None,
-                    });
+                    let ev = if done {
+                        complete_event(&s, now, to)
+                    } else {
+                        Event {
+                            at_ms: now,
+                            canary_version: s.canary_version.clone(),
+                            kind: "end".into(),
+                            from: s.position(),
+                            to,
+                            reason: "rollout removed from config".to_string(),
+                            verdict: None,
+                        }
+                    };
+                    tracing::info!(route = %name, "{}", ev.reason);
+                    events.push(ev);
                 }
             }
         }
@@ -856,6 +863,19 @@ fn bp_weight(bp: u16) -> Weight {
     Weight::from_basis_points(bp).unwrap_or(Weight::ZERO)
 }
 
+/// The journal entry of a promoted rollout whose version the config now names stable.
+fn complete_event(s: &RolloutState, now: u64, to: Position) -> Event {
+    Event {
+        at_ms: now,
+        canary_version: s.canary_version.clone(),
+        kind: "complete".into(),
+        from: s.position(),
+        to,
+        reason: format!("{} is now stable: rollout complete", s.canary_version),
+        verdict: None,
+    }
+}
+
 /// The canary version and weight of a route with a canary and no rollout: the manual
 /// weight if one is set, else the config's.
 fn manual_split(ctl: &RouteCtl) -> Option<(String, Weight)> {
@@ -1057,6 +1077,34 @@ routes:
         let twenty = Weight::from_percent(20.0).expect("weight");
         assert_eq!(ev.kind, "start", "{ev:?}");
         assert_eq!(ev.from, Position::manual(twenty), "{ev:?}");
+    }
+
+    #[tokio::test]
+    async fn one_edit_that_makes_v2_stable_and_adds_v3_journals_v2_complete_then_v3_start() {
+        let (_dir, c) = controller();
+        c.command("web", Command::Promote { full: true })
+            .expect("promote");
+        let next = CONFIG
+            .replace("version: v2", "version: v3")
+            .replace("version: v1", "version: v2");
+        apply(&c, &next);
+        let events = c.events("web", 1000).expect("events");
+        let n = events.len();
+        let (complete, start) = (&events[n - 2], &events[n - 1]);
+        assert_eq!(
+            (complete.kind.as_str(), complete.canary_version.as_str()),
+            ("complete", "v2"),
+            "{complete:?}"
+        );
+        assert_eq!(complete.from.phase, Some(Phase::Promoted), "{complete:?}");
+        assert_eq!(complete.to, Position::no_canary(), "{complete:?}");
+        assert_eq!(
+            (start.kind.as_str(), start.canary_version.as_str()),
+            ("start", "v3"),
+            "{start:?}"
+        );
+        assert_eq!(start.from, Position::no_canary(), "{start:?}");
+        assert!(!start.reason.contains("replaces"), "{start:?}");
     }
 
     #[tokio::test]
