@@ -53,8 +53,19 @@ enum BodyEnd {
 /// client's broken body is not blamed on the upstream.
 #[derive(Debug)]
 pub struct UpstreamBody {
-    inner: Incoming,
+    /// `None`: no body (a request sent again after its pooled connection closed).
+    inner: Option<Incoming>,
     end: Option<oneshot::Sender<BodyEnd>>,
+}
+
+impl Default for UpstreamBody {
+    /// An empty body.
+    fn default() -> Self {
+        UpstreamBody {
+            inner: None,
+            end: None,
+        }
+    }
 }
 
 impl UpstreamBody {
@@ -62,12 +73,16 @@ impl UpstreamBody {
     /// body: nothing to wait for, nothing allocated).
     fn new(inner: Incoming) -> (UpstreamBody, Option<oneshot::Receiver<BodyEnd>>) {
         if inner.is_end_stream() {
-            return (UpstreamBody { inner, end: None }, None);
+            let body = UpstreamBody {
+                inner: Some(inner),
+                end: None,
+            };
+            return (body, None);
         }
         let (tx, rx) = oneshot::channel();
         (
             UpstreamBody {
-                inner,
+                inner: Some(inner),
                 end: Some(tx),
             },
             Some(rx),
@@ -84,10 +99,14 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let r = Pin::new(&mut *inner).poll_frame(cx);
+        let ended = inner.is_end_stream();
         // With a Content-Length, hyper stops polling at `is_end_stream` (no `None`).
         let end = match &r {
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => Some(BodyEnd::Sent),
+            Poll::Ready(Some(Ok(_))) if ended => Some(BodyEnd::Sent),
             Poll::Ready(None) => Some(BodyEnd::Sent),
             Poll::Ready(Some(Err(_))) => Some(BodyEnd::Broken),
             _ => None,
@@ -101,11 +120,13 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 
@@ -235,27 +256,36 @@ fn target_bytes(uri: &Uri) -> usize {
         + uri.authority().map_or(0, |a| a.as_str().len())
 }
 
+const BAD_HOST: &str = "missing or invalid Host header\n";
+
 /// The host a request is for (RFC 9112 §3.2): the request target's authority when it
 /// has one (an absolute-form target, or HTTP/2's `:authority`), which overrides
-/// `Host`; else its one `Host` line. `Err` for a request the RFC says must get a
-/// `400`: more than one `Host` line, an invalid one, or an HTTP/1.1 request without.
-fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ()> {
+/// `Host`; else its one `Host` line. `Err` (the answer's text) for a request the RFC
+/// says must get a `400`: more than one `Host` line, an invalid one, an HTTP/1.1
+/// request without, or an invalid target authority.
+fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static str> {
     let mut lines = req.headers().get_all(header::HOST).iter();
     let host = lines.next();
     if lines.next().is_some() {
-        return Err(());
+        return Err(BAD_HOST);
     }
     if let Some(a) = req.uri().authority() {
-        if a.as_str().contains('@') {
-            // Userinfo has no place in an `http` target (RFC 9110 §4.2.4).
-            return Err(());
+        // An authority-form target (`GET host:80`) is for CONNECT only (RFC 9112
+        // §3.2.3), and userinfo has no place in an `http` target (RFC 9110 §4.2.4):
+        // `valid_host` refuses `@`.
+        if req.uri().scheme().is_none() && req.method() != http::Method::CONNECT
+            || !valid_host(a.as_str().as_bytes())
+        {
+            return Err("invalid request target\n");
         }
-        return HeaderValue::from_str(a.as_str()).map(Some).map_err(drop);
+        return HeaderValue::from_str(a.as_str())
+            .map(Some)
+            .map_err(|_| "invalid request target\n");
     }
     match host {
         Some(h) if valid_host(h.as_bytes()) => Ok(Some(h.clone())),
-        Some(_) => Err(()),
-        None if req.version() == Version::HTTP_11 => Err(()),
+        Some(_) => Err(BAD_HOST),
+        None if req.version() == Version::HTTP_11 => Err(BAD_HOST),
         None => Ok(None),
     }
 }
@@ -440,8 +470,9 @@ impl Proxy {
                 "request header fields too large\n",
             );
         }
-        let Ok(host_value) = request_host(&req) else {
-            return error_response(StatusCode::BAD_REQUEST, "missing or invalid Host header\n");
+        let host_value = match request_host(&req) {
+            Ok(h) => h,
+            Err(why) => return error_response(StatusCode::BAD_REQUEST, why),
         };
         let host = host_value
             .as_ref()

@@ -13,7 +13,10 @@
 //!
 //! What the legacy client gave that this keeps: a request that could not be written
 //! because its pooled connection had just been closed by the upstream is retried on
-//! another connection (the body has not been touched then); idle connections are
+//! another connection (the body has not been touched then). Beyond it: a request that
+//! was written to a pooled connection the upstream then closed without answering is
+//! sent again when that is safe (idempotent, no body), so an upstream's keep-alive
+//! timeout never shows as a `502` blamed on its version; idle connections are
 //! reaped after [`IDLE_TIMEOUT_MS`] and capped at [`MAX_IDLE`] per worker and
 //! instance; connections support upgrades (WebSocket); `Host` and the origin-form
 //! URI are the caller's job (`forward::build_upstream_request`).
@@ -43,13 +46,14 @@ pub const IDLE_TIMEOUT_MS: u64 = 90_000;
 /// TCP keep-alive probes on upstream connections start after this idle time.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
-/// What an upstream request body must be (the proxy's is [`UpstreamBody`]).
+/// What an upstream request body must be (the proxy's is [`UpstreamBody`]); `Default`
+/// is an empty body, for sending a request that had none again.
 pub trait RequestBody:
-    Body<Data = Bytes, Error: Into<Box<dyn StdError + Send + Sync>>> + Send + 'static
+    Body<Data = Bytes, Error: Into<Box<dyn StdError + Send + Sync>>> + Default + Send + 'static
 {
 }
 impl<B> RequestBody for B where
-    B: Body<Data = Bytes, Error: Into<Box<dyn StdError + Send + Sync>>> + Send + 'static
+    B: Body<Data = Bytes, Error: Into<Box<dyn StdError + Send + Sync>>> + Default + Send + 'static
 {
 }
 
@@ -174,13 +178,22 @@ pub async fn send<B: RequestBody>(
     mut req: Request<B>,
 ) -> Result<Response<PooledBody<B>>, SendError> {
     // Pooled connections first. One the upstream has just closed hands the request
-    // back unsent, and the next one gets it.
+    // back unsent, and the next one gets it. An upstream may also close an idle
+    // connection without `Connection: close` just as a request is written to it (its
+    // FIN still on the way): a request that can be sent again (idempotent, no body)
+    // is then sent again on the next connection, as nginx does; the upstream never
+    // answered it, so no answer is lost or repeated.
     while let Some(mut sender) = idle.pop() {
+        let replay = Replay::of(&req);
         match sender.try_send_request(req).await {
             Ok(resp) => return Ok(finish(resp, sender, idle)),
-            Err(mut e) => match e.take_message() {
-                Some(r) => req = r,
-                None => return Err(SendError::Protocol(e.into_error().into())),
+            Err(mut e) => match (e.take_message(), replay) {
+                (Some(r), _) => req = r,
+                (None, Some(replay)) if closed_unanswered(e.error()) => {
+                    tracing::debug!(upstream = addr, error = %e.error(), "pooled connection closed under a request; sending it again");
+                    req = replay.request();
+                }
+                (None, _) => return Err(SendError::Protocol(e.into_error().into())),
             },
         }
     }
@@ -189,6 +202,52 @@ pub async fn send<B: RequestBody>(
         Ok(resp) => Ok(finish(resp, sender, idle)),
         Err(e) => Err(SendError::Protocol(e.into())),
     }
+}
+
+/// A copy of a request that has no body and may be sent twice (RFC 9110 §9.2.2).
+struct Replay {
+    parts: http::request::Parts,
+}
+
+impl Replay {
+    fn of<B: Body>(req: &Request<B>) -> Option<Replay> {
+        if !req.body().is_end_stream() || !req.method().is_idempotent() {
+            return None;
+        }
+        let mut copy = Request::new(());
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.version_mut() = req.version();
+        *copy.headers_mut() = req.headers().clone();
+        Some(Replay {
+            parts: copy.into_parts().0,
+        })
+    }
+
+    fn request<B: Default>(self) -> Request<B> {
+        Request::from_parts(self.parts, B::default())
+    }
+}
+
+/// Whether an error says the connection went away before any answer came: the
+/// upstream closed or reset it, not a bad or slow answer.
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    let mut source = StdError::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn finish<B: RequestBody>(
@@ -339,6 +398,50 @@ mod tests {
         (addr, accepted)
     }
 
+    /// A server that answers the first request on each connection and closes the
+    /// connection when the second one arrives, without answering it: the race of an
+    /// upstream closing an idle keep-alive connection while a request is on its way.
+    async fn closing_server() -> (String, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let mut heads = 0;
+                    loop {
+                        let Ok(n) = s.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            heads += 1;
+                            if heads > 1 {
+                                return; // closes, unanswered
+                            }
+                            let r = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+                            if s.write_all(r).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
     type Idle = IdleList<Empty<Bytes>>;
 
     fn get() -> Request<Empty<Bytes>> {
@@ -348,7 +451,7 @@ mod tests {
             .unwrap()
     }
 
-    async fn body(resp: Response<PooledBody<Empty<Bytes>>>) -> Bytes {
+    async fn body<B: RequestBody>(resp: Response<PooledBody<B>>) -> Bytes {
         resp.into_body().collect().await.unwrap().to_bytes()
     }
 
@@ -387,6 +490,47 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(accepted.load(SeqCst), 3);
+    }
+
+    /// Regression: such a request got a 502 (`connection closed before message
+    /// completed`), counted against the version, though the upstream never saw it.
+    #[tokio::test]
+    async fn a_get_on_a_pooled_connection_the_upstream_closes_under_it_is_sent_again() {
+        let (addr, accepted) = closing_server().await;
+        let idle = Arc::new(Idle::default());
+        for i in 0..5 {
+            let resp = send(&idle, &addr, 1000, get()).await;
+            let resp = resp.unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(body(resp).await, "hello");
+        }
+        // Every request after the first was written to a pooled connection that then
+        // closed, and was sent again on a new one.
+        assert_eq!(accepted.load(SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn a_request_with_a_body_or_not_idempotent_is_not_sent_twice() {
+        let (addr, _) = closing_server().await;
+        let post = || {
+            Request::post("/")
+                .header("host", "x")
+                .body(Empty::<Bytes>::new())
+                .unwrap()
+        };
+        let idle = Arc::new(Idle::default());
+        body(send(&idle, &addr, 1000, post()).await.unwrap()).await;
+        let err = send(&idle, &addr, 1000, post()).await.unwrap_err();
+        assert!(matches!(err, SendError::Protocol(_)), "{err}");
+        let with_body = || {
+            Request::put("/")
+                .header("host", "x")
+                .body(http_body_util::Full::new(Bytes::from_static(b"x")))
+                .unwrap()
+        };
+        let idle = Arc::new(IdleList::default());
+        body(send(&idle, &addr, 1000, with_body()).await.unwrap()).await;
+        let err = send(&idle, &addr, 1000, with_body()).await.unwrap_err();
+        assert!(matches!(err, SendError::Protocol(_)), "{err}");
     }
 
     #[tokio::test]
