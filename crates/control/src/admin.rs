@@ -125,7 +125,7 @@ async fn events(
     q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let evs = a.controller.events(&name, q.limit.unwrap_or(1000).max(1))?;
+    let evs = a.controller.events(&name, q.limit.unwrap_or(1000))?;
     Ok(Json(evs).into_response())
 }
 
@@ -172,8 +172,16 @@ fn body<T: for<'de> Deserialize<'de> + Default>(
         };
         ApiError(status, msg)
     })?;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Ok(T::default()),
+        // serde reads a struct from a JSON array too (`[30]` as `{"weight": 30}`).
+        Some(b'{') => {}
+        Some(_) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "bad JSON body: expected a JSON object".into(),
+            ))
+        }
     }
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
@@ -410,7 +418,7 @@ routes:
         let (_dir, r) = admin(None);
         let path = |verb: &str| format!("/api/v1/routes/web/{verb}");
         for verb in ["pause", "resume", "retry"] {
-            for bad in [r#"{"x":1}"#, "{", "not json", "[1]", "7"] {
+            for bad in [r#"{"x":1}"#, "{", "not json", "[1]", "[]", "7", "null"] {
                 let (status, v) = call(&r, req("POST", &path(verb), bad.into(), None)).await;
                 assert_eq!(status, StatusCode::BAD_REQUEST, "{verb} {bad}: {v}");
                 let msg = v["error"].as_str().unwrap_or_default();
@@ -437,6 +445,25 @@ routes:
         assert_eq!(
             (status, v["phase"].as_str()),
             (StatusCode::OK, Some("progressing")),
+            "{v}"
+        );
+    }
+
+    /// Regression: serde reads a struct from a JSON array, so `[30]` set the weight.
+    #[tokio::test]
+    async fn a_json_array_is_not_a_body() {
+        let (_dir, r) = admin(None);
+        let (status, v) = call(
+            &r,
+            req("PUT", "/api/v1/routes/web/weight", b"[30]".to_vec(), None),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("JSON object"),
             "{v}"
         );
     }

@@ -177,6 +177,9 @@ impl Store {
     /// The last `limit` journal events of a route, oldest first. A torn last line
     /// (crash mid-append) is skipped.
     pub fn events(&self, route: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let path = self.journal_path(route);
         let f = match File::open(&path) {
             Ok(f) => f,
@@ -300,5 +303,7 @@ mod tests {
             .collect();
         assert_eq!(kinds, ["start", "advance", "promote"]);
         assert_eq!(store.events("web", 1).unwrap()[0].kind, "promote");
+        // Regression: a limit of 0 used to keep growing past it.
+        assert!(store.events("web", 0).unwrap().is_empty());
     }
 }
