@@ -22,6 +22,15 @@ pub struct Conn {
     token_env: String,
 }
 
+/// A plain number: `nan`, `inf` and overflowing literals are usage errors here rather
+/// than a confusing "body must be …" from the API (JSON has no such numbers).
+fn finite_number(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a number")),
+    }
+}
+
 #[derive(Subcommand)]
 pub enum AdminCmd {
     /// Show routes: versions, weight, phase, step, last verdict.
@@ -38,7 +47,7 @@ pub enum AdminCmd {
         route: String,
         /// Percent, 0–100 with up to two decimals (a negative one gets the API's
         /// "out of range", not a flag error).
-        #[arg(allow_negative_numbers = true)]
+        #[arg(allow_negative_numbers = true, value_parser = finite_number)]
         weight: f64,
         #[command(flatten)]
         conn: Conn,
@@ -630,6 +639,15 @@ async fn wait(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weight_nan_and_inf_are_usage_errors_not_a_confusing_api_answer() {
+        for bad in ["nan", "NaN", "inf", "-inf", "1e400", "30x", ""] {
+            assert!(finite_number(bad).is_err(), "{bad}");
+        }
+        assert_eq!(finite_number("-1"), Ok(-1.0));
+        assert_eq!(finite_number("12.5"), Ok(12.5));
+    }
 
     fn status(stable: &str, canary: Option<&str>, phase: Option<&str>) -> Value {
         json!({"stable_version": stable, "canary_version": canary, "phase": phase,
