@@ -256,8 +256,11 @@ pub async fn watch(
 fn rewatch(w: &mut impl Watcher, watched: &mut BTreeSet<PathBuf>, chain: &Resolved) {
     let want = chain.dirs();
     for dir in watched.difference(&want) {
-        // Fails when the directory is gone, which also ends its watch.
-        let _ = w.unwatch(dir);
+        // A directory that is gone has lost its watch with it; unwatching it would
+        // only make notify log a warning (every ConfigMap update deletes one).
+        if dir.exists() {
+            let _ = w.unwatch(dir);
+        }
     }
     watched.retain(|d| want.contains(d));
     for dir in want {
