@@ -205,8 +205,14 @@ pub async fn send<B: RequestBody>(
 }
 
 /// A copy of a request that has no body and may be sent twice (RFC 9110 §9.2.2).
+/// Taken for every such request on a pooled connection, so kept cheap: the header
+/// fields go into one flat `Vec` (their values are reference-counted), and a
+/// `HeaderMap` is only built again in the rare case the request is sent again.
 struct Replay {
-    parts: http::request::Parts,
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl Replay {
@@ -214,18 +220,27 @@ impl Replay {
         if !req.body().is_end_stream() || !req.method().is_idempotent() {
             return None;
         }
-        let mut copy = Request::new(());
-        *copy.method_mut() = req.method().clone();
-        *copy.uri_mut() = req.uri().clone();
-        *copy.version_mut() = req.version();
-        *copy.headers_mut() = req.headers().clone();
+        let mut headers = Vec::with_capacity(req.headers().len());
+        headers.extend(req.headers().iter().map(|(k, v)| (k.clone(), v.clone())));
         Some(Replay {
-            parts: copy.into_parts().0,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers,
         })
     }
 
     fn request<B: Default>(self) -> Request<B> {
-        Request::from_parts(self.parts, B::default())
+        let mut req = Request::new(B::default());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        let h = req.headers_mut();
+        h.reserve(self.headers.len());
+        for (k, v) in self.headers {
+            h.append(k, v);
+        }
+        req
     }
 }
 
