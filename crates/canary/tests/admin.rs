@@ -568,7 +568,8 @@ async fn usage_errors_exit_3_not_2_which_wait_uses_for_timed_out() {
         &["wait", "web", "--timeout", "10"],
         &["wait"],
         &["weight", "web", "abc"],
-        &["weight", "web", "-1"],
+        // A negative weight goes to the API for its "out of range" (see `cli.md`).
+        &["weight", "web", "nan"],
         &["status", "--no-such-flag"],
         &["no-such-verb"],
         &["validate"],
