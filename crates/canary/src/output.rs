@@ -46,7 +46,7 @@ pub fn failed() -> bool {
     STDOUT.load(Ordering::Relaxed) == FAILED
 }
 
-/// `println!` through [`line`].
+/// `println!` through [`line()`].
 macro_rules! outln {
     () => {
         $crate::output::line(format_args!(""))
