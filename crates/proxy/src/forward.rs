@@ -549,7 +549,7 @@ async fn forward(
     let mut outcome = Outcome { pool, done: false };
     let timeout = Duration::from_millis(entry.timeouts.request_ms);
     let send = async {
-        match &pool.client {
+        match &pool.h2_client {
             Some(h2) => match h2.get().request(up_req).await {
                 Ok(resp) => Ok(resp.map(PooledBody::unpooled)),
                 Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
@@ -650,7 +650,7 @@ fn build_upstream_request(
 ) -> Request<UpstreamBody> {
     let mut up = Request::new(body);
     *up.method_mut() = std::mem::take(&mut parts.method);
-    *up.uri_mut() = if pool.http2 {
+    *up.uri_mut() = if pool.is_http2() {
         // The HTTP/2 client takes the instance from an absolute URI (`:authority`).
         let mut uri = Uri::from_static("/").into_parts();
         uri.scheme = Some(http::uri::Scheme::HTTP);
@@ -667,7 +667,7 @@ fn build_upstream_request(
             None => Uri::from_static("/"),
         }
     };
-    *up.version_mut() = if pool.http2 {
+    *up.version_mut() = if pool.is_http2() {
         Version::HTTP_2
     } else {
         Version::HTTP_11
@@ -675,7 +675,7 @@ fn build_upstream_request(
     let mut headers = std::mem::take(&mut parts.headers);
     strip_hop_by_hop(&mut headers, upgrade);
     if let Some(h) = host {
-        if pool.http2 {
+        if pool.is_http2() {
             // `:authority` names the instance (the client connects by it); a `Host`
             // that differs from it is malformed HTTP/2 (RFC 9113 §8.3.1). The client's
             // host travels in `X-Forwarded-Host`.
@@ -686,7 +686,7 @@ fn build_upstream_request(
             headers.insert(header::HOST, h.clone());
         }
         headers.insert(X_FORWARDED_HOST.clone(), h);
-    } else if !pool.http2 {
+    } else if !pool.is_http2() {
         // HTTP/1.1 requires a `Host` (an HTTP/1.0 client may send none): the instance's.
         headers.insert(header::HOST, instance.host_header.clone());
     }

@@ -190,23 +190,23 @@ pub fn set_worker_index(i: usize) {
     WORKER.with(|w| w.set(i));
 }
 
-/// One forwarding client per data-plane worker.
+/// One HTTP/2 forwarding client per data-plane worker.
 ///
 /// hyper-util's `Client` spawns each upstream connection's task on the runtime of the
 /// thread that opened it. With one current-thread runtime per worker, a client (and
 /// its pool) per worker keeps every upstream connection on the thread that uses it:
 /// the pool's mutex is never contended and no request crosses threads. A hand-written
 /// per-thread pool on `hyper::client::conn` would also drop the pool's checkout
-/// machinery, but would have to re-implement HTTP/2 multiplexing, upgrades and idle
-/// reaping; this gets the cross-thread win with the maintained client.
+/// machinery, but would have to re-implement HTTP/2 multiplexing; HTTP/1.1 pools,
+/// which need none of it, do use such a pool ([`crate::upstream`]).
 #[derive(Clone, Debug)]
 pub struct WorkerClients(Arc<[ProxyClient]>);
 
 impl WorkerClients {
-    pub fn new(workers: usize, connect_ms: u64, http2: bool) -> WorkerClients {
+    pub fn new(workers: usize, connect_ms: u64) -> WorkerClients {
         WorkerClients(
             (0..workers.max(1))
-                .map(|_| build_client(connect_ms, http2))
+                .map(|_| build_h2_client(connect_ms))
                 .collect(),
         )
     }
@@ -219,8 +219,8 @@ impl WorkerClients {
     }
 }
 
-/// Builds a forwarding client.
-pub fn build_client(connect_ms: u64, http2: bool) -> ProxyClient {
+/// Builds an HTTP/2 (h2c, prior knowledge) forwarding client.
+fn build_h2_client(connect_ms: u64) -> ProxyClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_millis(connect_ms)));
@@ -229,10 +229,8 @@ pub fn build_client(connect_ms: u64, http2: bool) -> ProxyClient {
     b.pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256);
     b.timer(hyper_util::rt::TokioTimer::new())
-        .pool_timer(hyper_util::rt::TokioTimer::new());
-    if http2 {
-        b.http2_only(true);
-    }
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .http2_only(true);
     b.build(connector)
 }
 
@@ -242,9 +240,9 @@ pub struct Pool {
     pub version: String,
     pub version_header: HeaderValue,
     pub instances: Vec<Arc<Instance>>,
-    pub http2: bool,
-    /// The forwarding client of an HTTP/2 pool; `None` for HTTP/1.1 pools.
-    pub client: Option<WorkerClients>,
+    /// The forwarding client of an `http2: true` pool; `None` for an HTTP/1.1 pool,
+    /// whose connections are in its instances' idle lists.
+    pub h2_client: Option<WorkerClients>,
     pub stats: Arc<VersionStats>,
     pub ejection: Ejection,
     pub health_check: Option<HealthCheck>,
@@ -252,12 +250,10 @@ pub struct Pool {
 }
 
 impl Pool {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         version: &str,
         instances: Vec<Arc<Instance>>,
-        http2: bool,
-        client: Option<WorkerClients>,
+        h2_client: Option<WorkerClients>,
         stats: Arc<VersionStats>,
         ejection: Ejection,
         health_check: Option<HealthCheck>,
@@ -267,13 +263,18 @@ impl Pool {
             version_header: HeaderValue::from_str(version)
                 .unwrap_or(HeaderValue::from_static("unknown")),
             instances,
-            http2,
-            client,
+            h2_client,
             stats,
             ejection,
             health_check,
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether the pool speaks HTTP/2 to its instances.
+    #[inline]
+    pub fn is_http2(&self) -> bool {
+        self.h2_client.is_some()
     }
 
     /// The next available instance, round robin; `None` when none is available.
@@ -387,15 +388,9 @@ mod tests {
             max_ms: 10_000,
         };
         a.record_failure(&spec, 0);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let _g = rt.enter();
         let pool = Pool::new(
             "v1",
             vec![a, b],
-            false,
             None,
             Arc::new(VersionStats::new("r", "v1")),
             spec,

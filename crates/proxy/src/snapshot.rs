@@ -305,10 +305,10 @@ fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig, workers: us
         })
         .collect();
     // HTTP/1.1 pools keep their connections in their instances (`upstream`).
-    let client = pc.http2.then(|| {
+    let h2_client = pc.http2.then(|| {
         reg.clients
             .entry(rc.timeouts.connect_ms)
-            .or_insert_with(|| WorkerClients::new(workers, rc.timeouts.connect_ms, true))
+            .or_insert_with(|| WorkerClients::new(workers, rc.timeouts.connect_ms))
             .clone()
     });
     let key = (rc.route.name.clone(), pc.version.clone());
@@ -332,8 +332,7 @@ fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig, workers: us
     Pool::new(
         &pc.version,
         instances,
-        pc.http2,
-        client,
+        h2_client,
         stats,
         rc.ejection,
         pc.health_check.clone(),
