@@ -39,13 +39,28 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// How a request body's trip upstream ended.
+/// How a body being streamed through ended: the request body on its way upstream,
+/// or the upstream's response body on its way to the client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum BodyEnd {
+pub(crate) enum BodyEnd {
     /// The last byte was handed over.
     Sent,
-    /// The client's body broke off (ended early, or failed): the client's fault.
+    /// The body broke off (ended early, or failed).
     Broken,
+}
+
+impl BodyEnd {
+    /// Whether this poll of a body ended it; `at_end` is the body's `is_end_stream()`
+    /// after the poll (with a Content-Length, hyper stops polling there and never
+    /// sees the `None`).
+    pub(crate) fn of<T, E>(poll: &Poll<Option<Result<T, E>>>, at_end: bool) -> Option<BodyEnd> {
+        match poll {
+            Poll::Ready(Some(Ok(_))) if at_end => Some(BodyEnd::Sent),
+            Poll::Ready(None) => Some(BodyEnd::Sent),
+            Poll::Ready(Some(Err(_))) => Some(BodyEnd::Broken),
+            _ => None,
+        }
+    }
 }
 
 /// The request body on its way upstream. It reports how it ended, so that
@@ -103,15 +118,7 @@ impl Body for UpstreamBody {
             return Poll::Ready(None);
         };
         let r = Pin::new(&mut *inner).poll_frame(cx);
-        let ended = inner.is_end_stream();
-        // With a Content-Length, hyper stops polling at `is_end_stream` (no `None`).
-        let end = match &r {
-            Poll::Ready(Some(Ok(_))) if ended => Some(BodyEnd::Sent),
-            Poll::Ready(None) => Some(BodyEnd::Sent),
-            Poll::Ready(Some(Err(_))) => Some(BodyEnd::Broken),
-            _ => None,
-        };
-        if let Some(end) = end {
+        if let Some(end) = BodyEnd::of(&r, inner.is_end_stream()) {
             if let Some(tx) = this.end.take() {
                 let _ = tx.send(end);
             }

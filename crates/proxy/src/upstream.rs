@@ -36,7 +36,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::forward::UpstreamBody;
+use crate::forward::{BodyEnd, UpstreamBody};
 use crate::pool::now_ms;
 
 /// Idle connections kept per instance and worker; more are closed when they come back.
@@ -345,12 +345,11 @@ impl<B: RequestBody> Body for PooledBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let r = Pin::new(&mut this.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+        match BodyEnd::of(&r, this.inner.is_end_stream()) {
+            Some(BodyEnd::Sent) => this.release(),
             // A broken body leaves the connection in an unknown state: never reuse it.
-            Poll::Ready(Some(Err(_))) => this.release = None,
-            _ => {}
+            Some(BodyEnd::Broken) => this.release = None,
+            None => {}
         }
         r
     }
@@ -372,10 +371,23 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    /// A raw HTTP/1.1 server: answers each request head with `hello`; `close_after`
-    /// closes the connection after that many answers (without `Connection: close`,
-    /// as an upstream's idle timeout does). Counts accepted connections.
-    async fn server(close_after: usize) -> (String, Arc<AtomicUsize>) {
+    /// How a test upstream ends its connections.
+    #[derive(Clone, Copy)]
+    enum Close {
+        /// Right after the nth answer, without `Connection: close` (an idle timeout).
+        AfterAnswers(usize),
+        /// When a request arrives after the nth answer, leaving it unanswered: the race
+        /// of an upstream closing an idle connection while a request is on its way.
+        OnRequestAfter(usize),
+    }
+
+    /// A raw HTTP/1.1 server that answers each request head with `hello` until `close`
+    /// says otherwise. Counts accepted connections.
+    async fn server(close: Close) -> (String, Arc<AtomicUsize>) {
+        let (answers, wait_for_next) = match close {
+            Close::AfterAnswers(n) => (n, false),
+            Close::OnRequestAfter(n) => (n, true),
+        };
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -390,47 +402,6 @@ mod tests {
                     let mut buf = Vec::new();
                     let mut answered = 0;
                     let mut chunk = [0u8; 4096];
-                    while answered < close_after {
-                        let Ok(n) = s.read(&mut chunk).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            buf.drain(..end + 4);
-                            let r = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
-                            if s.write_all(r).await.is_err() {
-                                return;
-                            }
-                            answered += 1;
-                        }
-                    }
-                });
-            }
-        });
-        (addr, accepted)
-    }
-
-    /// A server that answers the first request on each connection and closes the
-    /// connection when the second one arrives, without answering it: the race of an
-    /// upstream closing an idle keep-alive connection while a request is on its way.
-    async fn closing_server() -> (String, Arc<AtomicUsize>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = l.accept().await else {
-                    return;
-                };
-                count.fetch_add(1, SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    let mut heads = 0;
                     loop {
                         let Ok(n) = s.read(&mut chunk).await else {
                             return;
@@ -441,12 +412,15 @@ mod tests {
                         buf.extend_from_slice(&chunk[..n]);
                         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                             buf.drain(..end + 4);
-                            heads += 1;
-                            if heads > 1 {
-                                return; // closes, unanswered
+                            if answered == answers {
+                                return; // closes, this request unanswered
                             }
                             let r = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
                             if s.write_all(r).await.is_err() {
+                                return;
+                            }
+                            answered += 1;
+                            if answered == answers && !wait_for_next {
                                 return;
                             }
                         }
@@ -472,7 +446,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_is_reused_once_its_response_body_has_been_read() {
-        let (addr, accepted) = server(usize::MAX).await;
+        let (addr, accepted) = server(Close::AfterAnswers(usize::MAX)).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..5 {
             let resp = send(&idle, &addr, 1000, get()).await.unwrap();
@@ -484,7 +458,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_whose_body_is_dropped_unread_does_not_return_its_connection() {
-        let (addr, accepted) = server(usize::MAX).await;
+        let (addr, accepted) = server(Close::AfterAnswers(usize::MAX)).await;
         let idle = Arc::new(Idle::default());
         let resp = send(&idle, &addr, 1000, get()).await.unwrap();
         drop(resp);
@@ -496,7 +470,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
-        let (addr, accepted) = server(1).await;
+        let (addr, accepted) = server(Close::AfterAnswers(1)).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..3 {
             let resp = send(&idle, &addr, 1000, get()).await.unwrap();
@@ -511,7 +485,7 @@ mod tests {
     /// completed`), counted against the version, though the upstream never saw it.
     #[tokio::test]
     async fn a_get_on_a_pooled_connection_the_upstream_closes_under_it_is_sent_again() {
-        let (addr, accepted) = closing_server().await;
+        let (addr, accepted) = server(Close::OnRequestAfter(1)).await;
         let idle = Arc::new(Idle::default());
         for i in 0..5 {
             let resp = send(&idle, &addr, 1000, get()).await;
@@ -525,7 +499,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_with_a_body_or_not_idempotent_is_not_sent_twice() {
-        let (addr, _) = closing_server().await;
+        let (addr, _) = server(Close::OnRequestAfter(1)).await;
         let post = || {
             Request::post("/")
                 .header("host", "x")
@@ -561,7 +535,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_older_than_the_idle_timeout_are_closed() {
-        let (addr, _) = server(usize::MAX).await;
+        let (addr, _) = server(Close::AfterAnswers(usize::MAX)).await;
         let idle = Arc::new(Idle::default());
         idle.put_at(connect(&addr, 1000).await.unwrap(), 0);
         idle.put_at(connect(&addr, 1000).await.unwrap(), IDLE_TIMEOUT_MS);
@@ -572,7 +546,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_are_capped() {
-        let (addr, _) = server(usize::MAX).await;
+        let (addr, _) = server(Close::AfterAnswers(usize::MAX)).await;
         let idle = Arc::new(Idle::default());
         // MAX_IDLE + 2 exchanges in flight at once, then all bodies read.
         let mut resps = Vec::new();
