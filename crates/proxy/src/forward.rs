@@ -316,29 +316,12 @@ fn valid_host(h: &[u8]) -> bool {
                     .iter()
                     .all(|c| c.is_ascii_hexdigit() || matches!(c, b':' | b'.'))
         }
+        // A reg-name or IPv4 address: unreserved, sub-delims and `%` (RFC 3986 §3.2.2).
         _ => {
             !host.is_empty()
-                && host.iter().all(|c| {
-                    c.is_ascii_alphanumeric()
-                        || matches!(
-                            c,
-                            b'-' | b'.'
-                                | b'_'
-                                | b'~'
-                                | b'%'
-                                | b'!'
-                                | b'$'
-                                | b'&'
-                                | b'\''
-                                | b'('
-                                | b')'
-                                | b'*'
-                                | b'+'
-                                | b','
-                                | b';'
-                                | b'='
-                        )
-                })
+                && host
+                    .iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(c))
         }
     };
     port_ok && host_ok
