@@ -19,7 +19,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::forward::UpstreamBody;
 use crate::metrics::VersionStats;
-use crate::upstream::IdleList;
+use crate::upstream::{self, IdleList};
 
 /// Milliseconds since the process started: a monotonic clock for ejection deadlines.
 pub fn now_ms() -> u64 {
@@ -72,8 +72,7 @@ impl Instance {
     /// The current worker's idle HTTP/1.1 connections to this instance.
     #[inline]
     pub fn idle(&self) -> &Arc<IdleList> {
-        let i = WORKER.with(std::cell::Cell::get);
-        &self.idle[if i < self.idle.len() { i } else { 0 }]
+        this_worker(&self.idle)
     }
 
     /// Whether the instance may take a request now.
@@ -190,6 +189,13 @@ pub fn set_worker_index(i: usize) {
     WORKER.with(|w| w.set(i));
 }
 
+/// The current worker's item of a per-worker slice (worker 0's on any other thread).
+#[inline]
+fn this_worker<T>(per_worker: &[T]) -> &T {
+    let i = WORKER.with(std::cell::Cell::get);
+    &per_worker[if i < per_worker.len() { i } else { 0 }]
+}
+
 /// One HTTP/2 forwarding client per data-plane worker.
 ///
 /// hyper-util's `Client` spawns each upstream connection's task on the runtime of the
@@ -214,8 +220,7 @@ impl WorkerClients {
     /// The current worker's client (worker 0's on any other thread).
     #[inline]
     pub fn get(&self) -> &ProxyClient {
-        let i = WORKER.with(std::cell::Cell::get);
-        &self.0[if i < self.0.len() { i } else { 0 }]
+        this_worker(&self.0)
     }
 }
 
@@ -224,10 +229,11 @@ fn build_h2_client(connect_ms: u64) -> ProxyClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_millis(connect_ms)));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
+    // The same keep-alive settings as the HTTP/1.1 pools.
+    connector.set_keepalive(Some(upstream::TCP_KEEPALIVE));
     let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256);
+    b.pool_idle_timeout(Duration::from_millis(upstream::IDLE_TIMEOUT_MS))
+        .pool_max_idle_per_host(upstream::MAX_IDLE);
     b.timer(hyper_util::rt::TokioTimer::new())
         .pool_timer(hyper_util::rt::TokioTimer::new())
         .http2_only(true);

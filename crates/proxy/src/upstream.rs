@@ -44,7 +44,7 @@ pub const MAX_IDLE: usize = 256;
 /// An idle connection unused for this long is closed.
 pub const IDLE_TIMEOUT_MS: u64 = 90_000;
 /// TCP keep-alive probes on upstream connections start after this idle time.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// What an upstream request body must be (the proxy's is [`UpstreamBody`]); `Default`
 /// is an empty body, for sending a request that had none again.
