@@ -343,9 +343,7 @@ impl Controller {
                     // One edit can make the promoted version stable and bring the next
                     // canary: the first rollout completed, then the new one starts from
                     // a route without a canary.
-                    if let Some(old) = ctl.rollout.as_ref().filter(|s| {
-                        s.phase == Phase::Promoted && s.canary_version == ctl.cfg.stable.version
-                    }) {
+                    if let Some(old) = ctl.rollout.as_ref().filter(|s| made_stable(s, &ctl.cfg)) {
                         events.push(complete_event(old, now, Position::no_canary()));
                         from = Position::no_canary();
                         replaced = None;
@@ -363,9 +361,7 @@ impl Controller {
             },
             (None, Some(_)) | (_, None) => {
                 if let Some(s) = ctl.rollout.take() {
-                    let done = ctl.cfg.canary.is_none()
-                        && s.phase == Phase::Promoted
-                        && s.canary_version == ctl.cfg.stable.version;
+                    let done = ctl.cfg.canary.is_none() && made_stable(&s, &ctl.cfg);
                     // The route keeps its canary at the config's weight, or has none.
                     let to = match manual_split(ctl) {
                         Some((_, w)) => Position::manual(w),
@@ -861,6 +857,11 @@ fn pending_trip(ctl: &RouteCtl) -> Option<Input> {
 
 fn bp_weight(bp: u16) -> Weight {
     Weight::from_basis_points(bp).unwrap_or(Weight::ZERO)
+}
+
+/// Whether `cfg` names the version of a promoted rollout as stable: it is complete.
+fn made_stable(s: &RolloutState, cfg: &RouteConfig) -> bool {
+    s.phase == Phase::Promoted && s.canary_version == cfg.stable.version
 }
 
 /// The journal entry of a promoted rollout whose version the config now names stable.
