@@ -23,6 +23,8 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::metrics::UpstreamError;
@@ -607,8 +609,11 @@ async fn forward(
     }
     match (resp.status(), client_upgrade) {
         (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) => {
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+            if let Either::Left(body) = resp.body_mut() {
+                if let Some(upstream) = body.take_upgrade() {
+                    tokio::spawn(tunnel(client_upgrade, upstream));
+                }
+            }
         }
         _ => strip_hop_by_hop(resp.headers_mut(), false),
     }
@@ -617,13 +622,16 @@ async fn forward(
     resp
 }
 
-/// Copies bytes both ways between an upgraded client and upstream connection.
-async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
-    let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) else {
+/// Copies bytes both ways between an upgraded client and upstream connection, after
+/// what the upstream sent right behind its `101`.
+async fn tunnel(client: OnUpgrade, (mut upstream, early): (TcpStream, Bytes)) {
+    let Ok(client) = client.await else {
         return;
     };
     let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
+    if !early.is_empty() && client.write_all(&early).await.is_err() {
+        return;
+    }
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
