@@ -599,4 +599,31 @@ pub(crate) mod tests {
         assert_eq!(host_without_port("[::1]:80"), "::1");
         assert_eq!(host_without_port("example.com"), "example.com");
     }
+
+    /// The pair parsers as the specification says them: split, trim, compare.
+    fn spec_value<'a>(s: &'a str, sep: char, name: &str, cookie: bool) -> Option<&'a str> {
+        if name.contains('=') {
+            return None;
+        }
+        s.split(sep).find_map(|pair| {
+            let pair = if cookie { pair.trim_ascii() } else { pair };
+            match pair.split_once('=') {
+                Some((k, v)) if k == name => Some(v),
+                None if !cookie && pair == name => Some(""),
+                _ => None,
+            }
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn pair_parsers_agree_with_split_and_trim(
+            s in "[ab= ;&\t\"]{0,24}",
+            name in "[ab=]{0,3}",
+        ) {
+            let want = spec_value(&s, ';', &name, true).map(|v| v.trim_matches('"'));
+            proptest::prop_assert_eq!(cookie_value(&s, &name), want);
+            proptest::prop_assert_eq!(query_value(&s, &name), spec_value(&s, '&', &name, false));
+        }
+    }
 }
