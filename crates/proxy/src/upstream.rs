@@ -511,6 +511,9 @@ struct Head {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    /// `Connection` lists `close` / `keep-alive`.
+    close: bool,
+    keep_alive: bool,
 }
 
 impl Head {
@@ -597,15 +600,43 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
             h.value.len(),
         )
     };
+    // `Connection` is read here, from the raw fields. A field with only its usual
+    // tokens (`keep-alive`, `close`) is hop-by-hop and all the proxy needs of it is
+    // read now, so it never goes into the map (to be stripped again right after).
+    // One naming other fields, or `upgrade`, goes in, for `strip_hop_by_hop`.
+    let (mut close, mut keep_alive) = (false, false);
+    let mut wanted = |h: &httparse::Header<'_>| {
+        if !h.name.eq_ignore_ascii_case("connection") {
+            return true;
+        }
+        let mut other = false;
+        for t in h.value.split(|&c| c == b',').map(<[u8]>::trim_ascii) {
+            if t.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                keep_alive = true;
+            } else {
+                other |= !t.is_empty();
+            }
+        }
+        other
+    };
     let mut few = [(0, 0, 0, 0); FEW_HEADERS];
+    let mut n = 0;
     let many: Vec<_>;
     let at = if resp.headers.len() <= FEW_HEADERS {
-        for (slot, h) in few.iter_mut().zip(resp.headers.iter()) {
-            *slot = place(h);
+        for h in resp.headers.iter().filter(|h| wanted(h)) {
+            few[n] = place(h);
+            n += 1;
         }
-        &few[..resp.headers.len()]
+        &few[..n]
     } else {
-        many = resp.headers.iter().map(place).collect();
+        many = resp
+            .headers
+            .iter()
+            .filter(|h| wanted(h))
+            .map(place)
+            .collect();
         &many[..]
     };
     let head = buf.split_to(len).freeze();
@@ -619,16 +650,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
         status,
         version,
         headers,
+        close,
+        keep_alive,
     }))
-}
-
-/// Whether any `name` field lists `token` (comma-separated, any case).
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&c| c == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
 }
 
 /// How the response body is delimited (RFC 9112 §6.3), and whether the connection
@@ -636,8 +660,8 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 fn response_framing(is_head: bool, head: &mut Head) -> Result<(State, bool), BoxError> {
     let h = &mut head.headers;
     let mut keep_alive = match head.version {
-        Version::HTTP_11 => !has_token(h, &header::CONNECTION, "close"),
-        _ => has_token(h, &header::CONNECTION, "keep-alive"),
+        Version::HTTP_11 => !head.close,
+        _ => head.keep_alive && !head.close,
     };
     if is_head || head.status == StatusCode::NO_CONTENT || head.status == StatusCode::NOT_MODIFIED {
         return Ok((State::Done, keep_alive));
@@ -1330,6 +1354,35 @@ mod tests {
             assert_eq!(collect(resp).await.0, "ok");
             assert!(idle.is_empty());
         }
+    }
+
+    #[tokio::test]
+    async fn connection_fields_decide_reuse_and_only_those_naming_fields_stay() {
+        let idle = Arc::new(Idle::default());
+        let answer = b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 2\r\n\r\nok";
+        let (addr, _, _) = scripted(answer, false, false).await;
+        let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+        assert!(!resp.headers().contains_key("connection"));
+        collect(resp).await;
+        assert_eq!(idle.len(), 1);
+
+        let answer = b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok";
+        let (addr, _, _) = scripted(answer, false, false).await;
+        let idle = Arc::new(Idle::default());
+        collect(send(&idle, &addr, 1000, get()).await.unwrap()).await;
+        assert_eq!(idle.len(), 1, "HTTP/1.0 with keep-alive is reused");
+
+        let answer = b"HTTP/1.1 200 OK\r\nconnection: x-hop, Close\r\nx-hop: 1\r\ncontent-length: 2\r\n\r\nok";
+        let (addr, _, _) = scripted(answer, false, false).await;
+        let idle = Arc::new(Idle::default());
+        let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+        assert_eq!(
+            resp.headers()["connection"],
+            "x-hop, Close",
+            "kept for strip_hop_by_hop"
+        );
+        collect(resp).await;
+        assert!(idle.is_empty(), "close is honoured wherever it is listed");
     }
 
     #[tokio::test]
