@@ -18,20 +18,30 @@ fn routing_decision_does_not_allocate() {
     let table = support::table();
     let facts = support::facts();
     let weight = Weight::from_percent(10.0).unwrap();
-    let region = Region::new(GLOBAL);
-    let mut canary = 0u32;
-    for _ in 0..10_000 {
-        let idx = table
-            .find(Some("shop.example.com"), "/products/42")
-            .expect("route");
-        let route = &table.routes[idx];
-        let key = route.sticky_key(&facts).map(|k| k.bytes());
-        let d = route.decide(weight, &facts, key);
-        canary += u32::from(d.target == canary_core::Target::Canary);
+    // The counter is process-wide, so another thread of the test harness allocating at
+    // the same moment shows up too (seen once under a loaded `cargo test --workspace`).
+    // An allocating decision would allocate in every one of the 10,000 runs of every
+    // round, so one clean round out of three is proof; every round is reported.
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let region = Region::new(GLOBAL);
+        let mut canary = 0u32;
+        for _ in 0..10_000 {
+            let idx = table
+                .find(Some("shop.example.com"), "/products/42")
+                .expect("route");
+            let route = &table.routes[idx];
+            let key = route.sticky_key(&facts).map(|k| k.bytes());
+            let d = route.decide(weight, &facts, key);
+            canary += u32::from(d.target == canary_core::Target::Canary);
+        }
+        let stats = region.change();
+        // The same user every time: all canary or all stable.
+        assert!(canary == 0 || canary == 10_000);
+        if stats.allocations == 0 && stats.reallocations == 0 {
+            return;
+        }
+        rounds.push(stats);
     }
-    let stats = region.change();
-    assert_eq!(stats.allocations, 0, "decision allocated: {stats:?}");
-    assert_eq!(stats.reallocations, 0, "decision reallocated: {stats:?}");
-    // The same user every time: all canary or all stable.
-    assert!(canary == 0 || canary == 10_000);
+    panic!("the decision allocated in every round: {rounds:?}");
 }

@@ -41,10 +41,9 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// How a body being streamed through ended: the request body on its way upstream,
-/// or the upstream's response body on its way to the client.
+/// How a request body on its way to an HTTP/2 upstream ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum BodyEnd {
+enum BodyEnd {
     /// The last byte was handed over.
     Sent,
     /// The body broke off (ended early, or failed).
@@ -55,7 +54,7 @@ impl BodyEnd {
     /// Whether this poll of a body ended it; `at_end` is the body's `is_end_stream()`
     /// after the poll (with a Content-Length, hyper stops polling there and never
     /// sees the `None`).
-    pub(crate) fn of<T, E>(poll: &Poll<Option<Result<T, E>>>, at_end: bool) -> Option<BodyEnd> {
+    fn of<T, E>(poll: &Poll<Option<Result<T, E>>>, at_end: bool) -> Option<BodyEnd> {
         match poll {
             Poll::Ready(Some(Ok(_))) if at_end => Some(BodyEnd::Sent),
             Poll::Ready(None) => Some(BodyEnd::Sent),
@@ -65,41 +64,28 @@ impl BodyEnd {
     }
 }
 
-/// The request body on its way upstream. It reports how it ended, so that
-/// `timeouts.request` times the upstream rather than a slow client upload, and a
-/// client's broken body is not blamed on the upstream.
+/// The request body on its way upstream. To an HTTP/2 pool it reports how it ended,
+/// so that `timeouts.request` times the upstream rather than a slow client upload, and
+/// a client's broken body is not blamed on the upstream (an HTTP/1.1 exchange sees
+/// both itself).
 #[derive(Debug)]
 pub struct UpstreamBody {
-    /// `None`: no body (a request sent again after its pooled connection closed).
-    inner: Option<Incoming>,
+    inner: Incoming,
     end: Option<oneshot::Sender<BodyEnd>>,
-}
-
-impl Default for UpstreamBody {
-    /// An empty body.
-    fn default() -> Self {
-        UpstreamBody {
-            inner: None,
-            end: None,
-        }
-    }
 }
 
 impl UpstreamBody {
     /// Wraps `body`; the receiver tells how it ended (`None` for a request without a
-    /// body: nothing to wait for, nothing allocated).
-    fn new(inner: Incoming) -> (UpstreamBody, Option<oneshot::Receiver<BodyEnd>>) {
-        if inner.is_end_stream() {
-            let body = UpstreamBody {
-                inner: Some(inner),
-                end: None,
-            };
-            return (body, None);
+    /// body, nothing to wait for, or when not `reported`: an HTTP/1.1 exchange sees the
+    /// body end itself).
+    fn new(inner: Incoming, reported: bool) -> (UpstreamBody, Option<oneshot::Receiver<BodyEnd>>) {
+        if inner.is_end_stream() || !reported {
+            return (UpstreamBody { inner, end: None }, None);
         }
         let (tx, rx) = oneshot::channel();
         (
             UpstreamBody {
-                inner: Some(inner),
+                inner,
                 end: Some(tx),
             },
             Some(rx),
@@ -116,11 +102,8 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let r = Pin::new(&mut *inner).poll_frame(cx);
-        if let Some(end) = BodyEnd::of(&r, inner.is_end_stream()) {
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(end) = BodyEnd::of(&r, this.inner.is_end_stream()) {
             if let Some(tx) = this.end.take() {
                 let _ = tx.send(end);
             }
@@ -129,19 +112,18 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
+        self.inner.size_hint()
     }
 }
 
-/// Waits for the upstream's response headers, for at most `timeout` after the request
-/// body has been sent whole (at once for a request without a body). Also returns
-/// whether the client's body broke off.
+/// Waits for an HTTP/2 upstream's response headers, for at most `timeout` after the
+/// request body has been sent whole (at once for a request without a body). Also
+/// returns whether the client's body broke off. (An HTTP/1.1 exchange times itself,
+/// on its connection's timer: `upstream::send`.)
 async fn response_within<F: Future>(
     response: F,
     body_end: Option<oneshot::Receiver<BodyEnd>>,
@@ -528,34 +510,40 @@ async fn forward(
     } else {
         None
     };
-    let (body, body_end) = UpstreamBody::new(body);
+    let (body, body_end) = UpstreamBody::new(body, pool.is_http2());
     let up_req =
         build_upstream_request(&mut parts, body, conn, host, entry, pool, instance, upgrade);
     let started = Instant::now();
     let mut outcome = Outcome { pool, done: false };
     let timeout = Duration::from_millis(entry.timeouts.request_ms);
-    let send = async {
-        match &pool.h2_client {
-            Some(h2) => match h2.get().request(up_req).await {
-                Ok(resp) => Ok(resp.map(PooledBody::unpooled)),
-                Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
-                Err(e) => Err(SendError::Protocol(e.into())),
-            },
-            None => {
-                let connect_ms = entry.timeouts.connect_ms;
-                upstream::send(instance.idle(), &instance.addr, connect_ms, up_req).await
+    let result = match &pool.h2_client {
+        Some(h2) => {
+            let send = async {
+                match h2.get().request(up_req).await {
+                    Ok(resp) => Ok(resp.map(PooledBody::unpooled)),
+                    Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
+                    Err(e) => Err(SendError::Protocol(e.into())),
+                }
+            };
+            match response_within(send, body_end, timeout).await {
+                (Ok(Err(e)), true) => Err(SendError::ClientBody(e.into())),
+                (Ok(r), _) => r,
+                (Err(_), _) => Err(SendError::Timeout),
             }
         }
+        None => {
+            let connect_ms = entry.timeouts.connect_ms;
+            upstream::send(instance.idle(), &instance.addr, connect_ms, timeout, up_req).await
+        }
     };
-    let (result, body_broken) = response_within(send, body_end, timeout).await;
     let elapsed_us = started.elapsed().as_micros() as u64;
     outcome.done = true;
     let (mut resp, failed) = match result {
-        Ok(Ok(resp)) => {
+        Ok(resp) => {
             let failed = resp.status().is_server_error();
             (resp.map(Either::Left), failed)
         }
-        Ok(Err(e)) if body_broken => {
+        Err(SendError::ClientBody(e)) => {
             // The client's body ended early or failed: not the upstream's failure, so
             // ejection, the breaker and the analysis never see it.
             tracing::debug!(upstream = %instance.addr, error = %e, "request failed on the client side");
@@ -565,22 +553,22 @@ async fn forward(
                 .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
             return r;
         }
-        Ok(Err(e)) => {
+        Err(SendError::Timeout) => {
+            pool.stats.record_upstream_error(UpstreamError::Timeout);
+            (
+                error_response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"),
+                true,
+            )
+        }
+        Err(e) => {
             let kind = match e {
                 SendError::Connect(_) => UpstreamError::Connect,
-                SendError::Protocol(_) => UpstreamError::Protocol,
+                _ => UpstreamError::Protocol,
             };
             tracing::debug!(upstream = %instance.addr, error = %e, "upstream error");
             pool.stats.record_upstream_error(kind);
             (
                 error_response(StatusCode::BAD_GATEWAY, "upstream unavailable\n"),
-                true,
-            )
-        }
-        Err(_) => {
-            pool.stats.record_upstream_error(UpstreamError::Timeout);
-            (
-                error_response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"),
                 true,
             )
         }

@@ -48,6 +48,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use crate::pool::now_ms;
 
@@ -69,6 +70,8 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Request bytes gathered before they are written; a larger body frame is written
 /// as it is.
 const WRITE_BATCH: usize = 16 * 1024;
+/// Where a new connection's timer starts: far off, moved nearer by its first request.
+const IDLE_TIMER: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The longest chunk-size line (size and extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -87,6 +90,8 @@ pub struct Conn {
     rbuf: BytesMut,
     /// The request being written (kept for its capacity).
     wbuf: Vec<u8>,
+    /// The request timeout's timer, kept with the connection (see [`until`]).
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Conn {
@@ -95,6 +100,7 @@ impl Conn {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: Vec::with_capacity(512),
+            timer: Box::pin(tokio::time::sleep(IDLE_TIMER)),
         }
     }
 
@@ -118,6 +124,24 @@ impl Conn {
     /// Reads what the upstream has sent into `rbuf`; `Ok(0)` at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         fill(Pin::new(&mut self.io), &mut self.rbuf, cx)
+    }
+}
+
+/// Waits until `deadline` on a connection's timer. The timer is moved only when it
+/// would go off too late; one that goes off early (it was set for an earlier request)
+/// is moved on then. So on a busy connection the timer is re-armed about once per
+/// timeout rather than armed and cancelled once per request (a wheel insert and
+/// removal each time, ~3% of the instructions per request).
+async fn until(timer: &mut Pin<Box<Sleep>>, deadline: Instant) {
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+    }
+    loop {
+        timer.as_mut().await;
+        if Instant::now() >= deadline {
+            return;
+        }
+        timer.as_mut().reset(deadline);
     }
 }
 
@@ -210,13 +234,21 @@ pub enum SendError {
     Connect(BoxError),
     /// The connection failed during the exchange (reset, closed early, bad response).
     Protocol(BoxError),
+    /// No response head within the request timeout after the request was sent.
+    Timeout,
+    /// The client's request body broke off or failed: not the upstream's doing.
+    ClientBody(BoxError),
 }
+
+impl StdError for SendError {}
 
 impl fmt::Display for SendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SendError::Connect(e) => write!(f, "connect: {e}"),
             SendError::Protocol(e) => write!(f, "{e}"),
+            SendError::Timeout => write!(f, "no response within the request timeout"),
+            SendError::ClientBody(e) => write!(f, "client body: {e}"),
         }
     }
 }
@@ -232,23 +264,24 @@ pub async fn send<B: RequestBody>(
     idle: &Arc<IdleList>,
     addr: &str,
     connect_ms: u64,
+    timeout: Duration,
     req: Request<B>,
 ) -> Result<Response<PooledBody>, SendError> {
     let (parts, mut body) = req.into_parts();
     let bodiless = body.is_end_stream();
     while let Some(conn) = idle.pop() {
-        match exchange(conn, &parts, &mut body, idle).await {
+        match exchange(conn, &parts, &mut body, timeout, idle).await {
             Ok(resp) => return Ok(resp),
             Err(f) if bodiless && (f.unsent || f.unanswered && parts.method.is_idempotent()) => {
                 tracing::debug!(upstream = addr, error = %f.error, "pooled connection closed under a request; sending it again");
             }
-            Err(f) => return Err(SendError::Protocol(f.error)),
+            Err(f) => return Err(f.error),
         }
     }
     let conn = connect(addr, connect_ms).await?;
-    exchange(conn, &parts, &mut body, idle)
+    exchange(conn, &parts, &mut body, timeout, idle)
         .await
-        .map_err(|f| SendError::Protocol(f.error))
+        .map_err(|f| f.error)
 }
 
 async fn connect(addr: &str, connect_ms: u64) -> Result<Conn, SendError> {
@@ -264,7 +297,7 @@ async fn connect(addr: &str, connect_ms: u64) -> Result<Conn, SendError> {
 
 /// An exchange that failed, and whether the request may be sent again elsewhere.
 struct Failure {
-    error: BoxError,
+    error: SendError,
     /// Nothing of the request reached the connection.
     unsent: bool,
     /// The request was written, and the upstream closed without a byte of answer.
@@ -273,8 +306,12 @@ struct Failure {
 
 impl Failure {
     fn protocol(error: impl Into<BoxError>) -> Failure {
+        Failure::final_(SendError::Protocol(error.into()))
+    }
+
+    fn final_(error: SendError) -> Failure {
         Failure {
-            error: error.into(),
+            error,
             unsent: false,
             unanswered: false,
         }
@@ -295,6 +332,7 @@ async fn exchange<B: RequestBody>(
     mut conn: Conn,
     parts: &Parts,
     body: &mut B,
+    timeout: Duration,
     idle: &Arc<IdleList>,
 ) -> Result<Response<PooledBody>, Failure> {
     let framing = if body.is_end_stream() {
@@ -309,30 +347,55 @@ async fn exchange<B: RequestBody>(
     let (mut head, body_sent) = if framing == RequestFraming::Empty {
         if let Err(e) = conn.io.write_all(&conn.wbuf).await {
             return Err(Failure {
-                error: e.into(),
+                error: SendError::Protocol(e.into()),
                 unsent: true,
                 unanswered: false,
             });
         }
-        (read_head(&mut conn.io, &mut conn.rbuf).await?, true)
+        let deadline = Instant::now() + timeout;
+        let Conn {
+            io, rbuf, timer, ..
+        } = &mut conn;
+        let head = tokio::select! {
+            biased;
+            h = read_head(io, rbuf) => h?,
+            () = until(timer, deadline) => return Err(Failure::final_(SendError::Timeout)),
+        };
+        (head, true)
     } else {
-        let Conn { io, rbuf, wbuf } = &mut conn;
+        let Conn {
+            io,
+            rbuf,
+            wbuf,
+            timer,
+        } = &mut conn;
         let (mut rd, mut wr) = io.split();
         let write = write_body(&mut wr, wbuf, body, framing);
         let read = read_head(&mut rd, rbuf);
         tokio::pin!(write, read);
+        // The request timeout runs from when the body has been sent whole, so a slow
+        // upload is not taken for a slow upstream.
         let mut written = None;
+        let mut deadline = None;
         let head = loop {
             tokio::select! {
                 biased;
                 h = &mut read => break h,
-                w = &mut write, if written.is_none() => match w {
-                    Ok(()) => written = Some(Ok(())),
-                    // The client's body broke off: the upstream would wait for the rest.
-                    Err(WriteError::Body(e)) => return Err(Failure::protocol(e)),
-                    // The upstream may have answered before it stopped reading: look.
-                    Err(WriteError::Io(e)) => written = Some(Err(e)),
+                w = &mut write, if written.is_none() => {
+                    deadline = Some(Instant::now() + timeout);
+                    match w {
+                        Ok(()) => written = Some(Ok(())),
+                        // The client's body broke off: the upstream would wait for the rest.
+                        Err(WriteError::Body(e)) => {
+                            return Err(Failure::final_(SendError::ClientBody(e)))
+                        }
+                        // The upstream may have answered before it stopped reading: look.
+                        Err(WriteError::Io(e)) => written = Some(Err(e)),
+                    }
                 },
+                () = until(timer, deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    return Err(Failure::final_(SendError::Timeout));
+                }
             }
         };
         match (head, written) {
@@ -548,7 +611,9 @@ async fn read_head<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> Resu
         match std::future::poll_fn(|cx| fill(Pin::new(&mut *rd), buf, cx)).await {
             Ok(0) => {
                 return Err(Failure {
-                    error: "upstream closed the connection before the response ended".into(),
+                    error: SendError::Protocol(
+                        "upstream closed the connection before the response ended".into(),
+                    ),
                     unsent: false,
                     unanswered: !received,
                 })
@@ -562,7 +627,7 @@ async fn read_head<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> Resu
                         | io::ErrorKind::BrokenPipe
                 );
                 return Err(Failure {
-                    error: e.into(),
+                    error: SendError::Protocol(e.into()),
                     unsent: false,
                     unanswered: reset && !received,
                 });
@@ -1081,6 +1146,9 @@ mod tests {
 
     type Idle = IdleList;
 
+    /// The request timeout of the tests that are not about it.
+    const T: Duration = Duration::from_secs(10);
+
     fn get() -> Request<Empty<Bytes>> {
         Request::get("/")
             .header("host", "x")
@@ -1097,7 +1165,7 @@ mod tests {
         let (addr, accepted) = server(Close::AfterAnswers(usize::MAX)).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..5 {
-            let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
             assert_eq!(body(resp).await, "hello");
             assert_eq!(idle.len(), 1);
         }
@@ -1108,10 +1176,10 @@ mod tests {
     async fn a_response_whose_body_is_dropped_unread_does_not_return_its_connection() {
         let (addr, accepted) = server(Close::AfterAnswers(usize::MAX)).await;
         let idle = Arc::new(Idle::default());
-        let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
         drop(resp);
         assert!(idle.is_empty());
-        let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
         assert_eq!(body(resp).await, "hello");
         assert_eq!(accepted.load(SeqCst), 2);
     }
@@ -1121,7 +1189,7 @@ mod tests {
         let (addr, accepted) = server(Close::AfterAnswers(1)).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..3 {
-            let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
             assert_eq!(body(resp).await, "hello");
             // Let the connection task see the upstream's close.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1136,7 +1204,7 @@ mod tests {
         let (addr, accepted) = server(Close::OnRequestAfter(1)).await;
         let idle = Arc::new(Idle::default());
         for i in 0..5 {
-            let resp = send(&idle, &addr, 1000, get()).await;
+            let resp = send(&idle, &addr, 1000, T, get()).await;
             let resp = resp.unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(body(resp).await, "hello");
         }
@@ -1155,8 +1223,8 @@ mod tests {
                 .unwrap()
         };
         let idle = Arc::new(Idle::default());
-        body(send(&idle, &addr, 1000, post()).await.unwrap()).await;
-        let err = send(&idle, &addr, 1000, post()).await.unwrap_err();
+        body(send(&idle, &addr, 1000, T, post()).await.unwrap()).await;
+        let err = send(&idle, &addr, 1000, T, post()).await.unwrap_err();
         assert!(matches!(err, SendError::Protocol(_)), "{err}");
         let with_body = || {
             Request::put("/")
@@ -1165,8 +1233,8 @@ mod tests {
                 .unwrap()
         };
         let idle = Arc::new(Idle::default());
-        body(send(&idle, &addr, 1000, with_body()).await.unwrap()).await;
-        let err = send(&idle, &addr, 1000, with_body()).await.unwrap_err();
+        body(send(&idle, &addr, 1000, T, with_body()).await.unwrap()).await;
+        let err = send(&idle, &addr, 1000, T, with_body()).await.unwrap_err();
         assert!(matches!(err, SendError::Protocol(_)), "{err}");
     }
 
@@ -1177,7 +1245,7 @@ mod tests {
             l.local_addr().unwrap().to_string()
         };
         let idle = Arc::new(Idle::default());
-        let err = send(&idle, &addr, 1000, get()).await.unwrap_err();
+        let err = send(&idle, &addr, 1000, T, get()).await.unwrap_err();
         assert!(matches!(err, SendError::Connect(_)), "{err}");
     }
 
@@ -1199,7 +1267,7 @@ mod tests {
         // MAX_IDLE + 2 exchanges in flight at once, then all bodies read.
         let mut resps = Vec::new();
         for _ in 0..MAX_IDLE + 2 {
-            resps.push(send(&idle, &addr, 1000, get()).await.unwrap());
+            resps.push(send(&idle, &addr, 1000, T, get()).await.unwrap());
         }
         for r in resps {
             body(r).await;
@@ -1287,7 +1355,7 @@ mod tests {
         let (addr, _, accepted) = scripted(answer, true, false).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..2 {
-            let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
             assert!(
                 !resp.headers().contains_key("transfer-encoding")
                     || resp.headers()["transfer-encoding"] == "chunked"
@@ -1306,7 +1374,7 @@ mod tests {
             HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
         let (addr, _, _) = scripted(answer, false, false).await;
         let idle = Arc::new(Idle::default());
-        let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert!(!resp.headers().contains_key("link"));
         assert_eq!(collect(resp).await.0, "hello");
@@ -1324,7 +1392,7 @@ mod tests {
                 .unwrap()
         };
         for _ in 0..3 {
-            let resp = send(&idle, &addr, 1000, head()).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, head()).await.unwrap();
             assert_eq!(resp.headers()["content-length"], "5");
             assert!(resp.body().is_end_stream());
             assert_eq!(collect(resp).await.0, "");
@@ -1340,7 +1408,7 @@ mod tests {
     async fn a_body_without_length_runs_to_the_close_and_is_not_pooled() {
         let (addr, _, _) = scripted(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", false, true).await;
         let idle = Arc::new(Idle::default());
-        let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
         assert_eq!(collect(resp).await.0, "until the end");
         assert!(idle.is_empty());
 
@@ -1350,7 +1418,7 @@ mod tests {
             b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
         ] {
             let (addr, _, _) = scripted(answer, false, false).await;
-            let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
             assert_eq!(collect(resp).await.0, "ok");
             assert!(idle.is_empty());
         }
@@ -1361,7 +1429,7 @@ mod tests {
         let idle = Arc::new(Idle::default());
         let answer = b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 2\r\n\r\nok";
         let (addr, _, _) = scripted(answer, false, false).await;
-        let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
         assert!(!resp.headers().contains_key("connection"));
         collect(resp).await;
         assert_eq!(idle.len(), 1);
@@ -1369,13 +1437,13 @@ mod tests {
         let answer = b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok";
         let (addr, _, _) = scripted(answer, false, false).await;
         let idle = Arc::new(Idle::default());
-        collect(send(&idle, &addr, 1000, get()).await.unwrap()).await;
+        collect(send(&idle, &addr, 1000, T, get()).await.unwrap()).await;
         assert_eq!(idle.len(), 1, "HTTP/1.0 with keep-alive is reused");
 
         let answer = b"HTTP/1.1 200 OK\r\nconnection: x-hop, Close\r\nx-hop: 1\r\ncontent-length: 2\r\n\r\nok";
         let (addr, _, _) = scripted(answer, false, false).await;
         let idle = Arc::new(Idle::default());
-        let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
         assert_eq!(
             resp.headers()["connection"],
             "x-hop, Close",
@@ -1397,7 +1465,7 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
         ] {
             let (addr, _, _) = scripted(answer, false, false).await;
-            let err = send(&idle, &addr, 1000, get()).await.unwrap_err();
+            let err = send(&idle, &addr, 1000, T, get()).await.unwrap_err();
             assert!(matches!(err, SendError::Protocol(_)), "{err}");
         }
         for answer in [
@@ -1406,7 +1474,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
         ] {
             let (addr, _, _) = scripted(answer, false, true).await;
-            let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
             assert!(resp.into_body().collect().await.is_err());
             assert!(idle.is_empty());
         }
@@ -1415,7 +1483,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n\
             2\r\nok\r\n0\r\n\r\n";
         let (addr, _, _) = scripted(answer, false, false).await;
-        let resp = send(&idle, &addr, 1000, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
         assert!(!resp.headers().contains_key("content-length"));
         assert_eq!(collect(resp).await.0, "ok");
         assert!(idle.is_empty());
@@ -1453,7 +1521,7 @@ mod tests {
             .header("transfer-encoding", "gzip")
             .body(http_body_util::Full::new(Bytes::from_static(b"abc")))
             .unwrap();
-        collect(send(&idle, &addr, 1000, post).await.unwrap()).await;
+        collect(send(&idle, &addr, 1000, T, post).await.unwrap()).await;
         let mut trailers = HeaderMap::new();
         trailers.insert("x-check", HeaderValue::from_static("1"));
         let frames = [
@@ -1465,13 +1533,13 @@ mod tests {
             .header("host", "x")
             .body(Streamed(frames.into_iter().collect()))
             .unwrap();
-        collect(send(&idle, &addr, 1000, streamed).await.unwrap()).await;
+        collect(send(&idle, &addr, 1000, T, streamed).await.unwrap()).await;
         let empty = Request::post("/e")
             .header("host", "x")
             .header("content-length", "0")
             .body(Empty::<Bytes>::new())
             .unwrap();
-        collect(send(&idle, &addr, 1000, empty).await.unwrap()).await;
+        collect(send(&idle, &addr, 1000, T, empty).await.unwrap()).await;
         let seen = String::from_utf8(seen.lock().unwrap().clone()).unwrap();
         assert_eq!(
             seen,
@@ -1510,7 +1578,7 @@ mod tests {
                 .header("host", "x")
                 .body(http_body_util::Full::new(big))
                 .unwrap();
-            let resp = send(&idle, &addr, 1000, req).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, req).await.unwrap();
             assert_eq!(resp.status(), 413);
             assert_eq!(collect(resp).await.0, "big");
             assert!(idle.is_empty());
@@ -1554,5 +1622,59 @@ mod tests {
             proptest::prop_assert_eq!(out, body);
             proptest::prop_assert!(buf.is_empty() && fed == wire.len());
         }
+    }
+
+    /// Regression guard for the connection-kept timer: a timer set for an earlier
+    /// request that goes off during a later one must not time that one out.
+    #[tokio::test]
+    async fn the_request_timeout_runs_per_request_on_a_reused_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while let Some(len) = request_len(&buf) {
+                            let req: Vec<u8> = buf.drain(..len).collect();
+                            if req.starts_with(b"GET /slow") {
+                                continue; // never answered
+                            }
+                            let r = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(r).await.is_err() {
+                                return;
+                            }
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        let idle = Arc::new(Idle::default());
+        let timeout = Duration::from_millis(300);
+        // Eight quick requests over ~800 ms on one connection: the timer armed by the
+        // first goes off during a later one and is moved on, not taken as a timeout.
+        for _ in 0..8 {
+            let resp = send(&idle, &addr, 1000, timeout, get()).await.unwrap();
+            assert_eq!(collect(resp).await.0, "ok");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(idle.len(), 1);
+        let slow = Request::get("/slow")
+            .header("host", "x")
+            .body(Empty::new())
+            .unwrap();
+        let err = send(&idle, &addr, 1000, timeout, slow).await.unwrap_err();
+        assert!(matches!(err, SendError::Timeout), "{err}");
+        let resp = send(&idle, &addr, 1000, timeout, get()).await.unwrap();
+        assert_eq!(
+            collect(resp).await.0,
+            "ok",
+            "a new connection after the timed-out one"
+        );
     }
 }
