@@ -201,10 +201,10 @@ fn this_worker<T>(per_worker: &[T]) -> &T {
 /// hyper-util's `Client` spawns each upstream connection's task on the runtime of the
 /// thread that opened it. With one current-thread runtime per worker, a client (and
 /// its pool) per worker keeps every upstream connection on the thread that uses it:
-/// the pool's mutex is never contended and no request crosses threads. A hand-written
-/// per-thread pool on `hyper::client::conn` would also drop the pool's checkout
-/// machinery, but would have to re-implement HTTP/2 multiplexing; HTTP/1.1 pools,
-/// which need none of it, do use such a pool ([`crate::upstream`]).
+/// the pool's mutex is never contended and no request crosses threads. Our own
+/// exchange would also drop the pool's checkout machinery and the connection tasks,
+/// but would have to re-implement HTTP/2 (multiplexing, flow control); HTTP/1.1 pools,
+/// which need none of it, use it ([`crate::upstream`]).
 #[derive(Clone, Debug)]
 pub struct WorkerClients(Arc<[ProxyClient]>);
 
