@@ -511,7 +511,7 @@ async fn forward(
         None
     };
     let (body, body_end) = UpstreamBody::new(body, pool.is_http2());
-    let up_req =
+    let (up_req, added) =
         build_upstream_request(&mut parts, body, conn, host, entry, pool, instance, upgrade);
     let started = Instant::now();
     let mut outcome = Outcome { pool, done: false };
@@ -533,7 +533,8 @@ async fn forward(
         }
         None => {
             let connect_ms = entry.timeouts.connect_ms;
-            upstream::send(instance.idle(), &instance.addr, connect_ms, timeout, up_req).await
+            let (addr, added) = (&instance.addr, added.fields());
+            upstream::send(instance.idle(), addr, connect_ms, timeout, up_req, added).await
         }
     };
     let elapsed_us = started.elapsed().as_micros() as u64;
@@ -617,6 +618,22 @@ async fn tunnel(client: OnUpgrade, (mut upstream, early): (TcpStream, Bytes)) {
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
+/// The fields the proxy adds to a request for the upstream (`X-Forwarded-*`,
+/// `X-Canary-*`). Into an HTTP/2 request they go through its `HeaderMap`; an
+/// HTTP/1.1 exchange writes them after the request's own fields, which saves five map
+/// inserts per request (~3% of the instructions).
+pub struct Added {
+    /// `X-Forwarded-Host` last: the only optional one.
+    fields: [(&'static HeaderName, HeaderValue); 5],
+    len: usize,
+}
+
+impl Added {
+    fn fields(&self) -> &[(&'static HeaderName, HeaderValue)] {
+        &self.fields[..self.len]
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn build_upstream_request(
     parts: &mut http::request::Parts,
@@ -627,7 +644,7 @@ fn build_upstream_request(
     pool: &Pool,
     instance: &Instance,
     upgrade: bool,
-) -> Request<UpstreamBody> {
+) -> (Request<UpstreamBody>, Added) {
     let mut up = Request::new(body);
     *up.method_mut() = std::mem::take(&mut parts.method);
     *up.uri_mut() = if pool.is_http2() {
@@ -654,21 +671,22 @@ fn build_upstream_request(
     };
     let mut headers = std::mem::take(&mut parts.headers);
     strip_hop_by_hop(&mut headers, upgrade);
-    if let Some(h) = host {
-        if pool.is_http2() {
-            // `:authority` names the instance (the client connects by it); a `Host`
-            // that differs from it is malformed HTTP/2 (RFC 9113 §8.3.1). The client's
-            // host travels in `X-Forwarded-Host`.
-            headers.remove(header::HOST);
-        } else {
-            // The request's host: the same `Host` line, or the authority of an
-            // absolute-form target, which replaces `Host` (RFC 9112 §3.2.2).
+    match &host {
+        // `:authority` names the instance (the client connects by it); a `Host` that
+        // differs from it is malformed HTTP/2 (RFC 9113 §8.3.1). The client's host
+        // travels in `X-Forwarded-Host`.
+        Some(_) if pool.is_http2() => drop(headers.remove(header::HOST)),
+        // The request's host: the same `Host` line (most often: nothing to do), or the
+        // authority of an absolute-form target, which replaces `Host` (RFC 9112 §3.2.2).
+        Some(h) if headers.get(header::HOST) != Some(h) => {
             headers.insert(header::HOST, h.clone());
         }
-        headers.insert(X_FORWARDED_HOST.clone(), h);
-    } else if !pool.is_http2() {
+        Some(_) => {}
         // HTTP/1.1 requires a `Host` (an HTTP/1.0 client may send none): the instance's.
-        headers.insert(header::HOST, instance.host_header.clone());
+        None if !pool.is_http2() => {
+            headers.insert(header::HOST, instance.host_header.clone());
+        }
+        None => {}
     }
     // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3): keep them all.
     let mut prev = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
@@ -683,12 +701,37 @@ fn build_upstream_request(
         v.extend_from_slice(conn.peer_header.as_bytes());
         HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.peer_header.clone())
     };
-    headers.insert(X_FORWARDED_FOR.clone(), xff);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    headers.insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
-    headers.insert(X_CANARY_ROUTE.clone(), entry.route_header.clone());
+    let len = if host.is_some() { 5 } else { 4 };
+    let added = Added {
+        fields: [
+            (&X_FORWARDED_FOR, xff),
+            (&X_FORWARDED_PROTO, HeaderValue::from_static("http")),
+            (&X_CANARY_VERSION, pool.version_header.clone()),
+            (&X_CANARY_ROUTE, entry.route_header.clone()),
+            (
+                &X_FORWARDED_HOST,
+                host.unwrap_or(HeaderValue::from_static("")),
+            ),
+        ],
+        len,
+    };
+    // The proxy's fields replace any the client sent (one pass over the names finds
+    // them; a client rarely sends any).
+    if headers
+        .keys()
+        .any(|k| added.fields.iter().any(|(name, _)| *name == k))
+    {
+        for (name, _) in &added.fields {
+            headers.remove(*name);
+        }
+    }
+    if pool.is_http2() {
+        for (name, value) in added.fields() {
+            headers.insert((*name).clone(), value.clone());
+        }
+    }
     *up.headers_mut() = headers;
-    up
+    (up, added)
 }
 
 #[cfg(test)]

@@ -266,11 +266,12 @@ pub async fn send<B: RequestBody>(
     connect_ms: u64,
     timeout: Duration,
     req: Request<B>,
+    added: &[(&HeaderName, HeaderValue)],
 ) -> Result<Response<PooledBody>, SendError> {
     let (parts, mut body) = req.into_parts();
     let bodiless = body.is_end_stream();
     while let Some(conn) = idle.pop() {
-        match exchange(conn, &parts, &mut body, timeout, idle).await {
+        match exchange(conn, (&parts, added), &mut body, timeout, idle).await {
             Ok(resp) => return Ok(resp),
             Err(f) if bodiless && (f.unsent || f.unanswered && parts.method.is_idempotent()) => {
                 tracing::debug!(upstream = addr, error = %f.error, "pooled connection closed under a request; sending it again");
@@ -279,7 +280,7 @@ pub async fn send<B: RequestBody>(
         }
     }
     let conn = connect(addr, connect_ms).await?;
-    exchange(conn, &parts, &mut body, timeout, idle)
+    exchange(conn, (&parts, added), &mut body, timeout, idle)
         .await
         .map_err(|f| f.error)
 }
@@ -330,7 +331,7 @@ enum RequestFraming {
 /// One request and its response head on `conn`.
 async fn exchange<B: RequestBody>(
     mut conn: Conn,
-    parts: &Parts,
+    (parts, added): (&Parts, &[(&HeaderName, HeaderValue)]),
     body: &mut B,
     timeout: Duration,
     idle: &Arc<IdleList>,
@@ -343,7 +344,7 @@ async fn exchange<B: RequestBody>(
             None => RequestFraming::Chunked,
         }
     };
-    encode_head(&mut conn.wbuf, parts, framing);
+    encode_head(&mut conn.wbuf, parts, added, framing);
     let (mut head, body_sent) = if framing == RequestFraming::Empty {
         if let Err(e) = conn.io.write_all(&conn.wbuf).await {
             return Err(Failure {
@@ -434,8 +435,14 @@ async fn exchange<B: RequestBody>(
     }))
 }
 
-/// Writes the request line and header fields, then the framing `forward` left out.
-fn encode_head(out: &mut Vec<u8>, parts: &Parts, framing: RequestFraming) {
+/// Writes the request line, the request's header fields and the `added` ones, then
+/// the framing.
+fn encode_head(
+    out: &mut Vec<u8>,
+    parts: &Parts,
+    added: &[(&HeaderName, HeaderValue)],
+    framing: RequestFraming,
+) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -456,10 +463,10 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, framing: RequestFraming) {
         if *name == header::TRANSFER_ENCODING {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(out, name, value);
+    }
+    for (name, value) in added {
+        write_field(out, name, value);
     }
     match framing {
         RequestFraming::Empty if had_length => out.extend_from_slice(b"content-length: 0\r\n"),
@@ -469,6 +476,13 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, framing: RequestFraming) {
         }
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -543,10 +557,7 @@ async fn write_body<W: AsyncWrite + Unpin, B: RequestBody>(
                 if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
                     out.extend_from_slice(b"0\r\n");
                     for (name, value) in &trailers {
-                        out.extend_from_slice(name.as_str().as_bytes());
-                        out.extend_from_slice(b": ");
-                        out.extend_from_slice(value.as_bytes());
-                        out.extend_from_slice(b"\r\n");
+                        write_field(out, name, value);
                     }
                     out.extend_from_slice(b"\r\n");
                     trailers_sent = true;
@@ -1165,7 +1176,7 @@ mod tests {
         let (addr, accepted) = server(Close::AfterAnswers(usize::MAX)).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..5 {
-            let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
             assert_eq!(body(resp).await, "hello");
             assert_eq!(idle.len(), 1);
         }
@@ -1176,10 +1187,10 @@ mod tests {
     async fn a_response_whose_body_is_dropped_unread_does_not_return_its_connection() {
         let (addr, accepted) = server(Close::AfterAnswers(usize::MAX)).await;
         let idle = Arc::new(Idle::default());
-        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
         drop(resp);
         assert!(idle.is_empty());
-        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
         assert_eq!(body(resp).await, "hello");
         assert_eq!(accepted.load(SeqCst), 2);
     }
@@ -1189,7 +1200,7 @@ mod tests {
         let (addr, accepted) = server(Close::AfterAnswers(1)).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..3 {
-            let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
             assert_eq!(body(resp).await, "hello");
             // Let the connection task see the upstream's close.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1204,7 +1215,7 @@ mod tests {
         let (addr, accepted) = server(Close::OnRequestAfter(1)).await;
         let idle = Arc::new(Idle::default());
         for i in 0..5 {
-            let resp = send(&idle, &addr, 1000, T, get()).await;
+            let resp = send(&idle, &addr, 1000, T, get(), &[]).await;
             let resp = resp.unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(body(resp).await, "hello");
         }
@@ -1223,8 +1234,8 @@ mod tests {
                 .unwrap()
         };
         let idle = Arc::new(Idle::default());
-        body(send(&idle, &addr, 1000, T, post()).await.unwrap()).await;
-        let err = send(&idle, &addr, 1000, T, post()).await.unwrap_err();
+        body(send(&idle, &addr, 1000, T, post(), &[]).await.unwrap()).await;
+        let err = send(&idle, &addr, 1000, T, post(), &[]).await.unwrap_err();
         assert!(matches!(err, SendError::Protocol(_)), "{err}");
         let with_body = || {
             Request::put("/")
@@ -1233,8 +1244,10 @@ mod tests {
                 .unwrap()
         };
         let idle = Arc::new(Idle::default());
-        body(send(&idle, &addr, 1000, T, with_body()).await.unwrap()).await;
-        let err = send(&idle, &addr, 1000, T, with_body()).await.unwrap_err();
+        body(send(&idle, &addr, 1000, T, with_body(), &[]).await.unwrap()).await;
+        let err = send(&idle, &addr, 1000, T, with_body(), &[])
+            .await
+            .unwrap_err();
         assert!(matches!(err, SendError::Protocol(_)), "{err}");
     }
 
@@ -1245,7 +1258,7 @@ mod tests {
             l.local_addr().unwrap().to_string()
         };
         let idle = Arc::new(Idle::default());
-        let err = send(&idle, &addr, 1000, T, get()).await.unwrap_err();
+        let err = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap_err();
         assert!(matches!(err, SendError::Connect(_)), "{err}");
     }
 
@@ -1267,7 +1280,7 @@ mod tests {
         // MAX_IDLE + 2 exchanges in flight at once, then all bodies read.
         let mut resps = Vec::new();
         for _ in 0..MAX_IDLE + 2 {
-            resps.push(send(&idle, &addr, 1000, T, get()).await.unwrap());
+            resps.push(send(&idle, &addr, 1000, T, get(), &[]).await.unwrap());
         }
         for r in resps {
             body(r).await;
@@ -1355,7 +1368,7 @@ mod tests {
         let (addr, _, accepted) = scripted(answer, true, false).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..2 {
-            let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
             assert!(
                 !resp.headers().contains_key("transfer-encoding")
                     || resp.headers()["transfer-encoding"] == "chunked"
@@ -1374,7 +1387,7 @@ mod tests {
             HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
         let (addr, _, _) = scripted(answer, false, false).await;
         let idle = Arc::new(Idle::default());
-        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert!(!resp.headers().contains_key("link"));
         assert_eq!(collect(resp).await.0, "hello");
@@ -1392,7 +1405,7 @@ mod tests {
                 .unwrap()
         };
         for _ in 0..3 {
-            let resp = send(&idle, &addr, 1000, T, head()).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, head(), &[]).await.unwrap();
             assert_eq!(resp.headers()["content-length"], "5");
             assert!(resp.body().is_end_stream());
             assert_eq!(collect(resp).await.0, "");
@@ -1408,7 +1421,7 @@ mod tests {
     async fn a_body_without_length_runs_to_the_close_and_is_not_pooled() {
         let (addr, _, _) = scripted(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", false, true).await;
         let idle = Arc::new(Idle::default());
-        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
         assert_eq!(collect(resp).await.0, "until the end");
         assert!(idle.is_empty());
 
@@ -1418,7 +1431,7 @@ mod tests {
             b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
         ] {
             let (addr, _, _) = scripted(answer, false, false).await;
-            let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
             assert_eq!(collect(resp).await.0, "ok");
             assert!(idle.is_empty());
         }
@@ -1429,7 +1442,7 @@ mod tests {
         let idle = Arc::new(Idle::default());
         let answer = b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 2\r\n\r\nok";
         let (addr, _, _) = scripted(answer, false, false).await;
-        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
         assert!(!resp.headers().contains_key("connection"));
         collect(resp).await;
         assert_eq!(idle.len(), 1);
@@ -1437,13 +1450,13 @@ mod tests {
         let answer = b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok";
         let (addr, _, _) = scripted(answer, false, false).await;
         let idle = Arc::new(Idle::default());
-        collect(send(&idle, &addr, 1000, T, get()).await.unwrap()).await;
+        collect(send(&idle, &addr, 1000, T, get(), &[]).await.unwrap()).await;
         assert_eq!(idle.len(), 1, "HTTP/1.0 with keep-alive is reused");
 
         let answer = b"HTTP/1.1 200 OK\r\nconnection: x-hop, Close\r\nx-hop: 1\r\ncontent-length: 2\r\n\r\nok";
         let (addr, _, _) = scripted(answer, false, false).await;
         let idle = Arc::new(Idle::default());
-        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
         assert_eq!(
             resp.headers()["connection"],
             "x-hop, Close",
@@ -1465,7 +1478,7 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
         ] {
             let (addr, _, _) = scripted(answer, false, false).await;
-            let err = send(&idle, &addr, 1000, T, get()).await.unwrap_err();
+            let err = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap_err();
             assert!(matches!(err, SendError::Protocol(_)), "{err}");
         }
         for answer in [
@@ -1474,7 +1487,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
         ] {
             let (addr, _, _) = scripted(answer, false, true).await;
-            let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
             assert!(resp.into_body().collect().await.is_err());
             assert!(idle.is_empty());
         }
@@ -1483,7 +1496,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n\
             2\r\nok\r\n0\r\n\r\n";
         let (addr, _, _) = scripted(answer, false, false).await;
-        let resp = send(&idle, &addr, 1000, T, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
         assert!(!resp.headers().contains_key("content-length"));
         assert_eq!(collect(resp).await.0, "ok");
         assert!(idle.is_empty());
@@ -1521,7 +1534,7 @@ mod tests {
             .header("transfer-encoding", "gzip")
             .body(http_body_util::Full::new(Bytes::from_static(b"abc")))
             .unwrap();
-        collect(send(&idle, &addr, 1000, T, post).await.unwrap()).await;
+        collect(send(&idle, &addr, 1000, T, post, &[]).await.unwrap()).await;
         let mut trailers = HeaderMap::new();
         trailers.insert("x-check", HeaderValue::from_static("1"));
         let frames = [
@@ -1533,13 +1546,13 @@ mod tests {
             .header("host", "x")
             .body(Streamed(frames.into_iter().collect()))
             .unwrap();
-        collect(send(&idle, &addr, 1000, T, streamed).await.unwrap()).await;
+        collect(send(&idle, &addr, 1000, T, streamed, &[]).await.unwrap()).await;
         let empty = Request::post("/e")
             .header("host", "x")
             .header("content-length", "0")
             .body(Empty::<Bytes>::new())
             .unwrap();
-        collect(send(&idle, &addr, 1000, T, empty).await.unwrap()).await;
+        collect(send(&idle, &addr, 1000, T, empty, &[]).await.unwrap()).await;
         let seen = String::from_utf8(seen.lock().unwrap().clone()).unwrap();
         assert_eq!(
             seen,
@@ -1578,7 +1591,7 @@ mod tests {
                 .header("host", "x")
                 .body(http_body_util::Full::new(big))
                 .unwrap();
-            let resp = send(&idle, &addr, 1000, T, req).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, req, &[]).await.unwrap();
             assert_eq!(resp.status(), 413);
             assert_eq!(collect(resp).await.0, "big");
             assert!(idle.is_empty());
@@ -1659,7 +1672,7 @@ mod tests {
         // Eight quick requests over ~800 ms on one connection: the timer armed by the
         // first goes off during a later one and is moved on, not taken as a timeout.
         for _ in 0..8 {
-            let resp = send(&idle, &addr, 1000, timeout, get()).await.unwrap();
+            let resp = send(&idle, &addr, 1000, timeout, get(), &[]).await.unwrap();
             assert_eq!(collect(resp).await.0, "ok");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -1668,9 +1681,11 @@ mod tests {
             .header("host", "x")
             .body(Empty::new())
             .unwrap();
-        let err = send(&idle, &addr, 1000, timeout, slow).await.unwrap_err();
+        let err = send(&idle, &addr, 1000, timeout, slow, &[])
+            .await
+            .unwrap_err();
         assert!(matches!(err, SendError::Timeout), "{err}");
-        let resp = send(&idle, &addr, 1000, timeout, get()).await.unwrap();
+        let resp = send(&idle, &addr, 1000, timeout, get(), &[]).await.unwrap();
         assert_eq!(
             collect(resp).await.0,
             "ok",
