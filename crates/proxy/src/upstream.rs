@@ -1668,13 +1668,14 @@ mod tests {
             }
         });
         let idle = Arc::new(Idle::default());
-        let timeout = Duration::from_millis(300);
-        // Eight quick requests over ~800 ms on one connection: the timer armed by the
-        // first goes off during a later one and is moved on, not taken as a timeout.
-        for _ in 0..8 {
+        // Generous against a loaded machine: a quick request has 2 s.
+        let timeout = Duration::from_secs(2);
+        // Six quick requests over ~3 s on one connection: the timer armed by the first
+        // goes off during a later one and is moved on, not taken as a timeout.
+        for _ in 0..6 {
             let resp = send(&idle, &addr, 1000, timeout, get(), &[]).await.unwrap();
             assert_eq!(collect(resp).await.0, "ok");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         assert_eq!(idle.len(), 1);
         let slow = Request::get("/slow")
