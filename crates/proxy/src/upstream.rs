@@ -273,7 +273,7 @@ pub async fn send<B: RequestBody>(
     while let Some(conn) = idle.pop() {
         match exchange(conn, (&parts, added), &mut body, timeout, idle).await {
             Ok(resp) => return Ok(resp),
-            Err(f) if bodiless && (f.unsent || f.unanswered && parts.method.is_idempotent()) => {
+            Err(f) if bodiless && f.resend.allows(&parts.method) => {
                 tracing::debug!(upstream = addr, error = %f.error, "pooled connection closed under a request; sending it again");
             }
             Err(f) => return Err(f.error),
@@ -299,30 +299,49 @@ async fn connect(addr: &str, connect_ms: u64) -> Result<Conn, SendError> {
 /// An exchange that failed, and whether the request may be sent again elsewhere.
 struct Failure {
     error: SendError,
-    /// Nothing of the request reached the connection.
-    unsent: bool,
-    /// The request was written, and the upstream closed without a byte of answer.
-    unanswered: bool,
+    resend: Resend,
+}
+
+/// When a request without a body whose exchange failed may go to another connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resend {
+    Never,
+    /// Nothing of the request reached the connection: whatever the method.
+    Unsent,
+    /// The request was written and the upstream closed without a byte of answer:
+    /// if the method is idempotent (RFC 9110 §9.2.2).
+    Unanswered,
+}
+
+impl Resend {
+    fn allows(self, method: &Method) -> bool {
+        match self {
+            Resend::Never => false,
+            Resend::Unsent => true,
+            Resend::Unanswered => method.is_idempotent(),
+        }
+    }
+}
+
+impl From<SendError> for Failure {
+    fn from(error: SendError) -> Failure {
+        Failure {
+            error,
+            resend: Resend::Never,
+        }
+    }
 }
 
 impl Failure {
     fn protocol(error: impl Into<BoxError>) -> Failure {
-        Failure::final_(SendError::Protocol(error.into()))
-    }
-
-    fn final_(error: SendError) -> Failure {
-        Failure {
-            error,
-            unsent: false,
-            unanswered: false,
-        }
+        SendError::Protocol(error.into()).into()
     }
 }
 
 /// How the request body goes on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RequestFraming {
-    /// No body. `content_length` writes `Content-Length: 0` (the client sent one).
+    /// No body (`Content-Length: 0` is written only if the client sent a length).
     Empty,
     Length(u64),
     Chunked,
@@ -345,12 +364,14 @@ async fn exchange<B: RequestBody>(
         }
     };
     encode_head(&mut conn.wbuf, parts, added, framing);
+    // Without a body (most requests): one write, whose failure leaves the request
+    // unsent, then the answer. With one: the body is written while the answer is
+    // watched for, as an upstream may answer before it has read it all.
     let (mut head, body_sent) = if framing == RequestFraming::Empty {
         if let Err(e) = conn.io.write_all(&conn.wbuf).await {
             return Err(Failure {
                 error: SendError::Protocol(e.into()),
-                unsent: true,
-                unanswered: false,
+                resend: Resend::Unsent,
             });
         }
         let deadline = Instant::now() + timeout;
@@ -360,7 +381,7 @@ async fn exchange<B: RequestBody>(
         let head = tokio::select! {
             biased;
             h = read_head(io, rbuf) => h?,
-            () = until(timer, deadline) => return Err(Failure::final_(SendError::Timeout)),
+            () = until(timer, deadline) => return Err(SendError::Timeout.into()),
         };
         (head, true)
     } else {
@@ -374,38 +395,34 @@ async fn exchange<B: RequestBody>(
         let write = write_body(&mut wr, wbuf, body, framing);
         let read = read_head(&mut rd, rbuf);
         tokio::pin!(write, read);
-        // The request timeout runs from when the body has been sent whole, so a slow
-        // upload is not taken for a slow upstream.
-        let mut written = None;
+        // The request timeout runs from when the body has been sent whole (or its
+        // writing failed), so a slow upload is not taken for a slow upstream.
         let mut deadline = None;
+        let mut write_error = None;
         let head = loop {
             tokio::select! {
                 biased;
                 h = &mut read => break h,
-                w = &mut write, if written.is_none() => {
+                w = &mut write, if deadline.is_none() => {
                     deadline = Some(Instant::now() + timeout);
                     match w {
-                        Ok(()) => written = Some(Ok(())),
+                        Ok(()) => {}
                         // The client's body broke off: the upstream would wait for the rest.
-                        Err(WriteError::Body(e)) => {
-                            return Err(Failure::final_(SendError::ClientBody(e)))
-                        }
+                        Err(WriteError::Body(e)) => return Err(SendError::ClientBody(e).into()),
                         // The upstream may have answered before it stopped reading: look.
-                        Err(WriteError::Io(e)) => written = Some(Err(e)),
+                        Err(WriteError::Io(e)) => write_error = Some(e),
                     }
                 },
                 () = until(timer, deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    return Err(Failure::final_(SendError::Timeout));
+                    return Err(SendError::Timeout.into());
                 }
             }
         };
-        match (head, written) {
-            (Ok(head), w) => (head, matches!(w, Some(Ok(())))),
-            (Err(_), Some(Err(e))) => return Err(Failure::protocol(e)),
-            (Err(mut f), _) => {
-                f.unanswered = false;
-                return Err(f);
-            }
+        // A request with a body is never sent twice, so no failure here allows it.
+        match (head, write_error) {
+            (Ok(head), e) => (head, deadline.is_some() && e.is_none()),
+            (Err(_), Some(e)) => return Err(Failure::protocol(e)),
+            (Err(f), None) => return Err(f.error.into()),
         }
     };
     if head.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -625,8 +642,11 @@ async fn read_head<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> Resu
                     error: SendError::Protocol(
                         "upstream closed the connection before the response ended".into(),
                     ),
-                    unsent: false,
-                    unanswered: !received,
+                    resend: if received {
+                        Resend::Never
+                    } else {
+                        Resend::Unanswered
+                    },
                 })
             }
             Ok(_) => received = true,
@@ -639,8 +659,11 @@ async fn read_head<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> Resu
                 );
                 return Err(Failure {
                     error: SendError::Protocol(e.into()),
-                    unsent: false,
-                    unanswered: reset && !received,
+                    resend: if reset && !received {
+                        Resend::Unanswered
+                    } else {
+                        Resend::Never
+                    },
                 });
             }
         }
@@ -1202,7 +1225,7 @@ mod tests {
         for _ in 0..3 {
             let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
             assert_eq!(body(resp).await, "hello");
-            // Let the connection task see the upstream's close.
+            // Let the event loop see the upstream's close.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(accepted.load(SeqCst), 3);
