@@ -1128,54 +1128,95 @@ mod tests {
         OnRequestAfter(usize),
     }
 
-    /// A raw HTTP/1.1 server that answers each request head with `hello` until `close`
+    const HELLO: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+
+    /// A raw HTTP/1.1 server that answers each request with `hello` until `close`
     /// says otherwise. Counts accepted connections.
     async fn server(close: Close) -> (String, Arc<AtomicUsize>) {
-        let (answers, wait_for_next) = match close {
-            Close::AfterAnswers(n) => (n, false),
-            Close::OnRequestAfter(n) => (n, true),
-        };
+        let up = upstream(move |i, _| match close {
+            Close::AfterAnswers(n) if i + 1 == n => Reply::AnswerThenClose(HELLO),
+            Close::OnRequestAfter(n) if i == n => Reply::Close,
+            _ => Reply::Answer(HELLO),
+        })
+        .await;
+        (up.addr, up.accepted)
+    }
+
+    /// What a test upstream does with the `i`th request (from 0) of a connection.
+    enum Reply {
+        Answer(&'static [u8]),
+        /// Answers a byte at a time, each written on its own.
+        Trickle(&'static [u8]),
+        AnswerThenClose(&'static [u8]),
+        /// Leaves this request unanswered and goes on reading.
+        Ignore,
+        /// Closes the connection, this request unanswered.
+        Close,
+    }
+
+    struct TestUpstream {
+        addr: String,
+        /// Every request read, as it came.
+        seen: Arc<Mutex<Vec<u8>>>,
+        accepted: Arc<AtomicUsize>,
+    }
+
+    /// A raw HTTP/1.1 upstream: each whole request (its head, and a body framed by
+    /// `content-length` or chunked) gets what `reply(i, request)` says.
+    async fn upstream(
+        reply: impl Fn(usize, &[u8]) -> Reply + Send + Sync + 'static,
+    ) -> TestUpstream {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let (seen2, count, reply) = (seen.clone(), accepted.clone(), Arc::new(reply));
         tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = l.accept().await else {
-                    return;
-                };
+            while let Ok((mut s, _)) = l.accept().await {
                 count.fetch_add(1, SeqCst);
+                let (seen, reply) = (seen2.clone(), reply.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
-                    let mut answered = 0;
                     let mut chunk = [0u8; 4096];
+                    let mut i = 0;
                     loop {
-                        let Ok(n) = s.read(&mut chunk).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
+                        while let Some(len) = request_len(&buf) {
+                            let req: Vec<u8> = buf.drain(..len).collect();
+                            seen.lock().unwrap().extend_from_slice(&req);
+                            let r = reply(i, &req);
+                            i += 1;
+                            let ok = match r {
+                                Reply::Answer(a) | Reply::AnswerThenClose(a) => {
+                                    s.write_all(a).await.is_ok()
+                                }
+                                Reply::Trickle(a) => {
+                                    let mut ok = true;
+                                    for b in a {
+                                        ok = ok && s.write_all(&[*b]).await.is_ok();
+                                        ok = ok && s.flush().await.is_ok();
+                                    }
+                                    ok
+                                }
+                                Reply::Ignore => true,
+                                Reply::Close => false,
+                            };
+                            if !ok || matches!(r, Reply::AnswerThenClose(_)) {
+                                return;
+                            }
                         }
-                        buf.extend_from_slice(&chunk[..n]);
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            buf.drain(..end + 4);
-                            if answered == answers {
-                                return; // closes, this request unanswered
-                            }
-                            let r = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
-                            if s.write_all(r).await.is_err() {
-                                return;
-                            }
-                            answered += 1;
-                            if answered == answers && !wait_for_next {
-                                return;
-                            }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
                         }
                     }
                 });
             }
         });
-        (addr, accepted)
+        TestUpstream {
+            addr,
+            seen,
+            accepted,
+        }
     }
 
     type Idle = IdleList;
@@ -1311,52 +1352,20 @@ mod tests {
         assert_eq!(idle.len(), MAX_IDLE);
     }
 
-    /// A raw upstream that answers each request (its head, and a body framed by
-    /// `content-length` or chunked) with `answer`, a byte at a time when `trickle`, and
-    /// closes after each answer when `close`. Keeps every request it read.
+    /// An upstream that answers every request with `answer`, a byte at a time when
+    /// `trickle`, and closes after each answer when `close`.
     async fn scripted(
         answer: &'static [u8],
         trickle: bool,
         close: bool,
     ) -> (String, Arc<Mutex<Vec<u8>>>, Arc<AtomicUsize>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let (seen2, count) = (seen.clone(), accepted.clone());
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                count.fetch_add(1, SeqCst);
-                let seen = seen2.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    loop {
-                        while let Some(len) = request_len(&buf) {
-                            seen.lock().unwrap().extend(buf.drain(..len));
-                            if trickle {
-                                for b in answer {
-                                    if s.write_all(&[*b]).await.is_err() {
-                                        return;
-                                    }
-                                    s.flush().await.unwrap();
-                                }
-                            } else if s.write_all(answer).await.is_err() {
-                                return;
-                            }
-                            if close {
-                                return;
-                            }
-                        }
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                });
-            }
-        });
-        (addr, seen, accepted)
+        let up = upstream(move |_, _| match (trickle, close) {
+            (true, _) => Reply::Trickle(answer),
+            (false, true) => Reply::AnswerThenClose(answer),
+            (false, false) => Reply::Answer(answer),
+        })
+        .await;
+        (up.addr, up.seen, up.accepted)
     }
 
     /// The length of the first whole request in `buf`, if it is all there.
@@ -1664,32 +1673,13 @@ mod tests {
     /// request that goes off during a later one must not time that one out.
     #[tokio::test]
     async fn the_request_timeout_runs_per_request_on_a_reused_connection() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    loop {
-                        while let Some(len) = request_len(&buf) {
-                            let req: Vec<u8> = buf.drain(..len).collect();
-                            if req.starts_with(b"GET /slow") {
-                                continue; // never answered
-                            }
-                            let r = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if s.write_all(r).await.is_err() {
-                                return;
-                            }
-                        }
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                });
-            }
-        });
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let up = upstream(move |_, req| match req.starts_with(b"GET /slow") {
+            true => Reply::Ignore,
+            false => Reply::Answer(ok),
+        })
+        .await;
+        let addr = up.addr;
         let idle = Arc::new(Idle::default());
         // Generous against a loaded machine: a quick request has 2 s.
         let timeout = Duration::from_secs(2);
