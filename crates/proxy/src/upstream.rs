@@ -60,7 +60,7 @@ pub const IDLE_TIMEOUT_MS: u64 = 90_000;
 pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// The largest upstream response head (status line and header fields, and the same
 /// for trailers); a larger one is a protocol error, a `502`.
-pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// The most header fields in an upstream response head (hyper's own limit).
 const MAX_HEADERS: usize = 100;
 /// Header fields a response head usually has at most (see `parse_head`).
@@ -84,7 +84,7 @@ pub trait RequestBody: Body<Data = Bytes, Error: Into<BoxError>> + Unpin + Send 
 impl<B> RequestBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + Unpin + Send {}
 
 /// One HTTP/1.1 connection to an upstream instance.
-pub struct Conn {
+pub(crate) struct Conn {
     io: TcpStream,
     /// Read from the upstream, not yet consumed.
     rbuf: BytesMut,
