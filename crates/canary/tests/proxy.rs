@@ -1835,6 +1835,99 @@ routes:
     );
 }
 
+/// One client connection, several requests: pipelined, then with a body (which the
+/// proxy's own reader hands to hyper for the rest of the connection), then again
+/// without; HTTP/1.0 keep-alive; `Connection: close` honoured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_carries_pipelined_requests_bodies_and_http_1_0_keep_alive() {
+    let v1 = Upstream::start("v1").await;
+    let body = format!(
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n",
+        addrs(&[&v1])
+    );
+    let c = Canary::start(&body).await;
+    let exchange = async {
+        let mut s = TcpStream::connect(c.listen).await.expect("connect");
+        // Two requests in one write: two answers, in order.
+        s.write_all(
+            b"GET /one/echo HTTP/1.1\r\nHost: x\r\n\r\nGET /two/echo HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        // (Read as bytes: `read_response` may read past its response.)
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while String::from_utf8_lossy(&got)
+            .matches("HTTP/1.1 200")
+            .count()
+            < 2
+            || !got.ends_with(b"}")
+        {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        let (one, two) = (text.find("/one/echo"), text.find("/two/echo"));
+        assert!(one.is_some() && one < two, "{text}");
+        assert!(text.rfind("HTTP/1.1 200") < two, "{text}");
+        // A body, then a request without one, then a request split over two writes.
+        s.write_all(b"POST /three/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            .await
+            .unwrap();
+        let r = read_response(&mut s).await;
+        assert_eq!(
+            (r.status, r.json()["method"].as_str()),
+            (200, Some("POST")),
+            "{r:?}"
+        );
+        assert_eq!(r.json()["headers"]["content-length"], "5");
+        s.write_all(b"GET /four/echo HTTP/1.1\r\nHo").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.write_all(b"st: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let r = read_response(&mut s).await;
+        assert_eq!(r.json()["uri"], "/four/echo", "{r:?}");
+        assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+        let rest = read_until_closed(&mut s, Duration::from_secs(5)).await;
+        assert_eq!(
+            rest.as_deref(),
+            Some(&b""[..]),
+            "closed after Connection: close"
+        );
+
+        // HTTP/1.0 with keep-alive: the connection stays for a second request.
+        let mut s = TcpStream::connect(c.listen).await.expect("connect");
+        for path in ["/a/echo", "/b/echo"] {
+            s.write_all(
+                format!("GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let r = read_response(&mut s).await;
+            assert_eq!(r.json()["uri"], path, "{r:?}");
+            assert_eq!(r.header("connection"), Some("keep-alive"), "{r:?}");
+            assert!(r.header("content-length").is_some(), "{r:?}");
+        }
+        // Without keep-alive it closes after the answer.
+        let mut s = TcpStream::connect(c.listen).await.expect("connect");
+        s.write_all(b"GET /c/echo HTTP/1.0\r\n\r\n").await.unwrap();
+        let r = read_response(&mut s).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let rest = read_until_closed(&mut s, Duration::from_secs(5)).await;
+        assert_eq!(
+            rest.as_deref(),
+            Some(&b""[..]),
+            "an HTTP/1.0 connection without keep-alive stays open"
+        );
+    };
+    tokio::time::timeout(Duration::from_secs(20), exchange)
+        .await
+        .expect("the exchanges took over 20 s");
+    assert_eq!(v1.requests(), 7);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_change_only_with_a_restart_as_the_reload_says() {
     let v1 = Upstream::start("v1").await;

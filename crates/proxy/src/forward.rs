@@ -64,13 +64,53 @@ impl BodyEnd {
     }
 }
 
+/// A client's request body: hyper's, or none (a request read by the proxy's own
+/// HTTP/1.1 reader, [`crate::h1`], which takes only requests without a body).
+#[derive(Debug)]
+pub enum ClientBody {
+    Empty,
+    Hyper(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
 /// The request body on its way upstream. To an HTTP/2 pool it reports how it ended,
 /// so that `timeouts.request` times the upstream rather than a slow client upload, and
 /// a client's broken body is not blamed on the upstream (an HTTP/1.1 exchange sees
 /// both itself).
 #[derive(Debug)]
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: ClientBody,
     end: Option<oneshot::Sender<BodyEnd>>,
 }
 
@@ -78,7 +118,10 @@ impl UpstreamBody {
     /// Wraps `body`; the receiver tells how it ended (`None` for a request without a
     /// body, nothing to wait for, or when not `reported`: an HTTP/1.1 exchange sees the
     /// body end itself).
-    fn new(inner: Incoming, reported: bool) -> (UpstreamBody, Option<oneshot::Receiver<BodyEnd>>) {
+    fn new(
+        inner: ClientBody,
+        reported: bool,
+    ) -> (UpstreamBody, Option<oneshot::Receiver<BodyEnd>>) {
         if inner.is_end_stream() || !reported {
             return (UpstreamBody { inner, end: None }, None);
         }
@@ -248,7 +291,7 @@ const BAD_HOST: &str = "missing or invalid Host header\n";
 /// `Host`; else its one `Host` line. `Err` (the answer's text) for a request the RFC
 /// says must get a `400`: more than one `Host` line, an invalid one, an HTTP/1.1
 /// request without, or an invalid target authority.
-fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static str> {
+fn request_host(req: &Request<ClientBody>) -> Result<Option<HeaderValue>, &'static str> {
     let mut lines = req.headers().get_all(header::HOST).iter();
     let host = lines.next();
     if lines.next().is_some() {
@@ -392,7 +435,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+fn is_upgrade(req: &Request<ClientBody>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && req.headers().get_all(header::CONNECTION).iter().any(|v| {
@@ -422,7 +465,7 @@ impl Proxy {
     /// Handles one request end to end.
     pub async fn handle(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         conn: &ConnInfo,
     ) -> Response<ProxyBody> {
         let snap = self.load();
@@ -489,7 +532,7 @@ impl Proxy {
 }
 
 async fn forward(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     conn: &ConnInfo,
     host: Option<HeaderValue>,
     entry: &RouteEntry,

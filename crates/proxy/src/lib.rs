@@ -20,6 +20,7 @@
 
 pub mod expo;
 pub mod forward;
+mod h1;
 pub mod metrics;
 pub mod pool;
 pub mod runtime;

@@ -8,22 +8,20 @@
 //! share only the snapshot (`ArcSwap`, so a reload reaches every worker at once), the
 //! lock-free counters and the connection-limit semaphore.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::forward::ConnInfo;
+use crate::h1::{self, Settings};
 use crate::pool::set_worker_index;
 use crate::snapshot::Proxy;
 
@@ -62,7 +60,15 @@ pub async fn serve_with(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
-    let graceful = GracefulShutdown::new();
+    let settings = Arc::new(Settings {
+        proxy,
+        hyper: Arc::new(builder),
+        header_timeout: Duration::from_millis(limits.header_timeout_ms),
+        max_head: limits.max_header_bytes.max(8192) + 1024,
+    });
+    // Every connection holds a receiver: `true` asks it to finish, and the sender's
+    // `closed()` is the moment the last one has.
+    let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -84,25 +90,16 @@ pub async fn serve_with(
         };
         let _ = stream.set_nodelay(true);
         let conn_info = Arc::new(ConnInfo::new(peer));
-        let proxy = proxy.clone();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            let conn_info = conn_info.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, &conn_info).await) }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let (settings, stop) = (settings.clone(), stop_rx.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
+            h1::serve(stream, conn_info, settings, stop).await;
             drop(permit);
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    drop(stop_rx);
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(DRAIN_TIMEOUT, stop_tx.closed())
         .await
         .is_err()
     {

@@ -66,7 +66,7 @@ const MAX_HEADERS: usize = 100;
 /// Header fields a response head usually has at most (see `parse_head`).
 const FEW_HEADERS: usize = 16;
 /// Bytes asked of the kernel per read.
-const READ_CHUNK: usize = 8 * 1024;
+pub(crate) const READ_CHUNK: usize = 8 * 1024;
 /// Request bytes gathered before they are written; a larger body frame is written
 /// as it is.
 const WRITE_BATCH: usize = 16 * 1024;
@@ -132,7 +132,7 @@ impl Conn {
 /// is moved on then. So on a busy connection the timer is re-armed about once per
 /// timeout rather than armed and cancelled once per request (a wheel insert and
 /// removal each time, ~3% of the instructions per request).
-async fn until(timer: &mut Pin<Box<Sleep>>, deadline: Instant) {
+pub(crate) async fn until(timer: &mut Pin<Box<Sleep>>, deadline: Instant) {
     if timer.deadline() > deadline {
         timer.as_mut().reset(deadline);
     }
@@ -145,7 +145,7 @@ async fn until(timer: &mut Pin<Box<Sleep>>, deadline: Instant) {
     }
 }
 
-fn fill<R: AsyncRead>(
+pub(crate) fn fill<R: AsyncRead>(
     io: Pin<&mut R>,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
@@ -687,64 +687,17 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
     } else {
         Version::HTTP_11
     };
-    // Where each field is in `buf`, so that the values can be slices of the head
-    // once it is split off. Most heads have a few fields: those fit on the stack
-    // (zeroing room for all 100 would cost more than the parse).
-    let base = buf.as_ptr() as usize;
-    let place = |h: &httparse::Header<'_>| {
-        (
-            h.name.as_ptr() as usize - base,
-            h.name.len(),
-            h.value.as_ptr() as usize - base,
-            h.value.len(),
-        )
-    };
     // `Connection` is read here, from the raw fields. A field with only its usual
     // tokens (`keep-alive`, `close`) is hop-by-hop and all the proxy needs of it is
     // read now, so it never goes into the map (to be stripped again right after).
     // One naming other fields, or `upgrade`, goes in, for `strip_hop_by_hop`.
     let (mut close, mut keep_alive) = (false, false);
-    let mut wanted = |h: &httparse::Header<'_>| {
-        if !h.name.eq_ignore_ascii_case("connection") {
-            return true;
-        }
-        let mut other = false;
-        for t in h.value.split(|&c| c == b',').map(<[u8]>::trim_ascii) {
-            if t.eq_ignore_ascii_case(b"close") {
-                close = true;
-            } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                keep_alive = true;
-            } else {
-                other |= !t.is_empty();
-            }
-        }
-        other
-    };
-    let mut few = [(0, 0, 0, 0); FEW_HEADERS];
-    let mut n = 0;
-    let many: Vec<_>;
-    let at = if resp.headers.len() <= FEW_HEADERS {
-        for h in resp.headers.iter().filter(|h| wanted(h)) {
-            few[n] = place(h);
-            n += 1;
-        }
-        &few[..n]
-    } else {
-        many = resp
-            .headers
-            .iter()
-            .filter(|h| wanted(h))
-            .map(place)
-            .collect();
-        &many[..]
-    };
+    let fields = Fields::collect(buf, resp.headers, |h| {
+        !h.name.eq_ignore_ascii_case("connection")
+            || connection_tokens(h.value, &mut close, &mut keep_alive)
+    });
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(at.len());
-    for &(name, name_len, value, value_len) in at {
-        let name = HeaderName::from_bytes(&head[name..name + name_len])?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))?;
-        headers.append(name, value);
-    }
+    let headers = fields.to_map(&head)?;
     Ok(Some(Head {
         status,
         version,
@@ -752,6 +705,85 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
         close,
         keep_alive,
     }))
+}
+
+/// A field's place in its head's buffer: name start and length, value start and length.
+type Place = (usize, usize, usize, usize);
+
+/// Where a parsed head's fields are in its buffer, so that their values can be slices
+/// of the head once it is split off (no copy). Most heads have a few fields: those
+/// fit on the stack (zeroing room for all 100 would cost more than the parse).
+pub(crate) struct Fields {
+    few: [Place; FEW_HEADERS],
+    n: usize,
+    many: Vec<Place>,
+}
+
+impl Fields {
+    /// The fields of `parsed`, parsed from `buf`, that `keep` wants.
+    pub(crate) fn collect(
+        buf: &[u8],
+        parsed: &[httparse::Header<'_>],
+        mut keep: impl FnMut(&httparse::Header<'_>) -> bool,
+    ) -> Fields {
+        let base = buf.as_ptr() as usize;
+        let place = |h: &httparse::Header<'_>| {
+            (
+                h.name.as_ptr() as usize - base,
+                h.name.len(),
+                h.value.as_ptr() as usize - base,
+                h.value.len(),
+            )
+        };
+        let mut f = Fields {
+            few: [(0, 0, 0, 0); FEW_HEADERS],
+            n: 0,
+            many: Vec::new(),
+        };
+        if parsed.len() <= FEW_HEADERS {
+            for h in parsed.iter().filter(|h| keep(h)) {
+                f.few[f.n] = place(h);
+                f.n += 1;
+            }
+        } else {
+            f.many = parsed.iter().filter(|h| keep(h)).map(place).collect();
+        }
+        f
+    }
+
+    /// The fields as a map whose values share `head`'s memory; `head` is the buffer
+    /// they were collected from, split off.
+    pub(crate) fn to_map(&self, head: &Bytes) -> Result<HeaderMap, BoxError> {
+        let at = if self.many.is_empty() {
+            &self.few[..self.n]
+        } else {
+            &self.many[..]
+        };
+        let mut headers = HeaderMap::with_capacity(at.len());
+        for &(name, name_len, value, value_len) in at {
+            let name = HeaderName::from_bytes(&head[name..name + name_len])?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))?;
+            headers.append(name, value);
+        }
+        Ok(headers)
+    }
+}
+
+/// Reads the tokens of a `Connection` value: sets `close` and `keep_alive` when they
+/// are listed, and returns whether it lists anything else (`upgrade`, or fields to
+/// remove).
+pub(crate) fn connection_tokens(value: &[u8], close: &mut bool, keep_alive: &mut bool) -> bool {
+    let mut other = false;
+    for t in value.split(|&c| c == b',').map(<[u8]>::trim_ascii) {
+        if t.eq_ignore_ascii_case(b"close") {
+            *close = true;
+        } else if t.eq_ignore_ascii_case(b"keep-alive") {
+            *keep_alive = true;
+        } else {
+            other |= !t.is_empty();
+        }
+    }
+    other
 }
 
 /// How the response body is delimited (RFC 9112 §6.3), and whether the connection

@@ -1,0 +1,810 @@
+//! The client side of HTTP/1.1 for the requests that are most of the traffic, and a
+//! hand-over to hyper for all others.
+//!
+//! Why this is written here rather than left to hyper's server: profiled, hyper's
+//! per-request machinery around the proxy's own work (its dispatcher, buffered IO,
+//! version detection, header-read timer, message types in and out) was ~10 k of the
+//! ~24 k user-space instructions per proxied request (`docs/performance.md`), and the
+//! kernel's share of a request is the same for every proxy. This reader takes only
+//! requests whose framing leaves nothing to decide: a head that `httparse` (the
+//! parser hyper itself uses) reads completely and cleanly, HTTP/1.0 or 1.1, without a
+//! body (no `Transfer-Encoding`, no `Content-Length` but `0`), no `Expect`, no upgrade
+//! (`Upgrade`, a `Connection` listing anything but `close`/`keep-alive`), not
+//! `CONNECT`. Such a request cannot be smuggled: it ends at its blank line.
+//!
+//! Every other request, and anything that does not parse (an HTTP/2 preface, a
+//! malformed head, one over the size limit or with over 100 fields), goes to hyper
+//! together with the bytes read so far, and hyper serves the rest of that connection
+//! exactly as it serves every connection it is given: same answers (`400`, `431`,
+//! `505`), same body handling, upgrades and h2c. So the reader decides only *whether*
+//! to handle a request, never how an unusual one is answered.
+//!
+//! What it does with a request it takes is what hyper did: the same [`Proxy::handle`],
+//! a response framed by `Content-Length` when the size is known and chunked (or, to an
+//! HTTP/1.0 client, by closing) when not, `Date` added when missing, keep-alive per
+//! RFC 9112 §9.3, the client's hang-up noticed while the upstream works (the
+//! handler is dropped, which counts a client abort), `limits.header_timeout` from the
+//! end of one response to the end of the next request head (the slow-header guard
+//! and the keep-alive idle timeout), and pipelined requests answered in order.
+
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::forward::{ClientBody, ConnInfo};
+use crate::snapshot::Proxy;
+use crate::upstream::{self, connection_tokens, Fields};
+
+/// Fields a request may have and still be read here.
+const MAX_FIELDS: usize = 100;
+/// A body chunk up to this size is copied behind its head (or chunk line) into one
+/// write; a larger one is written from where it is, in the same system call.
+const COPY_LIMIT: usize = 16 * 1024;
+/// The connection timer's deadline while nothing is timed.
+const IDLE_TIMER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// What a connection needs from the listener.
+pub(crate) struct Settings {
+    pub proxy: Arc<Proxy>,
+    /// Serves a connection handed over (see the module docs).
+    pub hyper: Arc<auto::Builder<TokioExecutor>>,
+    /// From the end of a response to the end of the next request head.
+    pub header_timeout: Duration,
+    /// Bytes a request head may take before it is hyper's to refuse; hyper's own
+    /// read-buffer limit, so that hyper sees what it would have seen.
+    pub max_head: usize,
+}
+
+/// A request head read and accepted: where its parts are in `head`.
+struct Parsed {
+    len: usize,
+    method: Method,
+    target: (usize, usize),
+    version: Version,
+    fields: Fields,
+    /// The connection ends after this request's response.
+    close: bool,
+}
+
+/// Reads a request head at the start of `buf`. `Ok(None)`: not all in yet;
+/// `Err(())`: not one for this reader (hyper's to answer).
+fn parse(buf: &[u8]) -> Result<Option<Parsed>, ()> {
+    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, &mut slots)
+    {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(()),
+    };
+    let (Some(method), Some(path), Some(v)) = (req.method, req.path, req.version) else {
+        return Err(());
+    };
+    let method = match method {
+        "GET" => Method::GET,
+        "HEAD" => Method::HEAD,
+        "CONNECT" => return Err(()),
+        m => Method::from_bytes(m.as_bytes()).map_err(|_| ())?,
+    };
+    let version = if v == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let (mut close, mut keep_alive, mut other) = (false, false, false);
+    let fields = Fields::collect(buf, req.headers, |h| {
+        let name = h.name.as_bytes();
+        match name.len() {
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                other |= connection_tokens(h.value, &mut close, &mut keep_alive);
+                false
+            }
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                other |= h.value.trim_ascii() != b"0";
+                true
+            }
+            6 if name.eq_ignore_ascii_case(b"expect") => {
+                other = true;
+                true
+            }
+            7 if name.eq_ignore_ascii_case(b"upgrade") => {
+                other = true;
+                true
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                other = true;
+                true
+            }
+            _ => true,
+        }
+    });
+    if other {
+        return Err(());
+    }
+    let base = buf.as_ptr() as usize;
+    Ok(Some(Parsed {
+        len,
+        method,
+        target: (path.as_ptr() as usize - base, path.len()),
+        version,
+        fields,
+        close: close || (version == Version::HTTP_10 && !keep_alive),
+    }))
+}
+
+/// The request for the handler, its values sharing `head`'s memory. `None` for a
+/// target or field `http` refuses (rare: `httparse` checks the same characters).
+fn request(p: &Parsed, head: &Bytes) -> Option<Request<ClientBody>> {
+    let (at, len) = p.target;
+    let uri = Uri::from_maybe_shared(head.slice(at..at + len)).ok()?;
+    let headers = p.fields.to_map(head).ok()?;
+    let mut req = Request::new(ClientBody::Empty);
+    *req.method_mut() = p.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = p.version;
+    *req.headers_mut() = headers;
+    Some(req)
+}
+
+/// Serves one client connection until it closes, `stop` turns true (after the
+/// response in progress), or a request is handed to hyper (which then serves it).
+pub(crate) async fn serve(
+    mut io: TcpStream,
+    conn: Arc<ConnInfo>,
+    settings: Arc<Settings>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut buf = BytesMut::with_capacity(upstream::READ_CHUNK);
+    let mut out = Vec::with_capacity(1024);
+    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(IDLE_TIMER));
+    loop {
+        // The next request head.
+        let deadline = Instant::now() + settings.header_timeout;
+        let parsed = loop {
+            if !buf.is_empty() {
+                match parse(&buf) {
+                    Ok(Some(p)) => break p,
+                    Ok(None) if buf.len() < settings.max_head => {}
+                    _ => return hand_over(io, buf, conn, &settings, stop).await,
+                }
+            }
+            tokio::select! {
+                biased;
+                r = poll_fn(|cx| upstream::fill(Pin::new(&mut io), &mut buf, cx)) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                () = upstream::until(&mut timer, deadline) => return,
+                () = stopped(&mut stop), if buf.is_empty() => return,
+            }
+        };
+        let head = buf.split_to(parsed.len).freeze();
+        let Some(req) = request(&parsed, &head) else {
+            let _ = io.write_all(BAD_REQUEST).await;
+            return;
+        };
+        let is_head = parsed.method == Method::HEAD;
+        let version = parsed.version;
+
+        // The answer, while watching for the client hanging up (or pipelining).
+        let resp = {
+            let handling = settings.proxy.handle(req, &conn);
+            tokio::pin!(handling);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut handling => break r,
+                    r = io.readable(), if buf.len() < settings.max_head => {
+                        if r.is_err() {
+                            return;
+                        }
+                        buf.reserve(upstream::READ_CHUNK);
+                        match io.try_read_buf(&mut buf) {
+                            // Gone: dropping `handling` records the abort.
+                            Ok(0) => return,
+                            Ok(_) => {}
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(_) => return,
+                        }
+                    }
+                }
+            }
+        };
+        drop(head);
+        let keep = !parsed.close && !*stop.borrow();
+        match write_response(&mut io, &mut out, resp, is_head, version, keep).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                let _ = io.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad request\n";
+
+/// Gives the connection to hyper, with what has been read of it.
+async fn hand_over(
+    io: TcpStream,
+    read: BytesMut,
+    conn: Arc<ConnInfo>,
+    settings: &Settings,
+    mut stop: watch::Receiver<bool>,
+) {
+    let proxy = settings.proxy.clone();
+    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let proxy = proxy.clone();
+        let conn = conn.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(proxy.handle(req.map(ClientBody::Hyper), &conn).await)
+        }
+    });
+    let io = TokioIo::new(Rewound {
+        read: read.freeze(),
+        io,
+    });
+    let conn = settings.hyper.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Until the listener asks connections to finish.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// A connection with the bytes already read from it put back in front.
+struct Rewound {
+    read: Bytes,
+    io: TcpStream,
+}
+
+impl AsyncRead for Rewound {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewound {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// How a response body goes on the wire (RFC 9112 §6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// No body bytes (`HEAD`, `204`, `304`, `1xx`).
+    None,
+    Length,
+    Chunked,
+    /// Ended by closing the connection (an HTTP/1.0 client, size unknown).
+    Close,
+}
+
+/// Writes `resp` to the client. `Ok(true)`: the connection may carry another request.
+async fn write_response<B: Body<Data = Bytes> + Unpin>(
+    io: &mut TcpStream,
+    out: &mut Vec<u8>,
+    resp: Response<B>,
+    is_head: bool,
+    version: Version,
+    keep: bool,
+) -> io::Result<bool> {
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let headers = &parts.headers;
+    let has_length = headers.contains_key(header::CONTENT_LENGTH);
+    let exact = body.size_hint().exact();
+    let framing = if is_head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::None
+    } else if has_length || exact.is_some() {
+        Framing::Length
+    } else if version == Version::HTTP_11 {
+        Framing::Chunked
+    } else {
+        Framing::Close
+    };
+    let keep = keep && framing != Framing::Close;
+
+    out.clear();
+    out.extend_from_slice(if version == Version::HTTP_10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let drop_length = status.is_informational() || status == StatusCode::NO_CONTENT;
+    for (name, value) in headers {
+        if drop_length && *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    // A `HEAD` answer and a `304` keep the fields they came with: a length added here
+    // would be the empty body's, not the resource's.
+    if let (Framing::Length, false, Some(n)) = (framing, has_length, exact) {
+        out.extend_from_slice(b"content-length: ");
+        decimal(out, n);
+        out.extend_from_slice(b"\r\n");
+    }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        write_field(out, b"date", &date());
+    }
+    if !keep {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    if framing == Framing::None {
+        drop(body);
+        io.write_all(out).await?;
+        return Ok(keep);
+    }
+    let mut head_pending = true;
+    loop {
+        let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let frame = match frame {
+            None => break,
+            Some(Ok(f)) => f,
+            // The upstream's body broke off: the client must not take what it got
+            // for the whole (no last chunk; a length left short), so the connection
+            // ends here.
+            Some(Err(_)) => {
+                if head_pending {
+                    io.write_all(out).await?;
+                }
+                return Ok(false);
+            }
+        };
+        let data = match frame.into_data() {
+            Ok(d) => d,
+            Err(f) => {
+                if framing == Framing::Chunked {
+                    if let Ok(trailers) = f.into_trailers() {
+                        if !head_pending {
+                            out.clear();
+                        }
+                        out.extend_from_slice(b"0\r\n");
+                        write_trailers(out, &trailers);
+                        out.extend_from_slice(b"\r\n");
+                        io.write_all(out).await?;
+                        return Ok(keep);
+                    }
+                }
+                continue;
+            }
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if !head_pending {
+            out.clear();
+        }
+        head_pending = false;
+        if framing == Framing::Chunked {
+            hex(out, data.len());
+            out.extend_from_slice(b"\r\n");
+        }
+        if data.len() <= COPY_LIMIT {
+            out.extend_from_slice(&data);
+            if framing == Framing::Chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+            io.write_all(out).await?;
+        } else {
+            let tail: &[u8] = if framing == Framing::Chunked {
+                b"\r\n"
+            } else {
+                b""
+            };
+            write_all_vectored(
+                io,
+                &mut [IoSlice::new(out), IoSlice::new(&data), IoSlice::new(tail)],
+            )
+            .await?;
+        }
+        out.clear();
+    }
+    if head_pending {
+        if framing == Framing::Chunked {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+        io.write_all(out).await?;
+    } else if framing == Framing::Chunked {
+        io.write_all(b"0\r\n\r\n").await?;
+    }
+    Ok(keep)
+}
+
+fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+fn hex(out: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(HEX[(n >> (4 * i)) & 0xf]);
+    }
+}
+
+fn write_trailers(out: &mut Vec<u8>, trailers: &HeaderMap) {
+    for (name, value) in trailers {
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+}
+
+/// Writes all of `bufs`, in as few system calls as the socket allows.
+async fn write_all_vectored(io: &mut TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = io.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+/// The `Date` value for now, made once a second per thread.
+fn date() -> [u8; 29] {
+    use std::cell::Cell;
+    thread_local! {
+        static CACHED: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let (at, value) = c.get();
+        if at == secs {
+            return value;
+        }
+        let mut v = [0u8; 29];
+        v.copy_from_slice(httpdate::fmt_http_date(now).as_bytes());
+        c.set((secs, v));
+        v
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body::Frame;
+    use http_body_util::{Full, StreamBody};
+    use tokio::io::AsyncReadExt as _;
+
+    fn parsed(raw: &str) -> Result<Option<Parsed>, ()> {
+        parse(raw.as_bytes())
+    }
+
+    #[test]
+    fn takes_complete_requests_without_a_body() {
+        let raw =
+            "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nX-One: 1\r\n\r\nGET /next";
+        let p = parsed(raw).unwrap().unwrap();
+        assert_eq!(p.len, raw.len() - "GET /next".len());
+        assert!(!p.close);
+        let head = Bytes::copy_from_slice(&raw.as_bytes()[..p.len]);
+        let req = request(&p, &head).unwrap();
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.version(), Version::HTTP_11);
+        // `Connection` is read, not passed on; every other field is.
+        let names: Vec<_> = req.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["host", "x-one"]);
+        let x = req.headers().get("x-one").unwrap().as_bytes();
+        assert!(
+            head.as_ptr_range().contains(&x.as_ptr()),
+            "values share the head"
+        );
+
+        for (raw, close) in [
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                true,
+            ),
+            ("GET / HTTP/1.0\r\n\r\n", true),
+            ("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", false),
+            (
+                "DELETE /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                false,
+            ),
+            ("HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", false),
+        ] {
+            assert_eq!(parsed(raw).unwrap().unwrap().close, close, "{raw:?}");
+        }
+        assert!(parsed("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+        assert!(parsed("GE").unwrap().is_none());
+    }
+
+    #[test]
+    fn leaves_bodies_upgrades_and_anything_unusual_to_hyper() {
+        for raw in [
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: x-private\r\n\r\n",
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+            "GARBAGE\r\n\r\n",
+        ] {
+            assert!(parsed(raw).is_err(), "{raw:?}");
+        }
+        let many = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "X-A: 1\r\n".repeat(MAX_FIELDS + 1)
+        );
+        assert!(parsed(&many).is_err(), "over {MAX_FIELDS} fields");
+    }
+
+    /// `resp` as written to a client of `version`, and whether the connection was
+    /// left open for another request.
+    async fn written<B: Body<Data = Bytes> + Unpin>(
+        resp: Response<B>,
+        is_head: bool,
+        version: Version,
+    ) -> (String, bool) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let keep = write_response(&mut server, &mut Vec::new(), resp, is_head, version, true)
+            .await
+            .unwrap();
+        drop(server);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let mut text = String::from_utf8(got).unwrap();
+        let at = text.find("\r\ndate: ").expect("a Date field") + 2;
+        let len = text[at..].find("\r\n").unwrap() + 2;
+        assert_eq!(len, "date: ".len() + 29 + 2, "{text:?}");
+        text.replace_range(at..at + len, "");
+        (text, keep)
+    }
+
+    type Frames =
+        StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, io::Error>>>>;
+
+    fn frames(f: Vec<Result<Frame<Bytes>, io::Error>>) -> Frames {
+        StreamBody::new(futures_util::stream::iter(f))
+    }
+
+    fn response<B>(status: u16, body: B, fields: &[(&'static str, &'static str)]) -> Response<B> {
+        let mut r = Response::new(body);
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        for (k, v) in fields {
+            r.headers_mut().append(*k, HeaderValue::from_static(v));
+        }
+        r
+    }
+
+    use http::HeaderValue;
+
+    #[tokio::test]
+    async fn frames_responses_as_hyper_did() {
+        // A known size: Content-Length, and the body in the same write.
+        let (text, keep) = written(
+            response(200, Full::new(Bytes::from("hi")), &[("x-a", "1")]),
+            false,
+            Version::HTTP_11,
+        )
+        .await;
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nhi"
+        );
+        assert!(keep);
+        // A declared length is kept as it is.
+        let (text, _) = written(
+            response(
+                200,
+                Full::new(Bytes::from("hi")),
+                &[("content-length", "2")],
+            ),
+            false,
+            Version::HTTP_11,
+        )
+        .await;
+        assert_eq!(text, "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi");
+        // Unknown size: chunked, trailers at the end.
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let body = frames(vec![
+            Ok(Frame::data(Bytes::from("hello"))),
+            Ok(Frame::data(Bytes::from(vec![b'x'; 20_000]))),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        let (text, keep) = written(response(200, body, &[]), false, Version::HTTP_11).await;
+        let want = format!(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n4e20\r\n{}\r\n0\r\ngrpc-status: 0\r\n\r\n",
+            "x".repeat(20_000)
+        );
+        assert_eq!(text, want);
+        assert!(keep);
+        let (text, _) = written(response(200, frames(vec![]), &[]), false, Version::HTTP_11).await;
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+        );
+        // Unknown size to an HTTP/1.0 client: ended by closing.
+        let body = frames(vec![Ok(Frame::data(Bytes::from("old")))]);
+        let (text, keep) = written(response(200, body, &[]), false, Version::HTTP_10).await;
+        assert_eq!(text, "HTTP/1.0 200 OK\r\nconnection: close\r\n\r\nold");
+        assert!(!keep);
+        let (text, keep) = written(
+            response(200, Full::new(Bytes::from("ok")), &[]),
+            false,
+            Version::HTTP_10,
+        )
+        .await;
+        assert_eq!(
+            text,
+            "HTTP/1.0 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nok"
+        );
+        assert!(keep);
+        // HEAD: the fields as they came, no body; 204: no length; 304 as it came.
+        let (text, _) = written(
+            response(200, Full::new(Bytes::new()), &[("content-length", "42")]),
+            true,
+            Version::HTTP_11,
+        )
+        .await;
+        assert_eq!(text, "HTTP/1.1 200 OK\r\ncontent-length: 42\r\n\r\n");
+        let (text, _) = written(response(200, frames(vec![]), &[]), true, Version::HTTP_11).await;
+        assert_eq!(text, "HTTP/1.1 200 OK\r\n\r\n");
+        let (text, _) = written(
+            response(204, Full::new(Bytes::new()), &[("content-length", "0")]),
+            false,
+            Version::HTTP_11,
+        )
+        .await;
+        assert_eq!(text, "HTTP/1.1 204 No Content\r\n\r\n");
+        let (text, _) = written(
+            response(304, Full::new(Bytes::new()), &[("etag", "\"1\"")]),
+            false,
+            Version::HTTP_11,
+        )
+        .await;
+        assert_eq!(text, "HTTP/1.1 304 Not Modified\r\netag: \"1\"\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_off_is_not_finished_and_ends_the_connection() {
+        let body = frames(vec![
+            Ok(Frame::data(Bytes::from("part"))),
+            Err(io::Error::other("upstream reset")),
+        ]);
+        let (text, keep) = written(response(200, body, &[]), false, Version::HTTP_11).await;
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\npart\r\n"
+        );
+        assert!(!keep);
+        let body = frames(vec![Err(io::Error::other("upstream reset"))]);
+        let (text, keep) = written(
+            response(200, body, &[("content-length", "10")]),
+            false,
+            Version::HTTP_11,
+        )
+        .await;
+        assert_eq!(text, "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n");
+        assert!(!keep);
+    }
+
+    #[test]
+    fn numbers_are_written_as_http_wants_them() {
+        let mut out = Vec::new();
+        for n in [0u64, 7, 10, 12_345, u64::MAX] {
+            out.clear();
+            decimal(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
+        for n in [0usize, 1, 15, 16, 0x4e20, usize::MAX] {
+            out.clear();
+            hex(&mut out, n);
+            assert_eq!(out, format!("{n:x}").as_bytes());
+        }
+        let before = httpdate::fmt_http_date(SystemTime::now());
+        let d = date();
+        let after = httpdate::fmt_http_date(SystemTime::now());
+        assert!(d == before.as_bytes() || d == after.as_bytes());
+    }
+}
