@@ -38,6 +38,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
+use http_body_util::Either;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -46,9 +47,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
+use crate::forward::ProxyBody;
 use crate::forward::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
-use crate::upstream::{self, connection_tokens, Fields};
+use crate::upstream::{self, connection_tokens, Place, RawFields};
 
 /// Fields a request may have and still be read here.
 const MAX_FIELDS: usize = 100;
@@ -148,12 +150,75 @@ fn parse(buf: &[u8]) -> Result<Option<Parsed>, ()> {
     }))
 }
 
+/// Fields a request head usually has at most: their places fit on the stack.
+const FEW_FIELDS: usize = 16;
+
+/// Where a parsed request head's fields are in its buffer, so that their values can be
+/// slices of the head once it is split off (no copy). Most heads have a few fields:
+/// those fit on the stack (zeroing room for all 100 would cost more than the parse).
+struct Fields {
+    few: [Place; FEW_FIELDS],
+    n: usize,
+    many: Vec<Place>,
+}
+
+impl Fields {
+    /// The fields of `parsed`, parsed from `buf`, that `keep` wants.
+    fn collect(
+        buf: &[u8],
+        parsed: &[httparse::Header<'_>],
+        mut keep: impl FnMut(&httparse::Header<'_>) -> bool,
+    ) -> Fields {
+        let base = buf.as_ptr() as usize;
+        let place = |h: &httparse::Header<'_>| {
+            (
+                h.name.as_ptr() as usize - base,
+                h.name.len(),
+                h.value.as_ptr() as usize - base,
+                h.value.len(),
+            )
+        };
+        let mut f = Fields {
+            few: [(0, 0, 0, 0); FEW_FIELDS],
+            n: 0,
+            many: Vec::new(),
+        };
+        if parsed.len() <= FEW_FIELDS {
+            for h in parsed.iter().filter(|h| keep(h)) {
+                f.few[f.n] = place(h);
+                f.n += 1;
+            }
+        } else {
+            f.many = parsed.iter().filter(|h| keep(h)).map(place).collect();
+        }
+        f
+    }
+
+    /// The fields as a map whose values share `head`'s memory; `head` is the buffer
+    /// they were collected from, split off.
+    fn to_map(&self, head: &Bytes) -> Option<HeaderMap> {
+        let at = if self.many.is_empty() {
+            &self.few[..self.n]
+        } else {
+            &self.many[..]
+        };
+        let mut headers = HeaderMap::with_capacity(at.len());
+        for &(name, name_len, value, value_len) in at {
+            let name = http::HeaderName::from_bytes(&head[name..name + name_len]).ok()?;
+            let value =
+                http::HeaderValue::from_maybe_shared(head.slice(value..value + value_len)).ok()?;
+            headers.append(name, value);
+        }
+        Some(headers)
+    }
+}
+
 /// The request for the handler, its values sharing `head`'s memory. `None` for a
 /// target or field `http` refuses (rare: `httparse` checks the same characters).
 fn request(p: &Parsed, head: &Bytes) -> Option<Request<ClientBody>> {
     let (at, len) = p.target;
     let uri = Uri::from_maybe_shared(head.slice(at..at + len)).ok()?;
-    let headers = p.fields.to_map(head).ok()?;
+    let headers = p.fields.to_map(head)?;
     let mut req = Request::new(ClientBody::Empty);
     *req.method_mut() = p.method.clone();
     *req.uri_mut() = uri;
@@ -168,11 +233,15 @@ pub(crate) async fn serve(
     mut io: TcpStream,
     conn: Arc<ConnInfo>,
     settings: Arc<Settings>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let mut buf = BytesMut::with_capacity(upstream::READ_CHUNK);
     let mut out = Vec::with_capacity(1024);
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(IDLE_TIMER));
+    // One wait for the whole connection: made anew per request, its registration
+    // with the channel cost ~1.5% of a request.
+    let stopping = stopped(stop.clone());
+    tokio::pin!(stopping);
     loop {
         // The next request head.
         let deadline = Instant::now() + settings.header_timeout;
@@ -191,7 +260,7 @@ pub(crate) async fn serve(
                     Ok(_) => {}
                 },
                 () = upstream::until(&mut timer, deadline) => return,
-                () = stopped(&mut stop), if buf.is_empty() => return,
+                () = &mut stopping, if buf.is_empty() => return,
             }
         };
         let head = buf.split_to(parsed.len).freeze();
@@ -228,7 +297,19 @@ pub(crate) async fn serve(
         };
         drop(head);
         let keep = !parsed.close && !*stop.borrow();
-        match write_response(&mut io, &mut out, resp, is_head, version, keep).await {
+        let (parts, mut body) = resp.into_parts();
+        let fields = match &mut body {
+            Either::Left(b) => b.take_fields(),
+            Either::Right(_) => RawFields::default(),
+        };
+        let msg = Message {
+            parts: &parts,
+            fields: &fields,
+            is_head,
+            version,
+            keep,
+        };
+        match write_response(&mut io, &mut out, msg, body).await {
             Ok(true) => {}
             Ok(false) | Err(_) => {
                 let _ = io.shutdown().await;
@@ -246,14 +327,15 @@ async fn hand_over(
     read: BytesMut,
     conn: Arc<ConnInfo>,
     settings: &Settings,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let proxy = settings.proxy.clone();
     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let conn = conn.clone();
         async move {
-            Ok::<_, std::convert::Infallible>(proxy.handle(req.map(ClientBody::Hyper), &conn).await)
+            let resp = proxy.handle(req.map(ClientBody::Hyper), &conn).await;
+            Ok::<_, std::convert::Infallible>(with_fields_in_map(resp))
         }
     });
     let io = TokioIo::new(Rewound {
@@ -264,7 +346,7 @@ async fn hand_over(
     tokio::pin!(conn);
     let r = tokio::select! {
         r = conn.as_mut() => r,
-        () = stopped(&mut stop) => {
+        () = stopped(stop) => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -274,8 +356,25 @@ async fn hand_over(
     }
 }
 
+/// hyper writes a response from its `HeaderMap` alone: the upstream's fields go in
+/// first, then what the proxy added.
+fn with_fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let Either::Left(body) = resp.body_mut() else {
+        return resp;
+    };
+    let fields = body.take_fields();
+    if fields.is_empty() {
+        return resp;
+    }
+    let added = std::mem::replace(resp.headers_mut(), fields.to_map());
+    for (name, value) in &added {
+        resp.headers_mut().append(name, value.clone());
+    }
+    resp
+}
+
 /// Until the listener asks connections to finish.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
@@ -341,21 +440,30 @@ enum Framing {
     Close,
 }
 
-/// Writes `resp` to the client. `Ok(true)`: the connection may carry another request.
+/// A response head to write, and what it depends on of its request.
+struct Message<'a> {
+    parts: &'a http::response::Parts,
+    /// The upstream's fields, written before those in `parts.headers` (which are then
+    /// what the proxy added).
+    fields: &'a RawFields,
+    is_head: bool,
+    version: Version,
+    /// The connection may stay open (as far as the request and the listener go).
+    keep: bool,
+}
+
+/// Writes a response to the client. `Ok(true)`: the connection may carry another
+/// request.
 async fn write_response<B: Body<Data = Bytes> + Unpin>(
     io: &mut TcpStream,
     out: &mut Vec<u8>,
-    resp: Response<B>,
-    is_head: bool,
-    version: Version,
-    keep: bool,
+    msg: Message<'_>,
+    mut body: B,
 ) -> io::Result<bool> {
-    let (parts, mut body) = resp.into_parts();
-    let status = parts.status;
-    let headers = &parts.headers;
-    let has_length = headers.contains_key(header::CONTENT_LENGTH);
+    let (status, headers, fields) = (msg.parts.status, &msg.parts.headers, msg.fields);
+    let has_length = fields.length.is_some() || headers.contains_key(header::CONTENT_LENGTH);
     let exact = body.size_hint().exact();
-    let framing = if is_head
+    let framing = if msg.is_head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -363,15 +471,15 @@ async fn write_response<B: Body<Data = Bytes> + Unpin>(
         Framing::None
     } else if has_length || exact.is_some() {
         Framing::Length
-    } else if version == Version::HTTP_11 {
+    } else if msg.version == Version::HTTP_11 {
         Framing::Chunked
     } else {
         Framing::Close
     };
-    let keep = keep && framing != Framing::Close;
+    let keep = msg.keep && framing != Framing::Close;
 
     out.clear();
-    out.extend_from_slice(if version == Version::HTTP_10 {
+    out.extend_from_slice(if msg.version == Version::HTTP_10 {
         b"HTTP/1.0 "
     } else {
         b"HTTP/1.1 "
@@ -380,29 +488,37 @@ async fn write_response<B: Body<Data = Bytes> + Unpin>(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    for (name, value) in fields.iter() {
+        write_field(out, name, value);
+    }
+    // No length on a `1xx` or `204` (RFC 9110 §8.6). A `HEAD` answer and a `304` keep
+    // the one they came with: a length added here would be the empty body's.
     let drop_length = status.is_informational() || status == StatusCode::NO_CONTENT;
+    let length = match (fields.length, framing, exact) {
+        (Some(n), _, _) => Some(n),
+        (None, Framing::Length, Some(n)) if !has_length => Some(n),
+        _ => None,
+    };
+    if let (Some(n), false) = (length, drop_length) {
+        out.extend_from_slice(b"content-length: ");
+        decimal(out, n);
+        out.extend_from_slice(b"\r\n");
+    }
     for (name, value) in headers {
         if drop_length && *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
             continue;
         }
         write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    // A `HEAD` answer and a `304` keep the fields they came with: a length added here
-    // would be the empty body's, not the resource's.
-    if let (Framing::Length, false, Some(n)) = (framing, has_length, exact) {
-        out.extend_from_slice(b"content-length: ");
-        decimal(out, n);
-        out.extend_from_slice(b"\r\n");
-    }
     if framing == Framing::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    if !headers.contains_key(header::DATE) {
+    if !fields.has_date && !headers.contains_key(header::DATE) {
         write_field(out, b"date", &date());
     }
     if !keep {
         out.extend_from_slice(b"connection: close\r\n");
-    } else if version == Version::HTTP_10 {
+    } else if msg.version == Version::HTTP_10 {
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -641,12 +757,26 @@ mod tests {
         is_head: bool,
         version: Version,
     ) -> (String, bool) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut server, _) = listener.accept().await.unwrap();
-        let keep = write_response(&mut server, &mut Vec::new(), resp, is_head, version, true)
+        written_with(resp, &RawFields::default(), is_head, version).await
+    }
+
+    /// [`written`] with the upstream's `fields`.
+    async fn written_with<B: Body<Data = Bytes> + Unpin>(
+        resp: Response<B>,
+        fields: &RawFields,
+        is_head: bool,
+        version: Version,
+    ) -> (String, bool) {
+        let (mut server, mut client) = pair().await;
+        let (parts, body) = resp.into_parts();
+        let msg = Message {
+            parts: &parts,
+            fields,
+            is_head,
+            version,
+            keep: true,
+        };
+        let keep = write_response(&mut server, &mut Vec::new(), msg, body)
             .await
             .unwrap();
         drop(server);
@@ -689,7 +819,7 @@ mod tests {
         .await;
         assert_eq!(
             text,
-            "HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nhi"
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\n\r\nhi"
         );
         assert!(keep);
         // A declared length is kept as it is.
@@ -764,6 +894,54 @@ mod tests {
         )
         .await;
         assert_eq!(text, "HTTP/1.1 304 Not Modified\r\netag: \"1\"\r\n\r\n");
+    }
+
+    /// A connected pair: (server side, client side).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (accepted.unwrap().0, client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_upstreams_fields_go_first_as_they_came_with_its_length() {
+        let fields = RawFields::of(
+            b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 2\r\nConnection: keep-alive\r\nX-Two: a\r\nX-Two: b\r\n\r\n",
+        );
+        let resp = response(
+            200,
+            Full::new(Bytes::from("ok")),
+            &[("x-canary-version", "v1")],
+        );
+        let (text, _) = written_with(resp, &fields, false, Version::HTTP_11).await;
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\nServer: up\r\nX-Two: a\r\nX-Two: b\r\ncontent-length: 2\r\nx-canary-version: v1\r\n\r\nok"
+        );
+        // The upstream's Date is kept and not doubled; a HEAD answer keeps its length.
+        let fields = RawFields::of(
+            b"HTTP/1.1 200 OK\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\nContent-Length: 42\r\n\r\n",
+        );
+        let (mut server, mut client) = pair().await;
+        let (parts, body) = response(200, Full::new(Bytes::new()), &[]).into_parts();
+        let msg = Message {
+            parts: &parts,
+            fields: &fields,
+            is_head: true,
+            version: Version::HTTP_11,
+            keep: false,
+        };
+        assert!(!write_response(&mut server, &mut Vec::new(), msg, body)
+            .await
+            .unwrap());
+        drop(server);
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        assert_eq!(
+            got,
+            "HTTP/1.1 200 OK\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\ncontent-length: 42\r\nconnection: close\r\n\r\n"
+        );
     }
 
     #[tokio::test]
