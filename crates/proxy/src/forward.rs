@@ -538,7 +538,7 @@ impl Proxy {
             generated.and_then(|id| sticky_cookie(&route.sticky.cookie, &id, entry.cookie_suffix));
         let mut resp = forward(req, conn, host_value, entry, pool, target).await;
         if let Some(c) = set_cookie {
-            resp.headers_mut().append(header::SET_COOKIE, c);
+            add_field(&mut resp, &header::SET_COOKIE, c);
         }
         resp
     }
@@ -656,9 +656,26 @@ async fn forward(
         }
         _ => strip_hop_by_hop(resp.headers_mut(), false),
     }
-    resp.headers_mut()
-        .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
+    add_field(&mut resp, &X_CANARY_VERSION, pool.version_header.clone());
     resp
+}
+
+/// Adds a field the proxy sets to an answer: after an HTTP/1.1 upstream's own fields
+/// (written as they came, with no map to allocate), else into the response's map, where
+/// it is appended (`Set-Cookie`) or replaces the upstream's (`X-Canary-Version`).
+fn add_field(resp: &mut Response<ProxyBody>, name: &'static HeaderName, value: HeaderValue) {
+    let value = match resp.body_mut() {
+        Either::Left(body) => match body.add_field(name, value) {
+            Ok(()) => return,
+            Err(v) => v,
+        },
+        Either::Right(_) => value,
+    };
+    if *name == header::SET_COOKIE {
+        resp.headers_mut().append(name.clone(), value);
+    } else {
+        resp.headers_mut().insert(name.clone(), value);
+    }
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection, after

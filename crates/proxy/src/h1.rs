@@ -50,7 +50,7 @@ use tokio::time::{Instant, Sleep};
 use crate::forward::ProxyBody;
 use crate::forward::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
-use crate::upstream::{self, connection_tokens, Place, RawFields};
+use crate::upstream::{self, connection_tokens, Fields, RawFields};
 
 /// Fields a request may have and still be read here.
 const MAX_FIELDS: usize = 100;
@@ -150,69 +150,6 @@ fn parse(buf: &[u8]) -> Result<Option<Parsed>, ()> {
     }))
 }
 
-/// Fields a request head usually has at most: their places fit on the stack.
-const FEW_FIELDS: usize = 16;
-
-/// Where a parsed request head's fields are in its buffer, so that their values can be
-/// slices of the head once it is split off (no copy). Most heads have a few fields:
-/// those fit on the stack (zeroing room for all 100 would cost more than the parse).
-struct Fields {
-    few: [Place; FEW_FIELDS],
-    n: usize,
-    many: Vec<Place>,
-}
-
-impl Fields {
-    /// The fields of `parsed`, parsed from `buf`, that `keep` wants.
-    fn collect(
-        buf: &[u8],
-        parsed: &[httparse::Header<'_>],
-        mut keep: impl FnMut(&httparse::Header<'_>) -> bool,
-    ) -> Fields {
-        let base = buf.as_ptr() as usize;
-        let place = |h: &httparse::Header<'_>| {
-            (
-                h.name.as_ptr() as usize - base,
-                h.name.len(),
-                h.value.as_ptr() as usize - base,
-                h.value.len(),
-            )
-        };
-        let mut f = Fields {
-            few: [(0, 0, 0, 0); FEW_FIELDS],
-            n: 0,
-            many: Vec::new(),
-        };
-        if parsed.len() <= FEW_FIELDS {
-            for h in parsed.iter().filter(|h| keep(h)) {
-                f.few[f.n] = place(h);
-                f.n += 1;
-            }
-        } else {
-            f.many = parsed.iter().filter(|h| keep(h)).map(place).collect();
-        }
-        f
-    }
-
-    /// The fields as a map whose values share `head`'s memory; `head` is the buffer
-    /// they were collected from, split off.
-    fn to_map(&self, head: &Bytes) -> Option<HeaderMap> {
-        let at = if self.many.is_empty() {
-            &self.few[..self.n]
-        } else {
-            &self.many[..]
-        };
-        let mut headers = HeaderMap::with_capacity(at.len());
-        for &(name, name_len, value, value_len) in at {
-            let name = http::HeaderName::from_bytes(&head[name..name + name_len]).ok()?;
-            let value =
-                http::HeaderValue::from_maybe_shared(head.slice(value..value + value_len)).ok()?;
-            headers.append(name, value);
-        }
-        Some(headers)
-    }
-}
-
 /// The request for the handler, its values sharing `head`'s memory. `None` for a
 /// target or field `http` refuses (rare: `httparse` checks the same characters).
 fn request(p: &Parsed, head: &Bytes) -> Option<Request<ClientBody>> {
@@ -300,11 +237,11 @@ pub(crate) async fn serve(
         let (parts, mut body) = resp.into_parts();
         let fields = match &mut body {
             Either::Left(b) => b.take_fields(),
-            Either::Right(_) => RawFields::default(),
+            Either::Right(_) => None,
         };
         let msg = Message {
             parts: &parts,
-            fields: &fields,
+            fields: fields.as_deref().unwrap_or(&NO_FIELDS),
             is_head,
             version,
             keep,
@@ -362,10 +299,9 @@ fn with_fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let Either::Left(body) = resp.body_mut() else {
         return resp;
     };
-    let fields = body.take_fields();
-    if fields.is_empty() {
+    let Some(fields) = body.take_fields() else {
         return resp;
-    }
+    };
     let added = std::mem::replace(resp.headers_mut(), fields.to_map());
     for (name, value) in &added {
         resp.headers_mut().append(name, value.clone());
@@ -440,6 +376,9 @@ enum Framing {
     Close,
 }
 
+/// For an answer with no upstream head of its own (the proxy's, an HTTP/2 upstream's).
+static NO_FIELDS: RawFields = RawFields::EMPTY;
+
 /// A response head to write, and what it depends on of its request.
 struct Message<'a> {
     parts: &'a http::response::Parts,
@@ -504,7 +443,7 @@ async fn write_response<B: Body<Data = Bytes> + Unpin>(
         decimal(out, n);
         out.extend_from_slice(b"\r\n");
     }
-    for (name, value) in headers {
+    for (name, value) in fields.added().chain(headers) {
         if drop_length && *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
             continue;
         }
@@ -757,7 +696,7 @@ mod tests {
         is_head: bool,
         version: Version,
     ) -> (String, bool) {
-        written_with(resp, &RawFields::default(), is_head, version).await
+        written_with(resp, &RawFields::EMPTY, is_head, version).await
     }
 
     /// [`written`] with the upstream's `fields`.
@@ -909,6 +848,10 @@ mod tests {
         let fields = RawFields::of(
             b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 2\r\nConnection: keep-alive\r\nX-Two: a\r\nX-Two: b\r\n\r\n",
         );
+        let mut fields = fields;
+        fields
+            .add(&header::SET_COOKIE, HeaderValue::from_static("id=1"))
+            .unwrap();
         let resp = response(
             200,
             Full::new(Bytes::from("ok")),
@@ -917,8 +860,13 @@ mod tests {
         let (text, _) = written_with(resp, &fields, false, Version::HTTP_11).await;
         assert_eq!(
             text,
-            "HTTP/1.1 200 OK\r\nServer: up\r\nX-Two: a\r\nX-Two: b\r\ncontent-length: 2\r\nx-canary-version: v1\r\n\r\nok"
+            "HTTP/1.1 200 OK\r\nServer: up\r\nX-Two: a\r\nX-Two: b\r\ncontent-length: 2\r\nset-cookie: id=1\r\nx-canary-version: v1\r\n\r\nok"
         );
+        // What hyper gets: one map, the upstream's fields first.
+        let map = fields.to_map();
+        let names: Vec<_> = map.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["server", "x-two", "content-length", "set-cookie"]);
+        assert_eq!(map.get_all("x-two").iter().count(), 2);
         // The upstream's Date is kept and not doubled; a HEAD answer keeps its length.
         let fields = RawFields::of(
             b"HTTP/1.1 200 OK\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\nContent-Length: 42\r\n\r\n",
