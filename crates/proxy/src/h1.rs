@@ -78,14 +78,13 @@ struct Parsed {
     method: Method,
     target: (usize, usize),
     version: Version,
-    fields: Fields,
     /// The connection ends after this request's response.
     close: bool,
 }
 
 /// Reads a request head at the start of `buf`. `Ok(None)`: not all in yet;
 /// `Err(())`: not one for this reader (hyper's to answer).
-fn parse(buf: &[u8]) -> Result<Option<Parsed>, ()> {
+fn parse(buf: &[u8], fields: &mut Fields) -> Result<Option<Parsed>, ()> {
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default()
@@ -110,7 +109,7 @@ fn parse(buf: &[u8]) -> Result<Option<Parsed>, ()> {
         Version::HTTP_11
     };
     let (mut close, mut keep_alive, mut other) = (false, false, false);
-    let fields = Fields::collect(buf, req.headers, |h| {
+    fields.collect(buf, req.headers, |h| {
         let name = h.name.as_bytes();
         match name.len() {
             10 if name.eq_ignore_ascii_case(b"connection") => {
@@ -145,17 +144,16 @@ fn parse(buf: &[u8]) -> Result<Option<Parsed>, ()> {
         method,
         target: (path.as_ptr() as usize - base, path.len()),
         version,
-        fields,
         close: close || (version == Version::HTTP_10 && !keep_alive),
     }))
 }
 
 /// The request for the handler, its values sharing `head`'s memory. `None` for a
 /// target or field `http` refuses (rare: `httparse` checks the same characters).
-fn request(p: &Parsed, head: &Bytes) -> Option<Request<ClientBody>> {
+fn request(p: &Parsed, fields: &Fields, head: &Bytes) -> Option<Request<ClientBody>> {
     let (at, len) = p.target;
     let uri = Uri::from_maybe_shared(head.slice(at..at + len)).ok()?;
-    let headers = p.fields.to_map(head)?;
+    let headers = fields.to_map(head)?;
     let mut req = Request::new(ClientBody::Empty);
     *req.method_mut() = p.method.clone();
     *req.uri_mut() = uri;
@@ -173,6 +171,7 @@ pub(crate) async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     let mut buf = BytesMut::with_capacity(upstream::READ_CHUNK);
+    let mut fields = Fields::EMPTY;
     let mut out = Vec::with_capacity(1024);
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(IDLE_TIMER));
     // One wait for the whole connection: made anew per request, its registration
@@ -184,7 +183,7 @@ pub(crate) async fn serve(
         let deadline = Instant::now() + settings.header_timeout;
         let parsed = loop {
             if !buf.is_empty() {
-                match parse(&buf) {
+                match parse(&buf, &mut fields) {
                     Ok(Some(p)) => break p,
                     Ok(None) if buf.len() < settings.max_head => {}
                     _ => return hand_over(io, buf, conn, &settings, stop).await,
@@ -201,7 +200,7 @@ pub(crate) async fn serve(
             }
         };
         let head = buf.split_to(parsed.len).freeze();
-        let Some(req) = request(&parsed, &head) else {
+        let Some(req) = request(&parsed, &fields, &head) else {
             let _ = io.write_all(BAD_REQUEST).await;
             return;
         };
@@ -621,18 +620,19 @@ mod tests {
     use tokio::io::AsyncReadExt as _;
 
     fn parsed(raw: &str) -> Result<Option<Parsed>, ()> {
-        parse(raw.as_bytes())
+        parse(raw.as_bytes(), &mut Fields::EMPTY)
     }
 
     #[test]
     fn takes_complete_requests_without_a_body() {
         let raw =
             "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nX-One: 1\r\n\r\nGET /next";
-        let p = parsed(raw).unwrap().unwrap();
+        let mut fields = Fields::EMPTY;
+        let p = parse(raw.as_bytes(), &mut fields).unwrap().unwrap();
         assert_eq!(p.len, raw.len() - "GET /next".len());
         assert!(!p.close);
         let head = Bytes::copy_from_slice(&raw.as_bytes()[..p.len]);
-        let req = request(&p, &head).unwrap();
+        let req = request(&p, &fields, &head).unwrap();
         assert_eq!(req.method(), Method::GET);
         assert_eq!(req.uri(), "/a?b=1");
         assert_eq!(req.version(), Version::HTTP_11);

@@ -698,7 +698,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
     let (mut close, mut keep_alive, mut names_fields) = (false, false, false);
     let (mut length, mut chunked, mut has_date) = (None, None, false);
     let mut bad = None;
-    let mut fields = Fields::collect(buf, resp.headers, |h| {
+    let mut raw = Box::new(RawFields::EMPTY);
+    raw.fields.collect(buf, resp.headers, |h| {
         let name = h.name.as_bytes();
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
         let keep = match name.len() {
@@ -753,22 +754,18 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
             .flat_map(|h| h.value.split(|&c| c == b','))
             .map(<[u8]>::trim_ascii)
             .collect();
-        fields.retain(|&(n, l, _, _)| {
+        raw.fields.retain(|&(n, l, _, _)| {
             let name = &buf[n..n + l];
             !named.iter().any(|t| t.eq_ignore_ascii_case(name))
         });
     }
-    let head = buf.split_to(len).freeze();
+    raw.head = buf.split_to(len).freeze();
+    raw.length = length;
+    raw.has_date = has_date;
     Ok(Some(Head {
         status,
         version,
-        fields: Box::new(RawFields {
-            head,
-            fields,
-            length,
-            has_date,
-            added: [None, None],
-        }),
+        fields: raw,
         close,
         keep_alive,
         chunked,
@@ -902,18 +899,20 @@ pub(crate) struct Fields {
 }
 
 impl Fields {
-    const EMPTY: Fields = Fields {
+    pub(crate) const EMPTY: Fields = Fields {
         few: [(0, 0, 0, 0); FEW_FIELDS],
         n: 0,
         many: Vec::new(),
     };
 
-    /// The fields of `parsed`, parsed from `buf`, that `keep` wants.
+    /// Replaces the places with those of the fields of `parsed` (parsed from `buf`)
+    /// that `keep` wants. In place: `Fields` is large, and moving it costs.
     pub(crate) fn collect(
+        &mut self,
         buf: &[u8],
         parsed: &[httparse::Header<'_>],
         mut keep: impl FnMut(&httparse::Header<'_>) -> bool,
-    ) -> Fields {
+    ) {
         let base = buf.as_ptr() as usize;
         let place = |h: &httparse::Header<'_>| {
             (
@@ -923,16 +922,17 @@ impl Fields {
                 h.value.len(),
             )
         };
-        let mut f = Fields::EMPTY;
+        self.n = 0;
+        self.many.clear();
         if parsed.len() <= FEW_FIELDS {
             for h in parsed.iter().filter(|h| keep(h)) {
-                f.few[f.n] = place(h);
-                f.n += 1;
+                self.few[self.n] = place(h);
+                self.n += 1;
             }
         } else {
-            f.many = parsed.iter().filter(|h| keep(h)).map(place).collect();
+            self.many
+                .extend(parsed.iter().filter(|h| keep(h)).map(place));
         }
-        f
     }
 
     /// The places, in order.
