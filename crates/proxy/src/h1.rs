@@ -620,7 +620,8 @@ mod tests {
     use tokio::io::AsyncReadExt as _;
 
     fn parsed(raw: &str) -> Result<Option<Parsed>, ()> {
-        parse(raw.as_bytes(), &mut Fields::EMPTY)
+        let mut fields = Fields::EMPTY;
+        parse(raw.as_bytes(), &mut fields)
     }
 
     #[test]
