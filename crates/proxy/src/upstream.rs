@@ -979,6 +979,15 @@ impl Fields {
 /// are listed, and returns whether it lists anything else (`upgrade`, or fields to
 /// remove).
 pub(crate) fn connection_tokens(value: &[u8], close: &mut bool, keep_alive: &mut bool) -> bool {
+    // The usual values first, without splitting.
+    if value.eq_ignore_ascii_case(b"keep-alive") {
+        *keep_alive = true;
+        return false;
+    }
+    if value.eq_ignore_ascii_case(b"close") {
+        *close = true;
+        return false;
+    }
     let mut other = false;
     for t in value.split(|&c| c == b',').map(<[u8]>::trim_ascii) {
         if t.eq_ignore_ascii_case(b"close") {
