@@ -916,6 +916,55 @@ mod tests {
         assert!(!keep);
     }
 
+    proptest::proptest! {
+        /// Whatever the bytes, the reader does not panic, and a request it takes is
+        /// whole and has no body framing (anything else is hyper's).
+        #[test]
+        fn taken_requests_are_whole_and_without_a_body(
+            fields in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "Host", "Content-Length", "content-length", "Transfer-Encoding",
+                        "Connection", "Expect", "Upgrade", "X-A", "TE", "Cookie",
+                    ]),
+                    proptest::sample::select(vec![
+                        "x", "0", " 0 ", "5", "chunked", "close", "keep-alive", "upgrade",
+                        "100-continue", "a, b", "", "0, 0",
+                    ]),
+                ),
+                0..8,
+            ),
+            method in proptest::sample::select(vec!["GET", "HEAD", "POST", "CONNECT", "PRI", "G T"]),
+            version in proptest::sample::select(vec!["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.x"]),
+            cut in 0usize..400,
+            noise in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+        ) {
+            let mut raw = format!("{method} /p {version}\r\n");
+            for (k, v) in &fields {
+                raw.push_str(&format!("{k}: {v}\r\n"));
+            }
+            raw.push_str("\r\n");
+            let mut bytes = raw.into_bytes();
+            let whole = bytes.len();
+            bytes.truncate(cut.min(whole));
+            let mut fields_buf = Fields::EMPTY;
+            if let Ok(Some(p)) = parse(&bytes, &mut fields_buf) {
+                proptest::prop_assert_eq!(p.len, whole);
+                for (k, v) in &fields {
+                    let k = k.to_ascii_lowercase();
+                    proptest::prop_assert!(k != "transfer-encoding" && k != "expect" && k != "upgrade");
+                    proptest::prop_assert!(k != "content-length" || v.trim() == "0");
+                }
+                proptest::prop_assert!(method != "CONNECT");
+            }
+            // Arbitrary bytes after a valid start, and alone: no panic.
+            let mut tail = b"GET / HTTP/1.1\r\n".to_vec();
+            tail.extend_from_slice(&noise);
+            let _ = parse(&tail, &mut fields_buf);
+            let _ = parse(&noise, &mut fields_buf);
+        }
+    }
+
     #[test]
     fn numbers_are_written_as_http_wants_them() {
         let mut out = Vec::new();
