@@ -656,6 +656,55 @@ async fn forwarded_headers_are_set_and_hop_by_hop_headers_are_removed_both_ways(
         "both content-length and transfer-encoding reached the upstream: {h:#}"
     );
 
+    // The same through the proxy's own reader (a bodiless request whose `Connection`
+    // names nothing): hop-by-hop fields and forged proxy fields go, the rest passes.
+    let r = raw_exchange(
+        c.listen,
+        b"GET /echo?y=2 HTTP/1.1\r\n\
+          hOsT: shop.example.test:8080\r\n\
+          Connection: keep-alive\r\n\
+          Keep-Alive: timeout=5\r\n\
+          Proxy-Connection: keep-alive\r\n\
+          Proxy-Authorization: Basic dXNlcjpwYXNz\r\n\
+          TE: gzip, Trailers;q=1\r\n\
+          X-Forwarded-For: 203.0.113.7\r\n\
+          x-forwarded-for: 198.51.100.2\r\n\
+          X-Forwarded-Proto: https\r\n\
+          X-Forwarded-Host: forged.example\r\n\
+          X-Canary-Version: forged\r\n\
+          X-Canary-Route: forged\r\n\
+          Content-Length: 0\r\n\
+          X-Keep: yes\r\n\
+          \r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let h = &r.json()["headers"];
+    for (k, v) in [
+        ("host", "shop.example.test:8080"),
+        ("x-forwarded-for", "203.0.113.7, 198.51.100.2, 127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-host", "shop.example.test:8080"),
+        ("x-canary-version", "v1"),
+        ("x-canary-route", "web"),
+        ("te", "trailers"),
+        ("x-keep", "yes"),
+    ] {
+        assert_eq!(h[k], v, "upstream header {k}: {h:#}");
+    }
+    for gone in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+    ] {
+        assert!(h.get(gone).is_none(), "{gone} reached the upstream: {h:#}");
+    }
+    assert!(
+        h.get("content-length").is_none_or(|v| v == "0") && h.get("transfer-encoding").is_none(),
+        "{h:#}"
+    );
+
     // `TE: trailers` is kept (gRPC needs it); without X-Forwarded-For the proxy starts one.
     let r = raw_exchange(
         c.listen,

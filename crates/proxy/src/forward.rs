@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use crate::metrics::UpstreamError;
 use crate::pool::{now_ms, Instance, Pool};
 use crate::snapshot::{Proxy, RouteEntry};
-use crate::upstream::{self, PooledBody, SendError};
+use crate::upstream::{self, Extra, PooledBody, RawHead, SendError};
 
 /// The body the proxy answers with: the upstream's stream, or a short error text.
 pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
@@ -64,12 +64,27 @@ impl BodyEnd {
     }
 }
 
-/// A client's request body: hyper's, or none (a request read by the proxy's own
-/// HTTP/1.1 reader, [`crate::h1`], which takes only requests without a body).
+/// A client's request body: hyper's, or none. A request the proxy's own HTTP/1.1
+/// reader took ([`crate::h1`]: only requests without a body) has `Read`: its head,
+/// whose fields stand in for the empty `HeaderMap`.
 #[derive(Debug)]
 pub enum ClientBody {
     Empty,
+    Read(Box<RawHead>),
     Hyper(Incoming),
+}
+
+impl ClientBody {
+    /// The head the proxy read, taken out (the body is then `Empty`).
+    fn take_head(&mut self) -> Option<Box<RawHead>> {
+        match std::mem::replace(self, ClientBody::Empty) {
+            ClientBody::Read(head) => Some(head),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
 }
 
 impl Body for ClientBody {
@@ -82,7 +97,7 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Empty | ClientBody::Read(_) => Poll::Ready(None),
             ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -90,7 +105,7 @@ impl Body for ClientBody {
     #[inline]
     fn is_end_stream(&self) -> bool {
         match self {
-            ClientBody::Empty => true,
+            ClientBody::Empty | ClientBody::Read(_) => true,
             ClientBody::Hyper(b) => b.is_end_stream(),
         }
     }
@@ -98,7 +113,7 @@ impl Body for ClientBody {
     #[inline]
     fn size_hint(&self) -> SizeHint {
         match self {
-            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Empty | ClientBody::Read(_) => SizeHint::with_exact(0),
             ClientBody::Hyper(b) => b.size_hint(),
         }
     }
@@ -202,9 +217,54 @@ impl ConnInfo {
     }
 }
 
+/// A request's fields: in its `HeaderMap`, or in the head the proxy read.
+#[derive(Clone, Copy)]
+enum Fields<'a> {
+    Map(&'a HeaderMap),
+    Raw(&'a RawHead),
+}
+
+impl<'a> Fields<'a> {
+    fn of(req: &'a Request<ClientBody>) -> Fields<'a> {
+        match req.body() {
+            ClientBody::Read(head) => Fields::Raw(head),
+            _ => Fields::Map(req.headers()),
+        }
+    }
+
+    /// The first value of `name` (lowercase).
+    #[inline]
+    fn get(self, name: &str) -> Option<&'a [u8]> {
+        match self {
+            Fields::Map(m) => m.get(name).map(HeaderValue::as_bytes),
+            Fields::Raw(r) => r.get(name),
+        }
+    }
+
+    /// Every value of `name` (lowercase), in order.
+    fn values(self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let (map, raw) = match self {
+            Fields::Map(m) => (
+                Some(m.get_all(name).iter().map(HeaderValue::as_bytes)),
+                None,
+            ),
+            Fields::Raw(r) => (None, Some(r.values(name))),
+        };
+        map.into_iter().flatten().chain(raw.into_iter().flatten())
+    }
+
+    /// Size of the header block as it came in (names, values, separators).
+    fn size(self) -> usize {
+        match self {
+            Fields::Map(m) => m.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum(),
+            Fields::Raw(r) => r.iter().map(|(k, v)| k.len() + v.len() + 4).sum(),
+        }
+    }
+}
+
 /// The request as the core sees it.
 struct Facts<'a> {
-    headers: &'a HeaderMap,
+    fields: Fields<'a>,
     query: Option<&'a str>,
     ip: IpAddr,
 }
@@ -212,13 +272,12 @@ struct Facts<'a> {
 impl RequestFacts for Facts<'_> {
     #[inline]
     fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers.get(name).map(HeaderValue::as_bytes)
+        self.fields.get(name)
     }
     fn cookie(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+        self.fields
+            .values("cookie")
+            .filter_map(|v| std::str::from_utf8(v).ok())
             .find_map(|v| cookie_value(v, name))
     }
     fn query(&self, name: &str) -> Option<&str> {
@@ -273,11 +332,6 @@ fn sticky_cookie(name: &str, id: &[u8], suffix: &str) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
 }
 
-/// Size of the request header block as it came in (names, values, separators).
-fn header_bytes(h: &HeaderMap) -> usize {
-    h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum()
-}
-
 /// Size of the request target (path and query, and the authority of an absolute form).
 fn target_bytes(uri: &Uri) -> usize {
     uri.path_and_query().map_or(0, |p| p.as_str().len())
@@ -292,7 +346,7 @@ const BAD_HOST: &str = "missing or invalid Host header\n";
 /// says must get a `400`: more than one `Host` line, an invalid one, an HTTP/1.1
 /// request without, or an invalid target authority.
 fn request_host(req: &Request<ClientBody>) -> Result<Option<HeaderValue>, &'static str> {
-    let mut lines = req.headers().get_all(header::HOST).iter();
+    let mut lines = Fields::of(req).values("host");
     let host = lines.next();
     if lines.next().is_some() {
         return Err(BAD_HOST);
@@ -311,7 +365,13 @@ fn request_host(req: &Request<ClientBody>) -> Result<Option<HeaderValue>, &'stat
             .map_err(|_| "invalid request target\n");
     }
     match host {
-        Some(h) if valid_host(h.as_bytes()) => Ok(Some(h.clone())),
+        Some(h) if valid_host(h) => match req.body() {
+            // A slice of the head the proxy read: no copy.
+            ClientBody::Read(head) => Ok(Some(
+                HeaderValue::from_maybe_shared(head.head.slice_ref(h)).map_err(|_| BAD_HOST)?,
+            )),
+            _ => HeaderValue::from_bytes(h).map(Some).map_err(|_| BAD_HOST),
+        },
         Some(_) => Err(BAD_HOST),
         None if req.version() == Version::HTTP_11 => Err(BAD_HOST),
         None => Ok(None),
@@ -488,7 +548,7 @@ impl Proxy {
         if target > max {
             return error_response(StatusCode::URI_TOO_LONG, "request target too long\n");
         }
-        if target + header_bytes(req.headers()) > max {
+        if target + Fields::of(&req).size() > max {
             return error_response(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request header fields too large\n",
@@ -509,7 +569,7 @@ impl Proxy {
         let route = &snap.table.routes[idx];
         let entry = &snap.entries[idx];
         let facts = Facts {
-            headers: req.headers(),
+            fields: Fields::of(&req),
             query: req.uri().query(),
             ip: conn.peer.ip(),
         };
@@ -560,15 +620,29 @@ async fn forward(
         return r;
     };
     let upgrade = is_upgrade(&req);
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, mut body) = req.into_parts();
     let client_upgrade = if upgrade {
         parts.extensions.remove::<OnUpgrade>()
     } else {
         None
     };
+    let mut raw = body.take_head();
+    if pool.is_http2() {
+        // hyper's HTTP/2 client takes a map.
+        if let Some(head) = raw.take() {
+            parts.headers = head.to_map();
+        }
+    }
     let (body, body_end) = UpstreamBody::new(body, pool.is_http2());
-    let (up_req, added) =
-        build_upstream_request(&mut parts, body, conn, host, entry, pool, instance, upgrade);
+    let (up_req, added, raw_host) = build_upstream_request(
+        &mut parts,
+        body,
+        (conn, host, raw.as_deref()),
+        entry,
+        pool,
+        instance,
+        upgrade,
+    );
     let started = Instant::now();
     let mut outcome = Outcome { pool, done: false };
     let timeout = Duration::from_millis(entry.timeouts.request_ms);
@@ -589,8 +663,13 @@ async fn forward(
         }
         None => {
             let connect_ms = entry.timeouts.connect_ms;
-            let (addr, added) = (&instance.addr, added.fields());
-            upstream::send(instance.idle(), addr, connect_ms, timeout, up_req, added).await
+            let extra = Extra {
+                added: added.fields(),
+                raw: raw.as_deref(),
+                host: raw_host.as_ref(),
+            };
+            let addr = &instance.addr;
+            upstream::send(instance.idle(), addr, connect_ms, timeout, up_req, extra).await
         }
     };
     let elapsed_us = started.elapsed().as_micros() as u64;
@@ -707,17 +786,18 @@ impl Added {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The upstream request, the proxy's fields for it, and for a request whose head the
+/// proxy read (`raw`, whose fields are written as they came, less what is removed or
+/// set) the `Host` to write.
 fn build_upstream_request(
     parts: &mut http::request::Parts,
     body: UpstreamBody,
-    conn: &ConnInfo,
-    host: Option<HeaderValue>,
+    (conn, host, raw): (&ConnInfo, Option<HeaderValue>, Option<&RawHead>),
     entry: &RouteEntry,
     pool: &Pool,
     instance: &Instance,
     upgrade: bool,
-) -> (Request<UpstreamBody>, Added) {
+) -> (Request<UpstreamBody>, Added, Option<HeaderValue>) {
     let mut up = Request::new(body);
     *up.method_mut() = std::mem::take(&mut parts.method);
     *up.uri_mut() = if pool.is_http2() {
@@ -744,7 +824,30 @@ fn build_upstream_request(
     };
     let mut headers = std::mem::take(&mut parts.headers);
     strip_hop_by_hop(&mut headers, upgrade);
+    let fields = match raw {
+        Some(r) => Fields::Raw(r),
+        None => Fields::Map(&headers),
+    };
+    // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3): keep them all.
+    let xff = {
+        let mut prev = fields.values("x-forwarded-for").peekable();
+        if prev.peek().is_none() {
+            conn.peer_header.clone()
+        } else {
+            let mut v = Vec::with_capacity(64);
+            for p in prev {
+                v.extend_from_slice(p);
+                v.extend_from_slice(b", ");
+            }
+            v.extend_from_slice(conn.peer_header.as_bytes());
+            HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.peer_header.clone())
+        }
+    };
+    // A head the proxy read gets its `Host` written by the exchange: the request's
+    // host, or (HTTP/1.0 without one) the instance's.
+    let raw_host = raw.map(|_| host.clone().unwrap_or_else(|| instance.host_header.clone()));
     match &host {
+        _ if raw.is_some() => {}
         // `:authority` names the instance (the client connects by it); a `Host` that
         // differs from it is malformed HTTP/2 (RFC 9113 §8.3.1). The client's host
         // travels in `X-Forwarded-Host`.
@@ -761,19 +864,6 @@ fn build_upstream_request(
         }
         None => {}
     }
-    // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3): keep them all.
-    let mut prev = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
-    let xff = if prev.peek().is_none() {
-        conn.peer_header.clone()
-    } else {
-        let mut v = Vec::with_capacity(64);
-        for p in prev {
-            v.extend_from_slice(p.as_bytes());
-            v.extend_from_slice(b", ");
-        }
-        v.extend_from_slice(conn.peer_header.as_bytes());
-        HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.peer_header.clone())
-    };
     let len = if host.is_some() { 5 } else { 4 };
     let added = Added {
         fields: [
@@ -804,7 +894,7 @@ fn build_upstream_request(
         }
     }
     *up.headers_mut() = headers;
-    (up, added)
+    (up, added, raw_host)
 }
 
 #[cfg(test)]

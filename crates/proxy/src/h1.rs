@@ -50,7 +50,7 @@ use tokio::time::{Instant, Sleep};
 use crate::forward::ProxyBody;
 use crate::forward::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
-use crate::upstream::{self, connection_tokens, Fields, RawFields};
+use crate::upstream::{self, connection_tokens, Fields, RawFields, RawHead};
 
 /// Fields a request may have and still be read here.
 const MAX_FIELDS: usize = 100;
@@ -148,17 +148,16 @@ fn parse(buf: &[u8], fields: &mut Fields) -> Result<Option<Parsed>, ()> {
     }))
 }
 
-/// The request for the handler, its values sharing `head`'s memory. `None` for a
-/// target or field `http` refuses (rare: `httparse` checks the same characters).
-fn request(p: &Parsed, fields: &Fields, head: &Bytes) -> Option<Request<ClientBody>> {
+/// The request for the handler: its fields stay in `raw` (the head, as read), its
+/// `HeaderMap` is empty. `None` for a target `http` refuses (rare: `httparse` checks
+/// nearly the same characters).
+fn request(p: &Parsed, raw: Box<RawHead>) -> Option<Request<ClientBody>> {
     let (at, len) = p.target;
-    let uri = Uri::from_maybe_shared(head.slice(at..at + len)).ok()?;
-    let headers = fields.to_map(head)?;
-    let mut req = Request::new(ClientBody::Empty);
+    let uri = Uri::from_maybe_shared(raw.head.slice(at..at + len)).ok()?;
+    let mut req = Request::new(ClientBody::Read(raw));
     *req.method_mut() = p.method.clone();
     *req.uri_mut() = uri;
     *req.version_mut() = p.version;
-    *req.headers_mut() = headers;
     Some(req)
 }
 
@@ -171,7 +170,6 @@ pub(crate) async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     let mut buf = BytesMut::with_capacity(upstream::READ_CHUNK);
-    let mut fields = Fields::EMPTY;
     let mut out = Vec::with_capacity(1024);
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(IDLE_TIMER));
     // One wait for the whole connection: made anew per request, its registration
@@ -181,9 +179,10 @@ pub(crate) async fn serve(
     loop {
         // The next request head.
         let deadline = Instant::now() + settings.header_timeout;
+        let mut raw = Box::new(RawHead::EMPTY);
         let parsed = loop {
             if !buf.is_empty() {
-                match parse(&buf, &mut fields) {
+                match parse(&buf, &mut raw.fields) {
                     Ok(Some(p)) => break p,
                     Ok(None) if buf.len() < settings.max_head => {}
                     _ => return hand_over(io, buf, conn, &settings, stop).await,
@@ -199,8 +198,8 @@ pub(crate) async fn serve(
                 () = &mut stopping, if buf.is_empty() => return,
             }
         };
-        let head = buf.split_to(parsed.len).freeze();
-        let Some(req) = request(&parsed, &fields, &head) else {
+        raw.head = buf.split_to(parsed.len).freeze();
+        let Some(req) = request(&parsed, raw) else {
             let _ = io.write_all(BAD_REQUEST).await;
             return;
         };
@@ -231,7 +230,6 @@ pub(crate) async fn serve(
                 }
             }
         };
-        drop(head);
         let keep = !parsed.close && !*stop.borrow();
         let (parts, mut body) = resp.into_parts();
         let fields = match &mut body {
@@ -628,23 +626,24 @@ mod tests {
     fn takes_complete_requests_without_a_body() {
         let raw =
             "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nX-One: 1\r\n\r\nGET /next";
-        let mut fields = Fields::EMPTY;
-        let p = parse(raw.as_bytes(), &mut fields).unwrap().unwrap();
+        let mut head = Box::new(RawHead::EMPTY);
+        let p = parse(raw.as_bytes(), &mut head.fields).unwrap().unwrap();
         assert_eq!(p.len, raw.len() - "GET /next".len());
         assert!(!p.close);
-        let head = Bytes::copy_from_slice(&raw.as_bytes()[..p.len]);
-        let req = request(&p, &fields, &head).unwrap();
+        head.head = Bytes::copy_from_slice(&raw.as_bytes()[..p.len]);
+        let req = request(&p, head).unwrap();
         assert_eq!(req.method(), Method::GET);
         assert_eq!(req.uri(), "/a?b=1");
         assert_eq!(req.version(), Version::HTTP_11);
-        // `Connection` is read, not passed on; every other field is.
-        let names: Vec<_> = req.headers().keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["host", "x-one"]);
-        let x = req.headers().get("x-one").unwrap().as_bytes();
-        assert!(
-            head.as_ptr_range().contains(&x.as_ptr()),
-            "values share the head"
-        );
+        assert!(req.headers().is_empty(), "the fields stay in the head");
+        let ClientBody::Read(head) = req.body() else {
+            panic!("not the head as read");
+        };
+        // `Connection` is read, not passed on; every other field is, as it came.
+        let names: Vec<_> = head.iter().map(|(n, _)| n.to_vec()).collect();
+        assert_eq!(names, [b"Host".to_vec(), b"X-One".to_vec()]);
+        assert_eq!(head.get("x-one"), Some(&b"1"[..]));
+        assert_eq!(head.values("HOST").collect::<Vec<_>>(), [&b"x"[..]]);
 
         for (raw, close) in [
             (

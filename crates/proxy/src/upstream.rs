@@ -272,12 +272,12 @@ pub async fn send<B: RequestBody>(
     connect_ms: u64,
     timeout: Duration,
     req: Request<B>,
-    added: &[(&HeaderName, HeaderValue)],
+    extra: Extra<'_>,
 ) -> Result<Response<PooledBody>, SendError> {
     let (parts, mut body) = req.into_parts();
     let bodiless = body.is_end_stream();
     while let Some(conn) = idle.pop() {
-        match exchange(conn, (&parts, added), &mut body, timeout, idle).await {
+        match exchange(conn, (&parts, extra), &mut body, timeout, idle).await {
             Ok(resp) => return Ok(resp),
             Err(f) if bodiless && f.resend.allows(&parts.method) => {
                 tracing::debug!(upstream = addr, error = %f.error, "pooled connection closed under a request; sending it again");
@@ -286,7 +286,7 @@ pub async fn send<B: RequestBody>(
         }
     }
     let conn = connect(addr, connect_ms).await?;
-    exchange(conn, (&parts, added), &mut body, timeout, idle)
+    exchange(conn, (&parts, extra), &mut body, timeout, idle)
         .await
         .map_err(|f| f.error)
 }
@@ -356,7 +356,7 @@ enum RequestFraming {
 /// One request and its response head on `conn`.
 async fn exchange<B: RequestBody>(
     mut conn: Box<Conn>,
-    (parts, added): (&Parts, &[(&HeaderName, HeaderValue)]),
+    (parts, extra): (&Parts, Extra<'_>),
     body: &mut B,
     timeout: Duration,
     idle: &Arc<IdleList>,
@@ -369,7 +369,7 @@ async fn exchange<B: RequestBody>(
             None => RequestFraming::Chunked,
         }
     };
-    encode_head(&mut conn.wbuf, parts, added, framing);
+    encode_head(&mut conn.wbuf, parts, extra, framing);
     // Without a body (most requests): one write, whose failure leaves the request
     // unsent, then the answer. With one: the body is written while the answer is
     // watched for, as an upstream may answer before it has read it all.
@@ -455,12 +455,7 @@ async fn exchange<B: RequestBody>(
 
 /// Writes the request line, the request's header fields and the `added` ones, then
 /// the framing.
-fn encode_head(
-    out: &mut Vec<u8>,
-    parts: &Parts,
-    added: &[(&HeaderName, HeaderValue)],
-    framing: RequestFraming,
-) {
+fn encode_head(out: &mut Vec<u8>, parts: &Parts, extra: Extra<'_>, framing: RequestFraming) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -483,7 +478,24 @@ fn encode_head(
         }
         write_field(out, name, value);
     }
-    for (name, value) in added {
+    if let Some(raw) = extra.raw {
+        let mut trailers = false;
+        for (name, value) in raw.iter() {
+            if not_forwarded(name) {
+                had_length |= name.eq_ignore_ascii_case(b"content-length");
+                trailers |= name.eq_ignore_ascii_case(b"te") && te_lists_trailers(value);
+                continue;
+            }
+            write_raw_field(out, name, value);
+        }
+        if let Some(host) = extra.host {
+            write_field(out, &header::HOST, host);
+        }
+        if trailers {
+            out.extend_from_slice(b"te: trailers\r\n");
+        }
+    }
+    for (name, value) in extra.added {
         write_field(out, name, value);
     }
     match framing {
@@ -494,6 +506,13 @@ fn encode_head(
         }
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_raw_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -882,6 +901,105 @@ impl RawFields {
     }
 }
 
+/// A request head the proxy read itself ([`crate::h1`]): its fields as places in it,
+/// in the client's order and letter case, `Connection` left out (the reader takes no
+/// request whose `Connection` names anything). Such a request's `HeaderMap` is empty;
+/// lookups scan the few fields (cheaper than building and hashing a map), and the
+/// exchange writes them less what the proxy sets or removes ([`Extra`]).
+#[derive(Debug)]
+pub struct RawHead {
+    pub(crate) head: Bytes,
+    pub(crate) fields: Fields,
+}
+
+impl RawHead {
+    pub(crate) const EMPTY: RawHead = RawHead {
+        head: Bytes::new(),
+        fields: Fields::EMPTY,
+    };
+
+    /// The fields, `(name, value)`, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields
+            .places()
+            .iter()
+            .map(|&(n, nl, v, vl)| (&self.head[n..n + nl], &self.head[v..v + vl]))
+    }
+
+    /// The values of the fields named `name` (any letter case), in order.
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    /// The fields as a map (for an HTTP/2 upstream); a field `http` refuses is left out.
+    pub fn to_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.fields.places().len());
+        for &(n, nl, v, vl) in self.fields.places() {
+            match (
+                HeaderName::from_bytes(&self.head[n..n + nl]),
+                HeaderValue::from_maybe_shared(self.head.slice(v..v + vl)),
+            ) {
+                (Ok(name), Ok(value)) => {
+                    map.append(name, value);
+                }
+                _ => tracing::debug!("a request field the http crate refuses was left out"),
+            }
+        }
+        map
+    }
+}
+
+/// What an upstream request carries besides its own `HeaderMap`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extra<'a> {
+    /// The proxy's fields (`X-Forwarded-*`, `X-Canary-*`), written last.
+    pub added: &'a [(&'a HeaderName, HeaderValue)],
+    /// A request head the proxy read itself: its fields are written too, less the
+    /// hop-by-hop ones, the framing, `Host` and those the proxy sets.
+    pub raw: Option<&'a RawHead>,
+    /// `Host` for such a request.
+    pub host: Option<&'a HeaderValue>,
+}
+
+/// Whether a field of a request the proxy read is left out of what goes upstream:
+/// hop-by-hop (RFC 9110 §7.6.1), framing (written from the body), `Host` (written from
+/// the request's host), and the fields the proxy sets itself.
+fn not_forwarded(name: &[u8]) -> bool {
+    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    match name.len() {
+        2 => is("te"),
+        4 => is("host"),
+        7 => is("upgrade"),
+        10 => is("keep-alive") || is("connection"),
+        14 => is("content-length") || is("x-canary-route"),
+        15 => is("x-forwarded-for"),
+        16 => is("proxy-connection") || is("x-canary-version") || is("x-forwarded-host"),
+        17 => is("transfer-encoding") || is("x-forwarded-proto"),
+        19 => is("proxy-authorization"),
+        _ => false,
+    }
+}
+
+/// Whether a `TE` value lists `trailers` (the one coding that may pass).
+pub(crate) fn te_lists_trailers(v: &[u8]) -> bool {
+    v.split(|&c| c == b',').any(|t| {
+        t.split(|&c| c == b';')
+            .next()
+            .unwrap_or(b"")
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"trailers")
+    })
+}
+
 /// A field's place in its head's buffer: name start and length, value start and length.
 pub(crate) type Place = (usize, usize, usize, usize);
 
@@ -958,20 +1076,6 @@ impl Fields {
         } else {
             self.many.retain(keep);
         }
-    }
-
-    /// The fields as a map whose values share `head`'s memory; `head` is the buffer
-    /// they were collected from, split off. `None` if `http` refuses one.
-    pub(crate) fn to_map(&self, head: &Bytes) -> Option<HeaderMap> {
-        let at = self.places();
-        let mut headers = HeaderMap::with_capacity(at.len());
-        for &(name, name_len, value, value_len) in at {
-            let name = HeaderName::from_bytes(&head[name..name + name_len]).ok()?;
-            let value =
-                HeaderValue::from_maybe_shared(head.slice(value..value + value_len)).ok()?;
-            headers.append(name, value);
-        }
-        Some(headers)
     }
 }
 
@@ -1475,7 +1579,9 @@ mod tests {
         let (addr, accepted) = server(Close::AfterAnswers(usize::MAX)).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..5 {
-            let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
+                .await
+                .unwrap();
             assert_eq!(body(resp).await, "hello");
             assert_eq!(idle.len(), 1);
         }
@@ -1486,10 +1592,14 @@ mod tests {
     async fn a_response_whose_body_is_dropped_unread_does_not_return_its_connection() {
         let (addr, accepted) = server(Close::AfterAnswers(usize::MAX)).await;
         let idle = Arc::new(Idle::default());
-        let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
+            .await
+            .unwrap();
         drop(resp);
         assert!(idle.is_empty());
-        let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
+            .await
+            .unwrap();
         assert_eq!(body(resp).await, "hello");
         assert_eq!(accepted.load(SeqCst), 2);
     }
@@ -1499,7 +1609,9 @@ mod tests {
         let (addr, accepted) = server(Close::AfterAnswers(1)).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..3 {
-            let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
+                .await
+                .unwrap();
             assert_eq!(body(resp).await, "hello");
             // Let the event loop see the upstream's close.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1514,7 +1626,7 @@ mod tests {
         let (addr, accepted) = server(Close::OnRequestAfter(1)).await;
         let idle = Arc::new(Idle::default());
         for i in 0..5 {
-            let resp = send(&idle, &addr, 1000, T, get(), &[]).await;
+            let resp = send(&idle, &addr, 1000, T, get(), Extra::default()).await;
             let resp = resp.unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(body(resp).await, "hello");
         }
@@ -1533,8 +1645,15 @@ mod tests {
                 .unwrap()
         };
         let idle = Arc::new(Idle::default());
-        body(send(&idle, &addr, 1000, T, post(), &[]).await.unwrap()).await;
-        let err = send(&idle, &addr, 1000, T, post(), &[]).await.unwrap_err();
+        body(
+            send(&idle, &addr, 1000, T, post(), Extra::default())
+                .await
+                .unwrap(),
+        )
+        .await;
+        let err = send(&idle, &addr, 1000, T, post(), Extra::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, SendError::Protocol(_)), "{err}");
         let with_body = || {
             Request::put("/")
@@ -1543,8 +1662,13 @@ mod tests {
                 .unwrap()
         };
         let idle = Arc::new(Idle::default());
-        body(send(&idle, &addr, 1000, T, with_body(), &[]).await.unwrap()).await;
-        let err = send(&idle, &addr, 1000, T, with_body(), &[])
+        body(
+            send(&idle, &addr, 1000, T, with_body(), Extra::default())
+                .await
+                .unwrap(),
+        )
+        .await;
+        let err = send(&idle, &addr, 1000, T, with_body(), Extra::default())
             .await
             .unwrap_err();
         assert!(matches!(err, SendError::Protocol(_)), "{err}");
@@ -1557,7 +1681,9 @@ mod tests {
             l.local_addr().unwrap().to_string()
         };
         let idle = Arc::new(Idle::default());
-        let err = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap_err();
+        let err = send(&idle, &addr, 1000, T, get(), Extra::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, SendError::Connect(_)), "{err}");
     }
 
@@ -1597,7 +1723,11 @@ mod tests {
         // MAX_IDLE + 2 exchanges in flight at once, then all bodies read.
         let mut resps = Vec::new();
         for _ in 0..MAX_IDLE + 2 {
-            resps.push(send(&idle, &addr, 1000, T, get(), &[]).await.unwrap());
+            resps.push(
+                send(&idle, &addr, 1000, T, get(), Extra::default())
+                    .await
+                    .unwrap(),
+            );
         }
         for r in resps {
             body(r).await;
@@ -1653,7 +1783,9 @@ mod tests {
         let (addr, _, accepted) = scripted(answer, true, false).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..2 {
-            let mut resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
+            let mut resp = send(&idle, &addr, 1000, T, get(), Extra::default())
+                .await
+                .unwrap();
             let fields = resp.body_mut().take_fields().unwrap().to_map();
             assert!(!fields.contains_key("transfer-encoding"), "{fields:?}");
             let (data, trailers) = collect(resp).await;
@@ -1670,7 +1802,9 @@ mod tests {
             HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
         let (addr, _, _) = scripted(answer, false, false).await;
         let idle = Arc::new(Idle::default());
-        let mut resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
+        let mut resp = send(&idle, &addr, 1000, T, get(), Extra::default())
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
         assert!(!resp
             .body_mut()
@@ -1693,7 +1827,9 @@ mod tests {
                 .unwrap()
         };
         for _ in 0..3 {
-            let mut resp = send(&idle, &addr, 1000, T, head(), &[]).await.unwrap();
+            let mut resp = send(&idle, &addr, 1000, T, head(), Extra::default())
+                .await
+                .unwrap();
             assert_eq!(resp.body_mut().take_fields().unwrap().length, Some(5));
             assert!(resp.body().is_end_stream());
             assert_eq!(collect(resp).await.0, "");
@@ -1709,7 +1845,9 @@ mod tests {
     async fn a_body_without_length_runs_to_the_close_and_is_not_pooled() {
         let (addr, _, _) = scripted(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", false, true).await;
         let idle = Arc::new(Idle::default());
-        let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
+        let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
+            .await
+            .unwrap();
         assert_eq!(collect(resp).await.0, "until the end");
         assert!(idle.is_empty());
 
@@ -1719,7 +1857,9 @@ mod tests {
             b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
         ] {
             let (addr, _, _) = scripted(answer, false, false).await;
-            let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
+                .await
+                .unwrap();
             assert_eq!(collect(resp).await.0, "ok");
             assert!(idle.is_empty());
         }
@@ -1730,7 +1870,9 @@ mod tests {
         let idle = Arc::new(Idle::default());
         let answer = b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 2\r\n\r\nok";
         let (addr, _, _) = scripted(answer, false, false).await;
-        let mut resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
+        let mut resp = send(&idle, &addr, 1000, T, get(), Extra::default())
+            .await
+            .unwrap();
         assert!(!resp
             .body_mut()
             .take_fields()
@@ -1743,13 +1885,20 @@ mod tests {
         let answer = b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok";
         let (addr, _, _) = scripted(answer, false, false).await;
         let idle = Arc::new(Idle::default());
-        collect(send(&idle, &addr, 1000, T, get(), &[]).await.unwrap()).await;
+        collect(
+            send(&idle, &addr, 1000, T, get(), Extra::default())
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!(idle.len(), 1, "HTTP/1.0 with keep-alive is reused");
 
         let answer = b"HTTP/1.1 200 OK\r\nconnection: x-hop, Close\r\nx-hop: 1\r\nKeep-Alive: 5\r\nx-end: 1\r\ncontent-length: 2\r\n\r\nok";
         let (addr, _, _) = scripted(answer, false, false).await;
         let idle = Arc::new(Idle::default());
-        let mut resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
+        let mut resp = send(&idle, &addr, 1000, T, get(), Extra::default())
+            .await
+            .unwrap();
         let fields = resp.body_mut().take_fields().unwrap();
         let names: Vec<_> = fields.iter().map(|(n, _)| n.to_vec()).collect();
         assert_eq!(
@@ -1774,7 +1923,9 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
         ] {
             let (addr, _, _) = scripted(answer, false, false).await;
-            let err = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap_err();
+            let err = send(&idle, &addr, 1000, T, get(), Extra::default())
+                .await
+                .unwrap_err();
             assert!(matches!(err, SendError::Protocol(_)), "{err}");
         }
         for answer in [
@@ -1783,7 +1934,9 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
         ] {
             let (addr, _, _) = scripted(answer, false, true).await;
-            let resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
+                .await
+                .unwrap();
             assert!(resp.into_body().collect().await.is_err());
             assert!(idle.is_empty());
         }
@@ -1792,7 +1945,9 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n\
             2\r\nok\r\n0\r\n\r\n";
         let (addr, _, _) = scripted(answer, false, false).await;
-        let mut resp = send(&idle, &addr, 1000, T, get(), &[]).await.unwrap();
+        let mut resp = send(&idle, &addr, 1000, T, get(), Extra::default())
+            .await
+            .unwrap();
         assert_eq!(resp.body_mut().take_fields().unwrap().length, None);
         assert_eq!(collect(resp).await.0, "ok");
         assert!(idle.is_empty());
@@ -1830,7 +1985,12 @@ mod tests {
             .header("transfer-encoding", "gzip")
             .body(http_body_util::Full::new(Bytes::from_static(b"abc")))
             .unwrap();
-        collect(send(&idle, &addr, 1000, T, post, &[]).await.unwrap()).await;
+        collect(
+            send(&idle, &addr, 1000, T, post, Extra::default())
+                .await
+                .unwrap(),
+        )
+        .await;
         let mut trailers = HeaderMap::new();
         trailers.insert("x-check", HeaderValue::from_static("1"));
         let frames = [
@@ -1842,13 +2002,23 @@ mod tests {
             .header("host", "x")
             .body(Streamed(frames.into_iter().collect()))
             .unwrap();
-        collect(send(&idle, &addr, 1000, T, streamed, &[]).await.unwrap()).await;
+        collect(
+            send(&idle, &addr, 1000, T, streamed, Extra::default())
+                .await
+                .unwrap(),
+        )
+        .await;
         let empty = Request::post("/e")
             .header("host", "x")
             .header("content-length", "0")
             .body(Empty::<Bytes>::new())
             .unwrap();
-        collect(send(&idle, &addr, 1000, T, empty, &[]).await.unwrap()).await;
+        collect(
+            send(&idle, &addr, 1000, T, empty, Extra::default())
+                .await
+                .unwrap(),
+        )
+        .await;
         let seen = String::from_utf8(seen.lock().unwrap().clone()).unwrap();
         assert_eq!(
             seen,
@@ -1887,7 +2057,9 @@ mod tests {
                 .header("host", "x")
                 .body(http_body_util::Full::new(big))
                 .unwrap();
-            let resp = send(&idle, &addr, 1000, T, req, &[]).await.unwrap();
+            let resp = send(&idle, &addr, 1000, T, req, Extra::default())
+                .await
+                .unwrap();
             assert_eq!(resp.status(), 413);
             assert_eq!(collect(resp).await.0, "big");
             assert!(idle.is_empty());
@@ -1950,7 +2122,9 @@ mod tests {
         // Six quick requests over ~3 s on one connection: the timer armed by the first
         // goes off during a later one and is moved on, not taken as a timeout.
         for _ in 0..6 {
-            let resp = send(&idle, &addr, 1000, timeout, get(), &[]).await.unwrap();
+            let resp = send(&idle, &addr, 1000, timeout, get(), Extra::default())
+                .await
+                .unwrap();
             assert_eq!(collect(resp).await.0, "ok");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -1959,11 +2133,13 @@ mod tests {
             .header("host", "x")
             .body(Empty::new())
             .unwrap();
-        let err = send(&idle, &addr, 1000, timeout, slow, &[])
+        let err = send(&idle, &addr, 1000, timeout, slow, Extra::default())
             .await
             .unwrap_err();
         assert!(matches!(err, SendError::Timeout), "{err}");
-        let resp = send(&idle, &addr, 1000, timeout, get(), &[]).await.unwrap();
+        let resp = send(&idle, &addr, 1000, timeout, get(), Extra::default())
+            .await
+            .unwrap();
         assert_eq!(
             collect(resp).await.0,
             "ok",
