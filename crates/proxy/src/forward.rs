@@ -65,7 +65,7 @@ impl BodyEnd {
 }
 
 /// A client's request body: hyper's, or none. A request the proxy's own HTTP/1.1
-/// reader took ([`crate::h1`]: only requests without a body) has `Read`: its head,
+/// reader took (`h1`: only requests without a body) has `Read`: its head,
 /// whose fields stand in for the empty `HeaderMap`.
 #[derive(Debug)]
 pub enum ClientBody {

@@ -901,7 +901,7 @@ impl RawFields {
     }
 }
 
-/// A request head the proxy read itself ([`crate::h1`]): its fields as places in it,
+/// A request head the proxy read itself (`h1`): its fields as places in it,
 /// in the client's order and letter case, `Connection` left out (the reader takes no
 /// request whose `Connection` names anything). Such a request's `HeaderMap` is empty;
 /// lookups scan the few fields (cheaper than building and hashing a map), and the
