@@ -718,7 +718,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
     let (mut length, mut chunked, mut has_date) = (None, None, false);
     let mut bad = None;
     let mut raw = Box::new(RawFields::EMPTY);
-    raw.fields.collect(buf, resp.headers, |h| {
+    raw.raw.fields.collect(buf, resp.headers, |h| {
         let name = h.name.as_bytes();
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
         let keep = match name.len() {
@@ -773,12 +773,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
             .flat_map(|h| h.value.split(|&c| c == b','))
             .map(<[u8]>::trim_ascii)
             .collect();
-        raw.fields.retain(|&(n, l, _, _)| {
+        raw.raw.fields.retain(|&(n, l, _, _)| {
             let name = &buf[n..n + l];
             !named.iter().any(|t| t.eq_ignore_ascii_case(name))
         });
     }
-    raw.head = buf.split_to(len).freeze();
+    raw.raw.head = buf.split_to(len).freeze();
     raw.length = length;
     raw.has_date = has_date;
     Ok(Some(Head {
@@ -812,8 +812,7 @@ fn content_length(v: &[u8]) -> Option<u64> {
 /// [`to_map`](Self::to_map) makes one.
 #[derive(Debug)]
 pub struct RawFields {
-    head: Bytes,
-    fields: Fields,
+    raw: RawHead,
     /// The upstream's `Content-Length`, when the body is framed by it (for a `HEAD` or
     /// `304` answer: the length the body would have had).
     pub length: Option<u64>,
@@ -826,8 +825,7 @@ pub struct RawFields {
 impl RawFields {
     /// No fields.
     pub const EMPTY: RawFields = RawFields {
-        head: Bytes::new(),
-        fields: Fields::EMPTY,
+        raw: RawHead::EMPTY,
         length: None,
         has_date: false,
         added: [None, None],
@@ -835,10 +833,7 @@ impl RawFields {
 
     /// The upstream's fields, `(name, value)`, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.fields
-            .places()
-            .iter()
-            .map(|&(n, nl, v, vl)| (&self.head[n..n + nl], &self.head[v..v + vl]))
+        self.raw.iter()
     }
 
     /// The fields the proxy added, in order.
@@ -863,7 +858,7 @@ impl RawFields {
 
     /// Whether there are none (and no length).
     pub fn is_empty(&self) -> bool {
-        self.fields.places().is_empty()
+        self.raw.fields.places().is_empty()
             && self.length.is_none()
             && self.added.iter().all(Option::is_none)
     }
@@ -872,18 +867,7 @@ impl RawFields {
     /// `httparse` checked them with the rules `http` has; one `http` refused anyway
     /// would be left out.
     pub fn to_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.fields.places().len() + 1);
-        for &(n, nl, v, vl) in self.fields.places() {
-            match (
-                HeaderName::from_bytes(&self.head[n..n + nl]),
-                HeaderValue::from_maybe_shared(self.head.slice(v..v + vl)),
-            ) {
-                (Ok(name), Ok(value)) => {
-                    map.append(name, value);
-                }
-                _ => tracing::debug!("an upstream field the http crate refuses was left out"),
-            }
-        }
+        let mut map = self.raw.to_map();
         if let Some(n) = self.length {
             map.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
