@@ -348,9 +348,17 @@ EOF
 
 first=1
 WORKERS_DONE=()
+# The order rotates by one target each repetition (A B C, B C A, C A B, ...), so no
+# target always runs right after the same one (after `direct`, say, which loads the
+# upstream hardest): a position effect then shows as spread, not as a bias.
+rotated() {
+  local -a ts=($TARGETS)
+  local n=${#ts[@]} k=$(( ($1 - 1) % ${#ts[@]} )) i
+  for ((i = 0; i < n; i++)); do printf '%s ' "${ts[$(( (i + k) % n ))]}"; done
+}
 for w in $WORKERS_LIST; do
   for r in $(seq "$REPS"); do
-    for t in $TARGETS; do
+    for t in $(rotated "$r"); do
       [[ "$t" == direct && $first == 0 ]] && continue   # direct has no workers knob: measured in the first pass only
       log "workers=$w rep $r/$REPS: $t"
       measure "$t" "$w" "$r"

@@ -344,7 +344,7 @@ def report(raw, metapath, outbase):
     L.append(f"Load: `wrk -t1 -c{{{','.join(conns)}}} -d{p['duration']}s` after a {p['warmup']} s warm-up; "
              f"latency: `oha -z {p['oha_duration']}s -q {p['rate']} -c {p['oha_conns']} --latency-correction`; "
              f"{p['reps']} repetition(s), targets alternated within each repetition "
-             f"({' '.join(p['targets'])}). Cells: median (min–max). "
+             f"({' '.join(p['targets'])}, the order rotated by one each repetition). Cells: median (min–max). "
              f"CPU = utime+stime of the proxy's processes during the wrk run / requests completed. "
              f"For `direct` the CPU and RSS are the upstream nginx's own. "
              f"Upstreams: one nginx, 1 worker, `return 200` on :18001 (v1) / :18002 (v2). "

@@ -172,8 +172,8 @@ pub(crate) async fn serve(
     let mut buf = BytesMut::with_capacity(upstream::READ_CHUNK);
     let mut out = Vec::with_capacity(1024);
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(IDLE_TIMER));
-    // One wait for the whole connection: made anew per request, its registration
-    // with the channel cost ~1.5% of a request.
+    // One wait for the whole connection (one made per request cost ~1.5% of a
+    // request, in its registration with the channel).
     let stopping = stopped(stop.clone());
     tokio::pin!(stopping);
     loop {
