@@ -219,16 +219,16 @@ impl ConnInfo {
 
 /// A request's fields: in its `HeaderMap`, or in the head the proxy read.
 #[derive(Clone, Copy)]
-enum Fields<'a> {
+enum RequestFields<'a> {
     Map(&'a HeaderMap),
     Raw(&'a RawHead),
 }
 
-impl<'a> Fields<'a> {
-    fn of(req: &'a Request<ClientBody>) -> Fields<'a> {
+impl<'a> RequestFields<'a> {
+    fn of(req: &'a Request<ClientBody>) -> RequestFields<'a> {
         match req.body() {
-            ClientBody::Read(head) => Fields::Raw(head),
-            _ => Fields::Map(req.headers()),
+            ClientBody::Read(head) => RequestFields::Raw(head),
+            _ => RequestFields::Map(req.headers()),
         }
     }
 
@@ -236,19 +236,19 @@ impl<'a> Fields<'a> {
     #[inline]
     fn get(self, name: &str) -> Option<&'a [u8]> {
         match self {
-            Fields::Map(m) => m.get(name).map(HeaderValue::as_bytes),
-            Fields::Raw(r) => r.get(name),
+            RequestFields::Map(m) => m.get(name).map(HeaderValue::as_bytes),
+            RequestFields::Raw(r) => r.get(name),
         }
     }
 
     /// Every value of `name` (lowercase), in order.
     fn values(self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         let (map, raw) = match self {
-            Fields::Map(m) => (
+            RequestFields::Map(m) => (
                 Some(m.get_all(name).iter().map(HeaderValue::as_bytes)),
                 None,
             ),
-            Fields::Raw(r) => (None, Some(r.values(name))),
+            RequestFields::Raw(r) => (None, Some(r.values(name))),
         };
         map.into_iter().flatten().chain(raw.into_iter().flatten())
     }
@@ -256,15 +256,15 @@ impl<'a> Fields<'a> {
     /// Size of the header block as it came in (names, values, separators).
     fn size(self) -> usize {
         match self {
-            Fields::Map(m) => m.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum(),
-            Fields::Raw(r) => r.iter().map(|(k, v)| k.len() + v.len() + 4).sum(),
+            RequestFields::Map(m) => m.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum(),
+            RequestFields::Raw(r) => r.iter().map(|(k, v)| k.len() + v.len() + 4).sum(),
         }
     }
 }
 
 /// The request as the core sees it.
 struct Facts<'a> {
-    fields: Fields<'a>,
+    fields: RequestFields<'a>,
     query: Option<&'a str>,
     ip: IpAddr,
 }
@@ -346,7 +346,7 @@ const BAD_HOST: &str = "missing or invalid Host header\n";
 /// says must get a `400`: more than one `Host` line, an invalid one, an HTTP/1.1
 /// request without, or an invalid target authority.
 fn request_host(req: &Request<ClientBody>) -> Result<Option<HeaderValue>, &'static str> {
-    let mut lines = Fields::of(req).values("host");
+    let mut lines = RequestFields::of(req).values("host");
     let host = lines.next();
     if lines.next().is_some() {
         return Err(BAD_HOST);
@@ -432,13 +432,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     for name in h.keys() {
         if *name == header::CONNECTION {
             connection = true;
-        } else if *name == header::UPGRADE
-            || *name == header::PROXY_AUTHORIZATION
-            || *name == header::TRANSFER_ENCODING
-            || *name == header::TE
-            || name.as_str() == "keep-alive"
-            || name.as_str() == "proxy-connection"
-        {
+        } else if upstream::hop_by_hop(name.as_str().as_bytes()) {
             other = true;
         }
     }
@@ -490,17 +484,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     // Of TE only "trailers" may pass (gRPC needs it; HTTP/2 allows nothing else),
     // whatever the list or the number of lines it came in.
     if h.contains_key(header::TE) {
-        let trailers = h.get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',').any(|t| {
-                    t.split(';')
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                        .eq_ignore_ascii_case("trailers")
-                })
-            })
-        });
+        let trailers = h
+            .get_all(header::TE)
+            .iter()
+            .any(|v| upstream::te_lists_trailers(v.as_bytes()));
         h.remove(header::TE);
         if trailers {
             h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -548,7 +535,7 @@ impl Proxy {
         if target > max {
             return error_response(StatusCode::URI_TOO_LONG, "request target too long\n");
         }
-        if target + Fields::of(&req).size() > max {
+        if target + RequestFields::of(&req).size() > max {
             return error_response(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request header fields too large\n",
@@ -569,7 +556,7 @@ impl Proxy {
         let route = &snap.table.routes[idx];
         let entry = &snap.entries[idx];
         let facts = Facts {
-            fields: Fields::of(&req),
+            fields: RequestFields::of(&req),
             query: req.uri().query(),
             ip: conn.peer.ip(),
         };
@@ -634,7 +621,7 @@ async fn forward(
         }
     }
     let (body, body_end) = UpstreamBody::new(body, pool.is_http2());
-    let (up_req, added, raw_host) = build_upstream_request(
+    let (up_req, added, upstream_host) = build_upstream_request(
         &mut parts,
         body,
         (conn, host, raw.as_deref()),
@@ -664,9 +651,9 @@ async fn forward(
         None => {
             let connect_ms = entry.timeouts.connect_ms;
             let extra = Extra {
-                added: added.fields(),
+                host: upstream_host.as_ref(),
                 raw: raw.as_deref(),
-                host: raw_host.as_ref(),
+                added: added.fields(),
             };
             let addr = &instance.addr;
             upstream::send(instance.idle(), addr, connect_ms, timeout, up_req, extra).await
@@ -786,9 +773,9 @@ impl Added {
     }
 }
 
-/// The upstream request, the proxy's fields for it, and for a request whose head the
-/// proxy read (`raw`, whose fields are written as they came, less what is removed or
-/// set) the `Host` to write.
+/// The upstream request, the proxy's fields for it, and (to an HTTP/1.1 upstream) the
+/// `Host` to write. The fields of a request whose head the proxy read (`raw`) are
+/// written as they came, less what is removed or set.
 fn build_upstream_request(
     parts: &mut http::request::Parts,
     body: UpstreamBody,
@@ -825,8 +812,8 @@ fn build_upstream_request(
     let mut headers = std::mem::take(&mut parts.headers);
     strip_hop_by_hop(&mut headers, upgrade);
     let fields = match raw {
-        Some(r) => Fields::Raw(r),
-        None => Fields::Map(&headers),
+        Some(r) => RequestFields::Raw(r),
+        None => RequestFields::Map(&headers),
     };
     // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3): keep them all.
     let xff = {
@@ -843,27 +830,18 @@ fn build_upstream_request(
             HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.peer_header.clone())
         }
     };
-    // A head the proxy read gets its `Host` written by the exchange: the request's
-    // host, or (HTTP/1.0 without one) the instance's.
-    let raw_host = raw.map(|_| host.clone().unwrap_or_else(|| instance.host_header.clone()));
-    match &host {
-        _ if raw.is_some() => {}
-        // `:authority` names the instance (the client connects by it); a `Host` that
-        // differs from it is malformed HTTP/2 (RFC 9113 §8.3.1). The client's host
-        // travels in `X-Forwarded-Host`.
-        Some(_) if pool.is_http2() => drop(headers.remove(header::HOST)),
-        // The request's host: the same `Host` line (most often: nothing to do), or the
-        // authority of an absolute-form target, which replaces `Host` (RFC 9112 §3.2.2).
-        Some(h) if headers.get(header::HOST) != Some(h) => {
-            headers.insert(header::HOST, h.clone());
-        }
-        Some(_) => {}
-        // HTTP/1.1 requires a `Host` (an HTTP/1.0 client may send none): the instance's.
-        None if !pool.is_http2() => {
-            headers.insert(header::HOST, instance.host_header.clone());
-        }
-        None => {}
+    // `Host` is written by the HTTP/1.1 exchange, never taken from the client's
+    // fields: the request's host (its one `Host` line, or the authority of an
+    // absolute-form target, which replaces `Host`: RFC 9112 §3.2.2), or, as HTTP/1.1
+    // requires one and an HTTP/1.0 client may send none, the instance's. To HTTP/2,
+    // `:authority` names the instance (the client connects by it), and a `Host` that
+    // differs from it is malformed (RFC 9113 §8.3.1): the client's host travels in
+    // `X-Forwarded-Host`.
+    if !headers.is_empty() {
+        headers.remove(header::HOST);
     }
+    let upstream_host =
+        (!pool.is_http2()).then(|| host.clone().unwrap_or_else(|| instance.host_header.clone()));
     let len = if host.is_some() { 5 } else { 4 };
     let added = Added {
         fields: [
@@ -894,7 +872,7 @@ fn build_upstream_request(
         }
     }
     *up.headers_mut() = headers;
-    (up, added, raw_host)
+    (up, added, upstream_host)
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap};
+use http::header;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::Either;
@@ -50,7 +50,9 @@ use tokio::time::{Instant, Sleep};
 use crate::forward::ProxyBody;
 use crate::forward::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
-use crate::upstream::{self, connection_tokens, Fields, RawFields, RawHead};
+use crate::upstream::{
+    self, connection_tokens, write_field, write_trailers, Fields, RawFields, RawHead,
+};
 
 /// Fields a request may have and still be read here.
 const MAX_FIELDS: usize = 100;
@@ -464,7 +466,7 @@ async fn write_response<B: Body<Data = Bytes> + Unpin>(
         io.write_all(out).await?;
         return Ok(keep);
     }
-    let mut head_pending = true;
+    // `out` holds the head until the first write, and is empty after every write.
     loop {
         let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         let frame = match frame {
@@ -474,7 +476,7 @@ async fn write_response<B: Body<Data = Bytes> + Unpin>(
             // for the whole (no last chunk; a length left short), so the connection
             // ends here.
             Some(Err(_)) => {
-                if head_pending {
+                if !out.is_empty() {
                     io.write_all(out).await?;
                 }
                 return Ok(false);
@@ -485,9 +487,6 @@ async fn write_response<B: Body<Data = Bytes> + Unpin>(
             Err(f) => {
                 if framing == Framing::Chunked {
                     if let Ok(trailers) = f.into_trailers() {
-                        if !head_pending {
-                            out.clear();
-                        }
                         out.extend_from_slice(b"0\r\n");
                         write_trailers(out, &trailers);
                         out.extend_from_slice(b"\r\n");
@@ -501,10 +500,6 @@ async fn write_response<B: Body<Data = Bytes> + Unpin>(
         if data.is_empty() {
             continue;
         }
-        if !head_pending {
-            out.clear();
-        }
-        head_pending = false;
         if framing == Framing::Chunked {
             hex(out, data.len());
             out.extend_from_slice(b"\r\n");
@@ -529,22 +524,13 @@ async fn write_response<B: Body<Data = Bytes> + Unpin>(
         }
         out.clear();
     }
-    if head_pending {
-        if framing == Framing::Chunked {
-            out.extend_from_slice(b"0\r\n\r\n");
-        }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    if !out.is_empty() {
         io.write_all(out).await?;
-    } else if framing == Framing::Chunked {
-        io.write_all(b"0\r\n\r\n").await?;
     }
     Ok(keep)
-}
-
-fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 fn decimal(out: &mut Vec<u8>, mut n: u64) {
@@ -566,12 +552,6 @@ fn hex(out: &mut Vec<u8>, n: usize) {
     let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
     for i in (0..digits).rev() {
         out.push(HEX[(n >> (4 * i)) & 0xf]);
-    }
-}
-
-fn write_trailers(out: &mut Vec<u8>, trailers: &HeaderMap) {
-    for (name, value) in trailers {
-        write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
 }
 
@@ -774,7 +754,7 @@ mod tests {
         .await;
         assert_eq!(text, "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi");
         // Unknown size: chunked, trailers at the end.
-        let mut trailers = HeaderMap::new();
+        let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
         let body = frames(vec![
             Ok(Frame::data(Bytes::from("hello"))),

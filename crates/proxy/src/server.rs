@@ -46,14 +46,17 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()>,
 ) {
     let limits = proxy.snapshot().limits.clone();
+    let header_timeout = Duration::from_millis(limits.header_timeout_ms);
+    // hyper's read-buffer cap (431 above it; 8 KiB is the smallest it accepts), and
+    // the most the own reader reads of a head before handing it to hyper. The exact
+    // configured limit is enforced per request in `forward`.
+    let max_head = limits.max_header_bytes.max(8192) + 1024;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(limits.header_timeout_ms))
-        // hyper's own cap (431 above it); 8 KiB is the smallest it accepts. The exact
-        // configured limit is enforced per request in `forward`.
-        .max_buf_size(limits.max_header_bytes.max(8192) + 1024)
+        .header_read_timeout(header_timeout)
+        .max_buf_size(max_head)
         .keep_alive(true);
     builder
         .http2()
@@ -63,8 +66,8 @@ pub async fn serve_with(
     let settings = Arc::new(Settings {
         proxy,
         hyper: Arc::new(builder),
-        header_timeout: Duration::from_millis(limits.header_timeout_ms),
-        max_head: limits.max_header_bytes.max(8192) + 1024,
+        header_timeout,
+        max_head,
     });
     // Every connection holds a receiver: `true` asks it to finish, and the sender's
     // `closed()` is the moment the last one has.

@@ -476,7 +476,10 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, extra: Extra<'_>, framing: Requ
         if *name == header::TRANSFER_ENCODING {
             continue;
         }
-        write_field(out, name, value);
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some(host) = extra.host {
+        write_field(out, b"host", host.as_bytes());
     }
     if let Some(raw) = extra.raw {
         let mut trailers = false;
@@ -486,17 +489,14 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, extra: Extra<'_>, framing: Requ
                 trailers |= name.eq_ignore_ascii_case(b"te") && te_lists_trailers(value);
                 continue;
             }
-            write_raw_field(out, name, value);
-        }
-        if let Some(host) = extra.host {
-            write_field(out, &header::HOST, host);
+            write_field(out, name, value);
         }
         if trailers {
             out.extend_from_slice(b"te: trailers\r\n");
         }
     }
     for (name, value) in extra.added {
-        write_field(out, name, value);
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     match framing {
         RequestFraming::Empty if had_length => out.extend_from_slice(b"content-length: 0\r\n"),
@@ -509,17 +509,19 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, extra: Extra<'_>, framing: Requ
     out.extend_from_slice(b"\r\n");
 }
 
-fn write_raw_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// Writes the fields of a trailer section (between the last chunk and the blank line).
+pub(crate) fn write_trailers(out: &mut Vec<u8>, trailers: &HeaderMap) {
+    for (name, value) in trailers {
+        write_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+}
+
+/// Writes one header field line (the request's to the upstream, the answer's to the
+/// client).
+pub(crate) fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -593,9 +595,7 @@ async fn write_body<W: AsyncWrite + Unpin, B: RequestBody>(
             Err(frame) => {
                 if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
                     out.extend_from_slice(b"0\r\n");
-                    for (name, value) in &trailers {
-                        write_field(out, name, value);
-                    }
+                    write_trailers(out, &trailers);
                     out.extend_from_slice(b"\r\n");
                     trailers_sent = true;
                 }
@@ -721,7 +721,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
     raw.raw.fields.collect(buf, resp.headers, |h| {
         let name = h.name.as_bytes();
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-        let keep = match name.len() {
+        match name.len() {
             10 if is("connection") => {
                 names_fields |= connection_tokens(h.value, &mut close, &mut keep_alive);
                 upgrade
@@ -745,20 +745,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
                 chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
                 false
             }
-            7 if is("upgrade") => upgrade,
-            10 if is("keep-alive") => false,
-            2 if is("te") => false,
-            16 if is("proxy-connection") => false,
+            7 if upgrade && is("upgrade") => true,
             // The proxy sets it on every answer: an upstream's own is replaced.
             16 if is("x-canary-version") => false,
-            19 if is("proxy-authorization") => false,
             4 if is("date") => {
                 has_date = true;
                 true
             }
-            _ => true,
-        };
-        keep
+            _ => !hop_by_hop(name),
+        }
     });
     if let Some(why) = bad {
         return Err(why.into());
@@ -945,32 +940,44 @@ impl RawHead {
 /// What an upstream request carries besides its own `HeaderMap`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Extra<'a> {
-    /// The proxy's fields (`X-Forwarded-*`, `X-Canary-*`), written last.
-    pub added: &'a [(&'a HeaderName, HeaderValue)],
+    /// `Host`, written after the map's fields (the map then has none).
+    pub host: Option<&'a HeaderValue>,
     /// A request head the proxy read itself: its fields are written too, less the
     /// hop-by-hop ones, the framing, `Host` and those the proxy sets.
     pub raw: Option<&'a RawHead>,
-    /// `Host` for such a request.
-    pub host: Option<&'a HeaderValue>,
+    /// The proxy's fields (`X-Forwarded-*`, `X-Canary-*`), written last.
+    pub added: &'a [(&'a HeaderName, HeaderValue)],
 }
 
-/// Whether a field of a request the proxy read is left out of what goes upstream:
-/// hop-by-hop (RFC 9110 §7.6.1), framing (written from the body), `Host` (written from
-/// the request's host), and the fields the proxy sets itself.
-fn not_forwarded(name: &[u8]) -> bool {
+/// Whether a field is hop-by-hop (RFC 9110 §7.6.1): for one connection only, never
+/// passed on. (So are the fields a `Connection` names; those are found where it is read.)
+pub(crate) fn hop_by_hop(name: &[u8]) -> bool {
     let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
     match name.len() {
         2 => is("te"),
-        4 => is("host"),
         7 => is("upgrade"),
-        10 => is("keep-alive") || is("connection"),
-        14 => is("content-length") || is("x-canary-route"),
-        15 => is("x-forwarded-for"),
-        16 => is("proxy-connection") || is("x-canary-version") || is("x-forwarded-host"),
-        17 => is("transfer-encoding") || is("x-forwarded-proto"),
+        10 => is("connection") || is("keep-alive"),
+        16 => is("proxy-connection"),
+        17 => is("transfer-encoding"),
         19 => is("proxy-authorization"),
         _ => false,
     }
+}
+
+/// Whether a field of a request the proxy read is left out of what goes upstream:
+/// hop-by-hop, framing (written from the body), `Host` (written from the request's
+/// host), and the fields the proxy sets itself.
+fn not_forwarded(name: &[u8]) -> bool {
+    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    hop_by_hop(name)
+        || match name.len() {
+            4 => is("host"),
+            14 => is("content-length") || is("x-canary-route"),
+            15 => is("x-forwarded-for"),
+            16 => is("x-canary-version") || is("x-forwarded-host"),
+            17 => is("x-forwarded-proto"),
+            _ => false,
+        }
 }
 
 /// Whether a `TE` value lists `trailers` (the one coding that may pass).
@@ -992,7 +999,8 @@ const FEW_FIELDS: usize = 16;
 
 /// Where a parsed head's fields are in its buffer, so that their values can be
 /// slices of the head once it is split off (no copy). Most heads have a few fields:
-/// those fit on the stack (zeroing room for all 100 would cost more than the parse).
+/// their places fit inline, with no allocation of their own (room for all 100 would
+/// cost more to clear than the parse).
 #[derive(Debug)]
 pub(crate) struct Fields {
     few: [Place; FEW_FIELDS],
