@@ -417,6 +417,11 @@ def report(raw, metapath, outbase):
             L.append(f"- workers={k.replace('/', ' ')}: {f}")
         L.append("")
     L.append(f"Wall time: {meta.get('wall_s', '?')} s. Raw per-run figures are in the JSON file.")
+    if p.get("shortened_by_budget"):
+        L.append("")
+        L.append(f"The runs were shortened (or a repetition dropped) to keep the whole script within its "
+                 f"{p['budget_s']} s budget: this run also installed tools or built the binary. "
+                 f"A second run uses the full durations.")
     L.append("")
     with open(outbase + ".md", "w") as f:
         f.write("\n".join(L))
