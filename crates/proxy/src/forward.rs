@@ -243,14 +243,10 @@ impl<'a> RequestFields<'a> {
 
     /// Every value of `name` (lowercase), in order.
     fn values(self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        let (map, raw) = match self {
-            RequestFields::Map(m) => (
-                Some(m.get_all(name).iter().map(HeaderValue::as_bytes)),
-                None,
-            ),
-            RequestFields::Raw(r) => (None, Some(r.values(name))),
-        };
-        map.into_iter().flatten().chain(raw.into_iter().flatten())
+        match self {
+            RequestFields::Map(m) => Values::Map(m.get_all(name).iter().map(HeaderValue::as_bytes)),
+            RequestFields::Raw(r) => Values::Raw(r.values(name)),
+        }
     }
 
     /// Size of the header block as it came in (names, values, separators).
@@ -258,6 +254,30 @@ impl<'a> RequestFields<'a> {
         match self {
             RequestFields::Map(m) => m.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum(),
             RequestFields::Raw(r) => r.iter().map(|(k, v)| k.len() + v.len() + 4).sum(),
+        }
+    }
+}
+
+/// The values of one field name from either kind of [`RequestFields`]. (Two chained
+/// `Option` iterators, flattened, cost ~40 instructions per field looked at; the three
+/// lookups a request makes were 3% of a browser-like request.)
+enum Values<M, R> {
+    Map(M),
+    Raw(R),
+}
+
+impl<'a, M, R> Iterator for Values<M, R>
+where
+    M: Iterator<Item = &'a [u8]>,
+    R: Iterator<Item = &'a [u8]>,
+{
+    type Item = &'a [u8];
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a [u8]> {
+        match self {
+            Values::Map(m) => m.next(),
+            Values::Raw(r) => r.next(),
         }
     }
 }

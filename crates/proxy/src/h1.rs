@@ -426,9 +426,7 @@ async fn write_response<B: Body<Data = Bytes> + Unpin>(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in fields.iter() {
-        write_field(out, name, value);
-    }
+    fields.write(out);
     // No length on a `1xx` or `204` (RFC 9110 §8.6). A `HEAD` answer and a `304` keep
     // the one they came with: a length added here would be the empty body's.
     let drop_length = status.is_informational() || status == StatusCode::NO_CONTENT;
