@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use crate::metrics::UpstreamError;
 use crate::pool::{now_ms, Instance, Pool};
 use crate::snapshot::{Proxy, RouteEntry};
-use crate::upstream::{self, Extra, PooledBody, RawHead, SendError};
+use crate::upstream::{self, AddedField, Extra, PooledBody, RawHead, SendError};
 
 /// The body the proxy answers with: the upstream's stream, or a short error text.
 pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
@@ -342,16 +342,6 @@ fn generate_id() -> [u8; 32] {
     out
 }
 
-/// `Set-Cookie: name=id; attributes`, built in one allocation.
-fn sticky_cookie(name: &str, id: &[u8], suffix: &str) -> Option<HeaderValue> {
-    let mut v = Vec::with_capacity(name.len() + 1 + id.len() + suffix.len());
-    v.extend_from_slice(name.as_bytes());
-    v.push(b'=');
-    v.extend_from_slice(id);
-    v.extend_from_slice(suffix.as_bytes());
-    HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
-}
-
 /// Size of the request target (path and query, and the authority of an absolute form).
 fn target_bytes(uri: &Uri) -> usize {
     uri.path_and_query().map_or(0, |p| p.as_str().len())
@@ -601,11 +591,16 @@ impl Proxy {
             }
             _ => (&entry.stable, Target::Stable),
         };
-        let set_cookie =
-            generated.and_then(|id| sticky_cookie(&route.sticky.cookie, &id, entry.cookie_suffix));
         let mut resp = forward(req, conn, host_value, entry, pool, target).await;
-        if let Some(c) = set_cookie {
-            add_field(&mut resp, &header::SET_COOKIE, c);
+        if let (Some(id), Some(prefix)) = (generated, &entry.cookie_prefix) {
+            add_field(
+                &mut resp,
+                AddedField::StickyCookie {
+                    prefix: prefix.clone(),
+                    id,
+                    suffix: entry.cookie_suffix,
+                },
+            );
         }
         resp
     }
@@ -742,25 +737,29 @@ async fn forward(
         }
         _ => strip_hop_by_hop(resp.headers_mut(), false),
     }
-    add_field(&mut resp, &X_CANARY_VERSION, pool.version_header.clone());
+    add_field(
+        &mut resp,
+        AddedField::Value(&X_CANARY_VERSION, pool.version_header.clone()),
+    );
     resp
 }
 
 /// Adds a field the proxy sets to an answer: after an HTTP/1.1 upstream's own fields
 /// (written as they came, with no map to allocate), else into the response's map, where
 /// it is appended (`Set-Cookie`) or replaces the upstream's (`X-Canary-Version`).
-fn add_field(resp: &mut Response<ProxyBody>, name: &'static HeaderName, value: HeaderValue) {
-    let value = match resp.body_mut() {
-        Either::Left(body) => match body.add_field(name, value) {
+fn add_field(resp: &mut Response<ProxyBody>, field: AddedField) {
+    let field = match resp.body_mut() {
+        Either::Left(body) => match body.add_field(field) {
             Ok(()) => return,
-            Err(v) => v,
+            Err(f) => f,
         },
-        Either::Right(_) => value,
+        Either::Right(_) => field,
     };
+    let name = field.name();
     if *name == header::SET_COOKIE {
-        resp.headers_mut().append(name.clone(), value);
+        resp.headers_mut().append(name.clone(), field.value());
     } else {
-        resp.headers_mut().insert(name.clone(), value);
+        resp.headers_mut().insert(name.clone(), field.value());
     }
 }
 
@@ -907,9 +906,16 @@ mod tests {
         assert!(a
             .iter()
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
-        let cookie = sticky_cookie("canary_id", &a, "; Path=/").unwrap();
+        let cookie = AddedField::StickyCookie {
+            prefix: Bytes::from_static(b"canary_id="),
+            id: a,
+            suffix: "; Path=/",
+        };
         let want = format!("canary_id={}; Path=/", std::str::from_utf8(&a).unwrap());
-        assert_eq!(cookie.to_str().unwrap(), want);
+        assert_eq!(cookie.value().to_str().unwrap(), want);
+        let mut line = Vec::new();
+        cookie.write(&mut line);
+        assert_eq!(line, format!("set-cookie: {want}\r\n").into_bytes());
     }
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {

@@ -440,7 +440,10 @@ async fn write_response<B: Body<Data = Bytes> + Unpin>(
         decimal(out, n);
         out.extend_from_slice(b"\r\n");
     }
-    for (name, value) in fields.added().chain(headers) {
+    for field in fields.added() {
+        field.write(out);
+    }
+    for (name, value) in headers {
         if drop_length && *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
             continue;
         }
@@ -828,7 +831,10 @@ mod tests {
         );
         let mut fields = fields;
         fields
-            .add(&header::SET_COOKIE, HeaderValue::from_static("id=1"))
+            .add(upstream::AddedField::Value(
+                &header::SET_COOKIE,
+                HeaderValue::from_static("id=1"),
+            ))
             .unwrap();
         let resp = response(
             200,

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use canary_config::{Config, Limits, PoolConfig, RouteConfig, Timeouts};
 use canary_core::{Route, RouteTable};
 use http::HeaderValue;
@@ -24,6 +25,9 @@ pub struct RouteEntry {
     pub canary: Option<Arc<Pool>>,
     pub timeouts: Timeouts,
     pub route_header: HeaderValue,
+    /// `name=` of the sticky cookie a generated id is set in; `None` if the name is not
+    /// a valid header value (config validation allows only cookie-name tokens).
+    pub cookie_prefix: Option<Bytes>,
     /// `Set-Cookie` attributes after `name=value`.
     pub cookie_suffix: &'static str,
 }
@@ -181,6 +185,12 @@ impl Proxy {
             timeouts: rc.timeouts,
             route_header: HeaderValue::from_str(name)
                 .unwrap_or(HeaderValue::from_static("unknown")),
+            cookie_prefix: {
+                let prefix = format!("{}=", rc.route.sticky.cookie);
+                HeaderValue::from_str(&prefix)
+                    .is_ok()
+                    .then(|| Bytes::from(prefix))
+            },
             cookie_suffix: COOKIE_SUFFIX,
         }
     }

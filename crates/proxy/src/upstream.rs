@@ -814,7 +814,62 @@ pub struct RawFields {
     /// A `Date` field is among them.
     pub has_date: bool,
     /// Fields the proxy adds, written after the upstream's (no map to allocate).
-    added: [Option<(&'static HeaderName, HeaderValue)>; 2],
+    added: [Option<AddedField>; 2],
+}
+
+/// A field the proxy adds to an answer.
+#[derive(Clone, Debug)]
+pub enum AddedField {
+    /// A name and a whole value (`X-Canary-Version`).
+    Value(&'static HeaderName, HeaderValue),
+    /// `Set-Cookie` with a sticky id the proxy generated: `prefix` (`name=`, checked
+    /// when the route was built), the id (hex digits), then `suffix` (fixed
+    /// attributes). Written as three pieces; making it a `HeaderValue` first cost an
+    /// allocation and a check of every byte per new visitor.
+    StickyCookie {
+        prefix: Bytes,
+        id: [u8; 32],
+        suffix: &'static str,
+    },
+}
+
+impl AddedField {
+    /// The field's name.
+    pub fn name(&self) -> &'static HeaderName {
+        match self {
+            AddedField::Value(name, _) => name,
+            AddedField::StickyCookie { .. } => &header::SET_COOKIE,
+        }
+    }
+
+    /// The field's value (for a map).
+    pub fn value(&self) -> HeaderValue {
+        match self {
+            AddedField::Value(_, v) => v.clone(),
+            AddedField::StickyCookie { prefix, id, suffix } => {
+                let mut v = Vec::with_capacity(prefix.len() + id.len() + suffix.len());
+                v.extend_from_slice(prefix);
+                v.extend_from_slice(id);
+                v.extend_from_slice(suffix.as_bytes());
+                HeaderValue::from_maybe_shared(Bytes::from(v))
+                    .expect("a checked cookie name, hex digits and fixed attributes")
+            }
+        }
+    }
+
+    /// Writes the field line.
+    pub(crate) fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            AddedField::Value(name, v) => write_field(out, name.as_str().as_bytes(), v.as_bytes()),
+            AddedField::StickyCookie { prefix, id, suffix } => {
+                out.extend_from_slice(b"set-cookie: ");
+                out.extend_from_slice(prefix);
+                out.extend_from_slice(id);
+                out.extend_from_slice(suffix.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
 }
 
 impl RawFields {
@@ -837,22 +892,18 @@ impl RawFields {
     }
 
     /// The fields the proxy added, in order.
-    pub fn added(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-        self.added.iter().flatten().map(|(n, v)| (*n, v))
+    pub fn added(&self) -> impl Iterator<Item = &AddedField> {
+        self.added.iter().flatten()
     }
 
     /// Adds a field after the upstream's; gives it back when there is no room.
-    pub(crate) fn add(
-        &mut self,
-        name: &'static HeaderName,
-        value: HeaderValue,
-    ) -> Result<(), HeaderValue> {
+    pub(crate) fn add(&mut self, field: AddedField) -> Result<(), AddedField> {
         match self.added.iter_mut().find(|slot| slot.is_none()) {
             Some(slot) => {
-                *slot = Some((name, value));
+                *slot = Some(field);
                 Ok(())
             }
-            None => Err(value),
+            None => Err(field),
         }
     }
 
@@ -871,8 +922,8 @@ impl RawFields {
         if let Some(n) = self.length {
             map.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
-        for (name, value) in self.added() {
-            map.append(name.clone(), value.clone());
+        for field in self.added() {
+            map.append(field.name().clone(), field.value());
         }
         map
     }
@@ -1205,14 +1256,10 @@ impl PooledBody {
     /// Adds a field the proxy sets after the upstream's own, when the response has a
     /// head of its own (an HTTP/1.1 upstream's); gives the value back otherwise (an
     /// HTTP/2 response, whose fields are in its map) or when there is no more room.
-    pub fn add_field(
-        &mut self,
-        name: &'static HeaderName,
-        value: HeaderValue,
-    ) -> Result<(), HeaderValue> {
+    pub fn add_field(&mut self, field: AddedField) -> Result<(), AddedField> {
         match &mut self.fields {
-            Some(fields) => fields.add(name, value),
-            None => Err(value),
+            Some(fields) => fields.add(field),
+            None => Err(field),
         }
     }
 
