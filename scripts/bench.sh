@@ -184,6 +184,8 @@ NOFILE=$(ulimit -n); [[ "$NOFILE" =~ ^[0-9]+$ ]] || NOFILE=65536
 HAPROXY_MAXCONN=$(( (NOFILE - 200) / 2 )); ((HAPROXY_MAXCONN > 10000)) && HAPROXY_MAXCONN=10000
 ((HAPROXY_MAXCONN >= 500)) || die "open-file limit $NOFILE is too low (need >= 1200)"
 BUSY_MAX="${BENCH_BUSY_MAX:-25}"            # % of machine CPU busy before a run that flags it
+STEAL_MAX="${BENCH_STEAL_MAX:-0.5}"           # % of machine CPU stolen by the hypervisor during a run that flags it
+[[ "$STEAL_MAX" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "BENCH_STEAL_MAX must be a number (got '$STEAL_MAX')"
 
 
 RAW="$TMP/raw.jsonl"; : >"$RAW"
@@ -366,6 +368,7 @@ measure() {      # measure TARGET WORKERS REP
   echo 0 >"$d/rss-max"
   python3 "$BL" sample "$TGT_PID" "$d/rss-max" $((WARMUP + n_conns * DURATION + OHA_DURATION + 60)) &
   SAMPLER_PID=$!
+  bl stat >"$d/stat0"
   if ((WARMUP > 0)); then
     run_load $((WARMUP + 20)) "$d/warmup.txt" wrk -t1 -c50 -d"${WARMUP}s" "$url" || true
   fi
@@ -380,10 +383,11 @@ measure() {      # measure TARGET WORKERS REP
   run_load $((OHA_DURATION + 30)) "$d/oha.out" oha -z "${OHA_DURATION}s" -q "$RATE" -c "$OHA_CONNS" \
     -w -t 10s --latency-correction --no-tui --output-format json -o "$d/oha.json" "$url" || rc=$?
   [[ $rc == 0 ]] || warn "$t: oha exited $rc: $(head -c 300 "$d/oha.out")"
+  bl stat >"$d/stat1"
   kill "$SAMPLER_PID" 2>/dev/null || true; wait "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=""
   stop_target "$t"
-  printf '{"target":"%s","workers":%s,"rep":%s,"conns":[%s],"rate":%s,"busy_max":%s}\n' \
-    "$t" "$w" "$r" "$(echo $CONNS | tr ' ' ',')" "$RATE" "$BUSY_MAX" >"$d/meta.json"
+  printf '{"target":"%s","workers":%s,"rep":%s,"conns":[%s],"rate":%s,"busy_max":%s,"steal_max":%s}\n' \
+    "$t" "$w" "$r" "$(echo $CONNS | tr ' ' ',')" "$RATE" "$BUSY_MAX" "$STEAL_MAX" >"$d/meta.json"
   bl collect "$d" >>"$RAW"
   python3 - "$RAW" <<'EOF'
 import json, sys

@@ -10,6 +10,7 @@ Subcommands (all bounded in time):
                            wait until 127.0.0.1:PORT accepts (and URL answers 2xx if
                            given); exit 1 on timeout, 2 if PID died
   busy SECONDS             whole-machine CPU busy % over SECONDS
+  stat                     whole-machine CPU clock ticks: "total steal" (from /proc/stat)
   busyports PORT...        print the ports that accept connections (exit 1 if any)
   collect RUNDIR           turn one measurement's raw files into a JSON line on stdout
   report RAW META OUTBASE  aggregate runs, write OUTBASE.md and OUTBASE.json
@@ -94,6 +95,13 @@ def sample(pid, out, maxsec):
             f.write(f"{best}\n")
         os.replace(tmp, out)
         time.sleep(0.5)
+
+
+def machine_ticks():
+    """Whole-machine (total, steal) clock ticks from /proc/stat's first line."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v[:8]), (v[7] if len(v) > 7 else 0)
 
 
 def busy_pct(seconds):
@@ -240,6 +248,19 @@ def collect(rundir):
     bmax = meta.get("busy_max", 25)
     if rec["busy_before_pct"] is not None and rec["busy_before_pct"] > bmax:
         noise.append(f"machine {rec['busy_before_pct']:.0f}% busy with other work just before this run")
+    # CPU time the hypervisor gave to other guests while the loads ran: on a shared VM
+    # that stalls whatever runs (latency outliers, lower throughput) without showing as
+    # busy beforehand.
+    t0 = _read(os.path.join(rundir, "stat0"), str)
+    t1 = _read(os.path.join(rundir, "stat1"), str)
+    rec["steal_pct"] = None
+    if t0 and t1:
+        (a0, s0), (a1, s1) = (map(int, t.split()) for t in (t0, t1))
+        if a1 > a0:
+            rec["steal_pct"] = round(100.0 * (s1 - s0) / (a1 - a0), 2)
+    smax = meta.get("steal_max", 0.5)
+    if rec["steal_pct"] is not None and rec["steal_pct"] > smax:
+        noise.append(f"the hypervisor took {rec['steal_pct']:.1f}% of the machine's CPU during this run (steal)")
     for c, w in rec["wrk"].items():
         if w.get("failed"):
             flags.append(f"wrk c{c} failed")
@@ -443,6 +464,8 @@ def main(argv):
                         argv[5] if len(argv) > 5 else None)
     elif cmd == "busy":
         print(f"{busy_pct(argv[2]):.1f}")
+    elif cmd == "stat":
+        print(*machine_ticks())
     elif cmd == "busyports":
         busy = [p for p in argv[2:] if _accepts(p)]
         if busy:
