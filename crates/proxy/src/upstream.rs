@@ -1041,7 +1041,7 @@ pub struct Extra<'a> {
     /// hop-by-hop ones, the framing, `Host` and those the proxy sets.
     pub raw: Option<&'a RawHead>,
     /// The proxy's fields (`X-Forwarded-*`, `X-Canary-*`), written last.
-    pub added: &'a [(&'a HeaderName, HeaderValue)],
+    pub added: &'a [(&'a HeaderName, &'a HeaderValue)],
 }
 
 /// Whether a field is hop-by-hop (RFC 9110 §7.6.1): for one connection only, never
