@@ -431,8 +431,10 @@ def report(raw, metapath, outbase):
     if allnoise:
         L.append("## † Noisy runs")
         L.append("")
-        L.append("Other processes used the CPU just before these runs; on a shared machine their figures "
-                 "are lower/wider than the proxy's real capacity. Rerun on a quiet machine to confirm.")
+        L.append("The machine was not quiet for these runs: other processes used the CPU just before, or "
+                 "the hypervisor gave CPU time to other guests during them (steal, which shows first as "
+                 "latency outliers). Their figures are lower/wider than the proxy's real capacity. Rerun on "
+                 "a quiet machine to confirm.")
         L.append("")
         for k, f in allnoise:
             L.append(f"- workers={k.replace('/', ' ')}: {f}")
