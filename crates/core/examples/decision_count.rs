@@ -23,15 +23,7 @@ fn main() {
     let weight = Weight::from_percent(10.0).expect("10% is a valid weight");
     let mut canary = 0u64;
     for _ in 0..n {
-        let idx = table
-            .find(
-                black_box(Some("shop.example.com")),
-                black_box("/products/42"),
-            )
-            .expect("the fixture's request matches a route");
-        let route = &table.routes[idx];
-        let key = route.sticky_key(black_box(&facts)).map(|k| k.bytes());
-        let d = black_box(route.decide(weight, &facts, key));
+        let d = black_box(support::decide(&table, &facts, weight));
         canary += u64::from(d.target == canary_core::routing::Target::Canary);
     }
     println!("{n} decisions, {canary} to canary");

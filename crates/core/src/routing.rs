@@ -122,7 +122,8 @@ impl RuleMatch {
 /// Whether `ip` is in one of `nets`; an IPv4-mapped IPv6 address (`::ffff:10.0.0.1`)
 /// counts as IPv4. The bits under each prefix are compared with one mask: `IpNet::contains`
 /// (through network and broadcast addresses) and a canonical `IpAddr` copied per net
-/// cost the decision about 90 instructions for one net.
+/// cost the decision about 90 instructions for one net. One branch per family: a single
+/// form (both families' bits in a `u128`) measured 24 instructions more per decision.
 #[inline]
 fn in_nets(nets: &[IpNet], ip: IpAddr) -> bool {
     let v4 = match ip {

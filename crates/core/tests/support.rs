@@ -1,10 +1,32 @@
-//! Shared fixtures for the no-allocation test and the decision bench.
+//! Shared fixtures for the no-allocation test, the decision bench and the instruction
+//! count (`examples/decision_count.rs`).
 #![allow(dead_code)]
 
+use std::hint::black_box;
 use std::net::IpAddr;
 
-use canary_core::routing::{HostMatch, RequestFacts, Route, RouteTable, Rule, RuleMatch, Target};
+use canary_core::routing::{
+    Decision, HostMatch, RequestFacts, Route, RouteTable, Rule, RuleMatch, Target,
+};
+use canary_core::Weight;
 use regex::bytes::Regex;
+
+/// The measured decision for the fixture's request: route match, sticky key, rules and
+/// bucket. The request's host, path and facts pass through `black_box`, so the
+/// compiler cannot fold any of it away.
+#[inline]
+pub fn decide(table: &RouteTable, facts: &Facts, weight: Weight) -> Decision {
+    let idx = table
+        .find(
+            black_box(Some("shop.example.com")),
+            black_box("/products/42"),
+        )
+        .expect("the fixture's request matches a route");
+    let route = &table.routes[idx];
+    let facts = black_box(facts);
+    let key = route.sticky_key(facts).map(|k| k.bytes());
+    route.decide(weight, facts, key)
+}
 
 /// A request with a few headers, as the proxy presents it to the core.
 pub struct Facts {
