@@ -598,7 +598,6 @@ impl Proxy {
                 AddedField::StickyCookie {
                     prefix: prefix.clone(),
                     id,
-                    suffix: entry.cookie_suffix,
                 },
             );
         }
@@ -921,9 +920,11 @@ mod tests {
         let cookie = AddedField::StickyCookie {
             prefix: Bytes::from_static(b"canary_id="),
             id: a,
-            suffix: "; Path=/",
         };
-        let want = format!("canary_id={}; Path=/", std::str::from_utf8(&a).unwrap());
+        let want = format!(
+            "canary_id={}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax",
+            std::str::from_utf8(&a).unwrap()
+        );
         assert_eq!(cookie.value().to_str().unwrap(), want);
         let mut line = Vec::new();
         cookie.write(&mut line);

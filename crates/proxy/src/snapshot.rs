@@ -28,8 +28,6 @@ pub struct RouteEntry {
     /// `name=` of the sticky cookie a generated id is set in; `None` if the name is not
     /// a valid header value (config validation allows only cookie-name tokens).
     pub cookie_prefix: Option<Bytes>,
-    /// `Set-Cookie` attributes after `name=value`.
-    pub cookie_suffix: &'static str,
 }
 
 /// Everything a request needs, immutable once built.
@@ -83,8 +81,6 @@ impl Default for Proxy {
         Proxy::new()
     }
 }
-
-const COOKIE_SUFFIX: &str = "; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax";
 
 impl Proxy {
     /// A proxy for one data-plane worker.
@@ -191,7 +187,6 @@ impl Proxy {
                     .is_ok()
                     .then(|| Bytes::from(prefix))
             },
-            cookie_suffix: COOKIE_SUFFIX,
         }
     }
 

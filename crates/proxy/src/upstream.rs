@@ -823,15 +823,14 @@ pub enum AddedField {
     /// A name and a whole value (`X-Canary-Version`).
     Value(&'static HeaderName, HeaderValue),
     /// `Set-Cookie` with a sticky id the proxy generated: `prefix` (`name=`, checked
-    /// when the route was built), the id (hex digits), then `suffix` (fixed
-    /// attributes). Written as three pieces; making it a `HeaderValue` first cost an
-    /// allocation and a check of every byte per new visitor.
-    StickyCookie {
-        prefix: Bytes,
-        id: [u8; 32],
-        suffix: &'static str,
-    },
+    /// when the route was built), the id (hex digits), then [`STICKY_COOKIE_ATTRIBUTES`].
+    /// Written in pieces; making it a `HeaderValue` first cost an allocation and a
+    /// check of every byte per new visitor.
+    StickyCookie { prefix: Bytes, id: [u8; 32] },
 }
+
+/// The attributes of a generated sticky cookie (docs/routing.md).
+pub const STICKY_COOKIE_ATTRIBUTES: &str = "; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax";
 
 impl AddedField {
     /// The field's name.
@@ -846,11 +845,9 @@ impl AddedField {
     pub fn value(&self) -> HeaderValue {
         match self {
             AddedField::Value(_, v) => v.clone(),
-            AddedField::StickyCookie { prefix, id, suffix } => {
-                let mut v = Vec::with_capacity(prefix.len() + id.len() + suffix.len());
-                v.extend_from_slice(prefix);
-                v.extend_from_slice(id);
-                v.extend_from_slice(suffix.as_bytes());
+            AddedField::StickyCookie { prefix, id } => {
+                let mut v = Vec::with_capacity(128);
+                write_cookie(&mut v, prefix, id);
                 HeaderValue::from_maybe_shared(Bytes::from(v))
                     .expect("a checked cookie name, hex digits and fixed attributes")
             }
@@ -861,15 +858,20 @@ impl AddedField {
     pub(crate) fn write(&self, out: &mut Vec<u8>) {
         match self {
             AddedField::Value(name, v) => write_field(out, name.as_str().as_bytes(), v.as_bytes()),
-            AddedField::StickyCookie { prefix, id, suffix } => {
+            AddedField::StickyCookie { prefix, id } => {
                 out.extend_from_slice(b"set-cookie: ");
-                out.extend_from_slice(prefix);
-                out.extend_from_slice(id);
-                out.extend_from_slice(suffix.as_bytes());
+                write_cookie(out, prefix, id);
                 out.extend_from_slice(b"\r\n");
             }
         }
     }
+}
+
+/// A generated sticky cookie's value: `name=`, the id, the attributes.
+fn write_cookie(out: &mut Vec<u8>, prefix: &[u8], id: &[u8; 32]) {
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(id);
+    out.extend_from_slice(STICKY_COOKIE_ATTRIBUTES.as_bytes());
 }
 
 impl RawFields {
@@ -1014,7 +1016,8 @@ impl RawHead {
             .map(|(_, v)| v)
     }
 
-    /// The fields as a map (for an HTTP/2 upstream); a field `http` refuses is left out.
+    /// The fields as a map (a request's for an HTTP/2 upstream, an answer's for hyper's
+    /// side of the client); a field `http` refuses is left out.
     pub fn to_map(&self) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.fields.places().len());
         for &(n, nl, v, vl) in self.fields.places() {
@@ -1025,7 +1028,7 @@ impl RawHead {
                 (Ok(name), Ok(value)) => {
                     map.append(name, value);
                 }
-                _ => tracing::debug!("a request field the http crate refuses was left out"),
+                _ => tracing::debug!("a field the http crate refuses was left out"),
             }
         }
         map
@@ -1653,6 +1656,16 @@ mod tests {
             .unwrap()
     }
 
+    /// `send` with the tests' connect timeout (1 s) and request timeout `T`, and no
+    /// fields besides the request's own.
+    async fn send_plain<B: RequestBody>(
+        idle: &Arc<IdleList>,
+        addr: &str,
+        req: Request<B>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        send(idle, addr, 1000, T, req, Extra::default()).await
+    }
+
     async fn body(resp: Response<PooledBody>) -> Bytes {
         resp.into_body().collect().await.unwrap().to_bytes()
     }
@@ -1662,9 +1675,7 @@ mod tests {
         let (addr, accepted) = server(Close::AfterAnswers(usize::MAX)).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..5 {
-            let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
-                .await
-                .unwrap();
+            let resp = send_plain(&idle, &addr, get()).await.unwrap();
             assert_eq!(body(resp).await, "hello");
             assert_eq!(idle.len(), 1);
         }
@@ -1675,14 +1686,10 @@ mod tests {
     async fn a_response_whose_body_is_dropped_unread_does_not_return_its_connection() {
         let (addr, accepted) = server(Close::AfterAnswers(usize::MAX)).await;
         let idle = Arc::new(Idle::default());
-        let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
-            .await
-            .unwrap();
+        let resp = send_plain(&idle, &addr, get()).await.unwrap();
         drop(resp);
         assert!(idle.is_empty());
-        let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
-            .await
-            .unwrap();
+        let resp = send_plain(&idle, &addr, get()).await.unwrap();
         assert_eq!(body(resp).await, "hello");
         assert_eq!(accepted.load(SeqCst), 2);
     }
@@ -1692,9 +1699,7 @@ mod tests {
         let (addr, accepted) = server(Close::AfterAnswers(1)).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..3 {
-            let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
-                .await
-                .unwrap();
+            let resp = send_plain(&idle, &addr, get()).await.unwrap();
             assert_eq!(body(resp).await, "hello");
             // Let the event loop see the upstream's close.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1709,7 +1714,7 @@ mod tests {
         let (addr, accepted) = server(Close::OnRequestAfter(1)).await;
         let idle = Arc::new(Idle::default());
         for i in 0..5 {
-            let resp = send(&idle, &addr, 1000, T, get(), Extra::default()).await;
+            let resp = send_plain(&idle, &addr, get()).await;
             let resp = resp.unwrap_or_else(|e| panic!("request {i}: {e}"));
             assert_eq!(body(resp).await, "hello");
         }
@@ -1728,15 +1733,8 @@ mod tests {
                 .unwrap()
         };
         let idle = Arc::new(Idle::default());
-        body(
-            send(&idle, &addr, 1000, T, post(), Extra::default())
-                .await
-                .unwrap(),
-        )
-        .await;
-        let err = send(&idle, &addr, 1000, T, post(), Extra::default())
-            .await
-            .unwrap_err();
+        body(send_plain(&idle, &addr, post()).await.unwrap()).await;
+        let err = send_plain(&idle, &addr, post()).await.unwrap_err();
         assert!(matches!(err, SendError::Protocol(_)), "{err}");
         let with_body = || {
             Request::put("/")
@@ -1745,15 +1743,8 @@ mod tests {
                 .unwrap()
         };
         let idle = Arc::new(Idle::default());
-        body(
-            send(&idle, &addr, 1000, T, with_body(), Extra::default())
-                .await
-                .unwrap(),
-        )
-        .await;
-        let err = send(&idle, &addr, 1000, T, with_body(), Extra::default())
-            .await
-            .unwrap_err();
+        body(send_plain(&idle, &addr, with_body()).await.unwrap()).await;
+        let err = send_plain(&idle, &addr, with_body()).await.unwrap_err();
         assert!(matches!(err, SendError::Protocol(_)), "{err}");
     }
 
@@ -1764,9 +1755,7 @@ mod tests {
             l.local_addr().unwrap().to_string()
         };
         let idle = Arc::new(Idle::default());
-        let err = send(&idle, &addr, 1000, T, get(), Extra::default())
-            .await
-            .unwrap_err();
+        let err = send_plain(&idle, &addr, get()).await.unwrap_err();
         assert!(matches!(err, SendError::Connect(_)), "{err}");
     }
 
@@ -1806,11 +1795,7 @@ mod tests {
         // MAX_IDLE + 2 exchanges in flight at once, then all bodies read.
         let mut resps = Vec::new();
         for _ in 0..MAX_IDLE + 2 {
-            resps.push(
-                send(&idle, &addr, 1000, T, get(), Extra::default())
-                    .await
-                    .unwrap(),
-            );
+            resps.push(send_plain(&idle, &addr, get()).await.unwrap());
         }
         for r in resps {
             body(r).await;
@@ -1866,9 +1851,7 @@ mod tests {
         let (addr, _, accepted) = scripted(answer, true, false).await;
         let idle = Arc::new(Idle::default());
         for _ in 0..2 {
-            let mut resp = send(&idle, &addr, 1000, T, get(), Extra::default())
-                .await
-                .unwrap();
+            let mut resp = send_plain(&idle, &addr, get()).await.unwrap();
             let fields = resp.body_mut().take_fields().unwrap().to_map();
             assert!(!fields.contains_key("transfer-encoding"), "{fields:?}");
             let (data, trailers) = collect(resp).await;
@@ -1885,9 +1868,7 @@ mod tests {
             HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
         let (addr, _, _) = scripted(answer, false, false).await;
         let idle = Arc::new(Idle::default());
-        let mut resp = send(&idle, &addr, 1000, T, get(), Extra::default())
-            .await
-            .unwrap();
+        let mut resp = send_plain(&idle, &addr, get()).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert!(!resp
             .body_mut()
@@ -1910,9 +1891,7 @@ mod tests {
                 .unwrap()
         };
         for _ in 0..3 {
-            let mut resp = send(&idle, &addr, 1000, T, head(), Extra::default())
-                .await
-                .unwrap();
+            let mut resp = send_plain(&idle, &addr, head()).await.unwrap();
             assert_eq!(resp.body_mut().take_fields().unwrap().length, Some(5));
             assert!(resp.body().is_end_stream());
             assert_eq!(collect(resp).await.0, "");
@@ -1928,9 +1907,7 @@ mod tests {
     async fn a_body_without_length_runs_to_the_close_and_is_not_pooled() {
         let (addr, _, _) = scripted(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", false, true).await;
         let idle = Arc::new(Idle::default());
-        let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
-            .await
-            .unwrap();
+        let resp = send_plain(&idle, &addr, get()).await.unwrap();
         assert_eq!(collect(resp).await.0, "until the end");
         assert!(idle.is_empty());
 
@@ -1940,9 +1917,7 @@ mod tests {
             b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
         ] {
             let (addr, _, _) = scripted(answer, false, false).await;
-            let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
-                .await
-                .unwrap();
+            let resp = send_plain(&idle, &addr, get()).await.unwrap();
             assert_eq!(collect(resp).await.0, "ok");
             assert!(idle.is_empty());
         }
@@ -1953,9 +1928,7 @@ mod tests {
         let idle = Arc::new(Idle::default());
         let answer = b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 2\r\n\r\nok";
         let (addr, _, _) = scripted(answer, false, false).await;
-        let mut resp = send(&idle, &addr, 1000, T, get(), Extra::default())
-            .await
-            .unwrap();
+        let mut resp = send_plain(&idle, &addr, get()).await.unwrap();
         assert!(!resp
             .body_mut()
             .take_fields()
@@ -1968,20 +1941,13 @@ mod tests {
         let answer = b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok";
         let (addr, _, _) = scripted(answer, false, false).await;
         let idle = Arc::new(Idle::default());
-        collect(
-            send(&idle, &addr, 1000, T, get(), Extra::default())
-                .await
-                .unwrap(),
-        )
-        .await;
+        collect(send_plain(&idle, &addr, get()).await.unwrap()).await;
         assert_eq!(idle.len(), 1, "HTTP/1.0 with keep-alive is reused");
 
         let answer = b"HTTP/1.1 200 OK\r\nconnection: x-hop, Close\r\nx-hop: 1\r\nKeep-Alive: 5\r\nx-end: 1\r\ncontent-length: 2\r\n\r\nok";
         let (addr, _, _) = scripted(answer, false, false).await;
         let idle = Arc::new(Idle::default());
-        let mut resp = send(&idle, &addr, 1000, T, get(), Extra::default())
-            .await
-            .unwrap();
+        let mut resp = send_plain(&idle, &addr, get()).await.unwrap();
         let fields = resp.body_mut().take_fields().unwrap();
         let names: Vec<_> = fields.iter().map(|(n, _)| n.to_vec()).collect();
         assert_eq!(
@@ -2006,9 +1972,7 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
         ] {
             let (addr, _, _) = scripted(answer, false, false).await;
-            let err = send(&idle, &addr, 1000, T, get(), Extra::default())
-                .await
-                .unwrap_err();
+            let err = send_plain(&idle, &addr, get()).await.unwrap_err();
             assert!(matches!(err, SendError::Protocol(_)), "{err}");
         }
         for answer in [
@@ -2017,9 +1981,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
         ] {
             let (addr, _, _) = scripted(answer, false, true).await;
-            let resp = send(&idle, &addr, 1000, T, get(), Extra::default())
-                .await
-                .unwrap();
+            let resp = send_plain(&idle, &addr, get()).await.unwrap();
             assert!(resp.into_body().collect().await.is_err());
             assert!(idle.is_empty());
         }
@@ -2028,9 +1990,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n\
             2\r\nok\r\n0\r\n\r\n";
         let (addr, _, _) = scripted(answer, false, false).await;
-        let mut resp = send(&idle, &addr, 1000, T, get(), Extra::default())
-            .await
-            .unwrap();
+        let mut resp = send_plain(&idle, &addr, get()).await.unwrap();
         assert_eq!(resp.body_mut().take_fields().unwrap().length, None);
         assert_eq!(collect(resp).await.0, "ok");
         assert!(idle.is_empty());
@@ -2068,12 +2028,7 @@ mod tests {
             .header("transfer-encoding", "gzip")
             .body(http_body_util::Full::new(Bytes::from_static(b"abc")))
             .unwrap();
-        collect(
-            send(&idle, &addr, 1000, T, post, Extra::default())
-                .await
-                .unwrap(),
-        )
-        .await;
+        collect(send_plain(&idle, &addr, post).await.unwrap()).await;
         let mut trailers = HeaderMap::new();
         trailers.insert("x-check", HeaderValue::from_static("1"));
         let frames = [
@@ -2085,23 +2040,13 @@ mod tests {
             .header("host", "x")
             .body(Streamed(frames.into_iter().collect()))
             .unwrap();
-        collect(
-            send(&idle, &addr, 1000, T, streamed, Extra::default())
-                .await
-                .unwrap(),
-        )
-        .await;
+        collect(send_plain(&idle, &addr, streamed).await.unwrap()).await;
         let empty = Request::post("/e")
             .header("host", "x")
             .header("content-length", "0")
             .body(Empty::<Bytes>::new())
             .unwrap();
-        collect(
-            send(&idle, &addr, 1000, T, empty, Extra::default())
-                .await
-                .unwrap(),
-        )
-        .await;
+        collect(send_plain(&idle, &addr, empty).await.unwrap()).await;
         let seen = String::from_utf8(seen.lock().unwrap().clone()).unwrap();
         assert_eq!(
             seen,
@@ -2140,9 +2085,7 @@ mod tests {
                 .header("host", "x")
                 .body(http_body_util::Full::new(big))
                 .unwrap();
-            let resp = send(&idle, &addr, 1000, T, req, Extra::default())
-                .await
-                .unwrap();
+            let resp = send_plain(&idle, &addr, req).await.unwrap();
             assert_eq!(resp.status(), 413);
             assert_eq!(collect(resp).await.0, "big");
             assert!(idle.is_empty());
