@@ -2057,6 +2057,45 @@ async fn slow_header_senders_are_cut_off() {
     get_ok(&c, "/", 2, &[]).await;
 }
 
+/// `header_timeout` is also the keep-alive idle timeout: a kept-alive connection is
+/// closed once idle for it, after quick requests and after one that took longer than
+/// the timeout (its timer went off while the upstream worked, unseen by the wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_kept_alive_connections_are_closed_after_the_header_timeout() {
+    let v1 = Upstream::start("v1").await;
+    let body = format!(
+        "limits: {{header_timeout: 500ms}}\nroutes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n",
+        addrs(&[&v1])
+    );
+    let c = Canary::start(&body).await;
+    let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    for (delay_ms, quick) in [(0, 3), (900, 1)] {
+        v1.set_delay_ms(delay_ms);
+        let mut s = TcpStream::connect(c.listen).await.expect("connect");
+        for i in 0..quick {
+            s.write_all(req).await.expect("write");
+            let r = tokio::time::timeout(REQUEST_TIMEOUT, read_response(&mut s))
+                .await
+                .expect("answer");
+            assert_eq!(
+                r.status, 200,
+                "request {i} with a {delay_ms} ms upstream: {r:?}"
+            );
+        }
+        let idle_from = Instant::now();
+        let got = read_until_closed(&mut s, Duration::from_secs(10)).await;
+        let got = got.unwrap_or_else(|| {
+            panic!("an idle connection was kept open (upstream delay {delay_ms} ms)")
+        });
+        assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+        assert!(
+            idle_from.elapsed() >= Duration::from_millis(400),
+            "closed after {:?} idle, before the timeout",
+            idle_from.elapsed()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_are_closed_until_one_frees_up() {
     let v1 = Upstream::start("v1").await;
@@ -2320,6 +2359,38 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
         "{}",
         c.log()
     );
+}
+
+/// A kept-alive connection waiting for its next request is closed when the process
+/// stops, well before its idle timeout: the drain does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_kept_alive_connections() {
+    let v1 = Upstream::start("v1").await;
+    let body = format!(
+        "limits: {{header_timeout: 60s}}\nroutes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n",
+        addrs(&[&v1])
+    );
+    let c = Canary::start(&body).await;
+    let pid = c.pid().expect("running");
+    let mut s = TcpStream::connect(c.listen).await.expect("connect");
+    for i in 0..2 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let r = tokio::time::timeout(REQUEST_TIMEOUT, read_response(&mut s))
+            .await
+            .expect("answer");
+        assert_eq!(r.status, 200, "request {i}: {r:?}");
+    }
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(st.success());
+    let got = read_until_closed(&mut s, Duration::from_secs(10))
+        .await
+        .expect("an idle connection was kept open after SIGTERM");
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,10 +35,10 @@ use crate::upstream::{self, AddedField, Extra, PooledBody, RawHead, SendError};
 /// The body the proxy answers with: the upstream's stream, or a short error text.
 pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
 
-static X_CANARY_VERSION: HeaderName = HeaderName::from_static("x-canary-version");
-static X_CANARY_ROUTE: HeaderName = HeaderName::from_static("x-canary-route");
+pub(crate) static X_CANARY_VERSION: HeaderName = HeaderName::from_static("x-canary-version");
+pub(crate) static X_CANARY_ROUTE: HeaderName = HeaderName::from_static("x-canary-route");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// How a request body on its way to an HTTP/2 upstream ended.
@@ -393,23 +393,46 @@ fn request_host(req: &Request<ClientBody>) -> Result<Option<HeaderValue>, &'stat
 /// because `http::uri::Authority` parses only by copying into a new buffer, once per
 /// request, and accepts userinfo.
 fn valid_host(h: &[u8]) -> bool {
-    let (host, port) = match h.iter().rposition(|&c| c == b':') {
-        Some(i) if !h.starts_with(b"[") || h[..i].ends_with(b"]") => (&h[..i], &h[i + 1..]),
-        _ => (h, &b""[..]),
-    };
-    let port_ok = port.len() <= 5
-        && port.iter().all(u8::is_ascii_digit)
-        && port.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')) <= 65_535;
-    let host_ok = match host {
-        [b'[', inner @ .., b']'] => {
-            !inner.is_empty()
-                && inner
-                    .iter()
-                    .all(|c| c.is_ascii_hexdigit() || matches!(c, b':' | b'.'))
+    if let [b'[', ..] = h {
+        // A bracketed IPv6 address (rare): its own rules.
+        let (host, port) = match h.iter().rposition(|&c| c == b':') {
+            Some(i) if h[..i].ends_with(b"]") => (&h[..i], &h[i + 1..]),
+            _ => (h, &b""[..]),
+        };
+        let ok = match host {
+            [b'[', inner @ .., b']'] => {
+                !inner.is_empty()
+                    && inner
+                        .iter()
+                        .all(|c| c.is_ascii_hexdigit() || matches!(c, b':' | b'.'))
+            }
+            _ => false,
+        };
+        return ok && valid_port(port);
+    }
+    // One pass: the name's bytes up to the first that is not one, which must be the
+    // port's `:` (or the end).
+    let end = h
+        .iter()
+        .position(|&c| !REG_NAME[usize::from(c)])
+        .unwrap_or(h.len());
+    end > 0
+        && match h.get(end) {
+            None => true,
+            Some(b':') => valid_port(&h[end + 1..]),
+            Some(_) => false,
         }
-        _ => !host.is_empty() && host.iter().all(|&c| REG_NAME[usize::from(c)]),
-    };
-    port_ok && host_ok
+}
+
+/// A port: up to five digits (none is allowed: RFC 3986 §3.2.3), at most 65535.
+fn valid_port(port: &[u8]) -> bool {
+    port.len() <= 5
+        && port
+            .iter()
+            .try_fold(0u32, |n, &d| {
+                d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+            })
+            .is_some_and(|n| n <= 65_535)
 }
 
 /// The bytes of a reg-name or IPv4 address: unreserved, sub-delims and `%` (RFC 3986
@@ -555,9 +578,11 @@ impl Proxy {
             Ok(h) => h,
             Err(why) => return error_response(StatusCode::BAD_REQUEST, why),
         };
+        // `valid_host` let only ASCII through: `from_utf8` takes its fast path, where
+        // `HeaderValue::to_str` would check every byte again.
         let host = host_value
             .as_ref()
-            .and_then(|h| h.to_str().ok())
+            .and_then(|h| std::str::from_utf8(h.as_bytes()).ok())
             .map(host_without_port);
         let Some(idx) = snap.table.find(host, req.uri().path()) else {
             self.unrouted.fetch_add(1, Relaxed);
@@ -640,7 +665,6 @@ async fn forward(
         &mut parts,
         body,
         (conn, host.as_ref(), raw.as_deref()),
-        entry,
         pool,
         instance,
         upgrade,
@@ -669,7 +693,8 @@ async fn forward(
             let extra = Extra {
                 host: upstream_host,
                 raw: raw.as_deref(),
-                added: added.fields(),
+                added: added.varying(),
+                fixed: &pool.request_lines,
             };
             let addr = &instance.addr;
             upstream::send(instance.idle(), addr, connect_ms, timeout, up_req, extra).await
@@ -780,23 +805,42 @@ async fn tunnel(client: OnUpgrade, (mut upstream, early): (TcpStream, Bytes)) {
 /// The fields the proxy adds to a request for the upstream (`X-Forwarded-*`,
 /// `X-Canary-*`). Into an HTTP/2 request they go through its `HeaderMap`; an
 /// HTTP/1.1 exchange writes them after the request's own fields, which saves five map
-/// inserts per request (~3% of the instructions).
+/// inserts per request (~3% of the instructions): the varying ones one by one, the
+/// fixed ones as the pool's [`request_lines`](Pool::request_lines).
 ///
-/// The values are borrowed from the connection, the pool and the route (cloning five
+/// The values are borrowed from the connection and the pool (cloning five
 /// `HeaderValue`s per request was an atomic count up and down for each).
 struct Added<'a> {
-    /// `X-Forwarded-Host` last: the only optional one.
-    fields: [(&'static HeaderName, &'a HeaderValue); 5],
-    len: usize,
+    /// `X-Forwarded-For`, then `X-Forwarded-Host` (the first `varying_len`): the
+    /// latter only when the request has a host.
+    varying: [(&'static HeaderName, &'a HeaderValue); 2],
+    varying_len: usize,
+    /// `X-Forwarded-Proto`, `X-Canary-Version`, `X-Canary-Route`: the same for every
+    /// request through the pool.
+    fixed: [(&'static HeaderName, &'a HeaderValue); 3],
 }
 
 impl<'a> Added<'a> {
-    fn fields(&self) -> &[(&'static HeaderName, &'a HeaderValue)] {
-        &self.fields[..self.len]
+    fn varying(&self) -> &[(&'static HeaderName, &'a HeaderValue)] {
+        &self.varying[..self.varying_len]
+    }
+
+    /// The fields to set, in order.
+    fn fields(&self) -> impl Iterator<Item = &(&'static HeaderName, &'a HeaderValue)> {
+        self.varying().iter().chain(&self.fixed)
+    }
+
+    /// The names the proxy sets, `X-Forwarded-Host` even when it sets none: a
+    /// client's own is never passed on.
+    fn names(&self) -> impl Iterator<Item = &'static HeaderName> + '_ {
+        self.varying
+            .iter()
+            .chain(&self.fixed)
+            .map(|(name, _)| *name)
     }
 }
 
-static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
+pub(crate) static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 static NO_HOST: HeaderValue = HeaderValue::from_static("");
 
 /// The upstream request, the proxy's fields for it, and (to an HTTP/1.1 upstream) the
@@ -810,7 +854,6 @@ fn build_upstream_request<'a>(
     parts: &mut http::request::Parts,
     body: UpstreamBody,
     (conn, host, raw): (&'a ConnInfo, Option<&'a HeaderValue>, Option<&RawHead>),
-    entry: &'a RouteEntry,
     pool: &'a Pool,
     instance: &'a Instance,
     upgrade: bool,
@@ -875,25 +918,23 @@ fn build_upstream_request<'a>(
         headers.remove(header::HOST);
     }
     let upstream_host = (!pool.is_http2()).then(|| host.unwrap_or(&instance.host_header));
-    let len = if host.is_some() { 5 } else { 4 };
     let added = Added {
-        fields: [
+        varying: [
             (&X_FORWARDED_FOR, xff),
-            (&X_FORWARDED_PROTO, &PROTO_HTTP),
-            (&X_CANARY_VERSION, &pool.version_header),
-            (&X_CANARY_ROUTE, &entry.route_header),
             (&X_FORWARDED_HOST, host.unwrap_or(&NO_HOST)),
         ],
-        len,
+        varying_len: if host.is_some() { 2 } else { 1 },
+        fixed: [
+            (&X_FORWARDED_PROTO, &PROTO_HTTP),
+            (&X_CANARY_VERSION, &pool.version_header),
+            (&X_CANARY_ROUTE, &pool.route_header),
+        ],
     };
     // The proxy's fields replace any the client sent (one pass over the names finds
     // them; a client rarely sends any).
-    if headers
-        .keys()
-        .any(|k| added.fields.iter().any(|(name, _)| *name == k))
-    {
-        for (name, _) in &added.fields {
-            headers.remove(*name);
+    if headers.keys().any(|k| added.names().any(|name| name == k)) {
+        for name in added.names() {
+            headers.remove(name);
         }
     }
     if pool.is_http2() {

@@ -27,7 +27,7 @@
 //! end of one response to the end of the next request head (the slow-header guard
 //! and the keep-alive idle timeout), and pipelined requests answered in order.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future as _};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -51,7 +51,7 @@ use crate::forward::ProxyBody;
 use crate::forward::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
 use crate::upstream::{
-    self, connection_tokens, write_field, write_trailers, Fields, RawFields, RawHead,
+    self, connection_tokens, is_name, write_field, write_trailers, Fields, RawFields, RawHead,
 };
 
 /// Fields a request may have and still be read here.
@@ -114,23 +114,23 @@ fn parse(buf: &[u8], fields: &mut Fields) -> Result<Option<Parsed>, ()> {
     fields.collect(buf, req.headers, |h| {
         let name = h.name.as_bytes();
         match name.len() {
-            10 if name.eq_ignore_ascii_case(b"connection") => {
+            10 if is_name(name, "connection") => {
                 other |= connection_tokens(h.value, &mut close, &mut keep_alive);
                 false
             }
-            14 if name.eq_ignore_ascii_case(b"content-length") => {
+            14 if is_name(name, "content-length") => {
                 other |= h.value.trim_ascii() != b"0";
                 true
             }
-            6 if name.eq_ignore_ascii_case(b"expect") => {
+            6 if is_name(name, "expect") => {
                 other = true;
                 true
             }
-            7 if name.eq_ignore_ascii_case(b"upgrade") => {
+            7 if is_name(name, "upgrade") => {
                 other = true;
                 true
             }
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+            17 if is_name(name, "transfer-encoding") => {
                 other = true;
                 true
             }
@@ -178,6 +178,7 @@ pub(crate) async fn serve(
     // request, in its registration with the channel).
     let stopping = stopped(stop.clone());
     tokio::pin!(stopping);
+    let mut armed = false;
     loop {
         // The next request head.
         let deadline = Instant::now() + settings.header_timeout;
@@ -190,14 +191,31 @@ pub(crate) async fn serve(
                     _ => return hand_over(io, buf, conn, &settings, stop).await,
                 }
             }
-            tokio::select! {
-                biased;
-                r = poll_fn(|cx| upstream::fill(Pin::new(&mut io), &mut buf, cx)) => match r {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                },
-                () = upstream::until(&mut timer, deadline) => return,
-                () = &mut stopping, if buf.is_empty() => return,
+            let mut woken = false;
+            let waited = poll_fn(|cx| {
+                if let Poll::Ready(r) = upstream::fill(Pin::new(&mut io), &mut buf, cx) {
+                    return Poll::Ready(r.ok().filter(|&n| n > 0).is_some());
+                }
+                // The timer and the stop were polled with this task's waker at an
+                // earlier wait and are unchanged since (the timer is only ever moved
+                // on, here): they will wake the task when they go off. So a wait
+                // that starts polls them only if they may have gone off unseen (the
+                // task was polled for other reasons since); once woken, it polls all.
+                let stop_seen = !matches!(stop.has_changed(), Ok(false));
+                if woken || !armed || timer.is_elapsed() || stop_seen {
+                    if upstream::poll_until(&mut timer, deadline, cx).is_ready() {
+                        return Poll::Ready(false);
+                    }
+                    if buf.is_empty() && stopping.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(false);
+                    }
+                    armed = true;
+                }
+                woken = true;
+                Poll::Pending
+            });
+            if !waited.await {
+                return;
             }
         };
         raw.head = buf.split_to(parsed.len).freeze();

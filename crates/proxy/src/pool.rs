@@ -17,7 +17,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::forward::UpstreamBody;
+use crate::forward::{
+    UpstreamBody, PROTO_HTTP, X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_PROTO,
+};
 use crate::metrics::VersionStats;
 use crate::upstream::{self, IdleList};
 
@@ -245,6 +247,14 @@ fn build_h2_client(connect_ms: u64) -> ProxyClient {
 pub struct Pool {
     pub version: String,
     pub version_header: HeaderValue,
+    /// The route's name, as `X-Canary-Route` carries it.
+    pub route_header: HeaderValue,
+    /// The request fields that are the same for every request through this pool,
+    /// `X-Forwarded-Proto`, `X-Canary-Version` and `X-Canary-Route`, as the lines an
+    /// HTTP/1.1 exchange writes: one copy per request instead of three fields written
+    /// in four pieces each (~2% of a request's instructions). A pool belongs to one
+    /// route, so the route's name can be part of them.
+    pub request_lines: Bytes,
     pub instances: Vec<Arc<Instance>>,
     /// The forwarding client of an `http2: true` pool; `None` for an HTTP/1.1 pool,
     /// whose connections are in its instances' idle lists.
@@ -257,17 +267,29 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(
-        version: &str,
+        (route, version): (&str, &str),
         instances: Vec<Arc<Instance>>,
         h2_client: Option<WorkerClients>,
         stats: Arc<VersionStats>,
         ejection: Ejection,
         health_check: Option<HealthCheck>,
     ) -> Pool {
+        let value =
+            |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("unknown"));
+        let (version_header, route_header) = (value(version), value(route));
+        let mut lines = Vec::with_capacity(80);
+        for (name, value) in [
+            (&X_FORWARDED_PROTO, &PROTO_HTTP),
+            (&X_CANARY_VERSION, &version_header),
+            (&X_CANARY_ROUTE, &route_header),
+        ] {
+            upstream::write_field(&mut lines, name.as_str().as_bytes(), value.as_bytes());
+        }
         Pool {
             version: version.to_string(),
-            version_header: HeaderValue::from_str(version)
-                .unwrap_or(HeaderValue::from_static("unknown")),
+            version_header,
+            route_header,
+            request_lines: Bytes::from(lines),
             instances,
             h2_client,
             stats,
@@ -395,7 +417,7 @@ mod tests {
         };
         a.record_failure(&spec, 0);
         let pool = Pool::new(
-            "v1",
+            ("r", "v1"),
             vec![a, b],
             None,
             Arc::new(VersionStats::new("r", "v1")),

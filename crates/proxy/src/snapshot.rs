@@ -24,7 +24,6 @@ pub struct RouteEntry {
     pub stable: Arc<Pool>,
     pub canary: Option<Arc<Pool>>,
     pub timeouts: Timeouts,
-    pub route_header: HeaderValue,
     /// `name=` of the sticky cookie a generated id is set in; `None` if the name is not
     /// a valid header value (config validation allows only cookie-name tokens).
     pub cookie_prefix: Option<Bytes>,
@@ -179,8 +178,6 @@ impl Proxy {
             stable,
             canary,
             timeouts: rc.timeouts,
-            route_header: HeaderValue::from_str(name)
-                .unwrap_or(HeaderValue::from_static("unknown")),
             cookie_prefix: {
                 let prefix = format!("{}=", rc.route.sticky.cookie);
                 HeaderValue::from_str(&prefix)
@@ -335,7 +332,7 @@ fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig, workers: us
         None => instances.iter().for_each(|i| i.reset_check()),
     }
     Pool::new(
-        &pc.version,
+        (&rc.route.name, &pc.version),
         instances,
         h2_client,
         stats,

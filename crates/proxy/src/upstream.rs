@@ -30,6 +30,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::{poll_fn, Future as _};
 use std::io;
 use std::io::Write as _;
 use std::mem::MaybeUninit;
@@ -130,19 +131,28 @@ impl Conn {
     }
 }
 
-/// Waits until `deadline` on a connection's timer. The timer is moved only when it
-/// would go off too late; one that goes off early (it was set for an earlier request)
-/// is moved on then. So on a busy connection the timer is re-armed about once per
-/// timeout rather than armed and cancelled once per request (a wheel insert and
-/// removal each time, ~3% of the instructions per request).
+/// Waits until `deadline` on a connection's timer: [`poll_until`] as a future.
 pub(crate) async fn until(timer: &mut Pin<Box<Sleep>>, deadline: Instant) {
+    poll_fn(|cx| poll_until(timer, deadline, cx)).await;
+}
+
+/// Whether `deadline` has passed, by a connection's timer. The timer is moved only
+/// when it would go off too late; one that goes off early (it was set for an earlier
+/// request) is moved on then. So on a busy connection the timer is re-armed about
+/// once per timeout rather than armed and cancelled once per request (a wheel insert
+/// and removal each time, ~3% of the instructions per request).
+pub(crate) fn poll_until(
+    timer: &mut Pin<Box<Sleep>>,
+    deadline: Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
     if timer.deadline() > deadline {
         timer.as_mut().reset(deadline);
     }
     loop {
-        timer.as_mut().await;
+        ready!(timer.as_mut().poll(cx));
         if Instant::now() >= deadline {
-            return;
+            return Poll::Ready(());
         }
         timer.as_mut().reset(deadline);
     }
@@ -485,8 +495,8 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, extra: Extra<'_>, framing: Requ
         let mut trailers = false;
         raw.write_fields(out, |name, value| {
             if not_forwarded(name) {
-                had_length |= name.eq_ignore_ascii_case(b"content-length");
-                trailers |= name.eq_ignore_ascii_case(b"te") && te_lists_trailers(value);
+                had_length |= is_name(name, "content-length");
+                trailers |= is_name(name, "te") && te_lists_trailers(value);
                 return false;
             }
             true
@@ -498,6 +508,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, extra: Extra<'_>, framing: Requ
     for (name, value) in extra.added {
         write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
+    out.extend_from_slice(extra.fixed);
     match framing {
         RequestFraming::Empty if had_length => out.extend_from_slice(b"content-length: 0\r\n"),
         RequestFraming::Empty => {}
@@ -720,7 +731,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
     let mut raw = Box::new(RawFields::EMPTY);
     raw.raw.fields.collect(buf, resp.headers, |h| {
         let name = h.name.as_bytes();
-        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        let is = |n: &str| is_name(name, n);
         match name.len() {
             10 if is("connection") => {
                 names_fields |= connection_tokens(h.value, &mut close, &mut keep_alive);
@@ -1043,14 +1054,16 @@ pub struct Extra<'a> {
     /// A request head the proxy read itself: its fields are written too, less the
     /// hop-by-hop ones, the framing, `Host` and those the proxy sets.
     pub raw: Option<&'a RawHead>,
-    /// The proxy's fields (`X-Forwarded-*`, `X-Canary-*`), written last.
+    /// The proxy's fields (`X-Forwarded-*`, `X-Canary-*`), written last: `added` one
+    /// by one, then `fixed`, lines already written out.
     pub added: &'a [(&'a HeaderName, &'a HeaderValue)],
+    pub fixed: &'a [u8],
 }
 
 /// Whether a field is hop-by-hop (RFC 9110 §7.6.1): for one connection only, never
 /// passed on. (So are the fields a `Connection` names; those are found where it is read.)
 pub(crate) fn hop_by_hop(name: &[u8]) -> bool {
-    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    let is = |n: &str| is_name(name, n);
     match name.len() {
         2 => is("te"),
         7 => is("upgrade"),
@@ -1062,11 +1075,30 @@ pub(crate) fn hop_by_hop(name: &[u8]) -> bool {
     }
 }
 
+/// Whether the field name `name`, as `httparse` accepted it (token characters only),
+/// is `lower` (lowercase letters, digits and `-`) in any letter case. For token
+/// characters, setting bit `0x20` lowercases a letter and turns no other character
+/// into one `lower` may hold, so one branch-free pass decides; `eq_ignore_ascii_case`
+/// folds both sides byte by byte, and the field names of every request and response
+/// are compared against a dozen names (~2% of a request's instructions).
+#[inline]
+pub(crate) fn is_name(name: &[u8], lower: &str) -> bool {
+    debug_assert!(lower
+        .bytes()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-'));
+    name.len() == lower.len()
+        && name
+            .iter()
+            .zip(lower.as_bytes())
+            .fold(0, |diff, (&c, &l)| diff | ((c | 0x20) ^ l))
+            == 0
+}
+
 /// Whether a field of a request the proxy read is left out of what goes upstream:
 /// hop-by-hop, framing (written from the body), `Host` (written from the request's
 /// host), and the fields the proxy sets itself.
 fn not_forwarded(name: &[u8]) -> bool {
-    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    let is = |n: &str| is_name(name, n);
     hop_by_hop(name)
         || match name.len() {
             4 => is("host"),
@@ -2217,5 +2249,43 @@ mod tests {
             }
             proptest::prop_assert_eq!(String::from_utf8_lossy(&runs), String::from_utf8_lossy(&each));
         }
+    }
+
+    proptest::proptest! {
+        /// `is_name` agrees with `eq_ignore_ascii_case` on every field name `httparse`
+        /// accepts (token characters), against the names the proxy looks for and
+        /// names one character away from them.
+        #[test]
+        fn is_name_matches_names_in_any_letter_case(
+            lower in proptest::sample::select(vec![
+                "te", "host", "date", "expect", "upgrade", "connection", "keep-alive",
+                "content-length", "x-canary-route", "x-forwarded-for", "x-canary-version",
+                "x-forwarded-host", "proxy-connection", "transfer-encoding",
+                "x-forwarded-proto", "proxy-authorization",
+            ]),
+            flips in proptest::collection::vec(proptest::bool::ANY, 20),
+            swap in proptest::option::of((0usize..20, "[!#$%&'*+.^_`|~0-9A-Za-z-]")),
+        ) {
+            let mut name: Vec<u8> = lower
+                .bytes()
+                .zip(&flips)
+                .map(|(c, &up)| if up { c.to_ascii_uppercase() } else { c })
+                .collect();
+            if let Some((at, c)) = swap {
+                let at = at % name.len();
+                name[at] = c.as_bytes()[0];
+            }
+            proptest::prop_assert!(httparse_token(&name));
+            proptest::prop_assert_eq!(is_name(&name, lower), name.eq_ignore_ascii_case(lower.as_bytes()));
+        }
+    }
+
+    fn httparse_token(name: &[u8]) -> bool {
+        let line = [name, b": v\r\n\r\n"].concat();
+        let mut fields = [httparse::EMPTY_HEADER; 1];
+        matches!(
+            httparse::parse_headers(&line, &mut fields),
+            Ok(httparse::Status::Complete(_))
+        )
     }
 }
