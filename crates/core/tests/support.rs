@@ -18,7 +18,7 @@ use regex::bytes::Regex;
 pub fn decide(table: &RouteTable, facts: &Facts, weight: Weight) -> Decision {
     let idx = table
         .find(
-            black_box(Some("shop.example.com")),
+            black_box(Some(&b"shop.example.com"[..])),
             black_box("/products/42"),
         )
         .expect("the fixture's request matches a route");

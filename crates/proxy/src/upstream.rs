@@ -43,7 +43,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
@@ -269,25 +269,27 @@ impl fmt::Display for SendError {
     }
 }
 
-/// Sends `req` to `addr` on a pooled connection from `idle`, or a new one.
+/// Sends the request (`parts` and `body`) to `addr` on a pooled connection from
+/// `idle`, or a new one.
 ///
-/// `req` must be ready for the wire: origin-form target, `Host` set, hop-by-hop
-/// fields removed (`forward::build_upstream_request`); its framing fields are
-/// written here from the body. The response's body gives the connection back to
-/// `idle` when it has been read to its end; a response whose body is dropped early,
-/// or a `101 Switching Protocols`, keeps its connection out of the pool.
+/// The parts must be ready for the wire but for the target, which is written in
+/// origin form (the authority of a `CONNECT`): hop-by-hop fields removed
+/// (`forward::build_upstream_request`), `Host` in `extra` when the map has none; the
+/// framing fields are written here from the body. The response's body gives the
+/// connection back to `idle` when it has been read to its end; a response whose body
+/// is dropped early, or a `101 Switching Protocols`, keeps its connection out of the
+/// pool.
 pub async fn send<B: RequestBody>(
     idle: &Arc<IdleList>,
     addr: &str,
     connect_ms: u64,
     timeout: Duration,
-    req: Request<B>,
+    (parts, body): (&Parts, &mut B),
     extra: Extra<'_>,
 ) -> Result<Response<PooledBody>, SendError> {
-    let (parts, mut body) = req.into_parts();
     let bodiless = body.is_end_stream();
     while let Some(conn) = idle.pop() {
-        match exchange(conn, (&parts, extra), &mut body, timeout, idle).await {
+        match exchange(conn, (parts, extra), body, timeout, idle).await {
             Ok(resp) => return Ok(resp),
             Err(f) if bodiless && f.resend.allows(&parts.method) => {
                 tracing::debug!(upstream = addr, error = %f.error, "pooled connection closed under a request; sending it again");
@@ -296,7 +298,7 @@ pub async fn send<B: RequestBody>(
         }
     }
     let conn = connect(addr, connect_ms).await?;
-    exchange(conn, (&parts, extra), &mut body, timeout, idle)
+    exchange(conn, (parts, extra), body, timeout, idle)
         .await
         .map_err(|f| f.error)
 }
@@ -1569,6 +1571,7 @@ impl Body for PooledBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
     use http_body_util::{BodyExt, Empty};
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use std::sync::Mutex;
@@ -1695,7 +1698,26 @@ mod tests {
         addr: &str,
         req: Request<B>,
     ) -> Result<Response<PooledBody>, SendError> {
-        send(idle, addr, 1000, T, req, Extra::default()).await
+        send_within(idle, addr, T, req).await
+    }
+
+    /// [`send_plain`] with request timeout `timeout`.
+    async fn send_within<B: RequestBody>(
+        idle: &Arc<IdleList>,
+        addr: &str,
+        timeout: Duration,
+        req: Request<B>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let (parts, mut body) = req.into_parts();
+        send(
+            idle,
+            addr,
+            1000,
+            timeout,
+            (&parts, &mut body),
+            Extra::default(),
+        )
+        .await
     }
 
     async fn body(resp: Response<PooledBody>) -> Bytes {
@@ -2180,9 +2202,7 @@ mod tests {
         // Six quick requests over ~3 s on one connection: the timer armed by the first
         // goes off during a later one and is moved on, not taken as a timeout.
         for _ in 0..6 {
-            let resp = send(&idle, &addr, 1000, timeout, get(), Extra::default())
-                .await
-                .unwrap();
+            let resp = send_within(&idle, &addr, timeout, get()).await.unwrap();
             assert_eq!(collect(resp).await.0, "ok");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -2191,13 +2211,9 @@ mod tests {
             .header("host", "x")
             .body(Empty::new())
             .unwrap();
-        let err = send(&idle, &addr, 1000, timeout, slow, Extra::default())
-            .await
-            .unwrap_err();
+        let err = send_within(&idle, &addr, timeout, slow).await.unwrap_err();
         assert!(matches!(err, SendError::Timeout), "{err}");
-        let resp = send(&idle, &addr, 1000, timeout, get(), Extra::default())
-            .await
-            .unwrap();
+        let resp = send_within(&idle, &addr, timeout, get()).await.unwrap();
         assert_eq!(
             collect(resp).await.0,
             "ok",
