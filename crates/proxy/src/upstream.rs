@@ -279,17 +279,21 @@ impl fmt::Display for SendError {
 /// connection back to `idle` when it has been read to its end; a response whose body
 /// is dropped early, or a `101 Switching Protocols`, keeps its connection out of the
 /// pool.
+///
+/// The request timeout of a request without a body runs from `now` on a pooled
+/// connection (the request is written at once: one clock read less per request),
+/// from when it was written on a new one.
 pub async fn send<B: RequestBody>(
     idle: &Arc<IdleList>,
     addr: &str,
     connect_ms: u64,
-    timeout: Duration,
+    (now, timeout): (Instant, Duration),
     (parts, body): (&Parts, &mut B),
     extra: Extra<'_>,
 ) -> Result<Response<PooledBody>, SendError> {
     let bodiless = body.is_end_stream();
     while let Some(conn) = idle.pop() {
-        match exchange(conn, (parts, extra), body, timeout, idle).await {
+        match exchange(conn, (parts, extra), body, (Some(now), timeout), idle).await {
             Ok(resp) => return Ok(resp),
             Err(f) if bodiless && f.resend.allows(&parts.method) => {
                 tracing::debug!(upstream = addr, error = %f.error, "pooled connection closed under a request; sending it again");
@@ -298,7 +302,7 @@ pub async fn send<B: RequestBody>(
         }
     }
     let conn = connect(addr, connect_ms).await?;
-    exchange(conn, (parts, extra), body, timeout, idle)
+    exchange(conn, (parts, extra), body, (None, timeout), idle)
         .await
         .map_err(|f| f.error)
 }
@@ -370,7 +374,7 @@ async fn exchange<B: RequestBody>(
     mut conn: Box<Conn>,
     (parts, extra): (&Parts, Extra<'_>),
     body: &mut B,
-    timeout: Duration,
+    (sent, timeout): (Option<Instant>, Duration),
     idle: &Arc<IdleList>,
 ) -> Result<Response<PooledBody>, Failure> {
     let framing = if body.is_end_stream() {
@@ -392,7 +396,7 @@ async fn exchange<B: RequestBody>(
                 resend: Resend::Unsent,
             });
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = sent.unwrap_or_else(Instant::now) + timeout;
         let Conn {
             io, rbuf, timer, ..
         } = &mut *conn;
@@ -491,7 +495,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, extra: Extra<'_>, framing: Requ
         write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if let Some(host) = extra.host {
-        write_field(out, b"host", host.as_bytes());
+        write_field(out, b"host", host);
     }
     if let Some(raw) = extra.raw {
         let mut trailers = false;
@@ -508,7 +512,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, extra: Extra<'_>, framing: Requ
         }
     }
     for (name, value) in extra.added {
-        write_field(out, name.as_str().as_bytes(), value.as_bytes());
+        write_field(out, name.as_str().as_bytes(), value);
     }
     out.extend_from_slice(extra.fixed);
     match framing {
@@ -1052,13 +1056,13 @@ impl RawHead {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Extra<'a> {
     /// `Host`, written after the map's fields (the map then has none).
-    pub host: Option<&'a HeaderValue>,
+    pub host: Option<&'a [u8]>,
     /// A request head the proxy read itself: its fields are written too, less the
     /// hop-by-hop ones, the framing, `Host` and those the proxy sets.
     pub raw: Option<&'a RawHead>,
     /// The proxy's fields (`X-Forwarded-*`, `X-Canary-*`), written last: `added` one
     /// by one, then `fixed`, lines already written out.
-    pub added: &'a [(&'a HeaderName, &'a HeaderValue)],
+    pub added: &'a [(&'a HeaderName, &'a [u8])],
     pub fixed: &'a [u8],
 }
 
@@ -1077,12 +1081,13 @@ pub(crate) fn hop_by_hop(name: &[u8]) -> bool {
     }
 }
 
-/// Whether the field name `name`, as `httparse` accepted it (token characters only),
-/// is `lower` (lowercase letters, digits and `-`) in any letter case. For token
-/// characters, setting bit `0x20` lowercases a letter and turns no other character
-/// into one `lower` may hold, so one branch-free pass decides; `eq_ignore_ascii_case`
-/// folds both sides byte by byte, and the field names of every request and response
-/// are compared against a dozen names (~2% of a request's instructions).
+/// Whether `name`, a field name or value as `httparse` accepted it, is `lower`
+/// (lowercase letters, digits and `-`) in any letter case. For the bytes `httparse`
+/// lets through (no CR, LF or other control but HTAB), setting bit `0x20` lowercases
+/// a letter and turns no other byte into one `lower` may hold, so one branch-free
+/// pass decides; `eq_ignore_ascii_case` folds both sides byte by byte, and the field
+/// names of every request and response are compared against a dozen names (~2% of a
+/// request's instructions).
 #[inline]
 pub(crate) fn is_name(name: &[u8], lower: &str) -> bool {
     debug_assert!(lower
@@ -1208,11 +1213,11 @@ impl Fields {
 /// remove).
 pub(crate) fn connection_tokens(value: &[u8], close: &mut bool, keep_alive: &mut bool) -> bool {
     // The usual values first, without splitting.
-    if value.eq_ignore_ascii_case(b"keep-alive") {
+    if is_name(value, "keep-alive") {
         *keep_alive = true;
         return false;
     }
-    if value.eq_ignore_ascii_case(b"close") {
+    if is_name(value, "close") {
         *close = true;
         return false;
     }
@@ -1713,7 +1718,7 @@ mod tests {
             idle,
             addr,
             1000,
-            timeout,
+            (Instant::now(), timeout),
             (&parts, &mut body),
             Extra::default(),
         )
@@ -2293,6 +2298,36 @@ mod tests {
             }
             proptest::prop_assert!(httparse_token(&name));
             proptest::prop_assert_eq!(is_name(&name, lower), name.eq_ignore_ascii_case(lower.as_bytes()));
+        }
+    }
+
+    proptest::proptest! {
+        /// The same for field values (`Connection: keep-alive`), whatever byte a value
+        /// may hold stands in for one of the name's.
+        #[test]
+        fn is_name_matches_values_in_any_letter_case(
+            lower in proptest::sample::select(vec!["close", "keep-alive", "chunked", "trailers"]),
+            flips in proptest::collection::vec(proptest::bool::ANY, 12),
+            swap in proptest::option::of((
+                0usize..12,
+                proptest::strategy::Strategy::prop_filter(proptest::num::u8::ANY, "a value byte", |&b| b == b'\t' || (b >= 0x20 && b != 0x7f)),
+            )),
+        ) {
+            let mut value: Vec<u8> = lower
+                .bytes()
+                .zip(&flips)
+                .map(|(c, &up)| if up { c.to_ascii_uppercase() } else { c })
+                .collect();
+            if let Some((at, b)) = swap {
+                let at = at % value.len();
+                value[at] = b;
+            }
+            let line = [&b"x: "[..], &value, b"\r\n\r\n"].concat();
+            let mut fields = [httparse::EMPTY_HEADER; 1];
+            let parsed = httparse::parse_headers(&line, &mut fields);
+            proptest::prop_assume!(matches!(parsed, Ok(httparse::Status::Complete(_))));
+            proptest::prop_assume!(fields[0].value == &value[..]);
+            proptest::prop_assert_eq!(is_name(&value, lower), value.eq_ignore_ascii_case(lower.as_bytes()));
         }
     }
 
