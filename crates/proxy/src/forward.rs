@@ -333,11 +333,28 @@ fn generate_id() -> [u8; 32] {
     let seed =
         *SEED.get_or_init(|| std::hash::RandomState::new().hash_one(0x9e37_79b9_7f4a_7c15u64));
     let n = COUNTER.fetch_add(1, Relaxed);
-    let id = xxhash_rust::xxh3::xxh3_128_with_seed(&n.to_le_bytes(), seed);
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    hex32(xxhash_rust::xxh3::xxh3_128_with_seed(
+        &n.to_le_bytes(),
+        seed,
+    ))
+}
+
+/// `id` as 32 lowercase hex digits, two per byte from a table (half the steps of a
+/// digit per nibble).
+fn hex32(id: u128) -> [u8; 32] {
+    static HEX_PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut b = 0;
+        while b < 256 {
+            t[b] = [HEX[b >> 4], HEX[b & 0xf]];
+            b += 1;
+        }
+        t
+    };
     let mut out = [0u8; 32];
-    for (i, digit) in out.iter_mut().enumerate() {
-        *digit = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(id.to_be_bytes()) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
     }
     out
 }
@@ -976,6 +993,15 @@ mod tests {
 
     #[test]
     fn generated_ids_are_32_hex_digits_and_distinct() {
+        for id in [
+            0,
+            1,
+            0xfe,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
+            assert_eq!(hex32(id), format!("{id:032x}").as_bytes(), "{id:x}");
+        }
         let a = generate_id();
         let b = generate_id();
         assert_ne!(a, b);
