@@ -41,6 +41,18 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// The fields the proxy sets on every upstream request ([`Added`]): a client's own are
+/// never passed on, `X-Forwarded-Host` even when the proxy sets none. The read path
+/// drops them by `upstream::not_forwarded`, its own fast switch on the name's length;
+/// a test keeps the two in step.
+static PROXY_REQUEST_FIELDS: [&HeaderName; 5] = [
+    &X_FORWARDED_FOR,
+    &X_FORWARDED_HOST,
+    &X_FORWARDED_PROTO,
+    &X_CANARY_VERSION,
+    &X_CANARY_ROUTE,
+];
+
 /// How a request body on its way to an HTTP/2 upstream ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum BodyEnd {
@@ -878,15 +890,6 @@ impl<'a> Added<'a> {
                 .map(|(name, value)| (*name, (*value).clone())),
         )
     }
-
-    /// The names the proxy sets, `X-Forwarded-Host` even when it sets none: a
-    /// client's own is never passed on.
-    fn names(&self) -> impl Iterator<Item = &'static HeaderName> + '_ {
-        self.varying
-            .iter()
-            .map(|(name, _)| *name)
-            .chain(self.fixed.iter().map(|(name, _)| *name))
-    }
 }
 
 pub(crate) static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
@@ -974,8 +977,11 @@ fn build_upstream_request<'a>(
     };
     // The proxy's fields replace any the client sent (one pass over the names finds
     // them; a client rarely sends any).
-    if headers.keys().any(|k| added.names().any(|name| name == k)) {
-        for name in added.names() {
+    if headers
+        .keys()
+        .any(|k| PROXY_REQUEST_FIELDS.iter().any(|name| *name == k))
+    {
+        for name in PROXY_REQUEST_FIELDS {
             headers.remove(name);
         }
     }
@@ -990,6 +996,46 @@ fn build_upstream_request<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The read path drops a client's own copies of exactly the fields the proxy sets
+    /// (by its own switch, `not_forwarded`), and the added fields are those.
+    #[test]
+    fn the_fields_the_proxy_sets_are_the_ones_a_client_cannot_pass_on() {
+        for name in PROXY_REQUEST_FIELDS {
+            assert!(
+                crate::upstream::not_forwarded(name.as_str().as_bytes()),
+                "{name} would pass through from a client"
+            );
+        }
+        let conn = ConnInfo::new("127.0.0.1:1".parse().unwrap());
+        let pool = Pool::new(
+            ("r", "v1"),
+            Vec::new(),
+            None,
+            Arc::new(crate::metrics::VersionStats::new("r", "v1")),
+            canary_config::Ejection::default(),
+            None,
+        );
+        let instance = Instance::new("r", "v1", "127.0.0.1:2", 1).unwrap();
+        let mut parts = Request::new(()).into_parts().0;
+        let mut joined = None;
+        let host = Some(&b"h"[..]);
+        let (added, _) = build_upstream_request(
+            &mut parts,
+            (&conn, host, None),
+            &pool,
+            &instance,
+            false,
+            &mut joined,
+        );
+        let set: Vec<&HeaderName> = added
+            .varying()
+            .iter()
+            .map(|(n, _)| *n)
+            .chain(added.fixed.iter().map(|(n, _)| *n))
+            .collect();
+        assert_eq!(set, PROXY_REQUEST_FIELDS);
+    }
 
     #[test]
     fn generated_ids_are_32_hex_digits_and_distinct() {

@@ -1104,7 +1104,7 @@ pub(crate) fn is_name(name: &[u8], lower: &str) -> bool {
 /// Whether a field of a request the proxy read is left out of what goes upstream:
 /// hop-by-hop, framing (written from the body), `Host` (written from the request's
 /// host), and the fields the proxy sets itself.
-fn not_forwarded(name: &[u8]) -> bool {
+pub(crate) fn not_forwarded(name: &[u8]) -> bool {
     let is = |n: &str| is_name(name, n);
     hop_by_hop(name)
         || match name.len() {
