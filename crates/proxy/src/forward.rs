@@ -977,10 +977,7 @@ fn build_upstream_request<'a>(
     };
     // The proxy's fields replace any the client sent (one pass over the names finds
     // them; a client rarely sends any).
-    if headers
-        .keys()
-        .any(|k| PROXY_REQUEST_FIELDS.iter().any(|name| *name == k))
-    {
+    if headers.keys().any(|k| PROXY_REQUEST_FIELDS.contains(&k)) {
         for name in PROXY_REQUEST_FIELDS {
             headers.remove(name);
         }
