@@ -185,10 +185,15 @@ async fn read_response(s: &mut TcpStream) -> RawReply {
 
 /// Sends `request` as is on a new connection and reads one response (bounded).
 async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawReply {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    exchange_on(&mut s, request).await
+}
+
+/// Writes `request` on `s` and reads one response, within [`REQUEST_TIMEOUT`].
+async fn exchange_on(s: &mut TcpStream, request: &[u8]) -> RawReply {
     let fut = async {
-        let mut s = TcpStream::connect(addr).await.expect("connect");
         s.write_all(request).await.expect("write request");
-        read_response(&mut s).await
+        read_response(s).await
     };
     tokio::time::timeout(REQUEST_TIMEOUT, fut)
         .await
@@ -1028,22 +1033,14 @@ async fn websocket_upgrade_is_forwarded_and_messages_round_trip() {
     }
     // A handshake the upstream refuses is a plain answer; the connection stays usable.
     let mut s = TcpStream::connect(c.listen).await.expect("connect");
-    s.write_all(
+    let r = exchange_on(
+        &mut s,
         b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
     )
-    .await
-    .expect("write");
-    let r = tokio::time::timeout(REQUEST_TIMEOUT, read_response(&mut s))
-        .await
-        .expect("answer");
+    .await;
     assert_eq!(r.status, 400, "{r:?}");
     assert_eq!(r.header("x-canary-version"), Some("v1"));
-    s.write_all(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
-    let r = tokio::time::timeout(REQUEST_TIMEOUT, read_response(&mut s))
-        .await
-        .expect("answer");
+    let r = exchange_on(&mut s, b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.text(), "hello from v1\n");
     // Plain HTTP keeps working next to the tunnels.
@@ -2073,10 +2070,7 @@ async fn idle_kept_alive_connections_are_closed_after_the_header_timeout() {
         v1.set_delay_ms(delay_ms);
         let mut s = TcpStream::connect(c.listen).await.expect("connect");
         for i in 0..quick {
-            s.write_all(req).await.expect("write");
-            let r = tokio::time::timeout(REQUEST_TIMEOUT, read_response(&mut s))
-                .await
-                .expect("answer");
+            let r = exchange_on(&mut s, req).await;
             assert_eq!(
                 r.status, 200,
                 "request {i} with a {delay_ms} ms upstream: {r:?}"
@@ -2108,10 +2102,7 @@ async fn connections_over_the_limit_are_closed_until_one_frees_up() {
     let mut open = Vec::new();
     for i in 0..3 {
         let mut s = TcpStream::connect(c.listen).await.expect("connect");
-        s.write_all(req).await.expect("write");
-        let r = tokio::time::timeout(REQUEST_TIMEOUT, read_response(&mut s))
-            .await
-            .expect("answer");
+        let r = exchange_on(&mut s, req).await;
         assert_eq!(r.status, 200, "connection {i}: {r:?}");
         open.push(s);
     }
@@ -2123,10 +2114,7 @@ async fn connections_over_the_limit_are_closed_until_one_frees_up() {
         .expect("a connection over the limit was kept open");
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
     // Kept-alive connections still work; closing one lets a new one in.
-    open[0].write_all(req).await.expect("write");
-    let r = tokio::time::timeout(REQUEST_TIMEOUT, read_response(&mut open[0]))
-        .await
-        .expect("answer");
+    let r = exchange_on(&mut open[0], req).await;
     assert_eq!(r.status, 200);
     drop(open.pop());
     let deadline = Instant::now() + EVENTUALLY;
@@ -2374,12 +2362,7 @@ async fn sigterm_closes_idle_kept_alive_connections() {
     let pid = c.pid().expect("running");
     let mut s = TcpStream::connect(c.listen).await.expect("connect");
     for i in 0..2 {
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
-        let r = tokio::time::timeout(REQUEST_TIMEOUT, read_response(&mut s))
-            .await
-            .expect("answer");
+        let r = exchange_on(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!(r.status, 200, "request {i}: {r:?}");
     }
     let st = std::process::Command::new("kill")
