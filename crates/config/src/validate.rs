@@ -39,6 +39,9 @@ pub(crate) const DEFAULT_ANALYSIS_INTERVAL_MS: u64 = 10_000;
 pub(crate) const DEFAULT_ANALYSIS_WINDOW_MS: u64 = 60_000;
 /// Smallest accepted `limits.max_header_bytes`.
 pub(crate) const MIN_HEADER_BYTES: i64 = 1024;
+/// Largest accepted `limits.max_header_bytes` (1 GiB): the proxy keeps where a head's
+/// fields are as 32-bit offsets, and no head needs more.
+pub(crate) const MAX_HEADER_BYTES: i64 = 1 << 30;
 
 const DURATION_HINT: &str = "use e.g. 500ms, 30s, 1m or 1h 30m";
 
@@ -222,8 +225,8 @@ impl Checker {
                         "limits.max_header_bytes",
                         v,
                         MIN_HEADER_BYTES,
-                        i64::from(u32::MAX),
-                        "a number of bytes, at least 1024",
+                        MAX_HEADER_BYTES,
+                        "a number of bytes, from 1024 to 1073741824 (1 GiB)",
                     )
                     .map_or(d.max_header_bytes, |n| n as usize),
                 None => d.max_header_bytes,

@@ -636,3 +636,13 @@ fn docs_examples_are_valid() {
     assert_eq!(full.routes.len(), 2);
     assert_eq!(full.routes[0].route.rules.len(), 6);
 }
+
+#[test]
+fn header_limit_is_between_1_kib_and_1_gib() {
+    let limit = |n: i64| format!("limits:\n  max_header_bytes: {n}\n{BASE}");
+    assert_eq!(ok(&limit(1024)).limits.max_header_bytes, 1024);
+    assert_eq!(ok(&limit(1 << 30)).limits.max_header_bytes, 1 << 30);
+    for n in [1023, (1 << 30) + 1, i64::from(u32::MAX)] {
+        one_error(&limit(n), "2:21", "limits.max_header_bytes");
+    }
+}

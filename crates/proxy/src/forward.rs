@@ -19,7 +19,6 @@ use canary_core::{RequestFacts, Target};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -32,8 +31,9 @@ use crate::pool::{now_ms, Instance, Pool};
 use crate::snapshot::{Proxy, RouteEntry};
 use crate::upstream::{self, AddedField, Extra, PooledBody, RawHead, SendError};
 
-/// The body the proxy answers with: the upstream's stream, or a short error text.
-pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
+/// The body the proxy answers with: the upstream's stream, or a short error text
+/// ([`PooledBody::fixed`]).
+pub type ProxyBody = PooledBody;
 
 pub(crate) static X_CANARY_VERSION: HeaderName = HeaderName::from_static("x-canary-version");
 pub(crate) static X_CANARY_ROUTE: HeaderName = HeaderName::from_static("x-canary-route");
@@ -322,7 +322,7 @@ impl RequestFacts for Facts<'_> {
 
 /// A short plain-text answer the proxy generates itself; never leaks internals.
 pub fn error_response(status: StatusCode, msg: &'static str) -> Response<ProxyBody> {
-    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(msg.as_bytes()))));
+    let mut r = Response::new(PooledBody::fixed(msg));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -601,35 +601,43 @@ impl Drop for Outcome<'_> {
 }
 
 impl Proxy {
-    /// Handles one request end to end.
+    /// Handles one request end to end. The answer is boxed (from the upstream exchange
+    /// on): it is moved out of every async layer on its way to the writer, a `memcpy`
+    /// of ~180 bytes each time, where a box is a pointer (docs/performance.md).
     pub async fn handle(
         self: &Arc<Self>,
         req: Request<ClientBody>,
         conn: &ConnInfo,
-    ) -> Response<ProxyBody> {
+    ) -> Box<Response<ProxyBody>> {
         let snap = self.load();
         // The request target counts toward the header limit, as nginx's buffers do.
         let max = snap.limits.max_header_bytes;
         let target = target_bytes(req.uri());
         if target > max {
-            return error_response(StatusCode::URI_TOO_LONG, "request target too long\n");
+            return Box::new(error_response(
+                StatusCode::URI_TOO_LONG,
+                "request target too long\n",
+            ));
         }
         if target + RequestFields::of(&req).size() > max {
-            return error_response(
+            return Box::new(error_response(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request header fields too large\n",
-            );
+            ));
         }
         let host = match request_host(&req) {
             Ok(h) => h,
-            Err(why) => return error_response(StatusCode::BAD_REQUEST, why),
+            Err(why) => return Box::new(error_response(StatusCode::BAD_REQUEST, why)),
         };
         let Some(idx) = snap
             .table
             .find(host.as_ref().map(Host::name), req.uri().path())
         else {
             self.unrouted.fetch_add(1, Relaxed);
-            return error_response(StatusCode::NOT_FOUND, "no route for this request\n");
+            return Box::new(error_response(
+                StatusCode::NOT_FOUND,
+                "no route for this request\n",
+            ));
         };
         let route = &snap.table.routes[idx];
         let entry = &snap.entries[idx];
@@ -680,13 +688,13 @@ async fn forward(
     entry: &RouteEntry,
     pool: &Pool,
     target: Target,
-) -> Response<ProxyBody> {
+) -> Box<Response<ProxyBody>> {
     let Some(instance) = pool.pick(now_ms()) else {
         pool.stats.record(502, 0);
         let mut r = error_response(StatusCode::BAD_GATEWAY, "no healthy upstream\n");
         r.headers_mut()
             .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
-        return r;
+        return Box::new(r);
     };
     let upgrade = is_upgrade(&req);
     let (mut parts, mut body) = req.into_parts();
@@ -719,7 +727,7 @@ async fn forward(
         Some(h2) => {
             let send = async {
                 match h2.get().request(Request::from_parts(parts, body)).await {
-                    Ok(resp) => Ok(resp.map(PooledBody::unpooled)),
+                    Ok(resp) => Ok(Box::new(resp.map(PooledBody::unpooled))),
                     Err(e) if e.is_connect() => Err(SendError::Connect(e.into())),
                     Err(e) => Err(SendError::Protocol(e.into())),
                 }
@@ -757,7 +765,7 @@ async fn forward(
     let (mut resp, failed) = match result {
         Ok(resp) => {
             let failed = resp.status().is_server_error();
-            (resp.map(Either::Left), failed)
+            (resp, failed)
         }
         Err(SendError::ClientBody(e)) => {
             // The client's body ended early or failed: not the upstream's failure, so
@@ -767,12 +775,15 @@ async fn forward(
             let mut r = error_response(StatusCode::BAD_REQUEST, "bad request\n");
             r.headers_mut()
                 .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
-            return r;
+            return Box::new(r);
         }
         Err(SendError::Timeout) => {
             pool.stats.record_upstream_error(UpstreamError::Timeout);
             (
-                error_response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"),
+                Box::new(error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream timed out\n",
+                )),
                 true,
             )
         }
@@ -784,7 +795,10 @@ async fn forward(
             tracing::debug!(upstream = %instance.addr, error = %e, "upstream error");
             pool.stats.record_upstream_error(kind);
             (
-                error_response(StatusCode::BAD_GATEWAY, "upstream unavailable\n"),
+                Box::new(error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream unavailable\n",
+                )),
                 true,
             )
         }
@@ -807,10 +821,8 @@ async fn forward(
     }
     match (resp.status(), client_upgrade) {
         (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) => {
-            if let Either::Left(body) = resp.body_mut() {
-                if let Some(upstream) = body.take_upgrade() {
-                    tokio::spawn(tunnel(client_upgrade, upstream));
-                }
+            if let Some(upstream) = resp.body_mut().take_upgrade() {
+                tokio::spawn(tunnel(client_upgrade, upstream));
             }
         }
         _ => strip_hop_by_hop(resp.headers_mut(), false),
@@ -826,12 +838,8 @@ async fn forward(
 /// (written as they came, with no map to allocate), else into the response's map, where
 /// it is appended (`Set-Cookie`) or replaces the upstream's (`X-Canary-Version`).
 fn add_field(resp: &mut Response<ProxyBody>, field: AddedField) {
-    let field = match resp.body_mut() {
-        Either::Left(body) => match body.add_field(field) {
-            Ok(()) => return,
-            Err(f) => f,
-        },
-        Either::Right(_) => field,
+    let Err(field) = resp.body_mut().add_field(field) else {
+        return;
     };
     let name = field.name();
     if *name == header::SET_COOKIE {

@@ -38,7 +38,6 @@ use bytes::{Bytes, BytesMut};
 use http::header;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::Either;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -111,7 +110,7 @@ fn parse(buf: &[u8], fields: &mut Fields) -> Result<Option<Parsed>, ()> {
         Version::HTTP_11
     };
     let (mut close, mut keep_alive, mut other) = (false, false, false);
-    fields.collect(buf, req.headers, |h| {
+    let fits = fields.collect(buf, req.headers, |h| {
         let name = h.name.as_bytes();
         match name.len() {
             10 if is_name(name, "connection") => {
@@ -137,7 +136,9 @@ fn parse(buf: &[u8], fields: &mut Fields) -> Result<Option<Parsed>, ()> {
             _ => true,
         }
     });
-    if other {
+    // Not `fits`: a head beyond a place's offsets (over `max_header_bytes`), which
+    // hyper refuses.
+    if other || !fits {
         return Err(());
     }
     let base = buf.as_ptr() as usize;
@@ -251,11 +252,8 @@ pub(crate) async fn serve(
             }
         };
         let keep = !parsed.close && !*stop.borrow();
-        let (parts, mut body) = resp.into_parts();
-        let fields = match &mut body {
-            Either::Left(b) => b.take_fields(),
-            Either::Right(_) => None,
-        };
+        let (parts, mut body) = (*resp).into_parts();
+        let fields = body.take_fields();
         let msg = Message {
             parts: &parts,
             fields: fields.as_deref().unwrap_or(&NO_FIELDS),
@@ -289,7 +287,7 @@ async fn hand_over(
         let conn = conn.clone();
         async move {
             let resp = proxy.handle(req.map(ClientBody::Hyper), &conn).await;
-            Ok::<_, std::convert::Infallible>(with_fields_in_map(resp))
+            Ok::<_, std::convert::Infallible>(with_fields_in_map(*resp))
         }
     });
     let io = TokioIo::new(Rewound {
@@ -313,10 +311,7 @@ async fn hand_over(
 /// hyper writes a response from its `HeaderMap` alone: the upstream's fields go in
 /// first, then what the proxy added.
 fn with_fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
-    let Either::Left(body) = resp.body_mut() else {
-        return resp;
-    };
-    let Some(fields) = body.take_fields() else {
+    let Some(fields) = resp.body_mut().take_fields() else {
         return resp;
     };
     let added = std::mem::replace(resp.headers_mut(), fields.to_map());

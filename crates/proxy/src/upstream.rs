@@ -290,7 +290,7 @@ pub async fn send<B: RequestBody>(
     (now, timeout): (Instant, Duration),
     (parts, body): (&Parts, &mut B),
     extra: Extra<'_>,
-) -> Result<Response<PooledBody>, SendError> {
+) -> Result<Box<Response<PooledBody>>, SendError> {
     let bodiless = body.is_end_stream();
     while let Some(conn) = idle.pop() {
         match exchange(conn, (parts, extra), body, (Some(now), timeout), idle).await {
@@ -376,7 +376,7 @@ async fn exchange<B: RequestBody>(
     body: &mut B,
     (sent, timeout): (Option<Instant>, Duration),
     idle: &Arc<IdleList>,
-) -> Result<Response<PooledBody>, Failure> {
+) -> Result<Box<Response<PooledBody>>, Failure> {
     let framing = if body.is_end_stream() {
         RequestFraming::Empty
     } else {
@@ -647,11 +647,13 @@ struct Head {
 }
 
 impl Head {
-    fn into_response(self, inner: Inner) -> Response<PooledBody> {
-        let mut r = Response::new(PooledBody {
+    /// The response, boxed: it is moved out of several async layers on its way to the
+    /// client's writer (a `memcpy` of ~180 bytes each), where a box is a pointer.
+    fn into_response(self, inner: Inner) -> Box<Response<PooledBody>> {
+        let mut r = Box::new(Response::new(PooledBody {
             inner,
             fields: Some(self.fields),
-        });
+        }));
         *r.status_mut() = self.status;
         *r.version_mut() = self.version;
         r
@@ -735,7 +737,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
     let (mut length, mut chunked, mut has_date) = (None, None, false);
     let mut bad = None;
     let mut raw = Box::new(RawFields::EMPTY);
-    raw.raw.fields.collect(buf, resp.headers, |h| {
+    let fits = raw.raw.fields.collect(buf, resp.headers, |h| {
         let name = h.name.as_bytes();
         let is = |n: &str| is_name(name, n);
         match name.len() {
@@ -775,6 +777,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
     if let Some(why) = bad {
         return Err(why.into());
     }
+    if !fits {
+        return Err("upstream response head too large".into());
+    }
     if names_fields && !upgrade {
         // The fields `Connection` names are hop-by-hop too (RFC 9110 §7.6.1). Rare:
         // collected only when there are any.
@@ -785,8 +790,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, BoxError> {
             .flat_map(|h| h.value.split(|&c| c == b','))
             .map(<[u8]>::trim_ascii)
             .collect();
-        raw.raw.fields.retain(|&(n, l, _, _)| {
-            let name = &buf[n..n + l];
+        raw.raw.fields.retain(|p| {
+            let name = &buf[p.name()];
             !named.iter().any(|t| t.eq_ignore_ascii_case(name))
         });
     }
@@ -977,7 +982,7 @@ impl RawHead {
         self.fields
             .places()
             .iter()
-            .map(|&(n, nl, v, vl)| (&self.head[n..n + nl], &self.head[v..v + vl]))
+            .map(|p| (&self.head[p.name()], &self.head[p.value()]))
     }
 
     /// Writes the fields `keep` lets through as `name: value` lines, in order: the same
@@ -991,7 +996,8 @@ impl RawHead {
     ) {
         let head = &self.head[..];
         let mut run: Option<(usize, usize)> = None; // a span of `head` to copy as it is
-        for &(n, nl, v, vl) in self.fields.places() {
+        for &p in self.fields.places() {
+            let (n, nl, v, vl) = p.parts();
             let (name, value) = (&head[n..n + nl], &head[v..v + vl]);
             if !keep(name, value) {
                 continue;
@@ -1037,7 +1043,8 @@ impl RawHead {
     /// side of the client); a field `http` refuses is left out.
     pub fn to_map(&self) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.fields.places().len());
-        for &(n, nl, v, vl) in self.fields.places() {
+        for &p in self.fields.places() {
+            let (n, nl, v, vl) = p.parts();
             match (
                 HeaderName::from_bytes(&self.head[n..n + nl]),
                 HeaderValue::from_maybe_shared(self.head.slice(v..v + vl)),
@@ -1128,8 +1135,46 @@ pub(crate) fn te_lists_trailers(v: &[u8]) -> bool {
     })
 }
 
-/// A field's place in its head's buffer: name start and length, value start and length.
-pub(crate) type Place = (usize, usize, usize, usize);
+/// A field's place in its head's buffer: where its name and its value are. Offsets
+/// are `u32` (a head is far smaller: `limits.max_header_bytes` is at most 1 GiB, an
+/// upstream's head at most [`MAX_RESPONSE_HEAD`]; [`Fields::collect`] refuses a larger
+/// buffer), which halves what every head's inline places cost to clear and copy.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Place {
+    name: u32,
+    name_len: u32,
+    value: u32,
+    value_len: u32,
+}
+
+impl Place {
+    const EMPTY: Place = Place {
+        name: 0,
+        name_len: 0,
+        value: 0,
+        value_len: 0,
+    };
+
+    /// Name start and length, value start and length.
+    pub(crate) fn parts(self) -> (usize, usize, usize, usize) {
+        (
+            self.name as usize,
+            self.name_len as usize,
+            self.value as usize,
+            self.value_len as usize,
+        )
+    }
+
+    /// Where the name is.
+    pub(crate) fn name(&self) -> std::ops::Range<usize> {
+        self.name as usize..(self.name + self.name_len) as usize
+    }
+
+    /// Where the value is.
+    pub(crate) fn value(&self) -> std::ops::Range<usize> {
+        self.value as usize..(self.value + self.value_len) as usize
+    }
+}
 
 /// Fields a head usually has at most: their places fit inline.
 const FEW_FIELDS: usize = 16;
@@ -1147,30 +1192,34 @@ pub(crate) struct Fields {
 
 impl Fields {
     pub(crate) const EMPTY: Fields = Fields {
-        few: [(0, 0, 0, 0); FEW_FIELDS],
+        few: [Place::EMPTY; FEW_FIELDS],
         n: 0,
         many: Vec::new(),
     };
 
     /// Replaces the places with those of the fields of `parsed` (parsed from `buf`)
-    /// that `keep` wants. In place: `Fields` is large, and moving it costs.
+    /// that `keep` wants. In place: `Fields` is large, and moving it costs. `false`
+    /// (and no places) when `buf` is too large for a [`Place`]'s offsets.
+    #[must_use]
     pub(crate) fn collect(
         &mut self,
         buf: &[u8],
         parsed: &[httparse::Header<'_>],
         mut keep: impl FnMut(&httparse::Header<'_>) -> bool,
-    ) {
-        let base = buf.as_ptr() as usize;
-        let place = |h: &httparse::Header<'_>| {
-            (
-                h.name.as_ptr() as usize - base,
-                h.name.len(),
-                h.value.as_ptr() as usize - base,
-                h.value.len(),
-            )
-        };
+    ) -> bool {
         self.n = 0;
         self.many.clear();
+        if u32::try_from(buf.len()).is_err() {
+            return false;
+        }
+        let base = buf.as_ptr() as usize;
+        // Every offset and length is within `buf`, so below `u32::MAX` (checked above).
+        let place = |h: &httparse::Header<'_>| Place {
+            name: (h.name.as_ptr() as usize - base) as u32,
+            name_len: h.name.len() as u32,
+            value: (h.value.as_ptr() as usize - base) as u32,
+            value_len: h.value.len() as u32,
+        };
         if parsed.len() <= FEW_FIELDS {
             for h in parsed.iter().filter(|h| keep(h)) {
                 self.few[self.n] = place(h);
@@ -1180,6 +1229,7 @@ impl Fields {
             self.many
                 .extend(parsed.iter().filter(|h| keep(h)).map(place));
         }
+        true
     }
 
     /// The places, in order.
@@ -1279,9 +1329,19 @@ enum Inner {
     Http1(Http1Body),
     /// A `101 Switching Protocols`: no body; the connection goes to the tunnel.
     Upgrade(Option<Box<Conn>>),
+    /// A short body the proxy wrote itself (an error answer); `None` once sent.
+    Fixed(Option<Bytes>),
 }
 
 impl PooledBody {
+    /// A short body of the proxy's own (an error answer's text).
+    pub fn fixed(text: &'static str) -> PooledBody {
+        PooledBody {
+            inner: Inner::Fixed(Some(Bytes::from_static(text.as_bytes()))),
+            fields: None,
+        }
+    }
+
     /// A body from an HTTP/2 pool, whose connections hyper keeps.
     pub fn unpooled(inner: Incoming) -> PooledBody {
         PooledBody {
@@ -1321,6 +1381,7 @@ impl fmt::Debug for PooledBody {
             Inner::Http2(_) => "http2",
             Inner::Http1(_) => "http1",
             Inner::Upgrade(_) => "upgrade",
+            Inner::Fixed(_) => "fixed",
         };
         f.debug_struct("PooledBody").field("kind", &kind).finish()
     }
@@ -1509,6 +1570,7 @@ impl Body for PooledBody {
         let body = match &mut self.inner {
             Inner::Http2(b) => return Pin::new(b).poll_frame(cx).map_err(Into::into),
             Inner::Upgrade(_) => return Poll::Ready(None),
+            Inner::Fixed(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Inner::Http1(b) => b,
         };
         loop {
@@ -1557,6 +1619,7 @@ impl Body for PooledBody {
         match &self.inner {
             Inner::Http2(b) => b.is_end_stream(),
             Inner::Upgrade(_) => true,
+            Inner::Fixed(b) => b.is_none(),
             Inner::Http1(b) => b.state == State::Done || b.state == State::Length(0),
         }
     }
@@ -1565,6 +1628,7 @@ impl Body for PooledBody {
         match &self.inner {
             Inner::Http2(b) => b.size_hint(),
             Inner::Upgrade(_) => SizeHint::with_exact(0),
+            Inner::Fixed(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Http1(b) => match b.state {
                 State::Length(n) => SizeHint::with_exact(n),
                 State::Done => SizeHint::with_exact(0),
@@ -1723,10 +1787,27 @@ mod tests {
             Extra::default(),
         )
         .await
+        .map(|r| *r)
     }
 
     async fn body(resp: Response<PooledBody>) -> Bytes {
         resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_fixed_body_is_its_text_once_with_an_exact_length() {
+        let b = PooledBody::fixed("no route for this request\n");
+        assert_eq!(b.size_hint().exact(), Some(26));
+        assert!(!b.is_end_stream());
+        let mut b = std::pin::pin!(b);
+        let frame = poll_fn(|cx| b.as_mut().poll_frame(cx))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(frame.into_data().unwrap(), "no route for this request\n");
+        assert!(b.is_end_stream());
+        assert_eq!(b.size_hint().exact(), Some(0));
+        assert!(poll_fn(|cx| b.as_mut().poll_frame(cx)).await.is_none());
     }
 
     #[tokio::test]
