@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::latency::{quantile_us, LATENCY_BUCKETS};
+use crate::latency::{rank_us, LATENCY_BUCKETS};
 
 /// Requests of one version within the analysis window.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,9 +103,26 @@ impl Summary {
             requests: w.requests,
             failures: w.failures,
             error_rate,
-            p99_ms: quantile_us(&w.latency, 0.99).map(|us| us / 1000.0),
+            p99_ms: p99_us(&w.latency).map(|us| us / 1000.0),
         }
     }
+}
+
+/// The p99 of a window, as the analysis uses it: the latency of the request at rank
+/// ⌈0.99·n⌉, but never the slowest one of two or more. Under 100 requests that rank is
+/// n, the slowest request itself, so one hiccup (a GC pause, a busy host) would be the
+/// canary's "p99" for as long as it stays in the window and fail verdict after verdict;
+/// taking the second slowest keeps a lone request from deciding, while two slow ones
+/// (2% or more of under 100) still do. From 100 requests on it is the usual p99.
+pub fn p99_us(latency: &[u64; LATENCY_BUCKETS]) -> Option<f64> {
+    let n: u64 = latency.iter().sum();
+    let rank = (0.99 * n as f64).ceil();
+    let rank = if n >= 2 {
+        rank.min((n - 1) as f64)
+    } else {
+        rank
+    };
+    rank_us(latency, rank.max(1.0))
 }
 
 /// A verdict with its evidence.
@@ -271,5 +288,52 @@ mod tests {
     fn relative_limits_need_a_stable_baseline() {
         let v = judge(&spec(), &window(100, 0, 100_000), &window(3, 0, 1_000), 0);
         assert_eq!(v.result, VerdictResult::Pass, "{:?}", v.reasons);
+    }
+
+    /// `requests` at `fast_us`, of them `slow` at `slow_us` instead.
+    fn with_slow(requests: u64, fast_us: u64, slow: u64, slow_us: u64) -> VersionWindow {
+        let mut w = window(requests - slow, 0, fast_us);
+        w.requests = requests;
+        w.latency[bucket_index(slow_us)] += slow;
+        w
+    }
+
+    #[test]
+    fn one_slow_request_among_few_does_not_decide_the_latency_checks() {
+        let stable = window(800, 0, 6_000);
+        // 79 requests: the usual p99 rank is 79, the slow one itself.
+        let v = judge(&spec(), &with_slow(79, 1_000, 1, 70_000), &stable, 0);
+        assert_eq!(v.result, VerdictResult::Pass, "{:?}", v.reasons);
+        assert!(v.canary.p99_ms.unwrap() <= 1.0, "{:?}", v.canary);
+        let v = judge(&spec(), &with_slow(79, 1_000, 1, 700_000), &stable, 0);
+        assert_eq!(
+            v.result,
+            VerdictResult::Pass,
+            "over max_p99_latency: {:?}",
+            v.reasons
+        );
+        // Two slow ones of 79 (2.5%) are a slow p99.
+        let v = judge(&spec(), &with_slow(79, 1_000, 2, 70_000), &stable, 0);
+        assert_eq!(v.result, VerdictResult::Fail);
+        assert!(
+            v.reasons[0].contains("max_latency_increase"),
+            "{:?}",
+            v.reasons
+        );
+    }
+
+    #[test]
+    fn from_100_requests_the_p99_is_the_usual_one() {
+        for (n, slow) in [(100, 1), (100, 2), (250, 3), (1000, 10), (1000, 11)] {
+            let w = with_slow(n, 1_000, slow, 70_000);
+            assert_eq!(
+                p99_us(&w.latency),
+                crate::latency::quantile_us(&w.latency, 0.99),
+                "{n} requests, {slow} slow"
+            );
+        }
+        // One sample: itself.
+        assert_eq!(p99_us(&window(1, 0, 70_000).latency), Some(75_000.0));
+        assert_eq!(p99_us(&window(0, 0, 0).latency), None);
     }
 }

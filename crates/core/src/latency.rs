@@ -40,7 +40,15 @@ pub fn quantile_us(counts: &[u64; LATENCY_BUCKETS], q: f64) -> Option<f64> {
     if total == 0 {
         return None;
     }
-    let rank = (q * total as f64).ceil().max(1.0);
+    rank_us(counts, (q * total as f64).ceil().max(1.0))
+}
+
+/// The latency of the `rank`-th fastest sample (1-based; fractional ranks fall between
+/// samples), interpolated linearly inside its bucket; `None` without samples.
+pub fn rank_us(counts: &[u64; LATENCY_BUCKETS], rank: f64) -> Option<f64> {
+    if counts.iter().all(|&c| c == 0) {
+        return None;
+    }
     let mut seen = 0u64;
     for (i, &c) in counts.iter().enumerate() {
         if c == 0 {
