@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::latency::{rank_us, LATENCY_BUCKETS};
+use crate::latency::{quantile_us, LATENCY_BUCKETS};
 
 /// Requests of one version within the analysis window.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,26 +103,9 @@ impl Summary {
             requests: w.requests,
             failures: w.failures,
             error_rate,
-            p99_ms: p99_us(&w.latency).map(|us| us / 1000.0),
+            p99_ms: quantile_us(&w.latency, 0.99).map(|us| us / 1000.0),
         }
     }
-}
-
-/// The p99 of a window, as the analysis uses it: the latency of the request at rank
-/// ⌈0.99·n⌉, but never the slowest one of two or more. Under 100 requests that rank is
-/// n, the slowest request itself, so one hiccup (a GC pause, a busy host) would be the
-/// canary's "p99" for as long as it stays in the window and fail verdict after verdict;
-/// taking the second slowest keeps a lone request from deciding, while two slow ones
-/// (2% or more of under 100) still do. From 100 requests on it is the usual p99.
-pub fn p99_us(latency: &[u64; LATENCY_BUCKETS]) -> Option<f64> {
-    let n: u64 = latency.iter().sum();
-    let rank = (0.99 * n as f64).ceil();
-    let rank = if n >= 2 {
-        rank.min((n - 1) as f64)
-    } else {
-        rank
-    };
-    rank_us(latency, rank.max(1.0))
 }
 
 /// A verdict with its evidence.
@@ -324,16 +307,26 @@ mod tests {
 
     #[test]
     fn from_100_requests_the_p99_is_the_usual_one() {
-        for (n, slow) in [(100, 1), (100, 2), (250, 3), (1000, 10), (1000, 11)] {
-            let w = with_slow(n, 1_000, slow, 70_000);
+        // Rank ⌈0.99·n⌉: a fast request while at most 1% are slow, a slow one beyond.
+        for (n, slow, is_slow) in [
+            (100, 1, false),
+            (100, 2, true),
+            (250, 2, false),
+            (250, 3, true),
+            (1000, 10, false),
+            (1000, 11, true),
+        ] {
+            let p99 = Summary::of(&with_slow(n, 1_000, slow, 70_000))
+                .p99_ms
+                .unwrap();
             assert_eq!(
-                p99_us(&w.latency),
-                crate::latency::quantile_us(&w.latency, 0.99),
-                "{n} requests, {slow} slow"
+                p99 > 60.0,
+                is_slow,
+                "{n} requests, {slow} slow: p99 {p99} ms"
             );
         }
-        // One sample: itself.
-        assert_eq!(p99_us(&window(1, 0, 70_000).latency), Some(75_000.0));
-        assert_eq!(p99_us(&window(0, 0, 0).latency), None);
+        // One request: itself.
+        assert_eq!(Summary::of(&window(1, 0, 70_000)).p99_ms, Some(75.0));
+        assert_eq!(Summary::of(&window(0, 0, 0)).p99_ms, None);
     }
 }

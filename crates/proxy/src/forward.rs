@@ -321,8 +321,8 @@ impl RequestFacts for Facts<'_> {
 }
 
 /// A short plain-text answer the proxy generates itself; never leaks internals.
-pub fn error_response(status: StatusCode, msg: &'static str) -> Response<ProxyBody> {
-    let mut r = Response::new(PooledBody::fixed(msg));
+pub fn error_response(status: StatusCode, msg: &'static str) -> Box<Response<ProxyBody>> {
+    let mut r = Box::new(Response::new(PooledBody::fixed(msg)));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -614,30 +614,24 @@ impl Proxy {
         let max = snap.limits.max_header_bytes;
         let target = target_bytes(req.uri());
         if target > max {
-            return Box::new(error_response(
-                StatusCode::URI_TOO_LONG,
-                "request target too long\n",
-            ));
+            return error_response(StatusCode::URI_TOO_LONG, "request target too long\n");
         }
         if target + RequestFields::of(&req).size() > max {
-            return Box::new(error_response(
+            return error_response(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request header fields too large\n",
-            ));
+            );
         }
         let host = match request_host(&req) {
             Ok(h) => h,
-            Err(why) => return Box::new(error_response(StatusCode::BAD_REQUEST, why)),
+            Err(why) => return error_response(StatusCode::BAD_REQUEST, why),
         };
         let Some(idx) = snap
             .table
             .find(host.as_ref().map(Host::name), req.uri().path())
         else {
             self.unrouted.fetch_add(1, Relaxed);
-            return Box::new(error_response(
-                StatusCode::NOT_FOUND,
-                "no route for this request\n",
-            ));
+            return error_response(StatusCode::NOT_FOUND, "no route for this request\n");
         };
         let route = &snap.table.routes[idx];
         let entry = &snap.entries[idx];
@@ -694,7 +688,7 @@ async fn forward(
         let mut r = error_response(StatusCode::BAD_GATEWAY, "no healthy upstream\n");
         r.headers_mut()
             .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
-        return Box::new(r);
+        return r;
     };
     let upgrade = is_upgrade(&req);
     let (mut parts, mut body) = req.into_parts();
@@ -775,15 +769,12 @@ async fn forward(
             let mut r = error_response(StatusCode::BAD_REQUEST, "bad request\n");
             r.headers_mut()
                 .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
-            return Box::new(r);
+            return r;
         }
         Err(SendError::Timeout) => {
             pool.stats.record_upstream_error(UpstreamError::Timeout);
             (
-                Box::new(error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream timed out\n",
-                )),
+                error_response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"),
                 true,
             )
         }
@@ -795,10 +786,7 @@ async fn forward(
             tracing::debug!(upstream = %instance.addr, error = %e, "upstream error");
             pool.stats.record_upstream_error(kind);
             (
-                Box::new(error_response(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream unavailable\n",
-                )),
+                error_response(StatusCode::BAD_GATEWAY, "upstream unavailable\n"),
                 true,
             )
         }

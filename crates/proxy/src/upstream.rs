@@ -996,24 +996,24 @@ impl RawHead {
     ) {
         let head = &self.head[..];
         let mut run: Option<(usize, usize)> = None; // a span of `head` to copy as it is
-        for &p in self.fields.places() {
-            let (n, nl, v, vl) = p.parts();
-            let (name, value) = (&head[n..n + nl], &head[v..v + vl]);
+        for p in self.fields.places() {
+            let (n, v) = (p.name(), p.value());
+            let (name, value) = (&head[n.clone()], &head[v.clone()]);
             if !keep(name, value) {
                 continue;
             }
-            let end = v + vl + 2;
-            let as_written = v == n + nl + 2
-                && &head[n + nl..v] == b": "
-                && head.get(v + vl..end) == Some(&b"\r\n"[..]);
+            let end = v.end + 2;
+            let as_written = v.start == n.end + 2
+                && &head[n.end..v.start] == b": "
+                && head.get(v.end..end) == Some(&b"\r\n"[..]);
             match run {
-                Some((_, ref mut e)) if as_written && *e == n => *e = end,
+                Some((_, ref mut e)) if as_written && *e == n.start => *e = end,
                 _ => {
                     if let Some((s, e)) = run.take() {
                         out.extend_from_slice(&head[s..e]);
                     }
                     if as_written {
-                        run = Some((n, end));
+                        run = Some((n.start, end));
                     } else {
                         write_field(out, name, value);
                     }
@@ -1043,11 +1043,10 @@ impl RawHead {
     /// side of the client); a field `http` refuses is left out.
     pub fn to_map(&self) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.fields.places().len());
-        for &p in self.fields.places() {
-            let (n, nl, v, vl) = p.parts();
+        for p in self.fields.places() {
             match (
-                HeaderName::from_bytes(&self.head[n..n + nl]),
-                HeaderValue::from_maybe_shared(self.head.slice(v..v + vl)),
+                HeaderName::from_bytes(&self.head[p.name()]),
+                HeaderValue::from_maybe_shared(self.head.slice(p.value())),
             ) {
                 (Ok(name), Ok(value)) => {
                     map.append(name, value);
@@ -1154,16 +1153,6 @@ impl Place {
         value: 0,
         value_len: 0,
     };
-
-    /// Name start and length, value start and length.
-    pub(crate) fn parts(self) -> (usize, usize, usize, usize) {
-        (
-            self.name as usize,
-            self.name_len as usize,
-            self.value as usize,
-            self.value_len as usize,
-        )
-    }
 
     /// Where the name is.
     pub(crate) fn name(&self) -> std::ops::Range<usize> {
@@ -1313,8 +1302,9 @@ fn response_framing(is_head: bool, head: &mut Head) -> (State, bool) {
     }
 }
 
-/// An upstream response body. An HTTP/1.1 one returns its connection to the pool at
-/// its end.
+/// The body of every answer the proxy gives: an upstream response's (an HTTP/1.1 one
+/// returns its connection to the pool at its end) or a short text of the proxy's own
+/// ([`PooledBody::fixed`]).
 pub struct PooledBody {
     inner: Inner,
     /// The upstream's fields to pass on (HTTP/1.1; an HTTP/2 response has its own in
