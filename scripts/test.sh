@@ -51,6 +51,8 @@ extract() { command -v "$2" >/dev/null 2>&1 || unpack+=("$1"); }
 
 need gcc cc              # the linker rustc calls
 need procps kill         # tests stop the processes they start with kill(1)
+need chromium chromium   # the dashboard's browser test (crates/canary/tests/dashboard.rs)
+need chromium-driver chromedriver   # WebDriver for that test
 extract prometheus promtool   # checks /metrics; the Prometheus server for query tests
 
 if ((${#install[@]} + ${#unpack[@]})); then

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use canary_config::Config;
+use canary_control::admin::guard::HostPolicy;
 use canary_control::admin::{router, Admin};
 use canary_control::store::Store;
 use canary_control::{run_controller, source, Controller};
@@ -126,6 +127,7 @@ pub async fn run(
     let app = router(Admin {
         controller: controller.clone(),
         token,
+        hosts: Arc::new(HostPolicy::new(&cfg.dashboard.allowed_hosts)),
     });
     let admin_task = tokio::spawn({
         let stop = stopped(stop_rx.clone());
