@@ -524,6 +524,10 @@ impl Controller {
         // Apply to the data plane first: an abort must cut traffic even if the disk fails.
         let now_active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
         if now_active && !was_active {
+            // A retried rollout is judged on fresh evidence only, as a new version is:
+            // the samples from before the abort hold the failures that caused it.
+            ctl.samples.clear();
+            ctl.last_verdict_ms = 0;
             self.clear_canary_ejections(&name);
         }
         sync_runtime(ctl, now_active && !was_active);
@@ -1106,6 +1110,51 @@ routes:
         );
         assert_eq!(start.from, Position::no_canary(), "{start:?}");
         assert!(!start.reason.contains("replaces"), "{start:?}");
+    }
+
+    /// Records `n` canary answers with `status` in the data plane's counters.
+    fn canary_answers(c: &Controller, n: usize, status: u16) {
+        let snap = c.proxy().snapshot();
+        let (_, entry) = snap.route("web").expect("route");
+        let pool = entry.canary.as_ref().expect("canary pool");
+        for _ in 0..n {
+            pool.stats.record(status, 1_000);
+        }
+    }
+
+    /// Takes a verdict at the next tick, whatever the interval.
+    fn verdict_due(c: &Controller) {
+        c.lock().routes[0].last_verdict_ms = 0;
+        c.tick();
+    }
+
+    #[tokio::test]
+    async fn a_retried_rollout_is_not_judged_on_the_failures_that_aborted_it() {
+        let analysis = "      steps: [{weight: 50, pause: 1h}]
+      analysis: {min_requests: 5, max_error_rate: 0.01, failure_limit: 1}
+";
+        let text = CONFIG.replace(
+            "      steps: [{weight: 50, pause: 0}]\n      analysis: {min_requests: 0}\n",
+            analysis,
+        );
+        assert!(text.contains("pause: 1h"), "{text}");
+        let (_dir, c) = controller();
+        apply(&c, &text);
+        verdict_due(&c);
+        canary_answers(&c, 10, 500);
+        verdict_due(&c);
+        let s = c.status("web").expect("status");
+        assert_eq!(s.phase, Some(Phase::Aborted), "{s:?}");
+        c.command("web", Command::Retry).expect("retry");
+        // The fixed canary answers every request after the retry.
+        verdict_due(&c);
+        canary_answers(&c, 10, 200);
+        verdict_due(&c);
+        let s = c.status("web").expect("status");
+        assert_eq!(s.phase, Some(Phase::Progressing), "{s:?}");
+        let v = s.last_verdict.expect("a verdict after the retry");
+        assert_eq!(v.result, VerdictResult::Pass, "{v:?}");
+        assert_eq!((v.canary.requests, v.canary.failures), (10, 0), "{v:?}");
     }
 
     #[tokio::test]
