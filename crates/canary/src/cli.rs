@@ -311,6 +311,9 @@ fn print_route(r: &Value) {
     if let Some(a) = r["abort_reason"].as_str() {
         outln!("abort reason: {a}");
     }
+    if let Some(u) = r["unsaved"].as_str() {
+        outln!("not saved to state_dir (retried every 5 s): {u}");
+    }
 }
 
 /// A journal position: `phase weight` during a rollout, `manual weight` on a route
