@@ -14,9 +14,9 @@ use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
 use crate::headers::AddedField;
-use crate::http1::body::ResponseBody;
-use crate::http1::fields::RawFields;
-use crate::http1::BoxError;
+use canary_http1::body::ResponseBody;
+use canary_http1::fields::RawFields;
+use canary_http1::BoxError;
 
 /// The body the proxy answers with (see the module docs).
 pub struct ProxyBody {

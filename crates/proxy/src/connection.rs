@@ -41,11 +41,11 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::ProxyBody;
-use crate::http1::fields::{RawFields, RawHead};
-use crate::http1::server::{parse, write_response, Message, Parsed, Rewound};
-use crate::http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
 use crate::request::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
+use canary_http1::fields::{RawFields, RawHead};
+use canary_http1::server::{parse, write_response, Message, Parsed, Rewound};
+use canary_http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
 
 /// What a connection needs from the listener.
 pub(crate) struct Settings {

@@ -23,8 +23,6 @@ use crate::headers::{
     generate_id, strip_hop_by_hop, AddedField, ProxyFields, PROTO_HTTP, PROXY_REQUEST_FIELDS,
     X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
-use crate::http1::client::Extra;
-use crate::http1::fields::RawHead;
 use crate::http2::UpstreamBody;
 use crate::metrics::UpstreamError;
 use crate::pool::{Instance, Pool};
@@ -34,6 +32,8 @@ use crate::request::{
 use crate::snapshot::{Proxy, RouteEntry};
 use crate::upstream::{self, Outgoing, SendError};
 use crate::worker::now_ms;
+use canary_http1::client::Extra;
+use canary_http1::fields::RawHead;
 
 /// A short plain-text answer the proxy generates itself; never leaks internals.
 pub fn error_response(status: StatusCode, msg: &'static str) -> Box<Response<ProxyBody>> {
@@ -438,7 +438,7 @@ mod tests {
     fn the_fields_the_proxy_sets_are_the_ones_a_client_cannot_pass_on() {
         for name in PROXY_REQUEST_FIELDS {
             assert!(
-                crate::http1::client::Filter::drop_request_field(
+                canary_http1::client::Filter::drop_request_field(
                     &ProxyFields,
                     name.as_str().as_bytes()
                 ),

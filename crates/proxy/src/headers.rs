@@ -3,7 +3,7 @@
 //! cookie), those it never passes on (hop-by-hop ones, a client's copies of its own),
 //! and the sticky ids it generates.
 //!
-//! The wire code (`crate::http1`) leaves out what RFC 9112 has it leave out;
+//! The wire code (`canary_http1`) leaves out what RFC 9112 has it leave out;
 //! what the proxy adds or drops besides reaches it as [`ProxyFields`] (a
 //! `Filter`) and as the lines it is given to write.
 
@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::http1::client::Filter;
-use crate::http1::fields::{hop_by_hop, is_name, te_lists_trailers, write_field};
+use canary_http1::client::Filter;
+use canary_http1::fields::{hop_by_hop, is_name, te_lists_trailers, write_field};
 
 pub(crate) static X_CANARY_VERSION: HeaderName = HeaderName::from_static("x-canary-version");
 pub(crate) static X_CANARY_ROUTE: HeaderName = HeaderName::from_static("x-canary-route");

@@ -2,7 +2,7 @@
 //! worker, and the request body that tells how it ended.
 //!
 //! Why hyper's client here and the proxy's own exchange for HTTP/1.1
-//! (`crate::http1`): HTTP/2 needs multiplexing and flow control, which are not worth
+//! (`canary_http1`): HTTP/2 needs multiplexing and flow control, which are not worth
 //! writing again; HTTP/1.1, which needs neither, is where hyper's client cost most
 //! (docs/performance.md).
 
@@ -21,14 +21,14 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::oneshot;
 
 use crate::body::ProxyBody;
-use crate::http1::client::SendError;
-use crate::http1::conn::{IDLE_TIMEOUT_MS, MAX_IDLE, TCP_KEEPALIVE};
 use crate::request::ClientBody;
 use crate::worker::this_worker;
+use canary_http1::client::SendError;
+use canary_http1::conn::{IDLE_TIMEOUT_MS, MAX_IDLE, TCP_KEEPALIVE};
 
 /// The HTTP client that forwards to HTTP/2 pools; one per connect timeout and
 /// data-plane worker, reused across reloads so its connections survive them.
-/// HTTP/1.1 pools use [`crate::http1`] instead.
+/// HTTP/1.1 pools use [`canary_http1`] instead.
 pub type ProxyClient = Client<HttpConnector, UpstreamBody>;
 
 /// One HTTP/2 forwarding client per data-plane worker.
@@ -39,7 +39,7 @@ pub type ProxyClient = Client<HttpConnector, UpstreamBody>;
 /// the pool's mutex is never contended and no request crosses threads. Our own
 /// exchange would also drop the pool's checkout machinery and the connection tasks,
 /// but would have to re-implement HTTP/2 (multiplexing, flow control); HTTP/1.1 pools,
-/// which need none of it, use it ([`crate::http1`]).
+/// which need none of it, use it ([`canary_http1`]).
 #[derive(Clone, Debug)]
 pub struct WorkerClients(Arc<[ProxyClient]>);
 

@@ -18,15 +18,17 @@
 //! - `request`: the request as read (its body, fields, host, the core's facts).
 //! - `headers`: the proxy's header policy: the fields it sets, drops and generates.
 //! - [`body`]: [`ProxyBody`], the body of every answer.
-//! - [`upstream`]: the seam over the upstream protocols (`enum Upstream`).
-//! - `http1`: HTTP/1.1 on the wire (RFC 9112): knows nothing of routes, versions
-//!   or the config.
+//! - `upstream`: the seam over the upstream protocols (`enum Upstream`).
 //! - `http2`: HTTP/2 upstreams through hyper's client.
+//!
+//! HTTP/1.1 on the wire (RFC 9112: the request-head reader, the upstream exchange,
+//! body framing, idle connections) is the crate `canary_http1`, which knows nothing of
+//! routes, versions, `X-Canary-*` fields or the config; Cargo keeps it that way.
 //! - [`pool`]: instances, balancing, ejection, health checks.
 //! - [`snapshot`]: building a snapshot from a validated config, reusing instances,
 //!   clients and counters by name across reloads.
 //! - [`runtime`]: per-route weight, breaker and events to the controller.
-//! - [`worker`]: which worker a thread is, the data plane's clock.
+//! - `worker`: which worker a thread is, the data plane's clock.
 //! - [`metrics`], [`expo`]: lock-free counters and their Prometheus text encoding.
 
 pub mod body;
@@ -34,7 +36,6 @@ mod connection;
 pub mod expo;
 pub mod forward;
 mod headers;
-mod http1;
 mod http2;
 pub mod metrics;
 pub mod pool;
@@ -42,8 +43,8 @@ mod request;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
-pub mod upstream;
-pub mod worker;
+mod upstream;
+mod worker;
 
 pub use body::ProxyBody;
 pub use request::{ClientBody, ConnInfo};

@@ -20,12 +20,12 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpStream;
 
 use crate::headers::{PROTO_HTTP, X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_PROTO};
-use crate::http1::conn::IdleList;
-use crate::http1::fields::write_field;
 use crate::http2::WorkerClients;
 use crate::metrics::VersionStats;
 use crate::upstream::Upstream;
 use crate::worker::this_worker;
+use canary_http1::conn::IdleList;
+use canary_http1::fields::write_field;
 
 /// The data plane's monotonic clock (the controller reads it from here).
 pub use crate::worker::now_ms;

@@ -14,7 +14,7 @@ use http::{Request, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::http1::fields::RawHead;
+use canary_http1::fields::RawHead;
 
 /// Per-connection facts computed once per connection rather than per request.
 #[derive(Clone, Debug)]

@@ -1,5 +1,5 @@
 //! The one place where the upstream protocol is chosen: [`Upstream`] names a pool's
-//! way to an instance, HTTP/1.1 (the proxy's own exchange, `crate::http1`) or HTTP/2
+//! way to an instance, HTTP/1.1 (the proxy's own exchange, `canary_http1`) or HTTP/2
 //! (hyper's client, `crate::http2`), and [`send`] sends a request either way with one
 //! error type, [`SendError`], so the handler classifies failures the same for both.
 //!
@@ -18,11 +18,11 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::headers::ProxyFields;
-use crate::http1::client::Extra;
-use crate::http1::conn::{connect_tcp, IdleList};
 use crate::http2::{BodyEnd, ProxyClient, UpstreamBody};
+use canary_http1::client::Extra;
+use canary_http1::conn::{connect_tcp, IdleList};
 
-pub use crate::http1::client::SendError;
+pub use canary_http1::client::SendError;
 
 /// How a request reaches one upstream instance.
 #[derive(Clone, Copy)]
@@ -68,7 +68,7 @@ pub(crate) async fn send(
             addr,
             connect_ms,
         } => {
-            crate::http1::client::send(
+            canary_http1::client::send(
                 idle,
                 addr,
                 || connect_tcp(addr, connect_ms),

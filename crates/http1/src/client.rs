@@ -38,15 +38,15 @@ use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWriteExt as _};
 use tokio::time::Instant;
 
-use super::body::{
+use crate::body::{
     write_body, Chunk, RequestBody, RequestFraming, ResponseBody, State, WriteError,
 };
-use super::conn::{Conn, IdleList, Io};
-use super::fields::{
+use crate::conn::{Conn, IdleList, Io};
+use crate::fields::{
     connection_tokens, content_length, hop_by_hop, is_name, te_lists_trailers, write_field,
     RawFields, RawHead,
 };
-use super::{fill, until, BoxError, MAX_HEADERS, MAX_RESPONSE_HEAD};
+use crate::{fill, until, BoxError, MAX_HEADERS, MAX_RESPONSE_HEAD};
 
 /// Why a request got no response from the upstream.
 #[derive(Debug)]
@@ -79,7 +79,7 @@ impl fmt::Display for SendError {
 /// names, the framing, which it writes from the body, and the request's `Host`,
 /// which comes in [`Extra::host`]).
 pub trait Filter {
-    /// Whether a field of a request head read by [`server::parse`](super::server::parse)
+    /// Whether a field of a request head read by [`server::parse`](crate::server::parse)
     /// ([`Extra::raw`]) is not written upstream.
     fn drop_request_field(&self, name: &[u8]) -> bool;
     /// Whether a field of the upstream's response is not passed on.
@@ -101,7 +101,7 @@ impl Filter for () {
 pub struct Extra<'a, F = ()> {
     /// `Host`, written after the map's fields (the map then has none).
     pub host: Option<&'a [u8]>,
-    /// A request head read by [`server::parse`](super::server::parse): its fields are
+    /// A request head read by [`server::parse`](crate::server::parse): its fields are
     /// written too, less the hop-by-hop ones, the framing, `Host` and those `filter`
     /// leaves out.
     pub raw: Option<&'a RawHead>,
@@ -223,8 +223,6 @@ impl Failure {
         SendError::Protocol(error.into()).into()
     }
 }
-
-/// How the request body goes on the wire.
 
 /// One request and its response head on `conn`.
 async fn exchange<S, B, F, R>(
@@ -603,7 +601,7 @@ fn not_forwarded(name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http1::conn::{connect_tcp, IDLE_TIMEOUT_MS, MAX_IDLE, REAP_CHECK_MS};
+    use crate::conn::{connect_tcp, IDLE_TIMEOUT_MS, MAX_IDLE, REAP_CHECK_MS};
     use bytes::Bytes;
     use http::{HeaderMap, HeaderValue, Request};
     use http_body::{Body, Frame, SizeHint};

@@ -19,7 +19,7 @@ pub(crate) fn content_length(v: &[u8]) -> Option<u64> {
 /// `Connection` and the fields it names, `Keep-Alive`, `Proxy-Connection`,
 /// `Proxy-Authorization`, `TE`, `Upgrade` (all kept on a `101`), `Transfer-Encoding`
 /// and `Content-Length` — and without those the caller's
-/// [`Filter`](super::client::Filter) leaves out. The caller frames the answer itself,
+/// [`Filter`](crate::client::Filter) leaves out. The caller frames the answer itself,
 /// from the body and [`length`](Self::length).
 ///
 /// Why not a `HeaderMap`: building one (names looked up and lowercased, values
@@ -72,21 +72,21 @@ impl RawFields {
     }
 
     /// The fields of a response head as the client passes them on, with no
-    /// [`Filter`](super::client::Filter) (for tests, and for callers that hold a head
+    /// [`Filter`](crate::client::Filter) (for tests, and for callers that hold a head
     /// of their own); `None` for a head the client would refuse or that is not whole.
     pub fn of(head: &[u8]) -> Option<RawFields> {
         let mut buf = BytesMut::from(head);
-        super::client::parse_head(&mut buf, &())
+        crate::client::parse_head(&mut buf, &())
             .ok()?
             .map(|h| *h.fields)
     }
 }
 
-/// A request head read by [`server::parse`](super::server::parse): its fields as places
+/// A request head read by [`server::parse`](crate::server::parse): its fields as places
 /// in it, in the client's order and letter case, `Connection` left out (the reader
 /// takes no request whose `Connection` names anything). Lookups scan the few fields
 /// (cheaper than building and hashing a map), and the upstream exchange writes them
-/// less what the caller sets or removes ([`Extra`](super::client::Extra)).
+/// less what the caller sets or removes ([`Extra`](crate::client::Extra)).
 #[derive(Debug)]
 pub struct RawHead {
     pub(crate) head: Bytes,
@@ -348,7 +348,7 @@ impl Fields {
 /// Reads the tokens of a `Connection` value: sets `close` and `keep_alive` when they
 /// are listed, and returns whether it lists anything else (`upgrade`, or fields to
 /// remove).
-pub fn connection_tokens(value: &[u8], close: &mut bool, keep_alive: &mut bool) -> bool {
+pub(crate) fn connection_tokens(value: &[u8], close: &mut bool, keep_alive: &mut bool) -> bool {
     // The usual values first, without splitting.
     if is_name(value, "keep-alive") {
         *keep_alive = true;
@@ -372,7 +372,7 @@ pub fn connection_tokens(value: &[u8], close: &mut bool, keep_alive: &mut bool) 
 }
 
 /// Writes the fields of a trailer section (between the last chunk and the blank line).
-pub fn write_trailers(out: &mut Vec<u8>, trailers: &HeaderMap) {
+pub(crate) fn write_trailers(out: &mut Vec<u8>, trailers: &HeaderMap) {
     for (name, value) in trailers {
         write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
@@ -414,7 +414,7 @@ mod tests {
             }
             head.extend_from_slice(b"\r\n");
             let mut buf = BytesMut::from(&head[..]);
-            let parsed = match crate::http1::client::parse_head(&mut buf, &()) {
+            let parsed = match crate::client::parse_head(&mut buf, &()) {
                 Ok(Some(parsed)) => parsed,
                 Ok(None) => return Err(proptest::test_runner::TestCaseError::fail("incomplete head")),
                 Err(e) => return Err(proptest::test_runner::TestCaseError::fail(format!("refused: {e}"))),

@@ -16,8 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use super::client::SendError;
-use super::{fill, IDLE_TIMER, READ_CHUNK};
+use crate::client::SendError;
+use crate::{fill, IDLE_TIMER, READ_CHUNK};
 
 /// Idle connections kept per list; more are closed when they come back.
 pub const MAX_IDLE: usize = 256;
@@ -87,20 +87,20 @@ pub async fn connect_tcp(addr: &str, connect_ms: u64) -> Result<TcpStream, SendE
 }
 
 /// One HTTP/1.1 connection to an upstream.
-pub struct Conn<S> {
+pub(crate) struct Conn<S> {
     pub(crate) io: S,
     /// Read from the upstream, not yet consumed.
     pub(crate) rbuf: BytesMut,
     /// The request being written (kept for its capacity).
     pub(crate) wbuf: Vec<u8>,
-    /// The request timeout's timer, kept with the connection (see [`super::until`]).
+    /// The request timeout's timer, kept with the connection (see [`crate::until`]).
     pub(crate) timer: Pin<Box<Sleep>>,
 }
 
 impl<S: Io> Conn<S> {
     /// Boxed: a connection is moved in and out of its idle list and through every
     /// exchange and response body; a pointer is cheaper to move than the connection.
-    pub fn new(io: S) -> Box<Conn<S>> {
+    pub(crate) fn new(io: S) -> Box<Conn<S>> {
         Box::new(Conn {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),

@@ -48,7 +48,7 @@ pub const READ_CHUNK: usize = 8 * 1024;
 /// for trailers); a larger one is a protocol error.
 pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// The most header fields in a head (hyper's own limit).
-pub const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 /// Where a timer starts: far off, moved nearer by the first deadline it is given.
 pub const IDLE_TIMER: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -64,7 +64,7 @@ pub fn fill<R: AsyncRead>(
 }
 
 /// Waits until `deadline` on a connection's timer: [`poll_until`] as a future.
-pub async fn until(timer: &mut Pin<Box<Sleep>>, deadline: Instant) {
+pub(crate) async fn until(timer: &mut Pin<Box<Sleep>>, deadline: Instant) {
     poll_fn(|cx| poll_until(timer, deadline, cx)).await;
 }
 

@@ -16,9 +16,9 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use tokio::io::{AsyncWrite, AsyncWriteExt as _};
 
-use super::conn::{Conn, IdleList, Io};
-use super::fields::write_trailers;
-use super::{BoxError, MAX_HEADERS, MAX_RESPONSE_HEAD};
+use crate::conn::{Conn, IdleList, Io};
+use crate::fields::write_trailers;
+use crate::{BoxError, MAX_HEADERS, MAX_RESPONSE_HEAD};
 
 /// Request bytes gathered before they are written; a larger body frame is written
 /// as it is.

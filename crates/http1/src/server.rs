@@ -26,9 +26,9 @@ use http::{Method, StatusCode, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
-use super::body::{chunk_size, last_chunk};
-use super::fields::{connection_tokens, is_name, write_field, RawFields, RawHead};
-use super::MAX_HEADERS;
+use crate::body::{chunk_size, last_chunk};
+use crate::fields::{connection_tokens, is_name, write_field, RawFields, RawHead};
+use crate::MAX_HEADERS;
 
 /// A body chunk up to this size is copied behind its head (or chunk line) into one
 /// write; a larger one is written from where it is, in the same system call.
@@ -418,7 +418,7 @@ fn date() -> [u8; 29] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http1::body::hex;
+    use crate::body::hex;
     use http::Response;
     use http_body::Frame;
     use http_body_util::{Full, StreamBody};
