@@ -307,8 +307,9 @@ pub async fn status(conn: &Conn, route: Option<&str>, json: bool) -> Result<u8, 
             _ = tokio::signal::ctrl_c() => return Ok(0),
         };
         let now = cli::fmt_time(now_ms());
+        let key = shown(&v, route.is_some());
         if json {
-            if v != last {
+            if key != last {
                 outln!("{v}");
             }
         } else if term.live {
@@ -325,15 +326,38 @@ pub async fn status(conn: &Conn, route: Option<&str>, json: bool) -> Result<u8, 
                 )
             );
             print(&v, route.is_some());
-        } else if v != last {
+        } else if key != last {
             outln!("--- {now}");
             print(&v, route.is_some());
         }
-        last = v;
+        last = key;
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
             _ = tokio::signal::ctrl_c() => return Ok(0),
         }
+    }
+}
+
+/// What `status` shows of `v`: a new verdict with the same result and numbers, or
+/// the same table, is no change worth printing again.
+fn shown(v: &Value, one: bool) -> Value {
+    let strip = |r: &Value| {
+        let mut r = r.clone();
+        if let Some(o) = r.as_object_mut() {
+            o.remove("step_started_ms");
+        }
+        if let Some(o) = r["last_verdict"].as_object_mut() {
+            o.remove("at_ms");
+            if !one {
+                // The table shows the verdict's result only.
+                o.retain(|k, _| k == "result");
+            }
+        }
+        r
+    };
+    match v {
+        Value::Array(a) => Value::Array(a.iter().map(strip).collect()),
+        r => strip(r),
     }
 }
 
@@ -489,6 +513,32 @@ mod tests {
         assert!(new_entries(&page, Some(&e(4, "abort"))).is_empty());
         // The last one printed scrolled out of the page: everything newer by time.
         assert_eq!(new_entries(&page[2..], Some(&e(2, "x"))), &page[2..]);
+    }
+
+    #[test]
+    fn status_watch_prints_again_only_when_what_it_shows_changed() {
+        let at = |t: u64, requests: u64, phase: &str| {
+            json!({"name": "web", "phase": phase, "step_started_ms": t,
+                   "last_verdict": {"at_ms": t, "result": "pass", "canary": {"requests": requests}}})
+        };
+        let table = |r: Value| Value::Array(vec![r]);
+        assert_eq!(
+            shown(&table(at(1, 5, "waiting")), false),
+            shown(&table(at(2, 9, "waiting")), false)
+        );
+        assert_ne!(
+            shown(&table(at(1, 5, "waiting")), false),
+            shown(&table(at(1, 5, "paused")), false)
+        );
+        // One route's view prints the verdict's numbers.
+        assert_eq!(
+            shown(&at(1, 5, "waiting"), true),
+            shown(&at(2, 5, "waiting"), true)
+        );
+        assert_ne!(
+            shown(&at(1, 5, "waiting"), true),
+            shown(&at(1, 9, "waiting"), true)
+        );
     }
 
     #[test]
