@@ -529,12 +529,23 @@ async fn waiting_route() -> (Upstream, Upstream, Canary) {
 }
 
 /// `canary ARGS` in a pseudo-terminal (util-linux `script`): (exit code, what the
-/// terminal received).
-async fn in_a_pty(args: &[&str], env: &[(&str, &str)]) -> Option<(i32, String)> {
+/// terminal received). With `interrupt_after`, coreutils' `timeout` sends SIGINT then.
+async fn in_a_pty(
+    args: &[&str],
+    env: &[(&str, &str)],
+    interrupt_after: Option<u32>,
+) -> Option<(i32, String)> {
     if !have("script", "--version") {
         return None;
     }
-    let line = std::iter::once(canary_bin())
+    let secs = interrupt_after.map(|s| s.to_string());
+    let timeout = match &secs {
+        Some(s) => vec!["timeout", "--preserve-status", "-s", "INT", s.as_str()],
+        None => vec![],
+    };
+    let line = timeout
+        .into_iter()
+        .chain(std::iter::once(canary_bin()))
         .chain(args.iter().copied())
         .map(|a| format!("'{a}'"))
         .collect::<Vec<_>>()
@@ -564,7 +575,7 @@ async fn wait_redraws_one_line_in_a_pty_and_prints_plain_lines_into_a_pipe_and_w
     let args = ["wait", "web", "--timeout", "3s", "--admin", admin.as_str()];
 
     // A terminal: one line redrawn in place (\r, erase line), in colour, then the outcome.
-    if let Some((code, tty)) = in_a_pty(&args, &[]).await {
+    if let Some((code, tty)) = in_a_pty(&args, &[], None).await {
         assert_eq!(code, 2, "{tty:?}");
         let lines: Vec<&str> = tty.split('\n').filter(|l| !l.trim().is_empty()).collect();
         assert_eq!(lines.len(), 2, "one live line and the outcome: {tty:?}");
@@ -588,7 +599,7 @@ async fn wait_redraws_one_line_in_a_pty_and_prints_plain_lines_into_a_pipe_and_w
         assert!(lines[1].contains("web: timed out after 3s"), "{tty:?}");
 
         // NO_COLOR in a terminal: plain lines, no escape sequence at all.
-        let (code, tty) = in_a_pty(&args, &[("NO_COLOR", "1")]).await.unwrap();
+        let (code, tty) = in_a_pty(&args, &[("NO_COLOR", "1")], None).await.unwrap();
         assert_eq!(code, 2, "{tty:?}");
         assert!(!tty.contains('\x1b'), "{tty:?}");
         let lines: Vec<&str> = tty.lines().map(str::trim_end).collect();
@@ -600,6 +611,15 @@ async fn wait_redraws_one_line_in_a_pty_and_prints_plain_lines_into_a_pipe_and_w
             ],
             "{tty:?}"
         );
+
+        // status --watch on a terminal: the screen cleared and redrawn every second
+        // under a dimmed header, until Ctrl-C (exit 0).
+        let watch = ["status", "--watch", "--admin", admin.as_str()];
+        let (code, tty) = in_a_pty(&watch, &[], Some(3)).await.unwrap();
+        assert_eq!(code, 0, "{tty:?}");
+        assert!(tty.matches("\x1b[H\x1b[2J").count() >= 2, "{tty:?}");
+        assert!(tty.contains("\x1b[2mcanary status"), "{tty:?}");
+        assert!(tty.contains("ROUTE  MODE"), "{tty:?}");
     }
 
     // A pipe: the same plain lines.
