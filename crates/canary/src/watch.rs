@@ -114,7 +114,11 @@ fn now_ms() -> u64 {
 /// The width of stdout's terminal, so the live line never wraps (a wrapped line
 /// cannot be redrawn in place with `\r`).
 fn width() -> usize {
-    terminal_size::terminal_size_of(std::io::stdout()).map_or(80, |(w, _)| usize::from(w.0))
+    // A pseudo-terminal nobody sized (0 columns) gets the classic 80.
+    terminal_size::terminal_size_of(std::io::stdout())
+        .map(|(w, _)| usize::from(w.0))
+        .filter(|&w| w > 0)
+        .unwrap_or(80)
 }
 
 /// The plain progress line of `wait` (unchanged since before the live line existed:
