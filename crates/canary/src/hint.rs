@@ -18,6 +18,26 @@ pub fn for_answer(status: u16, message: &str) -> Option<&'static str> {
     })
 }
 
+/// The next step after `serve` failed to start, from the IO error underneath (the
+/// message already says which address or directory).
+pub fn for_serve(e: &anyhow::Error) -> Option<&'static str> {
+    use std::io::ErrorKind;
+    let io = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>())?;
+    Some(match io.kind() {
+        ErrorKind::AddrInUse => {
+            "another process listens there: stop it, or change `listen` / `admin` in the config"
+        }
+        ErrorKind::AddrNotAvailable => {
+            "that IP address is not on this machine: use one of its addresses, or 0.0.0.0"
+        }
+        ErrorKind::PermissionDenied => {
+            "ports below 1024 need root or CAP_NET_BIND_SERVICE (deploy/systemd/canary.service \
+             grants it); a state_dir must be writable by this user"
+        }
+        _ => return None,
+    })
+}
+
 /// `message (status)` with the hint for it, as the CLI prints an error answer.
 pub fn answer(status: u16, message: &str) -> String {
     match for_answer(status, message) {
@@ -44,5 +64,15 @@ mod tests {
             answer(400, "weight 150 is out of range"),
             "weight 150 is out of range (400)"
         );
+    }
+
+    #[test]
+    fn serve_errors_say_what_to_do_next_from_the_io_error_underneath() {
+        use anyhow::Context;
+        let busy: anyhow::Result<()> = Err(std::io::Error::from(std::io::ErrorKind::AddrInUse))
+            .context("binding listen address 127.0.0.1:8080");
+        let h = for_serve(&busy.unwrap_err()).expect("a hint");
+        assert!(h.contains("change `listen`"), "{h}");
+        assert!(for_serve(&anyhow::anyhow!("not an IO error")).is_none());
     }
 }

@@ -64,6 +64,9 @@ pub fn main(path: &Path) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             errln!("canary: {e:#}");
+            if let Some(h) = crate::hint::for_serve(&e) {
+                errln!("canary: {h}");
+            }
             ExitCode::FAILURE
         }
     }
