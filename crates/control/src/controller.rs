@@ -16,10 +16,10 @@ use canary_core::analysis::{judge, Verdict, VerdictResult, VersionWindow};
 use canary_core::rollout::{self, Event, Input, Pause, Phase, Position, RolloutSpec, RolloutState};
 use canary_core::Weight;
 use canary_proxy::expo::{Exposition, Kind};
-use canary_proxy::pool::now_ms as mono_ms;
-use canary_proxy::{DataPlaneEvent, Proxy, RouteRuntime};
+use canary_proxy::{DataPlaneEvent, RouteRuntime};
 use serde::Serialize;
 
+use crate::plane::DataPlane;
 use crate::store::{ManualWeight, Store, StoreError};
 
 /// Wall-clock milliseconds since the Unix epoch: persisted times must survive restarts.
@@ -81,7 +81,8 @@ struct Inner {
 
 /// The controller; cheap to share behind an `Arc`.
 pub struct Controller {
-    proxy: Arc<Proxy>,
+    /// The data plane: the proxy in the binary, an application's layer when embedded.
+    proxy: Arc<dyn DataPlane>,
     store: Store,
     inner: Mutex<Inner>,
 }
@@ -148,7 +149,9 @@ fn diff(a: &VersionWindow, b: &VersionWindow) -> VersionWindow {
 }
 
 impl Controller {
-    pub fn new(proxy: Arc<Proxy>, store: Store) -> Controller {
+    /// A controller driving `proxy` (any [`DataPlane`]: the binary's `Proxy`, or an
+    /// embedding application's layer), persisting into `store`.
+    pub fn new<P: DataPlane>(proxy: Arc<P>, store: Store) -> Controller {
         Controller {
             proxy,
             store,
@@ -156,7 +159,8 @@ impl Controller {
         }
     }
 
-    pub fn proxy(&self) -> &Arc<Proxy> {
+    /// The data plane this controller drives.
+    pub fn proxy(&self) -> &Arc<dyn DataPlane> {
         &self.proxy
     }
 
@@ -437,8 +441,6 @@ impl Controller {
     /// and step every active rollout.
     pub fn tick(&self) {
         let now = wall_ms();
-        let snap = self.proxy.snapshot();
-        let mono = mono_ms();
         let mut inner = self.lock();
         for ctl in inner.routes.iter_mut() {
             let (Some(spec), Some(state)) = (ctl.cfg.rollout.clone(), ctl.rollout.clone()) else {
@@ -447,10 +449,7 @@ impl Controller {
             if !state.phase.is_active() {
                 continue;
             }
-            let Some((_, entry)) = snap.route(&ctl.cfg.route.name) else {
-                continue;
-            };
-            let Some(canary_pool) = &entry.canary else {
+            let Some((canary, stable)) = self.proxy.counts(&ctl.cfg.route.name) else {
                 continue;
             };
             let due = now.saturating_sub(ctl.last_verdict_ms) >= spec.interval_ms;
@@ -458,8 +457,8 @@ impl Controller {
             if due || ctl.samples.back().is_none_or(|b| now >= b.at_ms + 1_000) {
                 ctl.samples.push_back(Sample {
                     at_ms: now,
-                    canary: canary_pool.stats.counts(),
-                    stable: entry.stable.stats.counts(),
+                    canary,
+                    stable,
                 });
             }
             while ctl.samples.len() > 2 && ctl.samples[1].at_ms + spec.window_ms <= now {
@@ -488,7 +487,9 @@ impl Controller {
                 // The breaker tripped and its event is still queued: it wins over this
                 // tick, whose promote (last step) would otherwise re-open the canary.
                 trip
-            } else if state.weight_bp > 0 && !canary_pool.any_available(mono) {
+            } else if state.weight_bp > 0
+                && self.proxy.canary_available(&ctl.cfg.route.name) == Some(false)
+            {
                 Input::CanaryUnhealthy
             } else {
                 Input::Tick { verdict }
@@ -539,12 +540,7 @@ impl Controller {
     /// `canary unhealthy` (for up to `ejection.max`). If the canary is still broken,
     /// the re-armed breaker catches it again.
     fn clear_canary_ejections(&self, route: &str) {
-        let snap = self.proxy.snapshot();
-        if let Some(pool) = snap.route(route).and_then(|(_, e)| e.canary.as_ref()) {
-            for i in &pool.instances {
-                i.clear_ejection();
-            }
-        }
+        self.proxy.clear_canary_ejections(route);
     }
 
     /// Handles an event from the data plane.
@@ -565,11 +561,7 @@ impl Controller {
                     }
                 }
                 // Only an abort if the pool really has no available instance.
-                let snap = self.proxy.snapshot();
-                let down = snap
-                    .route(&route)
-                    .and_then(|(_, e)| e.canary.as_ref())
-                    .is_some_and(|p| !p.any_available(mono_ms()));
+                let down = self.proxy.canary_available(&route) == Some(false);
                 if !down {
                     return;
                 }
@@ -680,11 +672,7 @@ impl Controller {
     }
 
     fn status_of(&self, c: &RouteCtl) -> RouteStatus {
-        let snap = self.proxy.snapshot();
-        let canary_available = snap
-            .route(&c.cfg.route.name)
-            .and_then(|(_, e)| e.canary.as_ref())
-            .map(|p| p.any_available(mono_ms()));
+        let canary_available = self.proxy.canary_available(&c.cfg.route.name);
         let s = c.rollout.as_ref();
         let mode = match (&c.cfg.canary, s) {
             (None, _) => "stable",
@@ -940,7 +928,7 @@ routes:
     fn controller() -> (tempfile::TempDir, Controller) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
-        let c = Controller::new(Arc::new(Proxy::new()), store);
+        let c = Controller::new(Arc::new(canary_proxy::Proxy::new()), store);
         let cfg = canary_config::parse("test.yaml", CONFIG).expect("config");
         c.apply(&cfg).expect("apply");
         (dir, c)
