@@ -852,7 +852,7 @@ pub enum AddedField {
 }
 
 /// The attributes of a generated sticky cookie (docs/routing.md).
-pub const STICKY_COOKIE_ATTRIBUTES: &str = "; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax";
+pub const STICKY_COOKIE_ATTRIBUTES: &str = canary_core::sticky_id::COOKIE_ATTRIBUTES;
 
 impl AddedField {
     /// The field's name.
