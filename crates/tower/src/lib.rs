@@ -101,7 +101,8 @@ mod split;
 
 pub use canary_control::{Command, ControlError, RouteStatus};
 pub use canary_core::analysis::AnalysisSpec;
-pub use canary_core::{RuleMatch, Target};
+pub use canary_core::rollout::Phase;
+pub use canary_core::{RuleMatch, Target, Weight};
 pub use embedded::{Canary, CanaryBuilder, Metrics, DEFAULT_STATE_DIR};
 pub use error::Error;
 pub use spec::{Rollout, RouteSpec, DEFAULT_STICKY_COOKIE, DEFAULT_STICKY_HEADER};
