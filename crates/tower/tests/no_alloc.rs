@@ -13,6 +13,7 @@ use std::future::Future;
 use std::task::{Context, Poll, Waker};
 
 use axum::body::Body;
+use axum::handler::HandlerWithoutStateExt;
 use axum::http::{header, HeaderValue, Request, Response};
 use axum::routing::get;
 use axum::Router;
@@ -37,7 +38,10 @@ fn run<F: Future>(fut: F) -> F::Output {
 }
 
 /// A service as an application writes one: a response with a content type.
-fn version(v: &'static str) -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send> + Clone {
+fn version(
+    v: &'static str,
+) -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send> + Clone
+{
     tower::service_fn(move |_req: Request<Body>| async move {
         let mut r = Response::new(Body::from(v));
         r.headers_mut()
@@ -96,20 +100,39 @@ fn the_layer_allocates_nothing_per_request_beyond_the_services() {
     // Users on both sides of the 50 % split (checked below), with a sticky key.
     for user in ["alice", "bob", "carol"] {
         let direct = allocations(version("v1"), Some(user));
-        let layered = allocations(canary.split("web", version("v1"), version("v2")), Some(user));
-        assert_eq!(layered, direct, "{user}: {layered} allocations through the layer, {direct} direct");
+        let layered = allocations(
+            canary.split("web", version("v1"), version("v2")),
+            Some(user),
+        );
+        assert_eq!(
+            layered, direct,
+            "{user}: {layered} allocations through the layer, {direct} direct"
+        );
     }
     let mut split = canary.split("web", version("v1"), version("v2"));
     let versions: std::collections::HashSet<_> = ["alice", "bob", "carol"]
         .into_iter()
-        .map(|u| run(split.call(request(Some(u)))).expect("response").headers()["x-canary-version"].clone())
+        .map(|u| {
+            run(split.call(request(Some(u))))
+                .expect("response")
+                .headers()["x-canary-version"]
+                .clone()
+        })
         .collect();
-    assert_eq!(versions.len(), 2, "the users cover both versions: {versions:?}");
+    assert_eq!(
+        versions.len(),
+        2,
+        "the users cover both versions: {versions:?}"
+    );
 
     // Without a key: one allocation more per request, the generated cookie's value.
     let direct = allocations(version("v1"), None);
     let layered = allocations(canary.split("web", version("v1"), version("v2")), None);
-    assert_eq!(layered, direct + REQUESTS, "{layered} through the layer, {direct} direct");
+    assert_eq!(
+        layered,
+        direct + REQUESTS,
+        "{layered} through the layer, {direct} direct"
+    );
 
     // axum: `Router::layer` boxes each route's layered service and clones it per
     // request (axum's `Route::call`), so any layer costs the clone of the route it
@@ -121,16 +144,23 @@ fn the_layer_allocates_nothing_per_request_beyond_the_services() {
     static X_CANARY_VERSION: axum::http::HeaderName =
         axum::http::HeaderName::from_static("x-canary-version");
     let v1 = HeaderValue::from_static("v1");
-    let baseline: Router = Router::new().route("/", get(|| async { "v1" })).layer(
-        tower::util::MapResponseLayer::new(move |mut r: axum::response::Response| {
-            r.headers_mut().insert(X_CANARY_VERSION.clone(), v1.clone());
-            r
-        }),
-    );
+    let baseline: Router =
+        Router::new()
+            .route("/", get(|| async { "v1" }))
+            .layer(tower::util::MapResponseLayer::new(
+                move |mut r: axum::response::Response| {
+                    r.headers_mut().insert(X_CANARY_VERSION.clone(), v1.clone());
+                    r
+                },
+            ));
     let v2_router: Router = Router::new().route("/", get(|| async { "v2" }));
     let layered_app: Router = Router::new()
         .route("/", get(|| async { "v1" }))
         .layer(canary.layer("web", v2_router));
+    // The canary as a handler service: cloning it clones the closure.
+    let handler_app: Router = Router::new()
+        .route("/", get(|| async { "v1" }))
+        .layer(canary.layer("web", (|| async { "v2" }).into_service()));
     let mut stable_users = 0;
     for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
         let to = run(split.call(request(Some(user)))).expect("response");
@@ -143,6 +173,11 @@ fn the_layer_allocates_nothing_per_request_beyond_the_services() {
         assert_eq!(
             layered, base,
             "axum {user}: {layered} through the layer, {base} through a layer that only adds the field"
+        );
+        let handler = allocations(handler_app.clone(), Some(user));
+        assert_eq!(
+            handler, base,
+            "axum {user}, a handler service as the canary"
         );
     }
     assert!(stable_users > 0, "some of the users are on stable");
