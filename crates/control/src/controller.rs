@@ -32,21 +32,36 @@ pub fn wall_ms() -> u64 {
 /// A user command on a route.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
-    Promote { full: bool },
-    Abort { reason: String },
+    /// Go to the next step now; with `full`, straight to 100 % (promoted).
+    Promote {
+        /// Skip the remaining steps.
+        full: bool,
+    },
+    /// Abort the rollout: weight 0 until a new canary version or `Retry`.
+    Abort {
+        /// Why, for the journal and `canary status`.
+        reason: String,
+    },
+    /// Hold the rollout at its current step and weight.
     Pause,
+    /// Continue a paused rollout.
     Resume,
+    /// Start an aborted rollout again from its first step.
     Retry,
+    /// Set the canary weight by hand (a rollout is paused by it).
     SetWeight(Weight),
 }
 
 /// Why a command failed; the admin API maps each to a status code.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    /// No route of that name (404).
     #[error("unknown route {0:?}")]
     NotFound(String),
+    /// The route's state refuses the command, e.g. promoting an aborted rollout (409).
     #[error("{0}")]
     Conflict(String),
+    /// The state directory could not be read or written (500).
     #[error("state store: {0}")]
     Store(#[from] StoreError),
 }
@@ -90,6 +105,7 @@ pub struct Controller {
 /// One step of a plan, as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct StepView {
+    /// The step's canary weight in percent.
     pub weight: f64,
     /// `"30s"` or `"manual"`.
     pub pause: String,
@@ -98,25 +114,39 @@ pub struct StepView {
 /// A route as `GET /api/v1/routes/{name}` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct RouteStatus {
+    /// The route's name.
     pub name: String,
+    /// The stable version's label.
     pub stable_version: String,
+    /// The canary version's label; `None` without a canary.
     pub canary_version: Option<String>,
     /// `rollout` (automatic), `manual` (canary, weight from config/API), `stable` (no canary).
     pub mode: &'static str,
     /// Current canary weight in percent.
     pub weight: f64,
+    /// The rollout's phase; `None` without a rollout.
     pub phase: Option<Phase>,
+    /// The current step (0-based); `None` without a rollout.
     pub step: Option<usize>,
+    /// The rollout's plan.
     pub steps: Vec<StepView>,
+    /// When the current step began (ms since the Unix epoch).
     pub step_started_ms: Option<u64>,
+    /// Consecutive failed verdicts.
     pub failed_verdicts: u32,
+    /// The latest analysis verdict.
     pub last_verdict: Option<Verdict>,
+    /// Why the rollout was aborted.
     pub abort_reason: Option<String>,
+    /// Whether the breaker holds canary traffic at 0 now.
     pub breaker_tripped: bool,
+    /// Whether the canary can take requests; `None` without a canary.
     pub canary_available: Option<bool>,
+    /// Canary-bound requests sent to stable for lack of an available canary.
     pub fallbacks: u64,
     /// After promotion: the version the config should now name as stable.
     pub make_stable: Option<String>,
+    /// What the route is doing and what to do next, in a sentence.
     pub message: String,
 }
 
