@@ -117,7 +117,10 @@ fn core_version(facts: &Facts, weight: f64) -> &'static str {
 
 #[tokio::test]
 async fn each_user_gets_the_version_the_core_decides_and_keeps_it() {
-    let (_dir, _canary, app) = app(RouteSpec::new("web", "v1", "v2").weight(10.0), StatusCode::OK);
+    let (_dir, _canary, app) = app(
+        RouteSpec::new("web", "v1", "v2").weight(10.0),
+        StatusCode::OK,
+    );
     let mut canary = 0;
     for i in 0..1000 {
         let user = format!("user-{i}");
@@ -136,12 +139,18 @@ async fn each_user_gets_the_version_the_core_decides_and_keeps_it() {
         assert_eq!(again.version.as_deref(), Some(want), "{user} again");
     }
     // 10 % of 1000 users, within a wide margin (the bucket hash is pinned in core).
-    assert!((60..=140).contains(&canary), "{canary} canary users of 1000");
+    assert!(
+        (60..=140).contains(&canary),
+        "{canary} canary users of 1000"
+    );
 }
 
 #[tokio::test]
 async fn the_cookie_is_the_key_without_the_header_and_a_new_client_gets_one() {
-    let (_dir, _canary, app) = app(RouteSpec::new("web", "v1", "v2").weight(50.0), StatusCode::OK);
+    let (_dir, _canary, app) = app(
+        RouteSpec::new("web", "v1", "v2").weight(50.0),
+        StatusCode::OK,
+    );
     for i in 0..200 {
         let id = format!("id-{i}");
         let cookie = format!("other=1; canary_id={id}");
@@ -150,7 +159,11 @@ async fn the_cookie_is_the_key_without_the_header_and_a_new_client_gets_one() {
             ..Default::default()
         };
         let r = send(&app, &[("cookie", &cookie)]).await;
-        assert_eq!(r.version.as_deref(), Some(core_version(&facts, 50.0)), "{id}");
+        assert_eq!(
+            r.version.as_deref(),
+            Some(core_version(&facts, 50.0)),
+            "{id}"
+        );
         assert_eq!(r.set_cookie, None);
     }
     // No key: a generated id in the proxy's cookie, and the version its bucket gives.
@@ -160,12 +173,14 @@ async fn the_cookie_is_the_key_without_the_header_and_a_new_client_gets_one() {
         let set = r.set_cookie.expect("a generated sticky cookie");
         let (pair, attrs) = set.split_once(';').expect("attributes");
         assert_eq!(
-            attrs,
-            " Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax",
+            attrs, " Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax",
             "{set}"
         );
         let id = pair.strip_prefix("canary_id=").expect("canary_id cookie");
-        assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
         assert!(seen.insert(id.to_string()), "ids are unique");
         let facts = Facts {
             cookie: Some(pair.to_string()),
@@ -216,7 +231,10 @@ async fn rules_win_over_the_weight_in_order() {
 
 #[tokio::test]
 async fn raising_the_weight_never_moves_a_canary_user_to_stable() {
-    let (_dir, canary, app) = app(RouteSpec::new("web", "v1", "v2").weight(5.0), StatusCode::OK);
+    let (_dir, canary, app) = app(
+        RouteSpec::new("web", "v1", "v2").weight(5.0),
+        StatusCode::OK,
+    );
     let users: Vec<String> = (0..300).map(|i| format!("u{i}")).collect();
     let mut was_canary = vec![false; users.len()];
     for pct in [5.0, 20.0, 50.0, 80.0, 100.0] {
@@ -328,16 +346,22 @@ async fn metrics_have_the_proxys_names_and_pass_promtool() {
         "canary_rollout_step",
         "canary_analysis_verdicts_total",
     ] {
-        assert!(text.contains(&format!("# TYPE {family} ")), "{family}\n{text}");
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family}\n{text}"
+        );
     }
-    assert_eq!(canary.metrics().render().lines().count(), text.lines().count());
+    assert_eq!(
+        canary.metrics().render().lines().count(),
+        text.lines().count()
+    );
     promtool_check(&text);
 }
 
 #[tokio::test]
 async fn a_failing_canary_trips_the_breaker_and_the_rollout_aborts() {
-    let spec = RouteSpec::new("web", "v1", "v2")
-        .rollout(Rollout::new().manual_step(100.0).breaker(5));
+    let spec =
+        RouteSpec::new("web", "v1", "v2").rollout(Rollout::new().manual_step(100.0).breaker(5));
     let (_dir, canary, app) = app(spec, StatusCode::INTERNAL_SERVER_ERROR);
     for i in 0..5 {
         let r = send(&app, &[("x-user-id", &format!("b{i}"))]).await;
@@ -415,7 +439,11 @@ async fn the_admin_router_is_the_binarys_api() {
         .expect("infallible");
     assert_eq!(resp.status(), StatusCode::OK);
     let s = json(resp).await;
-    assert_eq!((s["step"].as_u64(), s["weight"].as_f64()), (Some(1), Some(50.0)), "{s}");
+    assert_eq!(
+        (s["step"].as_u64(), s["weight"].as_f64()),
+        (Some(1), Some(50.0)),
+        "{s}"
+    );
     let resp = admin
         .clone()
         .oneshot(call("GET", "/api/v1/routes/web/events"))
@@ -429,7 +457,10 @@ async fn the_admin_router_is_the_binarys_api() {
         .filter_map(|e| e["kind"].as_str())
         .collect();
     assert_eq!(kinds.first(), Some(&"start"), "{events}");
-    assert!(kinds.contains(&"promote") || kinds.contains(&"advance"), "{events}");
+    assert!(
+        kinds.contains(&"promote") || kinds.contains(&"advance"),
+        "{events}"
+    );
     let resp = admin
         .oneshot(call("GET", "/api/v1/routes/nope"))
         .await
