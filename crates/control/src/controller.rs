@@ -17,10 +17,10 @@ use canary_core::analysis::{judge, Verdict, VerdictResult, VersionWindow};
 use canary_core::rollout::{self, Event, Input, Pause, Phase, Position, RolloutSpec, RolloutState};
 use canary_core::Weight;
 use canary_proxy::expo::{Exposition, Kind};
-use canary_proxy::pool::now_ms as mono_ms;
-use canary_proxy::{DataPlaneEvent, Proxy, RouteRuntime};
+use canary_proxy::{DataPlaneEvent, RouteRuntime};
 use serde::Serialize;
 
+use crate::plane::DataPlane;
 use crate::store::{ManualWeight, Store, StoreError};
 
 /// Wall-clock milliseconds since the Unix epoch: persisted times must survive restarts.
@@ -33,21 +33,36 @@ pub fn wall_ms() -> u64 {
 /// A user command on a route.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
-    Promote { full: bool },
-    Abort { reason: String },
+    /// Go to the next step now; with `full`, straight to 100 % (promoted).
+    Promote {
+        /// Skip the remaining steps.
+        full: bool,
+    },
+    /// Abort the rollout: weight 0 until a new canary version or `Retry`.
+    Abort {
+        /// Why, for the journal and `canary status`.
+        reason: String,
+    },
+    /// Hold the rollout at its current step and weight.
     Pause,
+    /// Continue a paused rollout.
     Resume,
+    /// Start an aborted rollout again from its first step.
     Retry,
+    /// Set the canary weight by hand (a rollout is paused by it).
     SetWeight(Weight),
 }
 
 /// Why a command failed; the admin API maps each to a status code.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    /// No route of that name (404).
     #[error("unknown route {0:?}")]
     NotFound(String),
+    /// The route's state refuses the command, e.g. promoting an aborted rollout (409).
     #[error("{0}")]
     Conflict(String),
+    /// The state directory could not be read or written (500).
     // No `#[from]`: that would make the store error this one's `source()` too, and a
     // chain printer (anyhow's `{:#}`) would print it twice.
     #[error("state store: {0}")]
@@ -100,7 +115,8 @@ struct Inner {
 
 /// The controller; cheap to share behind an `Arc`.
 pub struct Controller {
-    proxy: Arc<Proxy>,
+    /// The data plane: the proxy in the binary, an application's layer when embedded.
+    proxy: Arc<dyn DataPlane>,
     store: Store,
     inner: Mutex<Inner>,
     /// Writes to the state directory that failed (state files and journal).
@@ -110,6 +126,7 @@ pub struct Controller {
 /// One step of a plan, as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct StepView {
+    /// The step's canary weight in percent.
     pub weight: f64,
     /// `"30s"` or `"manual"`.
     pub pause: String,
@@ -118,28 +135,42 @@ pub struct StepView {
 /// A route as `GET /api/v1/routes/{name}` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct RouteStatus {
+    /// The route's name.
     pub name: String,
+    /// The stable version's label.
     pub stable_version: String,
+    /// The canary version's label; `None` without a canary.
     pub canary_version: Option<String>,
     /// `rollout` (automatic), `manual` (canary, weight from config/API), `stable` (no canary).
     pub mode: &'static str,
     /// Current canary weight in percent.
     pub weight: f64,
+    /// The rollout's phase; `None` without a rollout.
     pub phase: Option<Phase>,
+    /// The current step (0-based); `None` without a rollout.
     pub step: Option<usize>,
+    /// The rollout's plan.
     pub steps: Vec<StepView>,
+    /// When the current step began (ms since the Unix epoch).
     pub step_started_ms: Option<u64>,
+    /// Consecutive failed verdicts.
     pub failed_verdicts: u32,
+    /// The latest analysis verdict.
     pub last_verdict: Option<Verdict>,
+    /// Why the rollout was aborted.
     pub abort_reason: Option<String>,
+    /// Whether the breaker holds canary traffic at 0 now.
     pub breaker_tripped: bool,
     /// Why the route's current state is not saved in `state_dir` (it holds in memory
     /// and is written again every few seconds); `None` when it is saved.
     pub unsaved: Option<String>,
+    /// Whether the canary can take requests; `None` without a canary.
     pub canary_available: Option<bool>,
+    /// Canary-bound requests sent to stable for lack of an available canary.
     pub fallbacks: u64,
     /// After promotion: the version the config should now name as stable.
     pub make_stable: Option<String>,
+    /// What the route is doing and what to do next, in a sentence.
     pub message: String,
 }
 
@@ -172,7 +203,9 @@ fn diff(a: &VersionWindow, b: &VersionWindow) -> VersionWindow {
 }
 
 impl Controller {
-    pub fn new(proxy: Arc<Proxy>, store: Store) -> Controller {
+    /// A controller driving `proxy` (any [`DataPlane`]: the binary's `Proxy`, or an
+    /// embedding application's layer), persisting into `store`.
+    pub fn new<P: DataPlane>(proxy: Arc<P>, store: Store) -> Controller {
         Controller {
             proxy,
             store,
@@ -181,7 +214,8 @@ impl Controller {
         }
     }
 
-    pub fn proxy(&self) -> &Arc<Proxy> {
+    /// The data plane this controller drives.
+    pub fn proxy(&self) -> &Arc<dyn DataPlane> {
         &self.proxy
     }
 
@@ -524,8 +558,6 @@ impl Controller {
     /// and step every active rollout.
     pub fn tick(&self) {
         let now = wall_ms();
-        let snap = self.proxy.snapshot();
-        let mono = mono_ms();
         let mut inner = self.lock();
         for ctl in inner.routes.iter_mut() {
             self.retry_save(ctl, now);
@@ -535,10 +567,7 @@ impl Controller {
             if !state.phase.is_active() {
                 continue;
             }
-            let Some((_, entry)) = snap.route(&ctl.cfg.route.name) else {
-                continue;
-            };
-            let Some(canary_pool) = &entry.canary else {
+            let Some((canary, stable)) = self.proxy.counts(&ctl.cfg.route.name) else {
                 continue;
             };
             let due = now.saturating_sub(ctl.last_verdict_ms) >= spec.interval_ms;
@@ -546,8 +575,8 @@ impl Controller {
             if due || ctl.samples.back().is_none_or(|b| now >= b.at_ms + 1_000) {
                 ctl.samples.push_back(Sample {
                     at_ms: now,
-                    canary: canary_pool.stats.counts(),
-                    stable: entry.stable.stats.counts(),
+                    canary,
+                    stable,
                 });
             }
             while ctl.samples.len() > 2 && ctl.samples[1].at_ms + spec.window_ms <= now {
@@ -576,7 +605,9 @@ impl Controller {
                 // The breaker tripped and its event is still queued: it wins over this
                 // tick, whose promote (last step) would otherwise re-open the canary.
                 trip
-            } else if state.weight_bp > 0 && !canary_pool.any_available(mono) {
+            } else if state.weight_bp > 0
+                && self.proxy.canary_available(&ctl.cfg.route.name) == Some(false)
+            {
                 Input::CanaryUnhealthy
             } else {
                 Input::Tick { verdict }
@@ -660,12 +691,7 @@ impl Controller {
     /// `canary unhealthy` (for up to `ejection.max`). If the canary is still broken,
     /// the re-armed breaker catches it again.
     fn clear_canary_ejections(&self, route: &str) {
-        let snap = self.proxy.snapshot();
-        if let Some(pool) = snap.route(route).and_then(|(_, e)| e.canary.as_ref()) {
-            for i in &pool.instances {
-                i.clear_ejection();
-            }
-        }
+        self.proxy.clear_canary_ejections(route);
     }
 
     /// Handles an event from the data plane.
@@ -686,11 +712,7 @@ impl Controller {
                     }
                 }
                 // Only an abort if the pool really has no available instance.
-                let snap = self.proxy.snapshot();
-                let down = snap
-                    .route(&route)
-                    .and_then(|(_, e)| e.canary.as_ref())
-                    .is_some_and(|p| !p.any_available(mono_ms()));
+                let down = self.proxy.canary_available(&route) == Some(false);
                 if !down {
                     return;
                 }
@@ -802,11 +824,7 @@ impl Controller {
     }
 
     fn status_of(&self, c: &RouteCtl) -> RouteStatus {
-        let snap = self.proxy.snapshot();
-        let canary_available = snap
-            .route(&c.cfg.route.name)
-            .and_then(|(_, e)| e.canary.as_ref())
-            .map(|p| p.any_available(mono_ms()));
+        let canary_available = self.proxy.canary_available(&c.cfg.route.name);
         let s = c.rollout.as_ref();
         let mode = match (&c.cfg.canary, s) {
             (None, _) => "stable",
@@ -1077,6 +1095,7 @@ fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use canary_proxy::Proxy;
 
     /// One step at 50 % that passes at once (no pause, no minimum sample), breaker at 3.
     const CONFIG: &str = r#"listen: 127.0.0.1:1
@@ -1091,12 +1110,19 @@ routes:
 "#;
 
     fn controller() -> (tempfile::TempDir, Controller) {
+        let (dir, c, _) = controller_and_proxy();
+        (dir, c)
+    }
+
+    /// A controller over a proxy the test can also reach directly.
+    fn controller_and_proxy() -> (tempfile::TempDir, Controller, Arc<Proxy>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
-        let c = Controller::new(Arc::new(Proxy::new()), store);
+        let proxy = Arc::new(Proxy::new());
+        let c = Controller::new(proxy.clone(), store);
         let cfg = canary_config::parse("test.yaml", CONFIG).expect("config");
         c.apply(&cfg).expect("apply");
-        (dir, c)
+        (dir, c, proxy)
     }
 
     /// Trips the breaker in the data plane. No controller loop runs in these tests, so
@@ -1263,8 +1289,8 @@ routes:
     }
 
     /// Records `n` canary answers with `status` in the data plane's counters.
-    fn canary_answers(c: &Controller, n: usize, status: u16) {
-        let snap = c.proxy().snapshot();
+    fn canary_answers(proxy: &Proxy, n: usize, status: u16) {
+        let snap = proxy.snapshot();
         let (_, entry) = snap.route("web").expect("route");
         let pool = entry.canary.as_ref().expect("canary pool");
         for _ in 0..n {
@@ -1288,17 +1314,17 @@ routes:
             analysis,
         );
         assert!(text.contains("pause: 1h"), "{text}");
-        let (_dir, c) = controller();
+        let (_dir, c, proxy) = controller_and_proxy();
         apply(&c, &text);
         verdict_due(&c);
-        canary_answers(&c, 10, 500);
+        canary_answers(&proxy, 10, 500);
         verdict_due(&c);
         let s = c.status("web").expect("status");
         assert_eq!(s.phase, Some(Phase::Aborted), "{s:?}");
         c.command("web", Command::Retry).expect("retry");
         // The fixed canary answers every request after the retry.
         verdict_due(&c);
-        canary_answers(&c, 10, 200);
+        canary_answers(&proxy, 10, 200);
         verdict_due(&c);
         let s = c.status("web").expect("status");
         assert_eq!(s.phase, Some(Phase::Progressing), "{s:?}");
