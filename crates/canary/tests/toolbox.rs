@@ -112,6 +112,12 @@ async fn init_writes_a_starter_that_validates_and_serves() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), starter);
 
+    // `--output -`: the same text on stdout, nothing written.
+    let (code, out, err) = run_canary(&["init", "--output", "-"], &[], d).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, starter);
+    assert!(!dir.path().join("-").exists());
+
     // A missing file points at `canary init`.
     let (code, _, err) = run_canary(&["validate", "nope.yaml"], &[], d).await;
     assert_eq!(code, 1);
