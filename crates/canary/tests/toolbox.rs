@@ -586,7 +586,10 @@ async fn wait_redraws_one_line_in_a_pty_and_prints_plain_lines_into_a_pipe_and_w
         let lines: Vec<&str> = tty.split('\n').filter(|l| !l.trim().is_empty()).collect();
         assert_eq!(lines.len(), 2, "one live line and the outcome: {tty:?}");
         let redraws = lines[0].matches("\r\x1b[2K").count();
-        assert!(redraws >= 4, "{redraws} redraws in 3 s: {tty:?}");
+        assert!(
+            redraws >= 3,
+            "{redraws} redraws in 3 s (one per 500 ms poll): {tty:?}"
+        );
         for want in [
             "waiting",
             "step 1/2",
