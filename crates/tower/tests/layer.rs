@@ -415,6 +415,8 @@ async fn the_admin_router_is_the_binarys_api() {
         Request::builder()
             .method(method)
             .uri(uri)
+            // The admin listener's Host rule (docs/admin-api.md) applies here too.
+            .header("host", "127.0.0.1:3001")
             .body(Body::empty())
             .expect("request")
     };
