@@ -19,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::cli::{verdict_text, Api, Conn};
+use crate::output::printable;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -342,13 +343,13 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         Some(r) if r["phase"] == "promoted" => {
             outln!(
                 "v2 promoted: all users on v2. {}",
-                r["message"].as_str().unwrap_or("")
+                printable(r["message"].as_str().unwrap_or(""))
             );
         }
         Some(r) => {
             outln!(
                 "v2 rolled back: {}",
-                r["abort_reason"].as_str().unwrap_or("?")
+                printable(r["abort_reason"].as_str().unwrap_or("?"))
             );
             let first_err = stats.first_v2_error.lock().ok().and_then(|f| *f);
             let last_err = stats.last_v2_error.lock().ok().and_then(|l| *l);

@@ -626,9 +626,11 @@ impl Controller {
         for ev in &out.events {
             if ev.kind == "abort" {
                 *ctl.aborts.entry(abort_category(&ev.reason)).or_default() += 1;
-                tracing::warn!(route = %name, reason = %ev.reason, "rollout aborted");
+                // `?`: quoted and escaped, so a reason sent through the API cannot forge
+                // a log line.
+                tracing::warn!(route = %name, reason = ?ev.reason, "rollout aborted");
             } else {
-                tracing::info!(route = %name, kind = %ev.kind, weight = ev.to.weight, phase = ev.to.phase.map_or("-", Phase::as_str), reason = %ev.reason, "rollout");
+                tracing::info!(route = %name, kind = %ev.kind, weight = ev.to.weight, phase = ev.to.phase.map_or("-", Phase::as_str), reason = ?ev.reason, "rollout");
             }
         }
         let changed = ctl.rollout.as_ref() != Some(&out.state);
