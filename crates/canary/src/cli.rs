@@ -335,7 +335,7 @@ fn position_text(p: &Value) -> String {
 }
 
 /// One journal entry: time, kind, from → to, reason.
-fn event_line(e: &Value) -> String {
+pub(crate) fn event_line(e: &Value) -> String {
     let kind = e["kind"].as_str().unwrap_or("");
     // A `complete` entry always ends without a canary; journals written before
     // positions said so have `"to":{"weight":0.0}` there.

@@ -55,7 +55,7 @@ pub fn main(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(path, cfg, shutdown_signal())) {
+    match rt.block_on(run(path, cfg, shutdown_signal(), None)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             errln!("canary: {e:#}");
@@ -91,11 +91,14 @@ pub fn admin_token(cfg: &Config) -> Option<Arc<str>> {
         .map(Arc::from)
 }
 
-/// Everything `serve` runs, until `shutdown` resolves.
+/// Everything `serve` runs, until `shutdown` resolves. `bound` is told once both
+/// listeners are bound (the config applied): from then on the addresses answer with
+/// this process, not with whatever else may listen there.
 pub async fn run(
     path: &Path,
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
+    bound: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<()> {
     let token = admin_token(&cfg);
     if !cfg.admin.ip().is_loopback() && token.is_none() {
@@ -118,6 +121,9 @@ pub async fn run(
         .await
         .with_context(|| format!("binding admin address {}", cfg.admin))?;
     tracing::info!(listen = %cfg.listen, admin = %cfg.admin, routes = cfg.routes.len(), workers, token = token.is_some(), "canary serving");
+    if let Some(b) = bound {
+        let _ = b.send(());
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
