@@ -136,12 +136,7 @@ pub async fn run(
     let admin_task = tokio::spawn({
         let stop = stopped(stop_rx.clone());
         async move {
-            if let Err(e) = axum::serve(admin_listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!(error = %e, "admin server failed");
-            }
+            canary_control::listener::serve(admin_listener, app, stop).await;
         }
     });
     let ctl_task = tokio::spawn(run_controller(controller.clone(), stopped(stop_rx.clone())));
