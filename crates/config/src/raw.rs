@@ -269,6 +269,7 @@ raw_structs! {
 
     RawBreaker {
         consecutive_failures: S<i64>,
+        min_clients: S<i64>,
     }
 }
 

@@ -355,14 +355,8 @@ impl Controller {
                         tracing::info!(route = %name, phase = s.phase.as_str(), step = s.step, weight = %s.weight(), "resuming persisted rollout");
                     }
                     // A breaker trip not yet seen by the event loop must not be undone.
-                    if ctl.runtime.tripped() && s.phase.is_active() {
-                        let failures = ctl
-                            .cfg
-                            .rollout
-                            .as_ref()
-                            .and_then(|r| r.breaker_failures)
-                            .unwrap_or(0);
-                        let out = rollout::step(s, spec, Input::Breaker { failures }, now)
+                    if let Some(trip) = pending_trip(ctl) {
+                        let out = rollout::step(s, spec, trip, now)
                             .map_err(|e| ControlError::Conflict(e.0))?;
                         events.extend(out.events);
                         ctl.rollout = Some(out.state);
@@ -675,9 +669,13 @@ impl Controller {
         let now = wall_ms();
         let mut inner = self.lock();
         let (route, input) = match ev {
-            DataPlaneEvent::BreakerTripped { route, failures } => {
-                (route, Input::Breaker { failures })
-            }
+            DataPlaneEvent::BreakerTripped { route, failures } => (
+                route,
+                Input::Breaker {
+                    failures,
+                    clients: Some(1),
+                },
+            ),
             DataPlaneEvent::CanaryUnavailable { route } => {
                 // The failures that tripped the breaker may also have ejected the last
                 // canary instance: the breaker is the cause to report.
@@ -1001,13 +999,18 @@ fn gives_canary_more(old: &RolloutState, new: &RolloutState) -> bool {
 fn pending_trip(ctl: &RouteCtl) -> Option<Input> {
     let active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
     (active && ctl.runtime.tripped()).then(|| Input::Breaker {
-        failures: ctl
-            .cfg
-            .rollout
-            .as_ref()
-            .and_then(|r| r.breaker_failures)
-            .unwrap_or(0),
+        failures: breaker_limit(ctl),
+        clients: Some(1),
     })
+}
+
+/// The consecutive canary failures that trip the route's breaker; 0 = off.
+fn breaker_limit(ctl: &RouteCtl) -> u32 {
+    ctl.cfg
+        .rollout
+        .as_ref()
+        .and_then(|r| r.breaker)
+        .map_or(0, |b| b.consecutive_failures)
 }
 
 fn bp_weight(bp: u16) -> Weight {
@@ -1050,12 +1053,7 @@ fn manual_split(ctl: &RouteCtl) -> Option<(String, Weight)> {
 fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
     match (&ctl.rollout, &ctl.cfg.canary) {
         (Some(s), Some(_)) => {
-            let limit = ctl
-                .cfg
-                .rollout
-                .as_ref()
-                .and_then(|r| r.breaker_failures)
-                .unwrap_or(0);
+            let limit = breaker_limit(ctl);
             if !s.phase.is_active() {
                 ctl.runtime.arm_breaker(0);
             } else if rearm || !ctl.runtime.tripped() && ctl.runtime.breaker_limit() != limit {
