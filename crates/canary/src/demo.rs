@@ -122,6 +122,7 @@ routes:
         failure_limit: 2
       breaker:
         consecutive_failures: 5
+        min_clients: 1    # every synthetic user comes from 127.0.0.1: one client address
 "#,
         state = state.display(),
     )

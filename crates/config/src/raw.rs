@@ -242,6 +242,7 @@ raw_structs! {
         consecutive_failures: S<i64>,
         base: S<String>,
         max: S<String>,
+        min_clients: S<i64>,
     }
 
     RawRollout {

@@ -908,10 +908,16 @@ impl Checker {
                 );
             }
         }
+        let min_clients = self.min_clients(
+            &format!("{p}.ejection"),
+            r.min_clients,
+            (consecutive_failures > 0).then_some(consecutive_failures),
+        );
         Ejection {
             consecutive_failures,
             base_ms,
             max_ms,
+            min_clients,
         }
     }
 

@@ -140,7 +140,8 @@ fn full_example_parses_into_the_expected_values() {
         Ejection {
             consecutive_failures: 5,
             base_ms: 10_000,
-            max_ms: 300_000
+            max_ms: 300_000,
+            min_clients: 3
         }
     );
 

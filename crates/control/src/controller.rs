@@ -669,13 +669,11 @@ impl Controller {
         let now = wall_ms();
         let mut inner = self.lock();
         let (route, input) = match ev {
-            DataPlaneEvent::BreakerTripped { route, failures } => (
+            DataPlaneEvent::BreakerTripped {
                 route,
-                Input::Breaker {
-                    failures,
-                    clients: Some(1),
-                },
-            ),
+                failures,
+                clients,
+            } => (route, Input::Breaker { failures, clients }),
             DataPlaneEvent::CanaryUnavailable { route } => {
                 // The failures that tripped the breaker may also have ejected the last
                 // canary instance: the breaker is the cause to report.
@@ -998,19 +996,18 @@ fn gives_canary_more(old: &RolloutState, new: &RolloutState) -> bool {
 /// handled yet (its event is still queued), if the rollout is still on trial.
 fn pending_trip(ctl: &RouteCtl) -> Option<Input> {
     let active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
-    (active && ctl.runtime.tripped()).then(|| Input::Breaker {
-        failures: breaker_limit(ctl),
-        clients: Some(1),
-    })
+    let (failures, clients) = ctl.runtime.trip().filter(|_| active)?;
+    Some(Input::Breaker { failures, clients })
 }
 
-/// The consecutive canary failures that trip the route's breaker; 0 = off.
-fn breaker_limit(ctl: &RouteCtl) -> u32 {
+/// The route's breaker as the data plane takes it: (consecutive failures, 0 = off;
+/// distinct clients).
+fn breaker_limit(ctl: &RouteCtl) -> (u32, u32) {
     ctl.cfg
         .rollout
         .as_ref()
         .and_then(|r| r.breaker)
-        .map_or(0, |b| b.consecutive_failures)
+        .map_or((0, 1), |b| (b.consecutive_failures, b.min_clients))
 }
 
 fn bp_weight(bp: u16) -> Weight {
@@ -1053,22 +1050,24 @@ fn manual_split(ctl: &RouteCtl) -> Option<(String, Weight)> {
 fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
     match (&ctl.rollout, &ctl.cfg.canary) {
         (Some(s), Some(_)) => {
-            let limit = breaker_limit(ctl);
+            let (limit, min_clients) = breaker_limit(ctl);
             if !s.phase.is_active() {
-                ctl.runtime.arm_breaker(0);
-            } else if rearm || !ctl.runtime.tripped() && ctl.runtime.breaker_limit() != limit {
+                ctl.runtime.arm_breaker(0, 1);
+            } else if rearm
+                || !ctl.runtime.tripped() && ctl.runtime.breaker_limit() != (limit, min_clients)
+            {
                 // Also when a reload changed the limit: the new one applies at once.
-                ctl.runtime.arm_breaker(limit);
+                ctl.runtime.arm_breaker(limit, min_clients);
             }
             ctl.runtime.set_weight(s.weight());
         }
         (None, Some(_)) => {
-            ctl.runtime.arm_breaker(0);
+            ctl.runtime.arm_breaker(0, 1);
             ctl.runtime
                 .set_weight(manual_split(ctl).map_or(ctl.cfg.weight, |(_, w)| w));
         }
         (_, None) => {
-            ctl.runtime.arm_breaker(0);
+            ctl.runtime.arm_breaker(0, 1);
             ctl.runtime.set_weight(Weight::ZERO);
         }
     }
@@ -1103,8 +1102,10 @@ routes:
     /// the trip's event stays queued, as in the instant before the loop handles it.
     fn trip(c: &Controller) {
         let rt = c.proxy().runtime("web").expect("runtime");
-        for _ in 0..3 {
-            rt.canary_failure();
+        // Three clients (the default `min_clients`), each with its own address and key.
+        for i in 1..=3u8 {
+            let id = canary_proxy::witness::ClientId::new([192, 0, 2, i].into(), Some(&[i]));
+            rt.canary_failure(canary_proxy::witness::Witness::Client(id));
         }
         assert!(rt.tripped());
         assert_eq!(rt.weight(), Weight::ZERO);
@@ -1146,11 +1147,9 @@ routes:
         c.tick();
         let s = c.status("web").expect("status");
         assert_eq!(s.phase, Some(Phase::Aborted), "{s:?}");
-        assert!(
-            s.abort_reason
-                .as_deref()
-                .unwrap_or("")
-                .starts_with("breaker"),
+        assert_eq!(
+            s.abort_reason.as_deref(),
+            Some("breaker: 3 consecutive canary failures from 3 clients"),
             "{s:?}"
         );
         assert_eq!(s.weight, 0.0, "{s:?}");
