@@ -42,7 +42,7 @@ enum Cmd {
         config: PathBuf,
     },
     /// A self-contained demo: built-in v1/v2 upstreams, synthetic traffic and a
-    /// whole rollout in about a minute.
+    /// whole rollout in about 35 s; then it serves until Ctrl-C (or `--exit`).
     Demo(demo::DemoArgs),
     #[command(flatten)]
     Admin(cli::AdminCmd),
