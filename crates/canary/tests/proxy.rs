@@ -2893,3 +2893,26 @@ async fn metrics_pass_promtool_and_have_the_required_families() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_reload_that_changes_nothing_says_so_instead_of_an_empty_changes_list() {
+    let a = Upstream::start("v1").await;
+    let body = format!(
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n",
+        addrs(&[&a])
+    );
+    let c = Canary::start(&body).await;
+    c.write_config(&body);
+    assert!(
+        c.wait_log("config reloaded: nothing changed", EVENTUALLY)
+            .await,
+        "{}",
+        c.log()
+    );
+    let log = c.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.ends_with("changes=") || l.contains("changes= ")),
+        "{log}"
+    );
+}

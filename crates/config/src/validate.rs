@@ -566,7 +566,7 @@ impl Checker {
                     v.referenced,
                     format!(
                         "{p}: {} is out of range (0–100, at most two decimals)",
-                        v.value
+                        crate::number_text(v.value)
                     ),
                 );
                 Weight::ZERO
@@ -1133,7 +1133,7 @@ impl Checker {
                     format!(
                         "{p}.max_latency_increase: {} is out of range (a factor of at least \
                          1, e.g. 1.5 = canary p99 at most 50 % above stable's)",
-                        v.value
+                        crate::number_text(v.value)
                     ),
                 );
                 None
@@ -1216,7 +1216,7 @@ impl Checker {
                 v.referenced,
                 format!(
                     "{p}: {} is out of range (a fraction from 0 to 1, e.g. 0.01 = 1 %)",
-                    v.value
+                    crate::number_text(v.value)
                 ),
             );
             None

@@ -696,3 +696,35 @@ fn header_limit_is_between_1_kib_and_1_gib() {
         one_error(&limit(n), "2:21", "limits.max_header_bytes");
     }
 }
+
+#[test]
+fn a_yaml_over_the_parser_budget_is_named_in_words_not_rust_debug() {
+    // Nesting is the cheapest limit to reach (250000 nodes take seconds in a debug
+    // build); every limit goes through the same words (`budget_text`).
+    let yaml = format!(
+        "listen: 127.0.0.1:8080\nx: {}1{}\n",
+        "[".repeat(70),
+        "]".repeat(70)
+    );
+    let e = errors(&yaml);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(!e[0].contains('{') && !e[0].contains("Depth"), "{}", e[0]);
+    assert!(
+        e[0].contains(
+            "too large or too complex for a config: lists or mappings nested more than 64 deep"
+        ),
+        "{}",
+        e[0]
+    );
+}
+
+#[test]
+fn a_huge_number_is_echoed_in_exponent_form_not_309_digits() {
+    let e = errors(&format!("{BASE}    weight: 1e308\n"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("routes[0].weight: 1e308 is out of range"),
+        "{}",
+        e[0]
+    );
+}

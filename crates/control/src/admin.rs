@@ -226,7 +226,10 @@ async fn set_weight(
     let w = Weight::from_percent(w).ok_or_else(|| {
         ApiError(
             StatusCode::BAD_REQUEST,
-            format!("weight {w} is out of range (0–100, at most two decimals)"),
+            format!(
+                "weight {} is out of range (0–100, at most two decimals)",
+                canary_config::number_text(w)
+            ),
         )
     })?;
     run(&a, &headers, &name, Command::SetWeight(w)).await
@@ -480,6 +483,23 @@ routes:
         let (status, v) = call(&r, req("POST", path, ok, None)).await;
         assert_eq!(status, StatusCode::OK, "{v}");
         assert_eq!(v["abort_reason"], format!("user: {reason}"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn a_huge_weight_is_echoed_in_exponent_form_not_309_digits() {
+        let (_dir, r) = admin(None);
+        let path = "/api/v1/routes/web/weight";
+        let (status, v) = call(&r, req("PUT", path, br#"{"weight": 1e308}"#.to_vec(), None)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(
+            v["error"],
+            "weight 1e308 is out of range (0–100, at most two decimals)"
+        );
+        let (_, v) = call(&r, req("PUT", path, br#"{"weight": 150}"#.to_vec(), None)).await;
+        assert_eq!(
+            v["error"],
+            "weight 150 is out of range (0–100, at most two decimals)"
+        );
     }
 
     /// Regression: serde reads a struct from a JSON array, so `[30]` set the weight.

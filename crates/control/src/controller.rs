@@ -740,6 +740,10 @@ impl Controller {
                         .manual
                         .as_ref()
                         .map_or(ctl.cfg.weight, |m| bp_weight(m.weight_bp));
+                    if from == w {
+                        // The split is already this: nothing to save or journal.
+                        return Ok(self.status_of(ctl));
+                    }
                     let m = ManualWeight {
                         weight_bp: w.basis_points(),
                         config_weight_bp: ctl.cfg.weight.basis_points(),
@@ -1401,6 +1405,21 @@ routes:
         c.apply(&cfg)
             .expect("a new rollout replaces the old version's");
         assert_eq!(c.status("web").expect("status").step, Some(0));
+    }
+
+    #[tokio::test]
+    async fn setting_the_same_manual_weight_twice_journals_it_once() {
+        let (_dir, c) = controller();
+        let (head, _) = CONFIG.split_once("    rollout:").expect("rollout section");
+        apply(&c, &format!("{head}    weight: 20\n"));
+        let n = c.events("web", 1000).expect("events").len();
+        let w = Weight::from_percent(35.0).expect("weight");
+        c.command("web", Command::SetWeight(w)).expect("weight");
+        c.command("web", Command::SetWeight(w))
+            .expect("same weight");
+        let events = c.events("web", 1000).expect("events");
+        assert_eq!(events.len(), n + 1, "{events:?}");
+        assert_eq!(c.status("web").expect("status").weight, 35.0);
     }
 
     #[tokio::test]

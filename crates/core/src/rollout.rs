@@ -582,6 +582,11 @@ pub fn step(
             if !phase.is_active() {
                 return reject("set the weight");
             }
+            if phase == Phase::Paused && s.weight_bp == w.basis_points() {
+                // Already paused at this weight: nothing changes, nothing to journal
+                // (it used to write `paused 35% → paused 35%`).
+                return Ok(Outcome { state: s, events });
+            }
             s.weight_bp = w.basis_points();
             s.phase = Phase::Paused;
             events.push(s.event(

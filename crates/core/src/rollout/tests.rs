@@ -504,3 +504,25 @@ fn a_persisted_state_beyond_the_plan_or_starting_in_the_future_is_refused() {
     };
     assert!(heavy.check(&sp, now).is_err());
 }
+
+#[test]
+fn setting_the_same_weight_twice_journals_it_once() {
+    let sp = spec();
+    let (s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
+    let w = Weight::from_percent(35.0).unwrap();
+    let first = step(&s, &sp, Input::SetWeight(w), 1).unwrap();
+    assert_eq!(first.events.len(), 1);
+    assert_eq!(first.state.phase, Phase::Paused);
+    let again = step(&first.state, &sp, Input::SetWeight(w), 2).unwrap();
+    assert!(again.events.is_empty(), "{:?}", again.events);
+    assert_eq!(again.state, first.state);
+    // Another weight while paused is a change again.
+    let other = Weight::from_percent(40.0).unwrap();
+    assert_eq!(
+        step(&first.state, &sp, Input::SetWeight(other), 3)
+            .unwrap()
+            .events
+            .len(),
+        1
+    );
+}
