@@ -1027,3 +1027,19 @@ async fn demo_promotes_v2_and_rolls_back_a_faulty_or_slow_canary_for_the_right_r
     assert!(out.contains("v2 rolled back: analysis"), "{out}");
     assert!(out.contains("max_latency_increase"), "{out}");
 }
+
+#[tokio::test]
+async fn a_state_dir_deleted_while_serving_is_recreated_and_pause_tells_the_truth() {
+    let (_v1, _v2, mut c) = start().await;
+    let state = c.dir.path().join("state");
+    std::fs::remove_dir_all(&state).expect("rm -rf state_dir");
+    let (code, v) = post(&c, "/api/v1/routes/web/pause", "").await;
+    assert_eq!((code, v["phase"].as_str()), (200, Some("paused")), "{v}");
+    assert_eq!(v["unsaved"], Value::Null, "{v}");
+    assert!(state.join("web.state.json").exists(), "state_dir not recreated");
+    assert!(c.log().contains("recreated"), "{}", c.log());
+    // After a restart the pause is still there.
+    c.kill9();
+    c.restart().await;
+    assert_eq!(c.status("web").await["phase"], "paused");
+}
