@@ -46,7 +46,7 @@ enum Cmd {
         config: PathBuf,
     },
     /// A self-contained demo: built-in v1/v2 upstreams, synthetic traffic and a
-    /// whole rollout in about a minute.
+    /// whole rollout in about 35 s; then it serves until Ctrl-C (or `--exit`).
     Demo(demo::DemoArgs),
     /// Write a commented starter config (one route, stable and canary, a rollout)
     /// that passes `canary validate` as written; never overwrites without --force.

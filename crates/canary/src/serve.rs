@@ -61,7 +61,7 @@ pub fn main(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(path, cfg, shutdown_signal())) {
+    match rt.block_on(run(path, cfg, shutdown_signal(), None)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             errln!("canary: {e:#}");
@@ -100,11 +100,14 @@ pub fn admin_token(cfg: &Config) -> Option<Arc<str>> {
         .map(Arc::from)
 }
 
-/// Everything `serve` runs, until `shutdown` resolves.
+/// Everything `serve` runs, until `shutdown` resolves. `bound` is told once both
+/// listeners are bound (the config applied): from then on the addresses answer with
+/// this process, not with whatever else may listen there.
 pub async fn run(
     path: &Path,
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
+    bound: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<()> {
     let token = admin_token(&cfg);
     if !cfg.admin.ip().is_loopback() && token.is_none() {
@@ -127,6 +130,9 @@ pub async fn run(
         .await
         .with_context(|| format!("binding admin address {}", cfg.admin))?;
     tracing::info!(listen = %cfg.listen, admin = %cfg.admin, routes = cfg.routes.len(), workers, token = token.is_some(), "canary serving");
+    if let Some(b) = bound {
+        let _ = b.send(());
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -140,12 +146,7 @@ pub async fn run(
     let admin_task = tokio::spawn({
         let stop = stopped(stop_rx.clone());
         async move {
-            if let Err(e) = axum::serve(admin_listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!(error = %e, "admin server failed");
-            }
+            canary_control::listener::serve(admin_listener, app, stop).await;
         }
     });
     let ctl_task = tokio::spawn(run_controller(controller.clone(), stopped(stop_rx.clone())));

@@ -152,6 +152,9 @@ pub struct Ejection {
     pub base_ms: u64,
     /// Longest ejection period (`max`, default 5 min).
     pub max_ms: u64,
+    /// Distinct clients the failures must come from (`min_clients`, default 3, at
+    /// most `consecutive_failures`); failures to connect count regardless.
+    pub min_clients: u32,
 }
 
 impl Default for Ejection {
@@ -160,6 +163,7 @@ impl Default for Ejection {
             consecutive_failures: 5,
             base_ms: 10_000,
             max_ms: 300_000,
+            min_clients: 3,
         }
     }
 }

@@ -250,6 +250,7 @@ raw_structs! {
         consecutive_failures: S<i64>,
         base: S<String>,
         max: S<String>,
+        min_clients: S<i64>,
     }
 
     RawRollout {
@@ -277,6 +278,7 @@ raw_structs! {
 
     RawBreaker {
         consecutive_failures: S<i64>,
+        min_clients: S<i64>,
     }
 }
 

@@ -31,6 +31,7 @@ use crate::request::{
 };
 use crate::snapshot::{Proxy, RouteEntry};
 use crate::upstream::{self, Outgoing, SendError};
+use crate::witness::{ClientId, Witness};
 use crate::worker::now_ms;
 use canary_http1::client::Extra;
 use canary_http1::fields::RawHead;
@@ -122,7 +123,17 @@ impl Proxy {
             }
             _ => (&entry.stable, Target::Stable),
         };
-        let mut resp = forward(req, conn, host.map(|h| h.value), entry, pool, target).await;
+        // Who sees this request fail, should it: one client alone must not be able to
+        // trip the breaker or eject an instance (see `witness`).
+        let client = ClientId::new(conn.peer.ip(), key);
+        let mut resp = forward(
+            req,
+            conn,
+            host.map(|h| h.value),
+            (entry, pool, target),
+            client,
+        )
+        .await;
         if let (Some(id), Some(prefix)) = (generated, &entry.cookie_prefix) {
             add_field(
                 &mut resp,
@@ -140,9 +151,8 @@ async fn forward(
     req: Request<ClientBody>,
     conn: &ConnInfo,
     host: Option<Bytes>,
-    entry: &RouteEntry,
-    pool: &Pool,
-    target: Target,
+    (entry, pool, target): (&RouteEntry, &Pool, Target),
+    client: ClientId,
 ) -> Box<Response<ProxyBody>> {
     let Some(instance) = pool.pick(now_ms()) else {
         pool.stats.record(502, 0);
@@ -200,6 +210,7 @@ async fn forward(
     .await;
     let elapsed_us = started.elapsed().as_micros() as u64;
     outcome.done = true;
+    let mut witness = Witness::Client(client);
     let (mut resp, failed) = match result {
         Ok(resp) => {
             let failed = resp.status().is_server_error();
@@ -224,7 +235,10 @@ async fn forward(
         }
         Err(e) => {
             let kind = match e {
-                SendError::Connect(_) => UpstreamError::Connect,
+                SendError::Connect(_) => {
+                    witness = Witness::Unreachable;
+                    UpstreamError::Connect
+                }
                 _ => UpstreamError::Protocol,
             };
             tracing::debug!(upstream = %instance.addr, error = %e, "upstream error");
@@ -241,13 +255,13 @@ async fn forward(
     // unhealthy pool.
     if target == Target::Canary {
         if failed {
-            entry.runtime.canary_failure();
+            entry.runtime.canary_failure(witness);
         } else {
             entry.runtime.canary_success();
         }
     }
     if failed {
-        instance.record_failure(&pool.ejection, now_ms());
+        instance.record_failure(&pool.ejection, now_ms(), witness);
     } else {
         instance.record_success();
     }

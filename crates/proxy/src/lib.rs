@@ -28,6 +28,8 @@
 //! - [`snapshot`]: building a snapshot from a validated config, reusing instances,
 //!   clients and counters by name across reloads.
 //! - [`runtime`]: per-route weight, breaker and events to the controller.
+//! - [`witness`]: the distinct clients behind a run of failures, so that one client
+//!   alone can neither trip the breaker nor eject an instance.
 //! - `worker`: which worker a thread is, the data plane's clock.
 //! - [`metrics`], [`expo`]: lock-free counters and their Prometheus text encoding.
 
@@ -44,6 +46,7 @@ pub mod runtime;
 pub mod server;
 pub mod snapshot;
 mod upstream;
+pub mod witness;
 mod worker;
 
 pub use body::ProxyBody;
