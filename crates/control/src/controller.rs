@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use canary_config::{Config, RouteConfig};
-use canary_core::analysis::{judge, Verdict, VerdictResult, VersionWindow};
+use canary_core::analysis::{
+    checks, judge, AnalysisSpec, Check, Verdict, VerdictResult, VersionWindow,
+};
 use canary_core::rollout::{self, Event, Input, Pause, Phase, Position, RolloutSpec, RolloutState};
 use canary_core::Weight;
 use canary_proxy::expo::{Exposition, Kind};
@@ -20,6 +22,8 @@ use canary_proxy::pool::now_ms as mono_ms;
 use canary_proxy::{DataPlaneEvent, Proxy, RouteRuntime};
 use serde::Serialize;
 
+use crate::history::{self, History, PointView};
+use crate::live::{Live, Update};
 use crate::store::{ManualWeight, Store, StoreError};
 
 /// Wall-clock milliseconds since the Unix epoch: persisted times must survive restarts.
@@ -69,6 +73,10 @@ struct RouteCtl {
     last_verdict_ms: u64,
     verdicts: [u64; 3],
     aborts: BTreeMap<&'static str, u64>,
+    /// The dashboard's chart points (routes with a canary).
+    history: History,
+    /// What live viewers last saw of the status, to send only changes.
+    seen: Option<String>,
 }
 
 #[derive(Default)]
@@ -77,6 +85,8 @@ struct Inner {
     applied: bool,
     reloads_ok: u64,
     reloads_failed: u64,
+    /// `dashboard.history` of the applied config.
+    history_ms: u64,
 }
 
 /// The controller; cheap to share behind an `Arc`.
@@ -84,6 +94,7 @@ pub struct Controller {
     proxy: Arc<Proxy>,
     store: Store,
     inner: Mutex<Inner>,
+    live: Live,
 }
 
 /// One step of a plan, as the API shows it.
@@ -117,6 +128,124 @@ pub struct RouteStatus {
     /// After promotion: the version the config should now name as stable.
     pub make_stable: Option<String>,
     pub message: String,
+    /// The commands the API accepts now (`promote`, `promote_full`, `pause`, `resume`,
+    /// `abort`, `retry`, `weight`): each is one the rollout's state machine would not
+    /// refuse with 409, so the dashboard never copies the rules.
+    pub actions: Vec<&'static str>,
+    /// The rollout's analysis settings (`null` without a rollout).
+    pub analysis: Option<AnalysisView>,
+    /// Every check of `last_verdict`, with canary value, stable value, limit and result.
+    pub last_verdict_checks: Vec<Check>,
+    /// Each instance of each pool.
+    pub pools: Pools,
+}
+
+/// A rollout's analysis settings, as the API shows them.
+#[derive(Clone, Debug, Serialize)]
+pub struct AnalysisView {
+    pub interval_ms: u64,
+    pub window_ms: u64,
+    pub min_requests: u64,
+    pub max_error_rate: Option<f64>,
+    pub max_p99_latency_ms: Option<f64>,
+    pub max_error_rate_increase: Option<f64>,
+    pub max_latency_increase: Option<f64>,
+    pub latency_noise_floor_ms: f64,
+    pub failure_limit: u32,
+    /// `breaker.consecutive_failures`; `null` when the breaker is off.
+    pub breaker_failures: Option<u32>,
+}
+
+impl AnalysisView {
+    fn of(r: &RolloutSpec) -> AnalysisView {
+        let a: &AnalysisSpec = &r.analysis;
+        AnalysisView {
+            interval_ms: r.interval_ms,
+            window_ms: r.window_ms,
+            min_requests: a.min_requests,
+            max_error_rate: a.max_error_rate,
+            max_p99_latency_ms: a.max_p99_latency_ms,
+            max_error_rate_increase: a.max_error_rate_increase,
+            max_latency_increase: a.max_latency_increase,
+            latency_noise_floor_ms: a.latency_noise_floor_ms,
+            failure_limit: a.failure_limit,
+            breaker_failures: r.breaker_failures,
+        }
+    }
+}
+
+/// The instances of a route's pools.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Pools {
+    pub stable: Vec<InstanceView>,
+    pub canary: Vec<InstanceView>,
+}
+
+/// One instance: whether it takes requests, and why not.
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceView {
+    pub upstream: String,
+    /// Takes requests now (not ejected, health check passing).
+    pub available: bool,
+    /// Held out by passive ejection.
+    pub ejected: bool,
+    /// The active health check's view (true without a health check).
+    pub check_healthy: bool,
+    pub ejections: u64,
+}
+
+fn instances(pool: Option<&canary_proxy::pool::Pool>, mono: u64) -> Vec<InstanceView> {
+    pool.map(|p| {
+        p.instances
+            .iter()
+            .map(|i| InstanceView {
+                upstream: i.addr.clone(),
+                available: i.available(mono),
+                ejected: i.ejected(mono),
+                check_healthy: i.check_healthy(),
+                ejections: i.ejections_total(),
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// A route's chart data, as `GET /api/v1/routes/{name}/series` sends it.
+#[derive(Debug, Serialize)]
+pub struct Series {
+    pub route: String,
+    pub step_ms: u64,
+    /// The trailing window of `error_rate` and `p*_ms`.
+    pub analysis_window_ms: u64,
+    /// How far back the ring reaches (`dashboard.history`).
+    pub history_ms: u64,
+    #[serde(flatten)]
+    pub columns: history::Columns,
+    pub verdicts: Vec<history::VerdictMark>,
+}
+
+/// The commands the state machine accepts for this rollout now: tried on the pure
+/// `rollout::step`, which is where the 409 rules live.
+fn rollout_actions(s: &RolloutState, spec: &RolloutSpec, now: u64) -> Vec<&'static str> {
+    let tries: [(&'static str, Input); 7] = [
+        ("promote", Input::Promote { full: false }),
+        ("promote_full", Input::Promote { full: true }),
+        ("pause", Input::Pause),
+        ("resume", Input::Resume),
+        (
+            "abort",
+            Input::Abort {
+                reason: String::new(),
+            },
+        ),
+        ("retry", Input::Retry),
+        ("weight", Input::SetWeight(Weight::ZERO)),
+    ];
+    tries
+        .into_iter()
+        .filter(|(_, input)| rollout::step(s, spec, input.clone(), now).is_ok())
+        .map(|(name, _)| name)
+        .collect()
 }
 
 fn abort_category(reason: &str) -> &'static str {
@@ -153,6 +282,7 @@ impl Controller {
             proxy,
             store,
             inner: Mutex::new(Inner::default()),
+            live: Live::default(),
         }
     }
 
@@ -162,6 +292,21 @@ impl Controller {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// A new live viewer of status changes, chart points and journal entries.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Update> {
+        self.live.subscribe()
+    }
+
+    /// Appends to a route's journal and tells live viewers.
+    fn journal(&self, route: &str, events: &[Event]) -> Result<(), StoreError> {
+        self.store.append(route, events)?;
+        for e in events {
+            self.live
+                .send(Update::Event(route.to_string(), Arc::new(e.clone())));
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -185,6 +330,8 @@ impl Controller {
         self.proxy.apply(config);
         let mut inner = self.lock();
         let first = !inner.applied;
+        inner.history_ms = config.dashboard.history_ms;
+        let history_ms = inner.history_ms;
         let mut old: Vec<RouteCtl> = std::mem::take(&mut inner.routes);
         let mut routes = Vec::with_capacity(config.routes.len());
         // The first error; every route is applied regardless.
@@ -207,6 +354,7 @@ impl Controller {
                             == rc.canary.as_ref().map(|c| &c.version);
                     if !same_versions {
                         p.samples.clear();
+                        p.history.clear();
                     }
                     p.cfg = rc.clone();
                     p.runtime = runtime;
@@ -242,6 +390,8 @@ impl Controller {
                         last_verdict_ms: 0,
                         verdicts: [0; 3],
                         aborts: BTreeMap::new(),
+                        history: History::new(history_ms),
+                        seen: None,
                     };
                     (ctl, before)
                 }
@@ -428,7 +578,7 @@ impl Controller {
         // weight of the old config in place.
         sync_runtime(ctl, fresh || first);
         persisted
-            .and(self.store.append(&name, &events))
+            .and(self.journal(&name, &events))
             .and(self.store.save(&name, ctl.rollout.as_ref()))?;
         Ok(())
     }
@@ -441,6 +591,7 @@ impl Controller {
         let mono = mono_ms();
         let mut inner = self.lock();
         for ctl in inner.routes.iter_mut() {
+            self.chart(ctl, &snap, now);
             let (Some(spec), Some(state)) = (ctl.cfg.rollout.clone(), ctl.rollout.clone()) else {
                 continue;
             };
@@ -482,6 +633,7 @@ impl Controller {
                     VerdictResult::Inconclusive => 2,
                 }] += 1;
                 ctl.last_verdict_ms = now;
+                ctl.history.verdict(&v);
                 verdict = Some(v);
             }
             let input = if let Some(trip) = pending_trip(ctl) {
@@ -495,6 +647,66 @@ impl Controller {
             };
             self.apply_input(ctl, &spec, input, now);
         }
+        for ctl in inner.routes.iter_mut() {
+            self.tell_status(ctl);
+        }
+    }
+
+    /// Takes the dashboard's chart sample of a route with a canary (every route, with
+    /// or without a rollout) and sends a new point to live viewers.
+    fn chart(&self, ctl: &mut RouteCtl, snap: &canary_proxy::snapshot::Snapshot, now: u64) {
+        let Some((_, entry)) = snap.route(&ctl.cfg.route.name) else {
+            return;
+        };
+        let Some(canary_pool) = &entry.canary else {
+            return;
+        };
+        let window = ctl
+            .cfg
+            .rollout
+            .as_ref()
+            .map_or(history::DEFAULT_WINDOW_MS, |r| r.window_ms);
+        let point = ctl.history.record(
+            now,
+            canary_pool.stats.counts(),
+            entry.stable.stats.counts(),
+            ctl.runtime.weight().percent(),
+            window,
+        );
+        if let Some(p) = point {
+            self.live.send(Update::Point(Arc::new(PointView::new(
+                &ctl.cfg.route.name,
+                &p,
+            ))));
+        }
+    }
+
+    /// Tells live viewers when what a route's status shows has changed.
+    fn tell_status(&self, ctl: &mut RouteCtl) {
+        let now = serde_json::to_string(&self.status_of(ctl)).ok();
+        if now != ctl.seen {
+            ctl.seen = now;
+            self.live.send(Update::Status(ctl.cfg.route.name.clone()));
+        }
+    }
+
+    /// A route's chart points and verdict markers of the last `window_ms`.
+    pub fn series(&self, route: &str, window_ms: u64) -> Option<Series> {
+        let inner = self.lock();
+        let ctl = inner.routes.iter().find(|c| c.cfg.route.name == route)?;
+        let (points, verdicts) = ctl.history.since(wall_ms().saturating_sub(window_ms));
+        Some(Series {
+            route: route.to_string(),
+            step_ms: history::STEP_MS,
+            analysis_window_ms: ctl
+                .cfg
+                .rollout
+                .as_ref()
+                .map_or(history::DEFAULT_WINDOW_MS, |r| r.window_ms),
+            history_ms: inner.history_ms,
+            columns: history::Columns::of(&points),
+            verdicts,
+        })
     }
 
     fn apply_input(&self, ctl: &mut RouteCtl, spec: &RolloutSpec, input: Input, now: u64) {
@@ -527,7 +739,7 @@ impl Controller {
             self.clear_canary_ejections(&name);
         }
         sync_runtime(ctl, now_active && !was_active);
-        self.store.append(&name, &out.events)?;
+        self.journal(&name, &out.events)?;
         if changed {
             self.store.save(&name, ctl.rollout.as_ref())?;
         }
@@ -641,7 +853,7 @@ impl Controller {
                     ctl.manual = Some(m);
                     ctl.runtime.set_weight(w);
                     tracing::info!(route, weight = %w, "weight set by user");
-                    self.store.append(route, &[ev])?;
+                    self.journal(route, &[ev])?;
                 }
                 _ => {
                     return Err(ControlError::Conflict(format!(
@@ -681,10 +893,28 @@ impl Controller {
 
     fn status_of(&self, c: &RouteCtl) -> RouteStatus {
         let snap = self.proxy.snapshot();
-        let canary_available = snap
-            .route(&c.cfg.route.name)
-            .and_then(|(_, e)| e.canary.as_ref())
-            .map(|p| p.any_available(mono_ms()));
+        let mono = mono_ms();
+        let entry = snap.route(&c.cfg.route.name).map(|(_, e)| e);
+        let canary_available = entry
+            .and_then(|e| e.canary.as_ref())
+            .map(|p| p.any_available(mono));
+        let pools = Pools {
+            stable: instances(entry.map(|e| &*e.stable), mono),
+            canary: instances(entry.and_then(|e| e.canary.as_deref()), mono),
+        };
+        let actions = match (&c.cfg.canary, &c.rollout, &c.cfg.rollout) {
+            (None, _, _) => Vec::new(),
+            (Some(_), Some(s), Some(spec)) => rollout_actions(s, spec, wall_ms()),
+            (Some(_), _, _) => vec!["weight"],
+        };
+        let analysis = c.cfg.rollout.as_ref().map(AnalysisView::of);
+        let last_verdict_checks = match (
+            &c.cfg.rollout,
+            c.rollout.as_ref().and_then(|s| s.last_verdict.as_ref()),
+        ) {
+            (Some(r), Some(v)) => checks(&r.analysis, &v.canary, &v.stable),
+            _ => Vec::new(),
+        };
         let s = c.rollout.as_ref();
         let mode = match (&c.cfg.canary, s) {
             (None, _) => "stable",
@@ -750,6 +980,10 @@ impl Controller {
             fallbacks: c.runtime.fallbacks(),
             make_stable,
             message,
+            actions,
+            analysis,
+            last_verdict_checks,
+            pools,
         }
     }
 

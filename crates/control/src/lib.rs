@@ -6,12 +6,18 @@
 //!   machine, answers commands. Never on the request path.
 //! - [`store`]: atomic state files and the append-only journal in `state_dir`.
 //! - [`admin`]: the axum router for `/api/v1`, `/metrics`, `/healthz`, `/readyz`.
+//! - [`history`]: the dashboard's bounded time series per route, filled by the
+//!   controller's tick with the analysis' own functions.
+//! - [`live`]: the broadcast of status changes, points and journal entries that the
+//!   admin API's stream (`GET /api/v1/stream`) forwards.
 //! - [`source`]: the config file source: reload on file change (watching the
 //!   directories of the file and of the symlinks leading to it, since editors
 //!   replace files and ConfigMaps swap links) and on SIGHUP.
 
 pub mod admin;
 pub mod controller;
+pub mod history;
+pub mod live;
 pub mod source;
 pub mod store;
 
