@@ -128,7 +128,7 @@
     const b = $("#lock");
     const needed = state.info && state.info.token_required && !state.info.dashboard.read_only;
     b.hidden = !needed;
-    b.textContent = token() ? "🔓 token set" : "🔒 token";
+    b.textContent = token() ? "token: set for this tab" : "token: not set";
   }
   $("#lock").addEventListener("click", () => {
     $("#token-input").value = "";
@@ -656,7 +656,13 @@
     $("#message").textContent = s.message;
     $("#facts").replaceChildren(facts(s));
     $("#plan").replaceChildren(plan(s));
-    $("#actions").replaceChildren(actionsBar(s));
+    // Rebuilt only when it changes, so a status update does not take the keyboard
+    // focus away from a button.
+    const key = JSON.stringify([s.actions, s.phase, s.weight, s.step, s.mode, s.canary_version]);
+    if ($("#actions").dataset.key !== key) {
+      $("#actions").dataset.key = key;
+      $("#actions").replaceChildren(actionsBar(s));
+    }
     $("#verdict-box").replaceChildren(verdictReport(s));
     $("#instances-box").replaceChildren(instances(s));
     updateCharts();
@@ -862,7 +868,7 @@
       el("h1", {}, `History of ${v.name}`),
       el("div", { class: "toolbar" }, select, el("a", { href: routeHref(v.name), "data-nav": true }, "← charts")),
       gs.length ? "" : el("p", { class: "muted" }, "The journal is empty."),
-      gs.map((g, i) => {
+      ...gs.map((g, i) => {
         const first = g.entries[0], last = g.entries[g.entries.length - 1];
         const entries = g.entries.filter((e) => !kind || e.kind === kind).slice().reverse();
         return el(
