@@ -8,11 +8,11 @@
 //! [`Summary::of`] / [`quantile_us`]. So the charts show the numbers the analysis
 //! judges (the verdict markers carry the verdict's own numbers).
 //!
-//! Memory (docs/dashboard.md#memory): a point is 44 bytes (`f32` values, `NaN` for
-//! "no requests"), so one hour at one point per 2 s is 1,800 points ≈ 79 KB per route
+//! Memory (docs/dashboard.md#memory): a point is 48 bytes (`f32` values, `NaN` for
+//! "no requests"), so one hour at one point per 2 s is 1,801 points ≈ 86 KB per route
 //! with a canary; plus the cumulative samples of one analysis window (one per second,
-//! 2 × 51 latency buckets, ≈ 0.9 KB each: ≈ 51 KB for a 1-minute window), plus at most
-//! one verdict per analysis interval (≈ 40 bytes each). Lost on restart, like counters.
+//! 2 × 51 latency buckets, 856 bytes each: ≈ 52 KB for a 1-minute window), plus one
+//! verdict marker per analysis interval (64 bytes each). Lost on restart, like counters.
 
 use std::collections::VecDeque;
 
@@ -418,5 +418,13 @@ mod tests {
             .filter_map(|i| h.record(i * 250, cum(i, 0, 1), cum(i, 0, 1), 1.0, 60_000))
             .count();
         assert_eq!(n, 13);
+    }
+
+    #[test]
+    fn the_sizes_in_the_docs_hold() {
+        assert_eq!(std::mem::size_of::<Point>(), 48);
+        assert_eq!(std::mem::size_of::<Sample>(), 856);
+        assert_eq!(std::mem::size_of::<VerdictMark>(), 64);
+        assert_eq!(History::new(3_600_000).capacity(), 1_801);
     }
 }
