@@ -30,7 +30,11 @@ fn fmt_logger() -> tracing_subscriber::fmt::SubscriberBuilder<
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr as fn() -> std::io::Stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        // NO_COLOR (set and not empty) turns colour off, as for every other output.
+        .with_ansi(
+            std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .with_target(false)
 }
 
@@ -40,6 +44,7 @@ pub fn main(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             errln!("{e}");
+            crate::init::hint_if_missing(path);
             return ExitCode::FAILURE;
         }
     };
@@ -60,6 +65,9 @@ pub fn main(path: &Path) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             errln!("canary: {e:#}");
+            if let Some(h) = crate::hint::for_serve(&e) {
+                errln!("canary: {h}");
+            }
             ExitCode::FAILURE
         }
     }

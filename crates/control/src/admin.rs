@@ -75,6 +75,7 @@ impl From<ControlError> for ApiError {
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
             ControlError::Conflict(_) => StatusCode::CONFLICT,
             ControlError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::NotSaved(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, e.to_string())
     }

@@ -8,6 +8,7 @@
 //! The lock here is never taken on the request path.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -51,8 +52,19 @@ pub enum ControlError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    // No `#[from]`: that would make the store error this one's `source()` too, and a
+    // chain printer (anyhow's `{:#}`) would print it twice.
     #[error("state store: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
+    /// A change that could not be saved was not made (see `Controller::commit`).
+    #[error("nothing changed: the new state could not be saved: {0}")]
+    NotSaved(StoreError),
+}
+
+impl From<StoreError> for ControlError {
+    fn from(e: StoreError) -> Self {
+        ControlError::Store(e)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -73,11 +85,18 @@ struct RouteCtl {
     last_verdict_ms: u64,
     verdicts: [u64; 3],
     aborts: BTreeMap<&'static str, u64>,
+    /// The state in memory is not the one on disk: the error of the last attempt to
+    /// save it and when that was (wall ms). The controller tries again every
+    /// [`SAVE_RETRY_MS`] until it is saved.
+    unsaved: Option<(String, u64)>,
     /// The dashboard's chart points (routes with a canary).
     history: History,
     /// What live viewers last saw of the status, to send only changes.
     seen: Option<String>,
 }
+
+/// How often an unsaved rollout state is written again.
+const SAVE_RETRY_MS: u64 = 5_000;
 
 #[derive(Default)]
 struct Inner {
@@ -94,6 +113,8 @@ pub struct Controller {
     proxy: Arc<Proxy>,
     store: Store,
     inner: Mutex<Inner>,
+    /// Writes to the state directory that failed (state files and journal).
+    write_failures: AtomicU64,
     live: Live,
 }
 
@@ -123,6 +144,9 @@ pub struct RouteStatus {
     pub last_verdict: Option<Verdict>,
     pub abort_reason: Option<String>,
     pub breaker_tripped: bool,
+    /// Why the route's current state is not saved in `state_dir` (it holds in memory
+    /// and is written again every few seconds); `None` when it is saved.
+    pub unsaved: Option<String>,
     pub canary_available: Option<bool>,
     pub fallbacks: u64,
     /// After promotion: the version the config should now name as stable.
@@ -282,6 +306,7 @@ impl Controller {
             proxy,
             store,
             inner: Mutex::new(Inner::default()),
+            write_failures: AtomicU64::new(0),
             live: Live::default(),
         }
     }
@@ -300,13 +325,15 @@ impl Controller {
     }
 
     /// Appends to a route's journal and tells live viewers.
+    /// Live viewers hear of the entries even when the disk fails: the change they
+    /// describe stands (the failed write is logged and counted by the caller).
     fn journal(&self, route: &str, events: &[Event]) -> Result<(), StoreError> {
-        self.store.append(route, events)?;
+        let written = self.store.append(route, events);
         for e in events {
             self.live
                 .send(Update::Event(route.to_string(), Arc::new(e.clone())));
         }
-        Ok(())
+        written
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -364,7 +391,11 @@ impl Controller {
                     let loaded = self
                         .store
                         .load_manual(&name)
-                        .and_then(|m| Ok((m, self.store.load(&name)?)));
+                        .and_then(|m| Ok((m, self.store.load(&name)?)))
+                        .and_then(|(m, s)| {
+                            self.check_loaded(rc, s.as_ref(), now)?;
+                            Ok((m, s))
+                        });
                     let (manual, rollout) = match loaded {
                         Ok(l) => l,
                         Err(e) => {
@@ -390,6 +421,7 @@ impl Controller {
                         last_verdict_ms: 0,
                         verdicts: [0; 3],
                         aborts: BTreeMap::new(),
+                        unsaved: None,
                         history: History::new(history_ms),
                         seen: None,
                     };
@@ -577,10 +609,67 @@ impl Controller {
         // The data plane first, as in `commit`: a failing disk must not leave the
         // weight of the old config in place.
         sync_runtime(ctl, fresh || first);
-        persisted
-            .and(self.journal(&name, &events))
-            .and(self.store.save(&name, ctl.rollout.as_ref()))?;
+        let journaled = self.wrote(persisted.and(self.journal(&name, &events)));
+        let saved = self.save_state(ctl, now);
+        journaled.and(saved)?;
         Ok(())
+    }
+
+    /// Refuses a persisted rollout that is about to be resumed but cannot be true (a
+    /// step beyond the plan, a step that starts in the future), like a corrupt file.
+    /// A state for another canary version is not resumed (a new rollout replaces it),
+    /// so its step is not held against the new plan.
+    fn check_loaded(
+        &self,
+        rc: &RouteConfig,
+        s: Option<&RolloutState>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let (Some(s), Some(spec), Some(canary)) = (s, &rc.rollout, &rc.canary) else {
+            return Ok(());
+        };
+        if s.canary_version != canary.version {
+            return Ok(());
+        }
+        s.check(spec, now).map_err(|reason| StoreError::Invalid {
+            path: self.store.state_path(&rc.route.name),
+            reason,
+        })
+    }
+
+    /// Counts and logs a failed write to the state directory, and passes it on.
+    fn wrote(&self, r: Result<(), StoreError>) -> Result<(), StoreError> {
+        if let Err(e) = &r {
+            self.write_failures.fetch_add(1, Relaxed);
+            tracing::error!(error = %e, "cannot write to the state directory");
+        }
+        r
+    }
+
+    /// Saves the route's rollout state; on failure the route is marked unsaved (status,
+    /// `canary_state_unsaved`) and [`tick`](Self::tick) tries again.
+    fn save_state(&self, ctl: &mut RouteCtl, now: u64) -> Result<(), StoreError> {
+        let r = self.wrote(self.store.save(&ctl.cfg.route.name, ctl.rollout.as_ref()));
+        match &r {
+            Ok(()) => {
+                if ctl.unsaved.take().is_some() {
+                    tracing::info!(route = %ctl.cfg.route.name, "rollout state saved again");
+                }
+            }
+            Err(e) => ctl.unsaved = Some((e.to_string(), now)),
+        }
+        r
+    }
+
+    /// Writes an unsaved state again, at most every [`SAVE_RETRY_MS`].
+    fn retry_save(&self, ctl: &mut RouteCtl, now: u64) {
+        if ctl
+            .unsaved
+            .as_ref()
+            .is_some_and(|(_, at)| now >= at.saturating_add(SAVE_RETRY_MS))
+        {
+            let _ = self.save_state(ctl, now);
+        }
     }
 
     /// One controller tick: sample counters, take due verdicts, check canary health,
@@ -591,6 +680,7 @@ impl Controller {
         let mono = mono_ms();
         let mut inner = self.lock();
         for ctl in inner.routes.iter_mut() {
+            self.retry_save(ctl, now);
             self.chart(ctl, &snap, now);
             let (Some(spec), Some(state)) = (ctl.cfg.rollout.clone(), ctl.rollout.clone()) else {
                 continue;
@@ -714,14 +804,38 @@ impl Controller {
         let Ok(out) = rollout::step(state, spec, input, now) else {
             return;
         };
-        if let Err(e) = self.commit(ctl, out) {
-            tracing::error!(route = %ctl.cfg.route.name, error = %e, "could not persist rollout state");
-        }
+        // A failure is logged where it happens; an unsaved raise is simply tried again
+        // at the next tick.
+        let _ = self.commit(ctl, out, now);
     }
 
     /// Persists a step's outcome, journals it, and applies it to the data plane.
-    fn commit(&self, ctl: &mut RouteCtl, out: rollout::Outcome) -> Result<(), StoreError> {
+    ///
+    /// Fails only when nothing changed, so an answer never denies a change that was
+    /// made. A change that gives the canary more (a higher weight, promotion, a retry)
+    /// is saved first and made only once saved: made but unsaved, a restart would take
+    /// it back and move users from the canary to stable. Any other change (an abort, a
+    /// pause, a failed verdict) is made first and saved after, so a failing disk cannot
+    /// keep a broken canary serving; if that save fails the change holds, the route is
+    /// marked unsaved and the save is tried again (see [`save_state`](Self::save_state)).
+    fn commit(
+        &self,
+        ctl: &mut RouteCtl,
+        out: rollout::Outcome,
+        now: u64,
+    ) -> Result<(), ControlError> {
         let name = ctl.cfg.route.name.clone();
+        let changed = ctl.rollout.as_ref() != Some(&out.state);
+        let first = changed
+            && ctl
+                .rollout
+                .as_ref()
+                .is_some_and(|old| gives_canary_more(old, &out.state));
+        if first {
+            if let Err(e) = self.wrote(self.store.save(&name, Some(&out.state))) {
+                return Err(ControlError::NotSaved(e));
+            }
+        }
         let was_active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
         for ev in &out.events {
             if ev.kind == "abort" {
@@ -736,13 +850,22 @@ impl Controller {
         // Apply to the data plane first: an abort must cut traffic even if the disk fails.
         let now_active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
         if now_active && !was_active {
+            // A retried rollout is judged on fresh evidence only, as a new version is:
+            // the samples from before the abort hold the failures that caused it.
+            ctl.samples.clear();
+            ctl.last_verdict_ms = 0;
             self.clear_canary_ejections(&name);
         }
         sync_runtime(ctl, now_active && !was_active);
-        self.journal(&name, &out.events)?;
-        if changed {
-            self.store.save(&name, ctl.rollout.as_ref())?;
+        if first {
+            if ctl.unsaved.take().is_some() {
+                tracing::info!(route = %name, "rollout state saved again");
+            }
+        } else if changed {
+            let _ = self.save_state(ctl, now);
         }
+        // A lost journal entry is logged and counted; the change it describes stands.
+        let _ = self.wrote(self.journal(&name, &out.events));
         Ok(())
     }
 
@@ -825,7 +948,7 @@ impl Controller {
                 };
                 let out = rollout::step(state, &spec, input, now)
                     .map_err(|e| ControlError::Conflict(e.0))?;
-                self.commit(ctl, out)?;
+                self.commit(ctl, out, now)?;
             }
             (_, _, Some(canary)) => match cmd {
                 Command::SetWeight(w) => {
@@ -840,7 +963,8 @@ impl Controller {
                         set_ms: now,
                     };
                     // Persisted first: a weight the API confirmed must survive a restart.
-                    self.store.save_manual(route, Some(&m))?;
+                    self.wrote(self.store.save_manual(route, Some(&m)))
+                        .map_err(ControlError::NotSaved)?;
                     let ev = Event::manual_weight(
                         now,
                         &canary.version,
@@ -853,7 +977,7 @@ impl Controller {
                     ctl.manual = Some(m);
                     ctl.runtime.set_weight(w);
                     tracing::info!(route, weight = %w, "weight set by user");
-                    self.journal(route, &[ev])?;
+                    let _ = self.wrote(self.journal(route, &[ev]));
                 }
                 _ => {
                     return Err(ControlError::Conflict(format!(
@@ -976,6 +1100,7 @@ impl Controller {
             last_verdict: s.and_then(|s| s.last_verdict.clone()),
             abort_reason: s.and_then(|s| s.abort_reason.clone()),
             breaker_tripped: c.runtime.tripped(),
+            unsaved: c.unsaved.as_ref().map(|(e, _)| e.clone()),
             canary_available,
             fallbacks: c.runtime.fallbacks(),
             make_stable,
@@ -1058,6 +1183,28 @@ impl Controller {
             }
         }
         e.family(
+            "canary_state_write_failures_total",
+            "Writes to state_dir (state files, journal) that failed.",
+            Kind::Counter,
+        );
+        e.sample(
+            "canary_state_write_failures_total",
+            &[],
+            self.write_failures.load(Relaxed) as f64,
+        );
+        e.family(
+            "canary_state_unsaved",
+            "1 while a route's state in memory could not be saved to state_dir.",
+            Kind::Gauge,
+        );
+        for c in &inner.routes {
+            e.sample(
+                "canary_state_unsaved",
+                &[("route", c.cfg.route.name.as_str())],
+                u8::from(c.unsaved.is_some()),
+            );
+        }
+        e.family(
             "canary_config_reloads_total",
             "Config reloads by result.",
             Kind::Counter,
@@ -1073,6 +1220,14 @@ impl Controller {
             inner.reloads_failed as f64,
         );
     }
+}
+
+/// Whether going from `old` to `new` gives the canary more than it had: more traffic,
+/// the end of its trial (promotion), or a new trial (retry).
+fn gives_canary_more(old: &RolloutState, new: &RolloutState) -> bool {
+    new.weight_bp > old.weight_bp
+        || (new.phase == Phase::Promoted && old.phase != Phase::Promoted)
+        || (new.phase.is_active() && !old.phase.is_active())
 }
 
 /// The breaker input for a trip the data plane has made but the controller has not
@@ -1210,10 +1365,11 @@ routes:
             (Some(Phase::Progressing), 50.0),
             "{s:?}"
         );
-        // Commands still reach it.
-        c.command("web", Command::Pause)
-            .expect_err("journal still unwritable");
-        assert_eq!(c.status("web").expect("status").phase, Some(Phase::Paused));
+        // Commands still reach it, and a pause that was made is answered as made: only
+        // its journal entry is lost (logged and counted).
+        let s = c.command("web", Command::Pause).expect("pause");
+        assert_eq!(s.phase, Some(Phase::Paused));
+        assert!(c.write_failures.load(Relaxed) >= 2);
     }
 
     #[tokio::test]
@@ -1340,6 +1496,148 @@ routes:
         );
         assert_eq!(start.from, Position::no_canary(), "{start:?}");
         assert!(!start.reason.contains("replaces"), "{start:?}");
+    }
+
+    /// Records `n` canary answers with `status` in the data plane's counters.
+    fn canary_answers(c: &Controller, n: usize, status: u16) {
+        let snap = c.proxy().snapshot();
+        let (_, entry) = snap.route("web").expect("route");
+        let pool = entry.canary.as_ref().expect("canary pool");
+        for _ in 0..n {
+            pool.stats.record(status, 1_000);
+        }
+    }
+
+    /// Takes a verdict at the next tick, whatever the interval.
+    fn verdict_due(c: &Controller) {
+        c.lock().routes[0].last_verdict_ms = 0;
+        c.tick();
+    }
+
+    #[tokio::test]
+    async fn a_retried_rollout_is_not_judged_on_the_failures_that_aborted_it() {
+        let analysis = "      steps: [{weight: 50, pause: 1h}]
+      analysis: {min_requests: 5, max_error_rate: 0.01, failure_limit: 1}
+";
+        let text = CONFIG.replace(
+            "      steps: [{weight: 50, pause: 0}]\n      analysis: {min_requests: 0}\n",
+            analysis,
+        );
+        assert!(text.contains("pause: 1h"), "{text}");
+        let (_dir, c) = controller();
+        apply(&c, &text);
+        verdict_due(&c);
+        canary_answers(&c, 10, 500);
+        verdict_due(&c);
+        let s = c.status("web").expect("status");
+        assert_eq!(s.phase, Some(Phase::Aborted), "{s:?}");
+        c.command("web", Command::Retry).expect("retry");
+        // The fixed canary answers every request after the retry.
+        verdict_due(&c);
+        canary_answers(&c, 10, 200);
+        verdict_due(&c);
+        let s = c.status("web").expect("status");
+        assert_eq!(s.phase, Some(Phase::Progressing), "{s:?}");
+        let v = s.last_verdict.expect("a verdict after the retry");
+        assert_eq!(v.result, VerdictResult::Pass, "{v:?}");
+        assert_eq!((v.canary.requests, v.canary.failures), (10, 0), "{v:?}");
+    }
+
+    #[tokio::test]
+    async fn a_deleted_state_dir_is_recreated_and_a_pause_answers_what_happened() {
+        let (dir, c) = controller();
+        std::fs::remove_dir_all(dir.path()).expect("rm -rf state_dir");
+        let s = c.command("web", Command::Pause).expect("pause");
+        assert_eq!((s.phase, s.unsaved), (Some(Phase::Paused), None));
+        let on_disk = c.store().load("web").expect("load").expect("state");
+        assert_eq!(on_disk.phase, Phase::Paused);
+        assert_eq!(last_event(&c).kind, "pause");
+    }
+
+    fn metrics(c: &Controller) -> String {
+        let mut e = Exposition::new();
+        c.encode_metrics(&mut e);
+        e.finish()
+    }
+
+    #[tokio::test]
+    async fn a_change_that_cannot_be_saved_is_refused_or_reported_never_half_made() {
+        let (dir, c) = controller();
+        // The state file cannot be replaced: its path is a non-empty directory.
+        let state = dir.path().join("web.state.json");
+        std::fs::remove_file(&state).expect("state file");
+        std::fs::create_dir_all(state.join("x")).expect("mkdir");
+        // Promoting gives the canary more: refused, and nothing changed.
+        let err = c
+            .command("web", Command::Promote { full: true })
+            .expect_err("promote cannot be saved");
+        assert!(matches!(err, ControlError::NotSaved(_)), "{err}");
+        assert!(err.to_string().starts_with("nothing changed"), "{err}");
+        let s = c.status("web").expect("status");
+        assert_eq!((s.phase, s.weight), (Some(Phase::Progressing), 50.0));
+        assert_eq!(
+            c.proxy().runtime("web").expect("rt").weight().percent(),
+            50.0
+        );
+        // Aborting takes the canary out: made, answered as made, marked unsaved.
+        let s = c
+            .command(
+                "web",
+                Command::Abort {
+                    reason: "bad".into(),
+                },
+            )
+            .expect("abort is made");
+        assert_eq!((s.phase, s.weight), (Some(Phase::Aborted), 0.0));
+        assert!(s.unsaved.is_some(), "{s:?}");
+        assert_eq!(c.proxy().runtime("web").expect("rt").weight(), Weight::ZERO);
+        let m = metrics(&c);
+        assert!(m.contains("canary_state_unsaved{route=\"web\"} 1"), "{m}");
+        assert!(m.contains("canary_state_write_failures_total 2"), "{m}");
+        // The disk is back: the next retry saves the abort.
+        std::fs::remove_dir_all(&state).expect("rmdir");
+        c.tick();
+        assert!(
+            c.status("web").expect("status").unsaved.is_some(),
+            "not yet due"
+        );
+        c.lock().routes[0].unsaved.as_mut().expect("unsaved").1 = 0;
+        c.tick();
+        assert_eq!(c.status("web").expect("status").unsaved, None);
+        let on_disk = c.store().load("web").expect("load").expect("state");
+        assert_eq!(on_disk.phase, Phase::Aborted);
+        assert!(metrics(&c).contains("canary_state_unsaved{route=\"web\"} 0"));
+    }
+
+    #[tokio::test]
+    async fn a_state_file_beyond_the_plan_or_from_the_future_is_refused_at_load() {
+        let (dir, c) = controller();
+        let mut s = c.store().load("web").expect("load").expect("state");
+        drop(c);
+        let cfg = canary_config::parse("test.yaml", CONFIG).expect("config");
+        for (field, bad) in [("step", 7u64), ("step_started_ms", u64::MAX / 2)] {
+            let mut forged = s.clone();
+            match field {
+                "step" => forged.step = bad as usize,
+                _ => forged.step_started_ms = bad,
+            }
+            let store = Store::open(dir.path()).expect("store");
+            store.save("web", Some(&forged)).expect("save");
+            let c = Controller::new(Arc::new(Proxy::new()), store);
+            let err = c.apply(&cfg).expect_err("forged state");
+            let msg = err.to_string();
+            assert!(msg.contains("invalid state file"), "{field}: {msg}");
+            assert!(!c.has_route("web"), "{field}: the route is not guessed at");
+        }
+        // The same file for another canary version is replaced, not judged.
+        s.canary_version = "v0".into();
+        s.step = 7;
+        let store = Store::open(dir.path()).expect("store");
+        store.save("web", Some(&s)).expect("save");
+        let c = Controller::new(Arc::new(Proxy::new()), store);
+        c.apply(&cfg)
+            .expect("a new rollout replaces the old version's");
+        assert_eq!(c.status("web").expect("status").step, Some(0));
     }
 
     #[tokio::test]

@@ -270,6 +270,34 @@ impl RolloutState {
         (s, ev)
     }
 
+    /// How far in the future a persisted step start may lie and still be believed: a
+    /// clock stepped back a little (NTP after a reboot) is not a forged file.
+    pub const CLOCK_SLACK_MS: u64 = 60_000;
+
+    /// Checks a persisted state before it is resumed under `spec` at `now_ms`: a file
+    /// that parses but cannot be true (edited by hand or by an attacker) is refused
+    /// like a corrupt one rather than guessed at. Returns why it cannot be true.
+    pub fn check(&self, spec: &RolloutSpec, now_ms: u64) -> Result<(), String> {
+        if self.step >= spec.steps.len() {
+            return Err(format!(
+                "step {} is beyond the plan, which has {} step{}",
+                self.step + 1,
+                spec.steps.len(),
+                if spec.steps.len() == 1 { "" } else { "s" }
+            ));
+        }
+        if Weight::from_basis_points(self.weight_bp).is_none() {
+            return Err(format!("weight_bp {} is over 10000 (100%)", self.weight_bp));
+        }
+        if self.step_started_ms > now_ms.saturating_add(Self::CLOCK_SLACK_MS) {
+            return Err(format!(
+                "the step began {} s in the future",
+                (self.step_started_ms - now_ms) / 1000
+            ));
+        }
+        Ok(())
+    }
+
     /// The current weight.
     pub fn weight(&self) -> Weight {
         Weight::from_basis_points(self.weight_bp).unwrap_or(Weight::ZERO)

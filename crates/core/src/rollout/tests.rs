@@ -439,3 +439,43 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_persisted_state_beyond_the_plan_or_starting_in_the_future_is_refused() {
+    let sp = spec();
+    let now = 1_000_000 * S;
+    let (s, _) = RolloutState::start(&sp, "v2", now, Position::no_canary());
+    assert_eq!(s.check(&sp, now), Ok(()));
+    // The last step is fine; one past it is not.
+    let last = RolloutState {
+        step: 3,
+        ..s.clone()
+    };
+    assert_eq!(last.check(&sp, now), Ok(()));
+    let beyond = RolloutState {
+        step: 4,
+        ..s.clone()
+    };
+    let e = beyond.check(&sp, now).unwrap_err();
+    assert!(
+        e.contains("step 5 is beyond the plan, which has 4 steps"),
+        "{e}"
+    );
+    // A clock stepped back a little is believed; a start in a year is not.
+    let skewed = RolloutState {
+        step_started_ms: now + 30 * S,
+        ..s.clone()
+    };
+    assert_eq!(skewed.check(&sp, now), Ok(()));
+    let future = RolloutState {
+        step_started_ms: now + 365 * 86_400 * S,
+        ..s.clone()
+    };
+    let e = future.check(&sp, now).unwrap_err();
+    assert!(e.contains("in the future"), "{e}");
+    let heavy = RolloutState {
+        weight_bp: 10_001,
+        ..s
+    };
+    assert!(heavy.check(&sp, now).is_err());
+}
