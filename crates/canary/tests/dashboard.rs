@@ -352,8 +352,30 @@ async fn the_dashboard_in_chromium_shows_live_charts_and_takes_actions_with_the_
     // Those refusals are console errors of those pages; read (and so clear) them.
     d.console_errors().await;
 
-    // 2. The route page: live charts for both versions, agreeing with the API.
-    d.goto(&format!("{admin}/ui/routes/web")).await;
+    // 2. The overview lists both routes as the API does; its link opens the route page
+    //    with live charts for both versions, agreeing with the API.
+    d.goto(&format!("{admin}/")).await;
+    d.wait(
+        "return document.querySelectorAll('#routes tr[data-route]').length === 2",
+        "the overview lists both routes",
+    )
+    .await;
+    let (_, list) = c.admin_get("/api/v1/routes").await;
+    let rows = d
+        .js("return [...document.querySelectorAll('#routes tr[data-route]')].map(r => [r.dataset.route, r.cells[1].textContent, r.cells[4].textContent])")
+        .await;
+    for (row, api) in rows.as_array().expect("rows").iter().zip(list.as_array().expect("list")) {
+        assert_eq!(row[0], api["name"], "{rows} vs {list}");
+        assert_eq!(row[1], api["mode"], "{rows} vs {list}");
+        let phase = api["phase"].as_str().unwrap_or("–");
+        assert_eq!(row[2], phase, "{rows} vs {list}");
+    }
+    d.click("#routes tr[data-route=web] a").await;
+    d.wait(
+        "return location.pathname.endsWith('/ui/routes/web')",
+        "the overview links to the route page",
+    )
+    .await;
     d.wait(
         "return document.body.dataset.ready === '1' && !!window.canaryCharts && !!window.canaryCharts.rate",
         "the route page renders its charts",
@@ -528,7 +550,25 @@ async fn the_dashboard_in_chromium_shows_live_charts_and_takes_actions_with_the_
         .collect();
     assert!(errors.is_empty(), "console errors: {errors:#?}");
 
-    // 6. SIGTERM with the page open (its stream connected): serve still stops.
+    // 6. A read-only dashboard has no mutation control (another `serve`).
+    let ro = Canary::start(&format!(
+        "dashboard: {{read_only: true}}\n{}",
+        config(&v1, &v2).replace("admin_token_env: CANARY_DASHBOARD_TEST_TOKEN\n", "")
+    ))
+    .await;
+    d.goto(&format!("http://{}/ui/routes/web", ro.admin)).await;
+    d.wait(
+        "return document.body.dataset.ready === '1' && !!document.querySelector('#read-only')",
+        "the read-only page renders",
+    )
+    .await;
+    let buttons = d
+        .js("return document.querySelectorAll('button[data-action], #lock:not([hidden])').length")
+        .await;
+    assert_eq!(buttons, 0, "mutation controls on a read-only dashboard");
+    drop(ro);
+
+    // 7. SIGTERM with the page open (its stream connected): serve still stops.
     d.goto(&format!("{admin}/ui/routes/web")).await;
     d.wait(
         "return document.querySelector('#conn').textContent === 'live'",

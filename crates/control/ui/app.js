@@ -174,6 +174,8 @@
     src.addEventListener("open", () => {
       setConn("live", "live");
       banner("");
+      // Back after a drop: refill what the stream did not carry meanwhile.
+      if (state.pollTimer) refresh().then(renderSoon).catch(() => {});
       stopPolling();
     });
     src.addEventListener("status", (e) => {
@@ -259,8 +261,9 @@
   // ---------------------------------------------------------------- data loading
   async function refresh() {
     const list = await getJSON("routes");
-    state.order = list.map((s) => s.name);
     for (const s of list) onStatus(s);
+    // The API's order (config order), without routes a reload removed.
+    state.order = list.map((s) => s.name);
     const v = state.view;
     if (v && v.kind === "route") await loadSeries(v.name, v.q.get("window") || "15m");
     if (v && v.kind === "history") await loadHistory(v.name);
