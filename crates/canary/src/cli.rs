@@ -438,8 +438,10 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
             };
             if json {
                 outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else if route.is_some() {
+            } else if let Some(r) = &route {
                 print_route(&v);
+                // The dashboard's page of this route (docs/dashboard.md).
+                outln!("dashboard: {}/ui/routes/{r}", api.base);
             } else {
                 print_table(v.as_array().map(Vec::as_slice).unwrap_or_default());
             }

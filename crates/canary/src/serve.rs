@@ -138,10 +138,15 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    // Shared with the admin state so that open dashboard streams end on the stop signal
+    // (otherwise the graceful shutdown would wait for them forever).
+    let stop_tx = Arc::new(stop_tx);
     let app = router(Admin {
-        controller: controller.clone(),
         token,
         hosts: Arc::new(HostPolicy::new(&cfg.dashboard.allowed_hosts)),
+        dashboard: cfg.dashboard.clone(),
+        stop: stop_tx.clone(),
+        ..Admin::new(controller.clone())
     });
     let admin_task = tokio::spawn({
         let stop = stopped(stop_rx.clone());

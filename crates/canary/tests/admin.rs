@@ -422,6 +422,8 @@ async fn every_cli_verb_and_its_exit_codes() {
         out.contains("steps: *10% (3600s) → 50% (manual) → 100% (3600s)"),
         "{out}"
     );
+    let url = format!("dashboard: http://{}/ui/routes/web", c.admin);
+    assert!(out.lines().any(|l| l == url), "{out}");
     let out = ok(c.cli(&["status", "web", "--json"]).await);
     let v: Value = serde_json::from_str(&out).expect("status --json is JSON");
     assert_eq!(v["name"], "web");

@@ -21,7 +21,12 @@ use serde_json::json;
 
 use crate::controller::{Command, ControlError, Controller};
 
+#[cfg(test)]
+mod dashboard_tests;
 pub mod guard;
+mod series;
+pub mod stream;
+pub mod ui;
 
 /// Shared state of the admin handlers.
 #[derive(Clone)]
@@ -31,6 +36,27 @@ pub struct Admin {
     pub token: Option<Arc<str>>,
     /// The `Host` names answered besides localhost and IP addresses ([`guard`]).
     pub hosts: Arc<guard::HostPolicy>,
+    /// The dashboard's settings (`dashboard` in the config).
+    pub dashboard: canary_config::Dashboard,
+    /// Set to true when `serve` stops: every open [`stream`] ends.
+    pub stop: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Open streams, at most [`stream::MAX_STREAMS`].
+    pub streams: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Admin {
+    /// The admin state with the defaults: no token, no extra host names, the dashboard
+    /// on, its own stop signal.
+    pub fn new(controller: Arc<Controller>) -> Admin {
+        Admin {
+            controller,
+            token: None,
+            hosts: Arc::default(),
+            dashboard: canary_config::Dashboard::default(),
+            stop: Arc::new(tokio::sync::watch::channel(false).0),
+            streams: Arc::default(),
+        }
+    }
 }
 
 /// An API error: a status and a message, sent as `{"error": "..."}`.
@@ -78,6 +104,10 @@ pub fn router(admin: Admin) -> Router {
         .route("/api/v1/routes/{name}/pause", post(pause))
         .route("/api/v1/routes/{name}/resume", post(resume))
         .route("/api/v1/routes/{name}/retry", post(retry))
+        .route("/api/v1/routes/{name}/series", get(series::series))
+        .route("/api/v1/stream", get(stream::stream))
+        .route("/api/v1/info", get(ui::info))
+        .merge(ui::routes(admin.dashboard.enabled))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError(
@@ -358,9 +388,8 @@ routes:
         let cfg = canary_config::parse("test.yaml", CONFIG).expect("config");
         c.apply(&cfg).expect("apply");
         let a = Admin {
-            controller: Arc::new(c),
             token: token.map(Arc::from),
-            hosts: Arc::default(),
+            ..Admin::new(Arc::new(c))
         };
         (dir, router(a))
     }
