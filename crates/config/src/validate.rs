@@ -21,7 +21,9 @@ use crate::syntax::{
 };
 
 use crate::error::{ConfigError, Diagnostic};
-use crate::model::{Config, Ejection, HealthCheck, Limits, PoolConfig, RouteConfig, Timeouts};
+use crate::model::{
+    Config, Ejection, HealthCheck, Limits, PoolConfig, RouteConfig, Timeouts, Underscores,
+};
 use crate::raw::{
     List, RawAnalysis, RawConfig, RawEjection, RawHealthCheck, RawLimits, RawPool, RawRollout,
     RawRoute, RawRule, RawStep, RawSticky, RawTimeouts, StringList, UnknownKey, UnknownKeys, S,
@@ -248,6 +250,24 @@ impl Checker {
                     )
                     .map_or(d.max_connections, |n| n as usize),
                 None => d.max_connections,
+            },
+            headers_with_underscores: match &raw.headers_with_underscores {
+                Some(v) => match v.value.as_str() {
+                    "drop" => Underscores::Drop,
+                    "reject" => Underscores::Reject,
+                    "allow" => Underscores::Allow,
+                    other => {
+                        self.err(
+                            v.referenced,
+                            format!(
+                                "limits.headers_with_underscores: {other:?} is not one of \
+                                 drop, reject, allow"
+                            ),
+                        );
+                        d.headers_with_underscores
+                    }
+                },
+                None => d.headers_with_underscores,
             },
         }
     }

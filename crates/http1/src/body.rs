@@ -17,7 +17,7 @@ use http_body_util::BodyExt as _;
 use tokio::io::{AsyncWrite, AsyncWriteExt as _};
 
 use crate::conn::{Conn, IdleList, Io};
-use crate::fields::write_trailers;
+use crate::fields::{forbidden_in_trailers, write_trailers};
 use crate::{BoxError, MAX_HEADERS, MAX_RESPONSE_HEAD};
 
 /// Request bytes gathered before they are written; a larger body frame is written
@@ -271,7 +271,10 @@ fn step_chunked(chunk: &mut Chunk, buf: &mut BytesMut) -> Result<Step, BoxError>
             match httparse::parse_headers(buf, &mut fields)? {
                 httparse::Status::Complete((used, fields)) => {
                     let mut trailers = HeaderMap::with_capacity(fields.len());
-                    for f in fields.iter() {
+                    for f in fields
+                        .iter()
+                        .filter(|f| !forbidden_in_trailers(f.name.as_bytes()))
+                    {
                         trailers.append(
                             HeaderName::from_bytes(f.name.as_bytes())?,
                             HeaderValue::from_bytes(f.value)?,
