@@ -385,7 +385,7 @@ fn encode_head<F: Filter>(
 
 /// A response head as read.
 pub(crate) struct Head {
-    status: StatusCode,
+    pub(crate) status: StatusCode,
     version: Version,
     pub(crate) fields: Box<RawFields>,
     /// `Connection` lists `close` / `keep-alive`.
