@@ -41,6 +41,23 @@ pub struct Limits {
     pub header_timeout_ms: u64,
     /// Most concurrent client connections (`max_connections`, default 10 000).
     pub max_connections: usize,
+    /// What happens to a request field whose name holds `_`
+    /// (`headers_with_underscores`, default `drop`).
+    pub headers_with_underscores: Underscores,
+}
+
+/// What the proxy does with a request field whose name holds an underscore
+/// (`X_Forwarded_For`): CGI/WSGI-style backends fold `_` and `-` into one, so such a
+/// field could stand in for one the proxy sets or checks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Underscores {
+    /// Leave the field out of the upstream request (nginx's default).
+    #[default]
+    Drop,
+    /// Answer `400` (Envoy's edge setting).
+    Reject,
+    /// Pass it on (for backends that need such names and do not fold them).
+    Allow,
 }
 
 impl Default for Limits {
@@ -49,6 +66,7 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             header_timeout_ms: 10_000,
             max_connections: 10_000,
+            headers_with_underscores: Underscores::Drop,
         }
     }
 }

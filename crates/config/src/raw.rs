@@ -178,6 +178,7 @@ raw_structs! {
         max_header_bytes: S<i64>,
         header_timeout: S<String>,
         max_connections: S<i64>,
+        headers_with_underscores: S<String>,
     }
 
     RawRoute {

@@ -23,6 +23,7 @@ use crate::syntax::{
 use crate::error::{ConfigError, Diagnostic};
 use crate::model::{
     Config, Dashboard, Ejection, HealthCheck, Limits, PoolConfig, RouteConfig, Timeouts,
+    Underscores,
 };
 use crate::raw::{
     List, RawAnalysis, RawConfig, RawDashboard, RawEjection, RawHealthCheck, RawLimits, RawPool,
@@ -309,6 +310,24 @@ impl Checker {
                     )
                     .map_or(d.max_connections, |n| n as usize),
                 None => d.max_connections,
+            },
+            headers_with_underscores: match &raw.headers_with_underscores {
+                Some(v) => match v.value.as_str() {
+                    "drop" => Underscores::Drop,
+                    "reject" => Underscores::Reject,
+                    "allow" => Underscores::Allow,
+                    other => {
+                        self.err(
+                            v.referenced,
+                            format!(
+                                "limits.headers_with_underscores: {other:?} is not one of \
+                                 drop, reject, allow"
+                            ),
+                        );
+                        d.headers_with_underscores
+                    }
+                },
+                None => d.headers_with_underscores,
             },
         }
     }

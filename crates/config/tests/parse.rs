@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use canary_config::{
-    diff, load, parse, Config, ConfigError, Diagnostic, Ejection, Limits, Timeouts,
+    diff, load, parse, Config, ConfigError, Diagnostic, Ejection, Limits, Timeouts, Underscores,
 };
 use canary_core::analysis::AnalysisSpec;
 use canary_core::rollout::{BreakerSpec, Pause, Step};
@@ -63,7 +63,8 @@ fn full_example_parses_into_the_expected_values() {
         Limits {
             max_header_bytes: 16384,
             header_timeout_ms: 10_000,
-            max_connections: 10_000
+            max_connections: 10_000,
+            headers_with_underscores: Underscores::Drop,
         }
     );
     assert_eq!(c.routes.len(), 2);
@@ -778,4 +779,18 @@ fn a_huge_number_is_echoed_in_exponent_form_not_309_digits() {
         "{}",
         e[0]
     );
+}
+
+#[test]
+fn headers_with_underscores_is_drop_reject_or_allow() {
+    let limit = |v: &str| format!("limits:\n  headers_with_underscores: {v}\n{BASE}");
+    assert_eq!(ok(BASE).limits.headers_with_underscores, Underscores::Drop);
+    for (v, want) in [
+        ("drop", Underscores::Drop),
+        ("reject", Underscores::Reject),
+        ("allow", Underscores::Allow),
+    ] {
+        assert_eq!(ok(&limit(v)).limits.headers_with_underscores, want);
+    }
+    one_error(&limit("ignore"), "2:29", "drop, reject, allow");
 }

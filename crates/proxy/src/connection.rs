@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use http::{Method, Request, Response, Uri};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -50,8 +51,14 @@ use canary_http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
 /// What a connection needs from the listener.
 pub(crate) struct Settings {
     pub proxy: Arc<Proxy>,
-    /// Serves a connection handed over (see the module docs).
+    /// Serves a connection handed over (see the module docs) at its first request:
+    /// HTTP/1.1, or HTTP/2 with prior knowledge (the preface).
     pub hyper: Arc<auto::Builder<TokioExecutor>>,
+    /// Serves a connection handed over after the reader has served requests on it:
+    /// HTTP/1.1 only, as a connection does not switch to HTTP/2 midway (RFC 9113 §3.4:
+    /// the preface starts a connection), so a preface there is a bad request.
+    /// (hyper-util's `auto` cannot be told so for a connection with upgrades.)
+    pub hyper_http1: Arc<http1::Builder>,
     /// From the end of a response to the end of the next request head.
     pub header_timeout: Duration,
     /// Bytes a request head may take before it is hyper's to refuse; hyper's own
@@ -90,6 +97,8 @@ pub(crate) async fn serve(
     let stopping = stopped(stop.clone());
     tokio::pin!(stopping);
     let mut armed = false;
+    // Whether a request has been served here: from then on the connection is HTTP/1.1.
+    let mut served = false;
     loop {
         // The next request head.
         let deadline = Instant::now() + settings.header_timeout;
@@ -99,7 +108,14 @@ pub(crate) async fn serve(
                 match parse(&buf, &mut raw) {
                     Ok(Some(p)) => break p,
                     Ok(None) if buf.len() < settings.max_head => {}
-                    _ => return hand_over(io, buf, conn, &settings, stop).await,
+                    _ => {
+                        let hyper = if served {
+                            Hyper::Http1(&settings.hyper_http1)
+                        } else {
+                            Hyper::Auto(&settings.hyper)
+                        };
+                        return hand_over(io, buf, conn, (&settings.proxy, hyper), stop).await;
+                    }
                 }
             }
             let mut woken = false;
@@ -162,22 +178,29 @@ pub(crate) async fn serve(
             }
         };
         let keep = !parsed.close && !*stop.borrow();
-        let (parts, mut body) = (*resp).into_parts();
-        let fields = body.take_fields();
+        // Borrowed out of the boxed answer, not moved: a move of the whole answer cost
+        // a `memcpy` of ~300 bytes per request.
+        let mut resp = resp;
+        let headers = std::mem::take(resp.headers_mut());
+        let status = resp.status();
+        let (body, fields, added_fields) = resp.body_mut().for_writing();
         let msg = Message {
-            parts: &parts,
-            fields: fields.as_deref().unwrap_or(&NO_FIELDS),
+            status,
+            headers: &headers,
+            fields: fields.unwrap_or(&NO_FIELDS),
             is_head,
             version,
             keep,
         };
-        let added_fields = body.take_added();
         let added = |out: &mut Vec<u8>| {
             for field in added_fields.iter().flatten() {
                 field.write(out);
             }
         };
-        match write_response(&mut io, &mut out, msg, added, body).await {
+        served = true;
+        let written = write_response(&mut io, &mut out, msg, added, body).await;
+        drop(resp);
+        match written {
             Ok(true) => {}
             Ok(false) | Err(_) => {
                 let _ = io.shutdown().await;
@@ -190,14 +213,22 @@ pub(crate) async fn serve(
 const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad request\n";
 
 /// Gives the connection to hyper, with what has been read of it.
+/// Which of hyper's servers takes a connection over.
+enum Hyper<'a> {
+    /// HTTP/1.1, or HTTP/2 when the connection starts with its preface.
+    Auto(&'a auto::Builder<TokioExecutor>),
+    /// HTTP/1.1 only.
+    Http1(&'a http1::Builder),
+}
+
 async fn hand_over(
     io: TcpStream,
     read: BytesMut,
     conn: Arc<ConnInfo>,
-    settings: &Settings,
+    (proxy, hyper): (&Arc<Proxy>, Hyper<'_>),
     stop: watch::Receiver<bool>,
 ) {
-    let proxy = settings.proxy.clone();
+    let proxy = proxy.clone();
     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let conn = conn.clone();
@@ -207,17 +238,26 @@ async fn hand_over(
         }
     });
     let io = TokioIo::new(Rewound::new(read.freeze(), io));
-    let conn = settings.hyper.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    let r = tokio::select! {
-        r = conn.as_mut() => r,
-        () = stopped(stop) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = r {
-        tracing::debug!(error = %e, "connection ended with an error");
+    // The same wait in both arms: each connection type has its own future.
+    macro_rules! serve_until_stopped {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stopped(stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }};
+    }
+    match hyper {
+        Hyper::Auto(b) => serve_until_stopped!(b.serve_connection_with_upgrades(io, service)),
+        Hyper::Http1(b) => serve_until_stopped!(b.serve_connection(io, service).with_upgrades()),
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use canary_config::Underscores;
 use canary_core::Target;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -20,14 +21,16 @@ use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
 use crate::headers::{
-    generate_id, strip_hop_by_hop, AddedField, ProxyFields, PROTO_HTTP, PROXY_REQUEST_FIELDS,
-    X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
+    drop_underscored, generate_id, has_underscore, strip_hop_by_hop, AddedField, ProxyFields,
+    PROTO_HTTP, PROXY_REQUEST_FIELDS, X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_FOR,
+    X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
 use crate::http2::UpstreamBody;
 use crate::metrics::UpstreamError;
 use crate::pool::{Instance, Pool};
 use crate::request::{
-    is_upgrade, request_host, target_bytes, ClientBody, ConnInfo, Facts, Host, RequestFields,
+    is_upgrade, request_host, routable_path, target_bytes, unsupported_coding, ClientBody,
+    ConnInfo, Facts, Host, RequestFields,
 };
 use crate::snapshot::{Proxy, RouteEntry};
 use crate::upstream::{self, Outgoing, SendError};
@@ -88,6 +91,35 @@ impl Proxy {
             Ok(h) => h,
             Err(why) => return error_response(StatusCode::BAD_REQUEST, why),
         };
+        if !routable_path(req.uri().path()) {
+            return error_response(StatusCode::BAD_REQUEST, "invalid request path\n");
+        }
+        // Only hyper's requests can have a body, and so a transfer coding; the own
+        // reader takes none.
+        let mut close = false;
+        if let ClientBody::Hyper(_) = req.body() {
+            if unsupported_coding(&req) {
+                let mut r = error_response(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "transfer coding not implemented\n",
+                );
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return r;
+            }
+            // After a chunked request the connection is closed: hyper's chunked decoder
+            // takes a bare LF ending the trailer section (`0\r\n\n`) for the start of a
+            // trailer and reads the next request on the connection as trailers, where
+            // a stricter proxy in front reads it as a request: not reading past the
+            // body leaves nothing to disagree on.
+            close = req.headers().contains_key(header::TRANSFER_ENCODING);
+        }
+        let filter = ProxyFields::of(&snap.limits);
+        if snap.limits.headers_with_underscores == Underscores::Reject
+            && RequestFields::of(&req).any_name(has_underscore)
+        {
+            return error_response(StatusCode::BAD_REQUEST, "invalid header name\n");
+        }
         let Some(idx) = snap
             .table
             .find(host.as_ref().map(Host::name), req.uri().path())
@@ -132,8 +164,13 @@ impl Proxy {
             host.map(|h| h.value),
             (entry, pool, target),
             client,
+            filter,
         )
         .await;
+        if close {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let (Some(id), Some(prefix)) = (generated, &entry.cookie_prefix) {
             add_field(
                 &mut resp,
@@ -153,6 +190,7 @@ async fn forward(
     host: Option<Bytes>,
     (entry, pool, target): (&RouteEntry, &Pool, Target),
     client: ClientId,
+    filter: &'static ProxyFields,
 ) -> Box<Response<ProxyBody>> {
     let Some(instance) = pool.pick(now_ms()) else {
         pool.stats.record(502, 0);
@@ -175,14 +213,14 @@ async fn forward(
             parts.headers = head.to_map();
         }
     }
-    let (body, body_end) = UpstreamBody::new(body, pool.is_http2());
+    let (mut body, body_end) = UpstreamBody::new(body, pool.is_http2());
     let mut joined_xff = None;
     let (added, upstream_host) = build_upstream_request(
         &mut parts,
         (conn, host.as_deref(), raw.as_deref()),
         pool,
         instance,
-        upgrade,
+        (upgrade, filter),
         &mut joined_xff,
     );
     let started = Instant::now();
@@ -193,11 +231,11 @@ async fn forward(
         raw: raw.as_deref(),
         added: added.varying(),
         fixed: &pool.request_lines,
-        filter: &ProxyFields,
+        filter,
     };
     let req = Outgoing {
-        parts,
-        body,
+        parts: &mut parts,
+        body: &mut body,
         body_end,
         extra,
     };
@@ -359,12 +397,18 @@ fn build_upstream_request<'a>(
     (conn, host, raw): (&'a ConnInfo, Option<&'a [u8]>, Option<&RawHead>),
     pool: &'a Pool,
     instance: &'a Instance,
-    upgrade: bool,
+    (upgrade, filter): (bool, &ProxyFields),
     joined_xff: &'a mut Option<HeaderValue>,
 ) -> (Added<'a>, Option<&'a [u8]>) {
     // What the client's connection attached (hyper's upgrade handle was taken) is not
     // the upstream request's.
     parts.extensions.clear();
+    if parts.version == Version::HTTP_2 && !pool.is_http2() {
+        // HTTP/2 may split `Cookie` into one field per pair; HTTP/1.1 allows one line
+        // only, so they are joined with `; ` before an HTTP/1.1 upstream (RFC 9113
+        // §8.2.3).
+        join_cookies(&mut parts.headers);
+    }
     if pool.is_http2() {
         // The HTTP/2 client takes the instance from an absolute URI (`:authority`).
         let mut uri = Uri::from_static("/").into_parts();
@@ -382,6 +426,9 @@ fn build_upstream_request<'a>(
     }
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, upgrade);
+    if filter.drops_underscores() {
+        drop_underscored(headers);
+    }
     let fields = match raw {
         Some(r) => RequestFields::Raw(r),
         None => RequestFields::Map(headers),
@@ -442,6 +489,25 @@ fn build_upstream_request<'a>(
     (added, upstream_host)
 }
 
+/// Joins several `Cookie` fields into one, `; ` between them.
+fn join_cookies(headers: &mut http::HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::with_capacity(128);
+    for crumb in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    // Made of field values joined with `; `: a valid value.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,7 +519,7 @@ mod tests {
         for name in PROXY_REQUEST_FIELDS {
             assert!(
                 canary_http1::client::Filter::drop_request_field(
-                    &ProxyFields,
+                    &ProxyFields::default(),
                     name.as_str().as_bytes()
                 ),
                 "{name} would pass through from a client"
@@ -477,7 +543,7 @@ mod tests {
             (&conn, host, None),
             &pool,
             &instance,
-            false,
+            (false, &ProxyFields::default()),
             &mut joined,
         );
         let set: Vec<&HeaderName> = added

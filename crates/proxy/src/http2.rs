@@ -21,6 +21,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::oneshot;
 
 use crate::body::ProxyBody;
+use crate::headers::filter_trailers;
 use crate::request::ClientBody;
 use crate::worker::this_worker;
 use canary_http1::client::SendError;
@@ -109,6 +110,14 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// No body (what is left where one was taken out).
+    pub(crate) fn empty() -> UpstreamBody {
+        UpstreamBody {
+            inner: ClientBody::Empty,
+            end: None,
+        }
+    }
+
     /// Wraps `body`; the receiver tells how it ended (`None` for a request without a
     /// body, nothing to wait for, or when not `reported`: an HTTP/1.1 exchange sees the
     /// body end itself).
@@ -139,7 +148,11 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let mut r = Pin::new(&mut this.inner).poll_frame(cx);
+        // A client's trailers pass only what may be a trailer (RFC 9110 §6.5.1).
+        if let Poll::Ready(frame) = &mut r {
+            filter_trailers(frame);
+        }
         if let Some(end) = BodyEnd::of(&r, this.inner.is_end_stream()) {
             if let Some(tx) = this.end.take() {
                 let _ = tx.send(end);

@@ -16,6 +16,8 @@ use hyper::body::Incoming;
 
 use canary_http1::fields::RawHead;
 
+use crate::headers::upgrade_allowed;
+
 /// Per-connection facts computed once per connection rather than per request.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
@@ -116,6 +118,14 @@ impl<'a> RequestFields<'a> {
         match self {
             RequestFields::Map(m) => Values::Map(m.get_all(name).iter().map(HeaderValue::as_bytes)),
             RequestFields::Raw(r) => Values::Raw(r.values(name)),
+        }
+    }
+
+    /// Whether any field's name is one `test` picks.
+    pub(crate) fn any_name(self, test: impl Fn(&[u8]) -> bool) -> bool {
+        match self {
+            RequestFields::Map(m) => m.keys().any(|k| test(k.as_str().as_bytes())),
+            RequestFields::Raw(r) => r.iter().any(|(k, _)| test(k)),
         }
     }
 
@@ -307,9 +317,14 @@ static REG_NAME: [bool; 256] = {
     t
 };
 
+/// Whether the request asks for a protocol upgrade the proxy passes on (a WebSocket
+/// handshake; see `headers::upgrade_allowed`). Any other `Upgrade` is stripped and the
+/// request served as plain HTTP/1.1.
 pub(crate) fn is_upgrade(req: &Request<ClientBody>) -> bool {
+    let mut upgrades = req.headers().get_all(header::UPGRADE).iter().peekable();
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && upgrades.peek().is_some()
+        && upgrades.all(|v| upgrade_allowed(v.as_bytes()))
         && req.headers().get_all(header::CONNECTION).iter().any(|v| {
             v.to_str().is_ok_and(|s| {
                 s.split(',')
@@ -318,9 +333,119 @@ pub(crate) fn is_upgrade(req: &Request<ClientBody>) -> bool {
         })
 }
 
+/// Why a request's transfer coding is refused, if it is: HTTP/1.1 defines `chunked`
+/// alone for requests, and any other coding, list or repetition (`gzip, chunked`,
+/// `identity, chunked`, two `chunked` lines) would be decoded of its chunking and
+/// passed on without the rest (RFC 9112 §6.1; nginx answers `501` too).
+pub(crate) fn unsupported_coding(req: &Request<ClientBody>) -> bool {
+    let mut codings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (None, _) => false,
+        (Some(v), None) => !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => true,
+    }
+}
+
+/// Whether a request path is one the proxy routes as it is: no segment that is `.` or
+/// `..` (also spelled `%2e`), no empty segment (`//`), counting `\`, `%2f` and `%5c` as
+/// separators too, and no `%00`. A path with any of them would match a route by its
+/// raw prefix and then be read by the upstream (which may resolve dot-segments, merge
+/// slashes or decode separators) as another path: `/api/../admin` reaching `/admin`
+/// through the `/api` route. Such paths are refused (`400`) rather than rewritten, so
+/// the path the proxy routes is always the path the upstream gets. `*` (an `OPTIONS *`
+/// target) passes.
+pub(crate) fn routable_path(path: &str) -> bool {
+    let p = path.as_bytes();
+    // The common path has no `%`, `\` or `.` after a separator and no `//`: one pass.
+    let suspicious = p
+        .windows(2)
+        .any(|w| matches!(w, [b'/', b'.'] | [b'/', b'/'] | [b'/', b'%']))
+        || p.iter().any(|&c| c == b'%' || c == b'\\');
+    if !suspicious {
+        return true;
+    }
+    // Split on every spelling of a separator, decoding `%2e` in the segments.
+    let mut segments: Vec<Vec<u8>> = vec![Vec::new()];
+    let mut i = 0;
+    while i < p.len() {
+        let c = p[i];
+        let escape = |at: usize| -> Option<u8> {
+            let hex = p.get(at + 1..at + 3)?;
+            u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+        };
+        match c {
+            b'/' | b'\\' => segments.push(Vec::new()),
+            b'%' => match escape(i) {
+                Some(b'/') | Some(b'\\') => {
+                    segments.push(Vec::new());
+                    i += 2;
+                }
+                Some(0) => return false,
+                Some(b'.') => {
+                    segments
+                        .last_mut()
+                        .expect("one segment at least")
+                        .push(b'.');
+                    i += 2;
+                }
+                _ => segments.last_mut().expect("one segment at least").push(c),
+            },
+            _ => segments.last_mut().expect("one segment at least").push(c),
+        }
+        i += 1;
+    }
+    let n = segments.len();
+    segments.iter().enumerate().all(|(i, s)| {
+        // The first is what precedes the leading `/` (empty), the last may be empty
+        // (a trailing slash).
+        let empty_ok = i == 0 || i == n - 1;
+        (empty_ok || !s.is_empty()) && s != b"." && s != b".."
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: `/api/../admin` matched an `/api` route by its raw prefix and reached
+    /// its upstream, which resolved it to `/admin` (issue 15, G9).
+    #[test]
+    fn paths_a_backend_would_read_as_another_path_are_not_routable() {
+        for ok in [
+            "/",
+            "/a/b",
+            "/a/b/",
+            "/a.b/c..d/.e",
+            "/a%20b",
+            "/group%2Dx",
+            "*",
+            "/a/b.",
+            "/a/..b",
+            "/%41",
+        ] {
+            assert!(routable_path(ok), "{ok}");
+        }
+        for bad in [
+            "/a/../b",
+            "/a/./b",
+            "/..",
+            "/.",
+            "/a/..",
+            "//b",
+            "/a//b",
+            "/%2e%2e/b",
+            "/%2E%2e/b",
+            "/a/%2e/b",
+            "/a/.%2e/b",
+            "/a%2f..%2fb",
+            "/a%2F%2Fb",
+            "/a\\..\\b",
+            "/a%5c..%5cb",
+            "/a%00b",
+        ] {
+            assert!(!routable_path(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn host_values_are_checked_as_rfc_9112_asks() {

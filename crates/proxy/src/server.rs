@@ -51,6 +51,14 @@ pub async fn serve_with(
     // the most the own reader reads of a head before handing it to hyper. The exact
     // configured limit is enforced per request in `forward`.
     let max_head = limits.max_header_bytes.max(8192) + 1024;
+    // The same HTTP/1.1 settings for a connection handed over after requests the own
+    // reader served (HTTP/1.1 only: see `connection::Settings`).
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(max_head)
+        .keep_alive(true);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -65,6 +73,7 @@ pub async fn serve_with(
         .max_concurrent_streams(256);
     let settings = Arc::new(Settings {
         proxy,
+        hyper_http1: Arc::new(http1),
         hyper: Arc::new(builder),
         header_timeout,
         max_head,

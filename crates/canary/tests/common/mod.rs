@@ -7,6 +7,8 @@
 //! `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod strict;
+
 use std::convert::Infallible;
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
