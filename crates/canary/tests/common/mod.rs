@@ -7,6 +7,8 @@
 //! `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod fault;
+
 use std::convert::Infallible;
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
@@ -86,6 +88,7 @@ struct UpState {
 /// - any path: `hello from <version>` with the configured status and delay;
 /// - `…/echo`: a JSON object of what it received (method, uri, version, headers);
 /// - `…/ws`: a WebSocket echo server;
+/// - `…/bytes/N`: `N` bytes of [`pattern_body`] with a `Content-Length`;
 /// - `/healthz`: 200, or 503 after `set_healthy(false)` (not counted in `requests`).
 ///
 /// Dropping it closes the listener and every open connection.
@@ -207,6 +210,12 @@ async fn serve_upstream(
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
+    if let Some(n) = path
+        .rsplit_once("/bytes/")
+        .and_then(|(_, n)| n.parse().ok())
+    {
+        return Ok(text_response(200, pattern_body(n)));
+    }
     if path.ends_with("/echo") {
         let mut headers = serde_json::Map::new();
         for (k, v) in req.headers() {
@@ -241,6 +250,12 @@ async fn serve_upstream(
         status,
         format!("hello from {}\n", st.version),
     ))
+}
+
+/// `n` bytes of a repeating alphabet whose period (23) is prime to every buffer
+/// size, so a body cut, shifted or spliced anywhere never equals it.
+pub fn pattern_body(n: usize) -> String {
+    (0..n).map(|i| char::from(b'a' + (i % 23) as u8)).collect()
 }
 
 /// Accepts a WebSocket handshake and echoes every text or binary message.
