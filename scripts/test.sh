@@ -51,6 +51,7 @@ extract() { command -v "$2" >/dev/null 2>&1 || unpack+=("$1"); }
 
 need gcc cc              # the linker rustc calls
 need procps kill         # tests stop the processes they start with kill(1)
+need systemd systemd-socket-activate   # socket activation test (tests/restart.rs)
 extract prometheus promtool   # checks /metrics; the Prometheus server for query tests
 
 if ((${#install[@]} + ${#unpack[@]})); then
