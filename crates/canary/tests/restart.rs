@@ -236,7 +236,13 @@ async fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
         (used as f64) < ticks / 2.0,
         "the accept loop spins: {used} ticks of CPU in 2 s"
     );
-    assert!(c.log().contains("accept failed"), "{}", c.log());
+    // Said, but once a second rather than at every retry.
+    let warnings = c.log().matches("accept failed").count();
+    assert!(
+        (1..=5).contains(&warnings),
+        "{warnings} warnings:\n{}",
+        c.log()
+    );
     // Descriptors free up: the waiting connections and new ones are served.
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(20);

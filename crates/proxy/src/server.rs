@@ -73,13 +73,21 @@ pub async fn serve_with(
     // `closed()` is the moment the last one has.
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
+    let (mut accept_errors, mut last_warned) = (0u64, None::<std::time::Instant>);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // EMFILE and friends: back off instead of spinning (the connection
+                    // waits in the queue and is taken once a descriptor frees up), and
+                    // say so once a second, not 20 times.
+                    accept_errors += 1;
+                    if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(error = %e, failures = accept_errors, "accept failed; retrying every 50 ms");
+                        last_warned = Some(std::time::Instant::now());
+                        accept_errors = 0;
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
