@@ -40,6 +40,9 @@ pub enum Toxic {
     /// A connection with no byte either way for this long is closed (an upstream's
     /// keep-alive timeout, a NAT dropping idle flows).
     CloseIdle(Duration),
+    /// After this many upstream → canary bytes, nothing more is passed on either way,
+    /// but both connections stay open (an upstream stalled mid-response).
+    StallAfter(u64),
     /// After this many upstream → canary bytes, the proxy sends canary a FIN and
     /// drops the upstream connection, but keeps reading from canary: anything canary
     /// writes afterwards is counted in [`FaultProxy::after_fault`].
@@ -182,7 +185,9 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, toxic: Toxic, stats:
                 }
             }
             let _ = uw.shutdown().await;
-            std::future::pending::<()>().await;
+            if !matches!(toxic, Toxic::StallAfter(_)) {
+                std::future::pending::<()>().await;
+            }
         };
         let to_client = async {
             let mut buf = vec![0u8; 16 * 1024];
@@ -199,7 +204,10 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, toxic: Toxic, stats:
                 let mut chunk = &buf[..n];
                 // The cut-off toxics pass bytes up to their limit, then fire.
                 let limit = match toxic {
-                    Toxic::ResetAfter(l) | Toxic::LimitData(l) | Toxic::HalfClose(l) => Some(l),
+                    Toxic::ResetAfter(l)
+                    | Toxic::LimitData(l)
+                    | Toxic::HalfClose(l)
+                    | Toxic::StallAfter(l) => Some(l),
                     _ => None,
                 };
                 let fire = limit.is_some_and(|l| passed + n as u64 >= l);
@@ -240,6 +248,11 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, toxic: Toxic, stats:
                 passed += chunk.len() as u64;
                 if fire {
                     stats.faults.fetch_add(1, Relaxed);
+                    if let Toxic::StallAfter(_) = toxic {
+                        // Hold both open until canary gives up on this one (the
+                        // other direction ends the relay when canary closes).
+                        return std::future::pending().await;
+                    }
                     return match toxic {
                         Toxic::ResetAfter(_) => End::Reset,
                         Toxic::LimitData(_) => End::Close,
