@@ -170,6 +170,9 @@ raw_structs! {
         max_header_bytes: S<i64>,
         header_timeout: S<String>,
         max_connections: S<i64>,
+        body_timeout: S<String>,
+        send_timeout: S<String>,
+        http2_idle_timeout: S<String>,
     }
 
     RawRoute {
@@ -236,6 +239,7 @@ raw_structs! {
     RawTimeouts {
         connect: S<String>,
         request: S<String>,
+        idle: S<String>,
     }
 
     RawEjection {

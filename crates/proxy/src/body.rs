@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
 use crate::headers::AddedField;
+use crate::timers::{Kind, Stall};
 use canary_http1::body::ResponseBody;
 use canary_http1::fields::RawFields;
 use canary_http1::BoxError;
@@ -26,6 +27,8 @@ pub struct ProxyBody {
     fields: Option<Box<RawFields>>,
     /// Fields the proxy adds after the upstream's (no map to allocate).
     added: [Option<AddedField>; 2],
+    /// A route's `timeouts.idle`: the longest wait for the upstream's next bytes.
+    stall: Option<Stall>,
 }
 
 enum Inner {
@@ -45,6 +48,7 @@ impl From<(ResponseBody<TcpStream>, Box<RawFields>)> for ProxyBody {
             inner: Inner::Http1(body),
             fields: Some(fields),
             added: [None, None],
+            stall: None,
         }
     }
 }
@@ -56,6 +60,7 @@ impl ProxyBody {
             inner: Inner::Fixed(Some(Bytes::from_static(text.as_bytes()))),
             fields: None,
             added: [None, None],
+            stall: None,
         }
     }
 
@@ -65,6 +70,16 @@ impl ProxyBody {
             inner: Inner::Http2(inner),
             fields: None,
             added: [None, None],
+            stall: None,
+        }
+    }
+
+    /// Cuts the body (an error, so the client sees it end early) when the upstream
+    /// sends nothing for `idle` while it is being read; time spent waiting for the
+    /// client to take what was read does not count.
+    pub fn set_idle_timeout(&mut self, idle: std::time::Duration) {
+        if !matches!(self.inner, Inner::Fixed(_)) {
+            self.stall = Some(Stall::new(idle, Kind::UpstreamIdle));
         }
     }
 
@@ -129,11 +144,23 @@ impl Body for ProxyBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.inner {
+        let this = &mut *self;
+        let r = match &mut this.inner {
             Inner::Http1(b) => Pin::new(b).poll_frame(cx),
             Inner::Http2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Inner::Fixed(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Fixed(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        };
+        if let Some(stall) = &mut this.stall {
+            match r {
+                Poll::Pending => {
+                    if let Err(e) = stall.waiting(cx) {
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
+                }
+                _ => stall.progress(),
+            }
         }
+        r
     }
 
     #[inline]

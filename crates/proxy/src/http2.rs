@@ -25,6 +25,7 @@ use crate::request::ClientBody;
 use crate::worker::this_worker;
 use canary_http1::client::SendError;
 use canary_http1::conn::{IDLE_TIMEOUT_MS, MAX_IDLE, TCP_KEEPALIVE};
+use canary_http1::BoxError;
 
 /// The HTTP client that forwards to HTTP/2 pools; one per connect timeout and
 /// data-plane worker, reused across reloads so its connections survive them.
@@ -132,12 +133,12 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         if let Some(end) = BodyEnd::of(&r, this.inner.is_end_stream()) {

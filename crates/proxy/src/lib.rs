@@ -30,6 +30,8 @@
 //! - [`runtime`]: per-route weight, breaker and events to the controller.
 //! - `worker`: which worker a thread is, the data plane's clock.
 //! - [`metrics`], [`expo`]: lock-free counters and their Prometheus text encoding.
+//! - [`timers`]: the timers on waits a slow peer could make endless (body, send,
+//!   upstream idle, HTTP/2 idle), counted by kind.
 
 pub mod body;
 mod connection;
@@ -43,6 +45,7 @@ mod request;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
+pub mod timers;
 mod upstream;
 mod worker;
 

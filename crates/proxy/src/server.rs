@@ -92,6 +92,9 @@ pub async fn serve_with(
         hyper: Arc::new(builder),
         header_timeout,
         max_head,
+        body_timeout: Duration::from_millis(limits.body_timeout_ms),
+        send_timeout: Duration::from_millis(limits.send_timeout_ms),
+        http2_idle_timeout: Duration::from_millis(limits.http2_idle_timeout_ms),
     });
     // Every connection holds a receiver: `true` asks it to finish, and the sender's
     // `closed()` is the moment the last one has.

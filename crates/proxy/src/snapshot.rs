@@ -276,6 +276,18 @@ impl Proxy {
             &[],
             self.unrouted.load(std::sync::atomic::Ordering::Relaxed) as f64,
         );
+        e.family(
+            "canary_timeouts_total",
+            "Connections or answers cut by a timer, by kind: header (a request head not complete in time, on the proxy's own reader), body (limits.body_timeout), send (limits.send_timeout), upstream_idle (timeouts.idle), http2_idle (limits.http2_idle_timeout).",
+            Kind::Counter,
+        );
+        for kind in crate::timers::Kind::ALL {
+            e.sample(
+                "canary_timeouts_total",
+                &[("kind", kind.label())],
+                crate::timers::TIMEOUTS.get(kind) as f64,
+            );
+        }
     }
 }
 

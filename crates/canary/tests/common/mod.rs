@@ -89,6 +89,7 @@ struct UpState {
 /// - `…/echo`: a JSON object of what it received (method, uri, version, headers);
 /// - `…/ws`: a WebSocket echo server;
 /// - `…/bytes/N`: `N` bytes of [`pattern_body`] with a `Content-Length`;
+/// - `…/sink`: reads the whole request body, then answers with its length;
 /// - `/healthz`: 200, or 503 after `set_healthy(false)` (not counted in `requests`).
 ///
 /// Dropping it closes the listener and every open connection.
@@ -210,6 +211,12 @@ async fn serve_upstream(
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
+    if path.ends_with("/sink") {
+        return Ok(match req.into_body().collect().await {
+            Ok(b) => text_response(200, format!("{}\n", b.to_bytes().len())),
+            Err(e) => text_response(400, format!("body: {e}\n")),
+        });
+    }
     if let Some(n) = path
         .rsplit_once("/bytes/")
         .and_then(|(_, n)| n.parse().ok())
@@ -255,7 +262,10 @@ async fn serve_upstream(
 /// `n` bytes of a repeating alphabet whose period (23) is prime to every buffer
 /// size, so a body cut, shifted or spliced anywhere never equals it.
 pub fn pattern_body(n: usize) -> String {
-    (0..n).map(|i| char::from(b'a' + (i % 23) as u8)).collect()
+    // By whole periods (a copy each), not byte by byte: bodies of tens of MiB.
+    let mut s = "abcdefghijklmnopqrstuvw".repeat(n / 23 + 1);
+    s.truncate(n);
+    s
 }
 
 /// Accepts a WebSocket handshake and echoes every text or binary message.
