@@ -179,6 +179,9 @@ raw_structs! {
         header_timeout: S<String>,
         max_connections: S<i64>,
         headers_with_underscores: S<String>,
+        body_timeout: S<String>,
+        send_timeout: S<String>,
+        http2_idle_timeout: S<String>,
     }
 
     RawRoute {
@@ -245,6 +248,7 @@ raw_structs! {
     RawTimeouts {
         connect: S<String>,
         request: S<String>,
+        idle: S<String>,
     }
 
     RawEjection {

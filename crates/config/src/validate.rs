@@ -299,6 +299,24 @@ impl Checker {
                 d.header_timeout_ms,
                 false,
             ),
+            body_timeout_ms: self.duration_or(
+                "limits.body_timeout",
+                raw.body_timeout.as_ref(),
+                d.body_timeout_ms,
+                false,
+            ),
+            send_timeout_ms: self.duration_or(
+                "limits.send_timeout",
+                raw.send_timeout.as_ref(),
+                d.send_timeout_ms,
+                false,
+            ),
+            http2_idle_timeout_ms: self.duration_or(
+                "limits.http2_idle_timeout",
+                raw.http2_idle_timeout.as_ref(),
+                d.http2_idle_timeout_ms,
+                false,
+            ),
             max_connections: match &raw.max_connections {
                 Some(v) => self
                     .int(
@@ -939,6 +957,12 @@ impl Checker {
                 &format!("{p}.timeouts.request"),
                 r.request.as_ref(),
                 d.request_ms,
+                false,
+            ),
+            idle_ms: self.duration_or(
+                &format!("{p}.timeouts.idle"),
+                r.idle.as_ref(),
+                d.idle_ms,
                 false,
             ),
         }

@@ -65,6 +65,9 @@ fn full_example_parses_into_the_expected_values() {
             header_timeout_ms: 10_000,
             max_connections: 10_000,
             headers_with_underscores: Underscores::Drop,
+            body_timeout_ms: 20_000,
+            send_timeout_ms: 30_000,
+            http2_idle_timeout_ms: 300_000,
         }
     );
     assert_eq!(c.routes.len(), 2);
@@ -133,7 +136,8 @@ fn full_example_parses_into_the_expected_values() {
         web.timeouts,
         Timeouts {
             connect_ms: 1_000,
-            request_ms: 30_000
+            request_ms: 30_000,
+            idle_ms: 45_000
         }
     );
     assert_eq!(
@@ -429,6 +433,22 @@ fn bad_duration_points_at_the_value() {
         "7:16",
         "must be greater than 0",
     );
+    one_error(
+        &format!("{BASE}    timeouts: {{idle: 0s}}\n"),
+        "6:22",
+        "routes[0].timeouts.idle: must be greater than 0",
+    );
+    for (key, col) in [
+        ("body_timeout", "24"),
+        ("send_timeout", "24"),
+        ("http2_idle_timeout", "30"),
+    ] {
+        one_error(
+            &format!("limits: {{{key}: soon}}\n{BASE}"),
+            &format!("1:{col}"),
+            &format!("limits.{key}: \"soon\" is not a duration"),
+        );
+    }
 }
 
 #[test]

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
 use crate::headers::{filter_trailers, AddedField};
+use crate::timers::{Kind, Stall};
 use canary_http1::body::ResponseBody;
 use canary_http1::fields::RawFields;
 use canary_http1::BoxError;
@@ -31,6 +32,9 @@ pub struct ProxyBody {
 /// The bytes of an answer's body (and its trailers), apart from what goes into its head.
 pub struct Stream {
     inner: Inner,
+    /// A route's `timeouts.idle`: the longest wait for the upstream's next bytes. Here,
+    /// not on `ProxyBody`, because the proxy's own writer polls the `Stream` alone.
+    stall: Option<Stall>,
 }
 
 enum Inner {
@@ -49,6 +53,7 @@ impl From<(ResponseBody<TcpStream>, Box<RawFields>)> for ProxyBody {
         ProxyBody {
             stream: Stream {
                 inner: Inner::Http1(body),
+                stall: None,
             },
             fields: Some(fields),
             added: [None, None],
@@ -62,6 +67,7 @@ impl ProxyBody {
         ProxyBody {
             stream: Stream {
                 inner: Inner::Fixed(Some(Bytes::from_static(text.as_bytes()))),
+                stall: None,
             },
             fields: None,
             added: [None, None],
@@ -73,9 +79,19 @@ impl ProxyBody {
         ProxyBody {
             stream: Stream {
                 inner: Inner::Http2(inner),
+                stall: None,
             },
             fields: None,
             added: [None, None],
+        }
+    }
+
+    /// Cuts the body (an error, so the client sees it end early) when the upstream
+    /// sends nothing for `idle` while it is being read; time spent waiting for the
+    /// client to take what was read does not count.
+    pub fn set_idle_timeout(&mut self, idle: std::time::Duration) {
+        if !matches!(self.stream.inner, Inner::Fixed(_)) {
+            self.stream.stall = Some(Stall::new(idle, Kind::UpstreamIdle));
         }
     }
 
@@ -164,11 +180,23 @@ impl Body for Stream {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut frame = match &mut self.inner {
-            Inner::Http1(b) => ready!(Pin::new(b).poll_frame(cx)),
-            Inner::Http2(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(Into::into)),
+        let this = &mut *self;
+        let r = match &mut this.inner {
+            Inner::Http1(b) => Pin::new(b).poll_frame(cx),
+            Inner::Http2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Inner::Fixed(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         };
+        if let Some(stall) = &mut this.stall {
+            match r {
+                Poll::Pending => {
+                    if let Err(e) = stall.waiting(cx) {
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
+                }
+                _ => stall.progress(),
+            }
+        }
+        let mut frame = ready!(r);
         // An upstream's trailers pass only what may be a trailer (RFC 9110 §6.5.1).
         filter_trailers(&mut frame);
         Poll::Ready(frame)

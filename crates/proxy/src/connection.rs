@@ -44,6 +44,7 @@ use tokio::time::{Instant, Sleep};
 use crate::body::ProxyBody;
 use crate::request::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
+use crate::timers::{InFlight, Kind, SendTimed, Tracked, TIMEOUTS};
 use canary_http1::fields::{RawFields, RawHead};
 use canary_http1::server::{parse, write_response, Message, Parsed, Rewound};
 use canary_http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
@@ -64,6 +65,13 @@ pub(crate) struct Settings {
     /// Bytes a request head may take before it is hyper's to refuse; hyper's own
     /// read-buffer limit, so that hyper sees what it would have seen.
     pub max_head: usize,
+    /// `limits.body_timeout`: the longest wait for the next bytes of a request body.
+    pub body_timeout: Duration,
+    /// `limits.send_timeout`: the longest a write to the client may make no progress.
+    pub send_timeout: Duration,
+    /// `limits.http2_idle_timeout`: a connection hyper serves with no request in
+    /// flight for this long is closed (GOAWAY on HTTP/2).
+    pub http2_idle_timeout: Duration,
 }
 
 /// For an answer with no upstream head of its own (the proxy's, an HTTP/2 upstream's).
@@ -114,7 +122,7 @@ pub(crate) async fn serve(
                         } else {
                             Hyper::Auto(&settings.hyper)
                         };
-                        return hand_over(io, buf, conn, (&settings.proxy, hyper), stop).await;
+                        return hand_over(io, buf, conn, (&settings, hyper), stop).await;
                     }
                 }
             }
@@ -131,6 +139,11 @@ pub(crate) async fn serve(
                 let stop_seen = !matches!(stop.has_changed(), Ok(false));
                 if woken || !armed || timer.is_elapsed() || stop_seen {
                     if poll_until(&mut timer, deadline, cx).is_ready() {
+                        if !buf.is_empty() {
+                            // A head begun and not finished (an idle keep-alive
+                            // connection closing is no timeout).
+                            TIMEOUTS.record(Kind::Header);
+                        }
                         return Poll::Ready(false);
                     }
                     if buf.is_empty() && stopping.as_mut().poll(cx).is_ready() {
@@ -198,7 +211,8 @@ pub(crate) async fn serve(
             }
         };
         served = true;
-        let written = write_response(&mut io, &mut out, msg, added, body).await;
+        let mut timed = SendTimed::new(&mut io, settings.send_timeout);
+        let written = write_response(&mut timed, &mut out, msg, added, body).await;
         drop(resp);
         match written {
             Ok(true) => {}
@@ -225,18 +239,29 @@ async fn hand_over(
     io: TcpStream,
     read: BytesMut,
     conn: Arc<ConnInfo>,
-    (proxy, hyper): (&Arc<Proxy>, Hyper<'_>),
+    (settings, hyper): (&Settings, Hyper<'_>),
     stop: watch::Receiver<bool>,
 ) {
-    let proxy = proxy.clone();
-    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-        let proxy = proxy.clone();
-        let conn = conn.clone();
-        async move {
-            let resp = proxy.handle(req.map(ClientBody::Hyper), &conn).await;
-            Ok::<_, std::convert::Infallible>(with_fields_in_map(*resp))
+    let proxy = settings.proxy.clone();
+    let body_timeout = settings.body_timeout;
+    // Requests in flight, each until its answer has been sent: none for
+    // `http2_idle_timeout` closes the connection.
+    let in_flight = Arc::new(InFlight::default());
+    let service = service_fn({
+        let in_flight = in_flight.clone();
+        move |req: Request<hyper::body::Incoming>| {
+            let proxy = proxy.clone();
+            let conn = conn.clone();
+            let guard = in_flight.enter();
+            async move {
+                let req = req.map(|b| ClientBody::hyper(b, body_timeout));
+                let resp = proxy.handle(req, &conn).await;
+                let resp = with_fields_in_map(*resp).map(|b| Tracked::new(b, guard));
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         }
     });
+    let io = SendTimed::new(io, settings.send_timeout);
     let io = TokioIo::new(Rewound::new(read.freeze(), io));
     // The same wait in both arms: each connection type has its own future.
     macro_rules! serve_until_stopped {
@@ -246,6 +271,10 @@ async fn hand_over(
             let r = tokio::select! {
                 r = conn.as_mut() => r,
                 () = stopped(stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                () = in_flight.idle_for(settings.http2_idle_timeout) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }

@@ -29,8 +29,8 @@ use crate::http2::UpstreamBody;
 use crate::metrics::UpstreamError;
 use crate::pool::{Instance, Pool};
 use crate::request::{
-    is_upgrade, request_host, routable_path, target_bytes, unsupported_coding, ClientBody,
-    ConnInfo, Facts, Host, RequestFields,
+    is_upgrade, request_host, routable_path, target_bytes, unsupported_coding, BodyProgress,
+    ClientBody, ConnInfo, Facts, Host, RequestFields,
 };
 use crate::snapshot::{Proxy, RouteEntry};
 use crate::upstream::{self, Outgoing, SendError};
@@ -47,6 +47,25 @@ pub fn error_response(status: StatusCode, msg: &'static str) -> Box<Response<Pro
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    r
+}
+
+/// An answer for a request that failed on the client's side, with the version it
+/// was meant for; `close`: also `Connection: close` (HTTP/1.x), as the rest of its
+/// body will not be read.
+fn client_error(
+    status: StatusCode,
+    msg: &'static str,
+    pool: &Pool,
+    close: bool,
+) -> Box<Response<ProxyBody>> {
+    let mut r = error_response(status, msg);
+    r.headers_mut()
+        .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
+    if close {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     r
 }
 
@@ -213,6 +232,9 @@ async fn forward(
             parts.headers = head.to_map();
         }
     }
+    // Kept to tell, after a failure, whether the client had sent its body whole.
+    let progress = body.progress();
+    let close_after = parts.version <= Version::HTTP_11;
     let (mut body, body_end) = UpstreamBody::new(body, pool.is_http2());
     let mut joined_xff = None;
     let (added, upstream_host) = build_upstream_request(
@@ -240,29 +262,82 @@ async fn forward(
         extra,
     };
     let now = tokio::time::Instant::from_std(started);
+    // The instance a request went to after `instance` failed it (`upstream::send`
+    // says when), and how `instance` failed.
+    let mut second: Option<(&Arc<Instance>, UpstreamError)> = None;
+    let retry = |e: &SendError| {
+        let next = pool.pick_other(now_ms(), instance)?;
+        let kind = match e {
+            SendError::Connect(_) => UpstreamError::Connect,
+            _ => UpstreamError::Protocol,
+        };
+        second = Some((next, kind));
+        Some(pool.upstream(next, entry.timeouts.connect_ms))
+    };
     let result = upstream::send(
         pool.upstream(instance, entry.timeouts.connect_ms),
+        retry,
         req,
         (now, timeout),
     )
     .await;
+    // The first instance's error is its own failure (ejection), not the request's:
+    // the answer is the second instance's.
+    let instance = match second {
+        Some((next, kind)) => {
+            pool.stats.record_retry();
+            pool.stats.record_upstream_error(kind);
+            // A refused connection is no client's doing; a dropped one may be.
+            let witness = match kind {
+                UpstreamError::Connect => Witness::Unreachable,
+                _ => Witness::Client(client),
+            };
+            instance.record_failure(&pool.ejection, now_ms(), witness);
+            next
+        }
+        None => instance,
+    };
     let elapsed_us = started.elapsed().as_micros() as u64;
     outcome.done = true;
     let mut witness = Witness::Client(client);
+    // The upstream failed while the client's body was still on its way (the upstream
+    // gave up on a stalled upload, say): the client's doing, not the version's or the
+    // instance's, or one client with a few stalled POSTs could trip the breaker or
+    // eject instances (a connect error comes before any body and still counts).
+    let body_incomplete = progress.as_ref().is_some_and(|p| !p.complete());
     let (mut resp, failed) = match result {
-        Ok(resp) => {
+        Ok(mut resp) => {
             let failed = resp.status().is_server_error();
+            resp.body_mut()
+                .set_idle_timeout(Duration::from_millis(entry.timeouts.idle_ms));
             (resp, failed)
         }
+        Err(e @ (SendError::Protocol(_) | SendError::Timeout)) if body_incomplete => {
+            tracing::debug!(upstream = %instance.addr, error = %e, "upstream failed before the client sent its body whole");
+            pool.stats.record_client_abort();
+            return client_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body incomplete\n",
+                pool,
+                close_after,
+            );
+        }
         Err(SendError::ClientBody(e)) => {
-            // The client's body ended early or failed: not the upstream's failure, so
-            // ejection, the breaker and the analysis never see it.
+            // The client's body ended early, failed or stalled past
+            // `limits.body_timeout`: not the upstream's failure, so ejection, the
+            // breaker and the analysis never see it.
             tracing::debug!(upstream = %instance.addr, error = %e, "request failed on the client side");
             pool.stats.record_client_abort();
-            let mut r = error_response(StatusCode::BAD_REQUEST, "bad request\n");
-            r.headers_mut()
-                .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
-            return r;
+            return if progress.as_ref().is_some_and(BodyProgress::stalled) {
+                client_error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body timed out\n",
+                    pool,
+                    close_after,
+                )
+            } else {
+                client_error(StatusCode::BAD_REQUEST, "bad request\n", pool, false)
+            };
         }
         Err(SendError::Timeout) => {
             pool.stats.record_upstream_error(UpstreamError::Timeout);

@@ -26,6 +26,7 @@ use crate::request::ClientBody;
 use crate::worker::this_worker;
 use canary_http1::client::SendError;
 use canary_http1::conn::{IDLE_TIMEOUT_MS, MAX_IDLE, TCP_KEEPALIVE};
+use canary_http1::BoxError;
 
 /// The HTTP client that forwards to HTTP/2 pools; one per connect timeout and
 /// data-plane worker, reused across reloads so its connections survive them.
@@ -141,12 +142,12 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let mut r = Pin::new(&mut this.inner).poll_frame(cx);
         // A client's trailers pass only what may be a trailer (RFC 9110 §6.5.1).

@@ -32,6 +32,8 @@
 //!   alone can neither trip the breaker nor eject an instance.
 //! - `worker`: which worker a thread is, the data plane's clock.
 //! - [`metrics`], [`expo`]: lock-free counters and their Prometheus text encoding.
+//! - [`timers`]: the timers on waits a slow peer could make endless (body, send,
+//!   upstream idle, HTTP/2 idle), counted by kind.
 
 pub mod body;
 mod connection;
@@ -45,6 +47,7 @@ mod request;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
+pub mod timers;
 mod upstream;
 pub mod witness;
 mod worker;

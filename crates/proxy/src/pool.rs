@@ -276,6 +276,16 @@ impl Pool {
             .find(|inst| inst.available(now_ms))
     }
 
+    /// The next available instance other than `not`, round robin (where a request
+    /// goes when `not` failed it).
+    pub fn pick_other(&self, now_ms: u64, not: &Instance) -> Option<&Arc<Instance>> {
+        let n = self.instances.len();
+        let start = self.next.fetch_add(1, Relaxed);
+        (0..n)
+            .map(|i| &self.instances[(start + i) % n])
+            .find(|inst| !std::ptr::eq(Arc::as_ptr(inst), not) && inst.available(now_ms))
+    }
+
     /// Whether at least one instance is available.
     pub fn any_available(&self, now_ms: u64) -> bool {
         self.instances.iter().any(|i| i.available(now_ms))

@@ -2,9 +2,13 @@
 //! kept), its fields whichever way they were read ([`RequestFields`]), the facts the
 //! core decides on ([`Facts`]), and its host (RFC 9112 §3.2).
 
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use canary_core::routing::cookie_value;
@@ -15,6 +19,9 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use canary_http1::fields::RawHead;
+use canary_http1::BoxError;
+
+use crate::timers::{Kind, Stall};
 
 use crate::headers::upgrade_allowed;
 
@@ -41,10 +48,67 @@ impl ConnInfo {
 pub enum ClientBody {
     Empty,
     Read(Box<RawHead>),
-    Hyper(Incoming),
+    Hyper(Box<HyperBody>),
+}
+
+/// A body hyper reads from the client, with `limits.body_timeout` between two of its
+/// frames, and a flag that says whether it was read to its end (kept by the handler,
+/// which needs it after the body has gone upstream: see [`BodyProgress`]).
+pub struct HyperBody {
+    inner: Incoming,
+    stall: Stall,
+    progress: BodyProgress,
+}
+
+impl fmt::Debug for HyperBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HyperBody").finish_non_exhaustive()
+    }
+}
+
+/// Whether a client's request body has been read to its end, or broke off or stalled
+/// (a timeout of `limits.body_timeout`), shared between the body and the handler.
+#[derive(Clone, Debug, Default)]
+pub struct BodyProgress(Arc<AtomicU8>);
+
+// 0: still being read.
+const BODY_COMPLETE: u8 = 1;
+const BODY_STALLED: u8 = 2;
+
+impl BodyProgress {
+    /// Read to its end.
+    pub fn complete(&self) -> bool {
+        self.0.load(Relaxed) == BODY_COMPLETE
+    }
+
+    /// Cut by `limits.body_timeout`.
+    pub fn stalled(&self) -> bool {
+        self.0.load(Relaxed) == BODY_STALLED
+    }
 }
 
 impl ClientBody {
+    /// A body hyper reads, with `idle` as the longest wait between two frames.
+    pub fn hyper(inner: Incoming, idle: Duration) -> ClientBody {
+        let progress = BodyProgress::default();
+        if inner.is_end_stream() {
+            progress.0.store(BODY_COMPLETE, Relaxed);
+        }
+        ClientBody::Hyper(Box::new(HyperBody {
+            inner,
+            stall: Stall::new(idle, Kind::Body),
+            progress,
+        }))
+    }
+
+    /// How far the body has been read (`None`: a request without one).
+    pub(crate) fn progress(&self) -> Option<BodyProgress> {
+        match self {
+            ClientBody::Hyper(b) if !b.progress.complete() => Some(b.progress.clone()),
+            _ => None,
+        }
+    }
+
     /// The head the proxy read, taken out (the body is then `Empty`).
     pub(crate) fn take_head(&mut self) -> Option<Box<RawHead>> {
         match std::mem::replace(self, ClientBody::Empty) {
@@ -59,16 +123,37 @@ impl ClientBody {
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ClientBody::Empty | ClientBody::Read(_) => Poll::Ready(None),
-            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Hyper(b) => {
+                let r = Pin::new(&mut b.inner).poll_frame(cx);
+                match &r {
+                    Poll::Pending => {
+                        if let Err(e) = b.stall.waiting(cx) {
+                            b.progress.0.store(BODY_STALLED, Relaxed);
+                            return Poll::Ready(Some(Err(Box::new(e))));
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        b.progress.0.store(BODY_COMPLETE, Relaxed);
+                    }
+                    Poll::Ready(Some(Ok(_))) => {
+                        b.stall.progress();
+                        if b.inner.is_end_stream() {
+                            b.progress.0.store(BODY_COMPLETE, Relaxed);
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => {}
+                }
+                r.map(|o| o.map(|r| r.map_err(Into::into)))
+            }
         }
     }
 
@@ -76,7 +161,7 @@ impl Body for ClientBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ClientBody::Empty | ClientBody::Read(_) => true,
-            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Hyper(b) => b.inner.is_end_stream(),
         }
     }
 
@@ -84,7 +169,7 @@ impl Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ClientBody::Empty | ClientBody::Read(_) => SizeHint::with_exact(0),
-            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Hyper(b) => b.inner.size_hint(),
         }
     }
 }
