@@ -51,6 +51,11 @@ extract() { command -v "$2" >/dev/null 2>&1 || unpack+=("$1"); }
 
 need gcc cc              # the linker rustc calls
 need procps kill         # tests stop the processes they start with kill(1)
+need chromium chromium   # the dashboard's browser test (crates/canary/tests/dashboard.rs)
+need chromium-driver chromedriver   # WebDriver for that test
+need systemd systemd-analyze  # `systemd-analyze verify` of deploy/systemd/canary.service (no daemon starts)
+need man-db man               # renders `canary man` (man -l)
+need bsdutils script          # a pseudo-terminal for `canary wait`'s live line
 extract prometheus promtool   # checks /metrics; the Prometheus server for query tests
 
 if ((${#install[@]} + ${#unpack[@]})); then

@@ -41,6 +41,9 @@ pub enum AdminCmd {
         /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Show it again every second until Ctrl-C (live on a terminal).
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -51,6 +54,9 @@ pub enum AdminCmd {
         /// "out of range", not a flag error).
         #[arg(allow_negative_numbers = true, value_parser = finite_number)]
         weight: f64,
+        /// Print the route's new status as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -59,6 +65,9 @@ pub enum AdminCmd {
         route: String,
         #[arg(long)]
         full: bool,
+        /// Print the route's new status as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -67,24 +76,36 @@ pub enum AdminCmd {
         route: String,
         #[arg(long)]
         reason: Option<String>,
+        /// Print the route's new status as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
     /// Hold a rollout's automatic progress.
     Pause {
         route: String,
+        /// Print the route's new status as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
     /// Continue a paused rollout.
     Resume {
         route: String,
+        /// Print the route's new status as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
     /// Restart an aborted rollout from its first step.
     Retry {
         route: String,
+        /// Print the route's new status as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -93,8 +114,12 @@ pub enum AdminCmd {
         route: String,
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// JSON (with --follow: one entry per line).
         #[arg(long)]
         json: bool,
+        /// Keep printing new entries as they are journaled, until Ctrl-C.
+        #[arg(long)]
+        follow: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -110,6 +135,9 @@ pub enum AdminCmd {
         /// How long to wait, e.g. 90s, 10m.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// One JSON object per line: each status change, then the outcome.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -165,8 +193,20 @@ impl Api {
             .map_err(|e| e.to_string())?;
         let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
             .await
-            .map_err(|_| format!("{}: no answer within 10s", self.base))?
-            .map_err(|e| format!("cannot reach the admin API at {}: {e}", self.base))?;
+            .map_err(|_| {
+                format!(
+                    "no answer from the admin API at {} within 10s: {}",
+                    self.base,
+                    crate::hint::UNREACHABLE
+                )
+            })?
+            .map_err(|e| {
+                format!(
+                    "cannot reach the admin API at {}: {e}: {}",
+                    self.base,
+                    crate::hint::UNREACHABLE
+                )
+            })?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -180,15 +220,19 @@ impl Api {
     }
 
     /// Calls and turns a non-2xx answer into an error message.
-    async fn ok(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+    pub(crate) async fn ok(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
         let (status, v) = self.call(method, path, body).await?;
         if status.is_success() {
             Ok(v)
         } else {
-            Err(format!(
-                "{} ({})",
-                printable(v["error"].as_str().unwrap_or("error")),
-                status.as_u16()
+            Err(crate::hint::answer(
+                status.as_u16(),
+                &printable(v["error"].as_str().unwrap_or("error")),
             ))
         }
     }
@@ -200,7 +244,7 @@ fn route_path(route: &str, suffix: &str) -> String {
     format!("/api/v1/routes/{route}{suffix}")
 }
 
-fn pct(v: &Value) -> String {
+pub(crate) fn pct(v: &Value) -> String {
     match v.as_f64() {
         Some(f) if f.fract() == 0.0 => format!("{f:.0}%"),
         Some(f) => format!("{f}%"),
@@ -230,14 +274,14 @@ pub(crate) fn verdict_text(v: &Value) -> String {
     )
 }
 
-fn step_text(r: &Value) -> String {
+pub(crate) fn step_text(r: &Value) -> String {
     match (r["step"].as_u64(), r["steps"].as_array()) {
         (Some(s), Some(all)) if !all.is_empty() => format!("{}/{}", s + 1, all.len()),
         _ => "-".into(),
     }
 }
 
-fn print_table(routes: &[Value]) {
+pub(crate) fn print_table(routes: &[Value]) {
     let rows: Vec<[String; 8]> = routes
         .iter()
         .map(|r| {
@@ -279,7 +323,7 @@ fn print_table(routes: &[Value]) {
     }
 }
 
-fn print_route(r: &Value) {
+pub(crate) fn print_route(r: &Value) {
     print_table(std::slice::from_ref(r));
     outln!();
     outln!("{}", printable(r["message"].as_str().unwrap_or("")));
@@ -352,7 +396,7 @@ pub(crate) fn event_line(e: &Value) -> String {
     )
 }
 
-fn fmt_time(ms: u64) -> String {
+pub(crate) fn fmt_time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -378,7 +422,15 @@ pub fn main(cmd: AdminCmd) -> ExitCode {
 
 async fn run(cmd: AdminCmd) -> Result<u8, String> {
     match cmd {
-        AdminCmd::Status { route, json, conn } => {
+        AdminCmd::Status {
+            route,
+            json,
+            watch,
+            conn,
+        } => {
+            if watch {
+                return crate::watch::status(&conn, route.as_deref(), json).await;
+            }
             let api = Api::new(&conn);
             let v = match &route {
                 Some(r) => api.ok(Method::GET, &route_path(r, ""), None).await?,
@@ -386,8 +438,10 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
             };
             if json {
                 outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else if route.is_some() {
+            } else if let Some(r) = &route {
                 print_route(&v);
+                // The dashboard's page of this route (docs/dashboard.md).
+                outln!("dashboard: {}/ui/routes/{r}", api.base);
             } else {
                 print_table(v.as_array().map(Vec::as_slice).unwrap_or_default());
             }
@@ -396,6 +450,7 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
         AdminCmd::Weight {
             route,
             weight,
+            json,
             conn,
         } => {
             let v = Api::new(&conn)
@@ -405,6 +460,9 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                     Some(json!({ "weight": weight })),
                 )
                 .await?;
+            if json {
+                return Ok(print_json(&v));
+            }
             outln!(
                 "{route}: weight {} ({})",
                 pct(&v["weight"]),
@@ -414,7 +472,12 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
             );
             Ok(0)
         }
-        AdminCmd::Promote { route, full, conn } => {
+        AdminCmd::Promote {
+            route,
+            full,
+            json,
+            conn,
+        } => {
             let v = Api::new(&conn)
                 .ok(
                     Method::POST,
@@ -422,6 +485,9 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                     Some(json!({ "full": full })),
                 )
                 .await?;
+            if json {
+                return Ok(print_json(&v));
+            }
             outln!(
                 "{route}: {} at {} (step {})",
                 v["phase"].as_str().unwrap_or("?"),
@@ -433,24 +499,32 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
         AdminCmd::Abort {
             route,
             reason,
+            json,
             conn,
         } => {
             let body = json!({ "reason": reason.unwrap_or_default() });
             let v = Api::new(&conn)
                 .ok(Method::POST, &route_path(&route, "/abort"), Some(body))
                 .await?;
+            if json {
+                return Ok(print_json(&v));
+            }
             outln!("{route}: aborted, weight {}", pct(&v["weight"]));
             Ok(0)
         }
-        AdminCmd::Pause { route, conn } => simple(&conn, &route, "pause").await,
-        AdminCmd::Resume { route, conn } => simple(&conn, &route, "resume").await,
-        AdminCmd::Retry { route, conn } => simple(&conn, &route, "retry").await,
+        AdminCmd::Pause { route, json, conn } => simple(&conn, &route, "pause", json).await,
+        AdminCmd::Resume { route, json, conn } => simple(&conn, &route, "resume", json).await,
+        AdminCmd::Retry { route, json, conn } => simple(&conn, &route, "retry", json).await,
         AdminCmd::Events {
             route,
             limit,
             json,
+            follow,
             conn,
         } => {
+            if follow {
+                return crate::watch::events(&conn, &route, limit, json).await;
+            }
             let v = Api::new(&conn)
                 .ok(
                     Method::GET,
@@ -474,15 +548,19 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
             route,
             version,
             timeout,
+            json,
             conn,
-        } => wait(&conn, &route, version, timeout).await,
+        } => wait(&conn, &route, version, timeout, json).await,
     }
 }
 
-async fn simple(conn: &Conn, route: &str, verb: &str) -> Result<u8, String> {
+async fn simple(conn: &Conn, route: &str, verb: &str, json: bool) -> Result<u8, String> {
     let v = Api::new(conn)
         .ok(Method::POST, &route_path(route, &format!("/{verb}")), None)
         .await?;
+    if json {
+        return Ok(print_json(&v));
+    }
     outln!(
         "{route}: {} at {} (step {})",
         v["phase"].as_str().unwrap_or("?"),
@@ -490,6 +568,12 @@ async fn simple(conn: &Conn, route: &str, verb: &str) -> Result<u8, String> {
         step_text(&v)
     );
     Ok(0)
+}
+
+/// `--json` of a command: the route's new status as the API answered it.
+fn print_json(v: &Value) -> u8 {
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    0
 }
 
 /// What `wait` follows: the canary version a pipeline deployed.
@@ -591,10 +675,11 @@ async fn wait(
     route: &str,
     version: Option<String>,
     timeout: Duration,
+    json: bool,
 ) -> Result<u8, String> {
     let api = Api::new(conn);
     let deadline = Instant::now() + timeout;
-    let mut last = String::new();
+    let mut view = crate::watch::WaitView::new(route, json);
     let mut target = WaitTarget {
         version,
         ..WaitTarget::default()
@@ -602,39 +687,26 @@ async fn wait(
     loop {
         match api.call(Method::GET, &route_path(route, ""), None).await {
             Ok((StatusCode::OK, r)) => {
-                let line = format!(
-                    "{route}: {}, step {}, weight {}, verdict {}, canary {}",
-                    r["phase"]
-                        .as_str()
-                        .unwrap_or(r["mode"].as_str().unwrap_or("-")),
-                    step_text(&r),
-                    pct(&r["weight"]),
-                    r["last_verdict"]["result"].as_str().unwrap_or("-"),
-                    r["canary_version"].as_str().unwrap_or("-"),
-                );
-                if line != last {
-                    outln!("{line}");
-                    last = line;
-                }
+                view.status(&r);
                 if let Some((code, msg)) = target.judge(route, &r)? {
-                    outln!("{msg}");
+                    view.done(code, &msg);
                     return Ok(code);
                 }
             }
             Ok((status, v)) => {
-                return Err(format!(
-                    "{} ({})",
+                return Err(crate::hint::answer(
+                    status.as_u16(),
                     v["error"].as_str().unwrap_or("error"),
-                    status.as_u16()
                 ))
             }
-            Err(e) => errln!("canary: {e}; retrying"),
+            Err(e) => view.note(&format!("canary: {e}; retrying")),
         }
         if Instant::now() >= deadline {
-            outln!(
+            let msg = format!(
                 "{route}: timed out after {}",
                 humantime::format_duration(timeout)
             );
+            view.done(2, &msg);
             return Ok(2);
         }
         tokio::time::sleep(

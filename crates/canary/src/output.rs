@@ -22,11 +22,21 @@ static STDOUT: AtomicU8 = AtomicU8::new(OPEN);
 
 /// Writes one line to stdout (see the module docs for what happens on an error).
 pub fn line(args: fmt::Arguments<'_>) {
+    write(format_args!("{args}\n"));
+}
+
+/// Writes `text` to stdout as it is, without a newline: the live line of `wait` and
+/// `status --watch` redraws itself in place.
+pub fn raw(text: &str) {
+    write(format_args!("{text}"));
+}
+
+fn write(args: fmt::Arguments<'_>) {
     if STDOUT.load(Ordering::Relaxed) != OPEN {
         return;
     }
     let mut out = io::stdout().lock();
-    if let Err(e) = writeln!(out, "{args}").and_then(|()| out.flush()) {
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
         if e.kind() == io::ErrorKind::BrokenPipe {
             STDOUT.store(CLOSED, Ordering::Relaxed);
         } else {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use canary_config::Config;
+use canary_control::admin::guard::HostPolicy;
 use canary_control::admin::{router, Admin};
 use canary_control::store::Store;
 use canary_control::{run_controller, source, Controller};
@@ -29,7 +30,11 @@ fn fmt_logger() -> tracing_subscriber::fmt::SubscriberBuilder<
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr as fn() -> std::io::Stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        // NO_COLOR (set and not empty) turns colour off, as for every other output.
+        .with_ansi(
+            std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .with_target(false)
 }
 
@@ -39,6 +44,7 @@ pub fn main(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             errln!("{e}");
+            crate::init::hint_if_missing(path);
             return ExitCode::FAILURE;
         }
     };
@@ -59,6 +65,9 @@ pub fn main(path: &Path) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             errln!("canary: {e:#}");
+            if let Some(h) = crate::hint::for_serve(&e) {
+                errln!("canary: {h}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -129,9 +138,15 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    // Shared with the admin state so that open dashboard streams end on the stop signal
+    // (otherwise the graceful shutdown would wait for them forever).
+    let stop_tx = Arc::new(stop_tx);
     let app = router(Admin {
-        controller: controller.clone(),
         token,
+        hosts: Arc::new(HostPolicy::new(&cfg.dashboard.allowed_hosts)),
+        dashboard: cfg.dashboard.clone(),
+        stop: stop_tx.clone(),
+        ..Admin::new(controller.clone())
     });
     let admin_task = tokio::spawn({
         let stop = stopped(stop_rx.clone());

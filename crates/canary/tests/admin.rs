@@ -422,6 +422,8 @@ async fn every_cli_verb_and_its_exit_codes() {
         out.contains("steps: *10% (3600s) → 50% (manual) → 100% (3600s)"),
         "{out}"
     );
+    let url = format!("dashboard: http://{}/ui/routes/web", c.admin);
+    assert!(out.lines().any(|l| l == url), "{out}");
     let out = ok(c.cli(&["status", "web", "--json"]).await);
     let v: Value = serde_json::from_str(&out).expect("status --json is JSON");
     assert_eq!(v["name"], "web");
@@ -1036,7 +1038,10 @@ async fn a_state_dir_deleted_while_serving_is_recreated_and_pause_tells_the_trut
     let (code, v) = post(&c, "/api/v1/routes/web/pause", "").await;
     assert_eq!((code, v["phase"].as_str()), (200, Some("paused")), "{v}");
     assert_eq!(v["unsaved"], Value::Null, "{v}");
-    assert!(state.join("web.state.json").exists(), "state_dir not recreated");
+    assert!(
+        state.join("web.state.json").exists(),
+        "state_dir not recreated"
+    );
     assert!(c.log().contains("recreated"), "{}", c.log());
     // After a restart the pause is still there.
     c.kill9();

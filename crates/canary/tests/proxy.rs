@@ -2871,6 +2871,16 @@ async fn metrics_pass_promtool_and_have_the_required_families() {
         );
     }
     assert_eq!(v("canary_fallbacks_total", &[web]), 0.0);
+    // Dashboards tell canary from stable by this join.
+    for (version, role) in [("v1", "stable"), ("v2", "canary")] {
+        assert_eq!(
+            v(
+                "canary_route_version_info",
+                &[web, ("version", version), ("role", role)]
+            ),
+            1.0
+        );
+    }
     assert_eq!(
         v("canary_config_reloads_total", &[("result", "success")]),
         0.0

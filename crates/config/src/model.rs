@@ -26,6 +26,8 @@ pub struct Config {
     pub workers: Option<usize>,
     /// Client-side limits (`limits`).
     pub limits: Limits,
+    /// The built-in dashboard and the admin listener's browser rules (`dashboard`).
+    pub dashboard: Dashboard,
     /// Routes in file order; the first match wins.
     pub routes: Vec<RouteConfig>,
 }
@@ -47,6 +49,32 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             header_timeout_ms: 10_000,
             max_connections: 10_000,
+        }
+    }
+}
+
+/// The dashboard on the admin listener, and which `Host` names that listener answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dashboard {
+    /// Serve the dashboard at `/ui/` (`enabled`, default true). The API is unchanged.
+    pub enabled: bool,
+    /// Show no mutation control in the page (`read_only`, default false). The API still
+    /// takes commands (with the token, when one is set).
+    pub read_only: bool,
+    /// Host names the admin listener answers besides `localhost`, `*.localhost` and IP
+    /// addresses (`allowed_hosts`): lower case, without port or trailing dot.
+    pub allowed_hosts: Vec<String>,
+    /// How far back the charts' history reaches (`history`, default 1 h, 1 m to 24 h).
+    pub history_ms: u64,
+}
+
+impl Default for Dashboard {
+    fn default() -> Self {
+        Dashboard {
+            enabled: true,
+            read_only: false,
+            allowed_hosts: Vec::new(),
+            history_ms: 3_600_000,
         }
     }
 }

@@ -163,7 +163,15 @@ raw_structs! {
         admin_token_env: S<String>,
         workers: S<i64>,
         limits: S<RawLimits>,
+        dashboard: S<RawDashboard>,
         routes: List<RawRoute>,
+    }
+
+    RawDashboard {
+        enabled: bool,
+        read_only: bool,
+        allowed_hosts: List<String>,
+        history: S<String>,
     }
 
     RawLimits {

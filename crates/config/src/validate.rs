@@ -17,14 +17,17 @@ use ipnet::IpNet;
 use serde_saphyr::Location;
 
 use crate::syntax::{
-    host_pattern, is_env_name, is_route_name, is_token, is_version, network, upstream,
+    host_pattern, is_dns_name, is_env_name, is_route_name, is_token, is_version, network, upstream,
 };
 
 use crate::error::{ConfigError, Diagnostic};
-use crate::model::{Config, Ejection, HealthCheck, Limits, PoolConfig, RouteConfig, Timeouts};
+use crate::model::{
+    Config, Dashboard, Ejection, HealthCheck, Limits, PoolConfig, RouteConfig, Timeouts,
+};
 use crate::raw::{
-    List, RawAnalysis, RawConfig, RawEjection, RawHealthCheck, RawLimits, RawPool, RawRollout,
-    RawRoute, RawRule, RawStep, RawSticky, RawTimeouts, StringList, UnknownKey, UnknownKeys, S,
+    List, RawAnalysis, RawConfig, RawDashboard, RawEjection, RawHealthCheck, RawLimits, RawPool,
+    RawRollout, RawRoute, RawRule, RawStep, RawSticky, RawTimeouts, StringList, UnknownKey,
+    UnknownKeys, S,
 };
 
 /// Default admin address (`admin`).
@@ -48,6 +51,10 @@ pub(crate) const MIN_HEADER_BYTES: i64 = 1024;
 /// fields are as 32-bit offsets, and no head needs more.
 pub(crate) const MAX_HEADER_BYTES: i64 = 1 << 30;
 
+/// Bounds of `dashboard.history`.
+pub(crate) const MIN_HISTORY_MS: u64 = 60_000;
+pub(crate) const MAX_HISTORY_MS: u64 = 24 * 3_600_000;
+
 const DURATION_HINT: &str = "use e.g. 500ms, 30s, 1m or 1h 30m";
 
 /// Validates a parsed file. `root` is the whole document (its location is where
@@ -64,6 +71,7 @@ pub(crate) fn validate(file: &str, root: S<RawConfig>) -> Result<Config, ConfigE
         && raw.admin_token_env.is_none()
         && raw.workers.is_none()
         && raw.limits.is_none()
+        && raw.dashboard.is_none()
         && raw.routes.is_none()
         && raw.unknown.is_empty();
     if empty {
@@ -192,6 +200,11 @@ impl Checker {
             None => Limits::default(),
         };
 
+        let dashboard = match raw.dashboard {
+            Some(d) => self.dashboard(d.value),
+            None => Dashboard::default(),
+        };
+
         let routes = match raw.routes {
             None => {
                 self.err(
@@ -217,7 +230,50 @@ impl Checker {
             admin_token_env,
             workers,
             limits,
+            dashboard,
             routes,
+        }
+    }
+
+    fn dashboard(&mut self, raw: RawDashboard) -> Dashboard {
+        let d = Dashboard::default();
+        let mut allowed_hosts = Vec::new();
+        for (i, h) in raw
+            .allowed_hosts
+            .iter()
+            .flat_map(|l| l.value.iter())
+            .enumerate()
+        {
+            match allowed_host(&h.value) {
+                Ok(name) => allowed_hosts.push(name),
+                Err(why) => self.err(
+                    h.referenced,
+                    format!("dashboard.allowed_hosts[{i}]: {:?} {why}", h.value),
+                ),
+            }
+        }
+        let history_ms = match &raw.history {
+            Some(v) => {
+                let ms = self.duration("dashboard.history", v, false);
+                if ms != 0 && !(MIN_HISTORY_MS..=MAX_HISTORY_MS).contains(&ms) {
+                    self.err(
+                        v.referenced,
+                        format!(
+                            "dashboard.history: {:?} is out of range (from 1m to 24h; \
+                             memory grows with it, about 80 KB per canary route per hour)",
+                            v.value
+                        ),
+                    );
+                }
+                ms.clamp(MIN_HISTORY_MS, MAX_HISTORY_MS)
+            }
+            None => d.history_ms,
+        };
+        Dashboard {
+            enabled: raw.enabled.unwrap_or(d.enabled),
+            read_only: raw.read_only.unwrap_or(d.read_only),
+            allowed_hosts,
+            history_ms,
         }
     }
 
@@ -1285,6 +1341,34 @@ impl Checker {
             None => default_ms,
         }
     }
+}
+
+/// A `dashboard.allowed_hosts` entry: a DNS name, stored lower case without a trailing
+/// dot (the admin listener compares the `Host` header's name the same way).
+fn allowed_host(s: &str) -> Result<String, &'static str> {
+    if s.contains("://") || s.contains('/') {
+        return Err(
+            "is not a host name: give the name alone, without scheme or path \
+                    (e.g. canary.example.com)",
+        );
+    }
+    if s.contains(':') || s.contains('[') {
+        return Err(
+            "is not a host name: give the name without a port (any port is \
+                    accepted; IP addresses are always allowed)",
+        );
+    }
+    if s.starts_with("*.") {
+        return Err("is a wildcard; list each name the admin listener is reached by");
+    }
+    if s.parse::<IpAddr>().is_ok() {
+        return Err("is an IP address; IP addresses are always allowed, list names only");
+    }
+    if !is_dns_name(s) {
+        return Err("is not a host name (letters, digits, '-' and '.', e.g. \
+                    canary.example.com)");
+    }
+    Ok(s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase())
 }
 
 /// The allowed key nearest to a mistyped one, if it is near enough to be the intended

@@ -698,6 +698,50 @@ fn header_limit_is_between_1_kib_and_1_gib() {
 }
 
 #[test]
+fn dashboard_defaults_and_values() {
+    let d = ok(BASE).dashboard;
+    assert_eq!(d, canary_config::Dashboard::default());
+    assert!(d.enabled && !d.read_only && d.allowed_hosts.is_empty());
+    assert_eq!(d.history_ms, 3_600_000);
+    let c = ok(&format!(
+        "dashboard:\n  enabled: false\n  read_only: true\n  allowed_hosts: [Canary.Example.com, \"ops.internal.\"]\n  history: 15m\n{BASE}"
+    ));
+    assert!(!c.dashboard.enabled && c.dashboard.read_only);
+    assert_eq!(
+        c.dashboard.allowed_hosts,
+        ["canary.example.com", "ops.internal"]
+    );
+    assert_eq!(c.dashboard.history_ms, 900_000);
+}
+
+#[test]
+fn bad_allowed_hosts_point_at_the_entry() {
+    let hosts = |h: &str| format!("dashboard:\n  allowed_hosts: [ok.example, {h}]\n{BASE}");
+    one_error(
+        &hosts("\"https://canary.example\""),
+        "2:31",
+        "without scheme",
+    );
+    one_error(&hosts("\"canary.example:9901\""), "2:31", "without a port");
+    one_error(&hosts("\"*.example.com\""), "2:31", "wildcard");
+    one_error(
+        &hosts("10.0.0.1"),
+        "2:31",
+        "IP addresses are always allowed",
+    );
+    one_error(&hosts("\"bad name\""), "2:31", "dashboard.allowed_hosts[1]");
+    let history = |h: &str| format!("dashboard:\n  history: {h}\n{BASE}");
+    one_error(&history("10s"), "2:12", "from 1m to 24h");
+    one_error(&history("25h"), "2:12", "dashboard.history");
+    one_error(&history("soon"), "2:12", "not a duration");
+    one_error(
+        &format!("dashboard:\n  read_onyl: true\n{BASE}"),
+        "2:3",
+        "did you mean `read_only`?",
+    );
+}
+
+#[test]
 fn a_yaml_over_the_parser_budget_is_named_in_words_not_rust_debug() {
     // Nesting is the cheapest limit to reach (250000 nodes take seconds in a debug
     // build); every limit goes through the same words (`budget_text`).
@@ -716,6 +760,13 @@ fn a_yaml_over_the_parser_budget_is_named_in_words_not_rust_debug() {
         "{}",
         e[0]
     );
+}
+
+#[test]
+fn diff_reports_a_dashboard_change_as_needing_a_restart() {
+    let old = ok(BASE);
+    let new = ok(&format!("dashboard: {{read_only: true}}\n{BASE}"));
+    assert_eq!(diff(&old, &new), ["dashboard changed (needs a restart)"]);
 }
 
 #[test]

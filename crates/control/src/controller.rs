@@ -13,14 +13,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use canary_config::{Config, RouteConfig};
-use canary_core::analysis::{judge, Verdict, VerdictResult, VersionWindow};
+use canary_core::analysis::{
+    checks, judge, AnalysisSpec, Check, Verdict, VerdictResult, VersionWindow,
+};
 use canary_core::rollout::{self, Event, Input, Pause, Phase, Position, RolloutSpec, RolloutState};
 use canary_core::Weight;
 use canary_proxy::expo::{Exposition, Kind};
-use canary_proxy::pool::now_ms as mono_ms;
-use canary_proxy::{DataPlaneEvent, Proxy, RouteRuntime};
+use canary_proxy::{DataPlaneEvent, RouteRuntime};
 use serde::Serialize;
 
+use crate::history::{self, History, PointView};
+use crate::live::{Live, Update};
+use crate::plane::DataPlane;
 use crate::store::{ManualWeight, Store, StoreError};
 
 /// Wall-clock milliseconds since the Unix epoch: persisted times must survive restarts.
@@ -33,21 +37,36 @@ pub fn wall_ms() -> u64 {
 /// A user command on a route.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
-    Promote { full: bool },
-    Abort { reason: String },
+    /// Go to the next step now; with `full`, straight to 100 % (promoted).
+    Promote {
+        /// Skip the remaining steps.
+        full: bool,
+    },
+    /// Abort the rollout: weight 0 until a new canary version or `Retry`.
+    Abort {
+        /// Why, for the journal and `canary status`.
+        reason: String,
+    },
+    /// Hold the rollout at its current step and weight.
     Pause,
+    /// Continue a paused rollout.
     Resume,
+    /// Start an aborted rollout again from its first step.
     Retry,
+    /// Set the canary weight by hand (a rollout is paused by it).
     SetWeight(Weight),
 }
 
 /// Why a command failed; the admin API maps each to a status code.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    /// No route of that name (404).
     #[error("unknown route {0:?}")]
     NotFound(String),
+    /// The route's state refuses the command, e.g. promoting an aborted rollout (409).
     #[error("{0}")]
     Conflict(String),
+    /// The state directory could not be read or written (500).
     // No `#[from]`: that would make the store error this one's `source()` too, and a
     // chain printer (anyhow's `{:#}`) would print it twice.
     #[error("state store: {0}")]
@@ -85,6 +104,10 @@ struct RouteCtl {
     /// save it and when that was (wall ms). The controller tries again every
     /// [`SAVE_RETRY_MS`] until it is saved.
     unsaved: Option<(String, u64)>,
+    /// The dashboard's chart points (routes with a canary).
+    history: History,
+    /// What live viewers last saw of the status, to send only changes.
+    seen: Option<String>,
 }
 
 /// How often an unsaved rollout state is written again.
@@ -96,20 +119,25 @@ struct Inner {
     applied: bool,
     reloads_ok: u64,
     reloads_failed: u64,
+    /// `dashboard.history` of the applied config.
+    history_ms: u64,
 }
 
 /// The controller; cheap to share behind an `Arc`.
 pub struct Controller {
-    proxy: Arc<Proxy>,
+    /// The data plane: the proxy in the binary, an application's layer when embedded.
+    proxy: Arc<dyn DataPlane>,
     store: Store,
     inner: Mutex<Inner>,
     /// Writes to the state directory that failed (state files and journal).
     write_failures: AtomicU64,
+    live: Live,
 }
 
 /// One step of a plan, as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct StepView {
+    /// The step's canary weight in percent.
     pub weight: f64,
     /// `"30s"` or `"manual"`.
     pub pause: String,
@@ -118,29 +146,164 @@ pub struct StepView {
 /// A route as `GET /api/v1/routes/{name}` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct RouteStatus {
+    /// The route's name.
     pub name: String,
+    /// The stable version's label.
     pub stable_version: String,
+    /// The canary version's label; `None` without a canary.
     pub canary_version: Option<String>,
     /// `rollout` (automatic), `manual` (canary, weight from config/API), `stable` (no canary).
     pub mode: &'static str,
     /// Current canary weight in percent.
     pub weight: f64,
+    /// The rollout's phase; `None` without a rollout.
     pub phase: Option<Phase>,
+    /// The current step (0-based); `None` without a rollout.
     pub step: Option<usize>,
+    /// The rollout's plan.
     pub steps: Vec<StepView>,
+    /// When the current step began (ms since the Unix epoch).
     pub step_started_ms: Option<u64>,
+    /// Consecutive failed verdicts.
     pub failed_verdicts: u32,
+    /// The latest analysis verdict.
     pub last_verdict: Option<Verdict>,
+    /// Why the rollout was aborted.
     pub abort_reason: Option<String>,
+    /// Whether the breaker holds canary traffic at 0 now.
     pub breaker_tripped: bool,
     /// Why the route's current state is not saved in `state_dir` (it holds in memory
     /// and is written again every few seconds); `None` when it is saved.
     pub unsaved: Option<String>,
+    /// Whether the canary can take requests; `None` without a canary.
     pub canary_available: Option<bool>,
+    /// Canary-bound requests sent to stable for lack of an available canary.
     pub fallbacks: u64,
     /// After promotion: the version the config should now name as stable.
     pub make_stable: Option<String>,
+    /// What the route is doing and what to do next, in a sentence.
     pub message: String,
+    /// The commands the API accepts now (`promote`, `promote_full`, `pause`, `resume`,
+    /// `abort`, `retry`, `weight`): each is one the rollout's state machine would not
+    /// refuse with 409, so the dashboard never copies the rules.
+    pub actions: Vec<&'static str>,
+    /// The rollout's analysis settings (`null` without a rollout).
+    pub analysis: Option<AnalysisView>,
+    /// Every check of `last_verdict`, with canary value, stable value, limit and result.
+    pub last_verdict_checks: Vec<Check>,
+    /// Each instance of each pool.
+    pub pools: Pools,
+}
+
+/// A rollout's analysis settings, as the API shows them.
+#[derive(Clone, Debug, Serialize)]
+pub struct AnalysisView {
+    pub interval_ms: u64,
+    pub window_ms: u64,
+    pub min_requests: u64,
+    pub max_error_rate: Option<f64>,
+    pub max_p99_latency_ms: Option<f64>,
+    pub max_error_rate_increase: Option<f64>,
+    pub max_latency_increase: Option<f64>,
+    pub latency_noise_floor_ms: f64,
+    pub failure_limit: u32,
+    /// `breaker.consecutive_failures`; `null` when the breaker is off.
+    pub breaker_failures: Option<u32>,
+    /// `breaker.min_clients`; `null` when the breaker is off.
+    pub breaker_min_clients: Option<u32>,
+}
+
+impl AnalysisView {
+    fn of(r: &RolloutSpec) -> AnalysisView {
+        let a: &AnalysisSpec = &r.analysis;
+        AnalysisView {
+            interval_ms: r.interval_ms,
+            window_ms: r.window_ms,
+            min_requests: a.min_requests,
+            max_error_rate: a.max_error_rate,
+            max_p99_latency_ms: a.max_p99_latency_ms,
+            max_error_rate_increase: a.max_error_rate_increase,
+            max_latency_increase: a.max_latency_increase,
+            latency_noise_floor_ms: a.latency_noise_floor_ms,
+            failure_limit: a.failure_limit,
+            breaker_failures: r.breaker.map(|b| b.consecutive_failures),
+            breaker_min_clients: r.breaker.map(|b| b.min_clients),
+        }
+    }
+}
+
+/// The instances of a route's pools.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Pools {
+    pub stable: Vec<InstanceView>,
+    pub canary: Vec<InstanceView>,
+}
+
+/// One instance: whether it takes requests, and why not.
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceView {
+    pub upstream: String,
+    /// Takes requests now (not ejected, health check passing).
+    pub available: bool,
+    /// Held out by passive ejection.
+    pub ejected: bool,
+    /// The active health check's view (true without a health check).
+    pub check_healthy: bool,
+    pub ejections: u64,
+}
+
+pub(crate) fn instances(pool: Option<&canary_proxy::pool::Pool>, mono: u64) -> Vec<InstanceView> {
+    pool.map(|p| {
+        p.instances
+            .iter()
+            .map(|i| InstanceView {
+                upstream: i.addr.clone(),
+                available: i.available(mono),
+                ejected: i.ejected(mono),
+                check_healthy: i.check_healthy(),
+                ejections: i.ejections_total(),
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// A route's chart data, as `GET /api/v1/routes/{name}/series` sends it.
+#[derive(Debug, Serialize)]
+pub struct Series {
+    pub route: String,
+    pub step_ms: u64,
+    /// The trailing window of `error_rate` and `p*_ms`.
+    pub analysis_window_ms: u64,
+    /// How far back the ring reaches (`dashboard.history`).
+    pub history_ms: u64,
+    #[serde(flatten)]
+    pub columns: history::Columns,
+    pub verdicts: Vec<history::VerdictMark>,
+}
+
+/// The commands the state machine accepts for this rollout now: tried on the pure
+/// `rollout::step`, which is where the 409 rules live.
+fn rollout_actions(s: &RolloutState, spec: &RolloutSpec, now: u64) -> Vec<&'static str> {
+    let tries: [(&'static str, Input); 7] = [
+        ("promote", Input::Promote { full: false }),
+        ("promote_full", Input::Promote { full: true }),
+        ("pause", Input::Pause),
+        ("resume", Input::Resume),
+        (
+            "abort",
+            Input::Abort {
+                reason: String::new(),
+            },
+        ),
+        ("retry", Input::Retry),
+        ("weight", Input::SetWeight(Weight::ZERO)),
+    ];
+    tries
+        .into_iter()
+        .filter(|(_, input)| rollout::step(s, spec, input.clone(), now).is_ok())
+        .map(|(name, _)| name)
+        .collect()
 }
 
 fn abort_category(reason: &str) -> &'static str {
@@ -172,21 +335,42 @@ fn diff(a: &VersionWindow, b: &VersionWindow) -> VersionWindow {
 }
 
 impl Controller {
-    pub fn new(proxy: Arc<Proxy>, store: Store) -> Controller {
+    /// A controller driving `proxy` (any [`DataPlane`]: the binary's `Proxy`, or an
+    /// embedding application's layer), persisting into `store`.
+    pub fn new<P: DataPlane>(proxy: Arc<P>, store: Store) -> Controller {
         Controller {
             proxy,
             store,
             inner: Mutex::new(Inner::default()),
             write_failures: AtomicU64::new(0),
+            live: Live::default(),
         }
     }
 
-    pub fn proxy(&self) -> &Arc<Proxy> {
+    /// The data plane this controller drives.
+    pub fn proxy(&self) -> &Arc<dyn DataPlane> {
         &self.proxy
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// A new live viewer of status changes, chart points and journal entries.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Update> {
+        self.live.subscribe()
+    }
+
+    /// Appends to a route's journal and tells live viewers.
+    /// Live viewers hear of the entries even when the disk fails: the change they
+    /// describe stands (the failed write is logged and counted by the caller).
+    fn journal(&self, route: &str, events: &[Event]) -> Result<(), StoreError> {
+        let written = self.store.append(route, events);
+        for e in events {
+            self.live
+                .send(Update::Event(route.to_string(), Arc::new(e.clone())));
+        }
+        written
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -210,6 +394,8 @@ impl Controller {
         self.proxy.apply(config);
         let mut inner = self.lock();
         let first = !inner.applied;
+        inner.history_ms = config.dashboard.history_ms;
+        let history_ms = inner.history_ms;
         let mut old: Vec<RouteCtl> = std::mem::take(&mut inner.routes);
         let mut routes = Vec::with_capacity(config.routes.len());
         // The first error; every route is applied regardless.
@@ -232,6 +418,7 @@ impl Controller {
                             == rc.canary.as_ref().map(|c| &c.version);
                     if !same_versions {
                         p.samples.clear();
+                        p.history.clear();
                     }
                     p.cfg = rc.clone();
                     p.runtime = runtime;
@@ -272,6 +459,8 @@ impl Controller {
                         verdicts: [0; 3],
                         aborts: BTreeMap::new(),
                         unsaved: None,
+                        history: History::new(history_ms),
+                        seen: None,
                     };
                     (ctl, before)
                 }
@@ -451,7 +640,7 @@ impl Controller {
         // The data plane first, as in `commit`: a failing disk must not leave the
         // weight of the old config in place.
         sync_runtime(ctl, fresh || first);
-        let journaled = self.wrote(persisted.and(self.store.append(&name, &events)));
+        let journaled = self.wrote(persisted.and(self.journal(&name, &events)));
         let saved = self.save_state(ctl, now);
         journaled.and(saved)?;
         Ok(())
@@ -518,21 +707,17 @@ impl Controller {
     /// and step every active rollout.
     pub fn tick(&self) {
         let now = wall_ms();
-        let snap = self.proxy.snapshot();
-        let mono = mono_ms();
         let mut inner = self.lock();
         for ctl in inner.routes.iter_mut() {
             self.retry_save(ctl, now);
+            self.chart(ctl, now);
             let (Some(spec), Some(state)) = (ctl.cfg.rollout.clone(), ctl.rollout.clone()) else {
                 continue;
             };
             if !state.phase.is_active() {
                 continue;
             }
-            let Some((_, entry)) = snap.route(&ctl.cfg.route.name) else {
-                continue;
-            };
-            let Some(canary_pool) = &entry.canary else {
+            let Some((canary, stable)) = self.proxy.counts(&ctl.cfg.route.name) else {
                 continue;
             };
             let due = now.saturating_sub(ctl.last_verdict_ms) >= spec.interval_ms;
@@ -540,8 +725,8 @@ impl Controller {
             if due || ctl.samples.back().is_none_or(|b| now >= b.at_ms + 1_000) {
                 ctl.samples.push_back(Sample {
                     at_ms: now,
-                    canary: canary_pool.stats.counts(),
-                    stable: entry.stable.stats.counts(),
+                    canary,
+                    stable,
                 });
             }
             while ctl.samples.len() > 2 && ctl.samples[1].at_ms + spec.window_ms <= now {
@@ -564,19 +749,75 @@ impl Controller {
                     VerdictResult::Inconclusive => 2,
                 }] += 1;
                 ctl.last_verdict_ms = now;
+                ctl.history.verdict(&v);
                 verdict = Some(v);
             }
             let input = if let Some(trip) = pending_trip(ctl) {
                 // The breaker tripped and its event is still queued: it wins over this
                 // tick, whose promote (last step) would otherwise re-open the canary.
                 trip
-            } else if state.weight_bp > 0 && !canary_pool.any_available(mono) {
+            } else if state.weight_bp > 0
+                && self.proxy.canary_available(&ctl.cfg.route.name) == Some(false)
+            {
                 Input::CanaryUnhealthy
             } else {
                 Input::Tick { verdict }
             };
             self.apply_input(ctl, &spec, input, now);
         }
+        for ctl in inner.routes.iter_mut() {
+            self.tell_status(ctl);
+        }
+    }
+
+    /// Takes the dashboard's chart sample of a route with a canary (every route, with
+    /// or without a rollout) and sends a new point to live viewers.
+    fn chart(&self, ctl: &mut RouteCtl, now: u64) {
+        let Some((canary, stable)) = self.proxy.counts(&ctl.cfg.route.name) else {
+            return;
+        };
+        let window = ctl
+            .cfg
+            .rollout
+            .as_ref()
+            .map_or(history::DEFAULT_WINDOW_MS, |r| r.window_ms);
+        let point = ctl
+            .history
+            .record(now, canary, stable, ctl.runtime.weight().percent(), window);
+        if let Some(p) = point {
+            self.live.send(Update::Point(Arc::new(PointView::new(
+                &ctl.cfg.route.name,
+                &p,
+            ))));
+        }
+    }
+
+    /// Tells live viewers when what a route's status shows has changed.
+    fn tell_status(&self, ctl: &mut RouteCtl) {
+        let now = serde_json::to_string(&self.status_of(ctl)).ok();
+        if now != ctl.seen {
+            ctl.seen = now;
+            self.live.send(Update::Status(ctl.cfg.route.name.clone()));
+        }
+    }
+
+    /// A route's chart points and verdict markers of the last `window_ms`.
+    pub fn series(&self, route: &str, window_ms: u64) -> Option<Series> {
+        let inner = self.lock();
+        let ctl = inner.routes.iter().find(|c| c.cfg.route.name == route)?;
+        let (points, verdicts) = ctl.history.since(wall_ms().saturating_sub(window_ms));
+        Some(Series {
+            route: route.to_string(),
+            step_ms: history::STEP_MS,
+            analysis_window_ms: ctl
+                .cfg
+                .rollout
+                .as_ref()
+                .map_or(history::DEFAULT_WINDOW_MS, |r| r.window_ms),
+            history_ms: inner.history_ms,
+            columns: history::Columns::of(&points),
+            verdicts,
+        })
     }
 
     fn apply_input(&self, ctl: &mut RouteCtl, spec: &RolloutSpec, input: Input, now: u64) {
@@ -647,7 +888,7 @@ impl Controller {
             let _ = self.save_state(ctl, now);
         }
         // A lost journal entry is logged and counted; the change it describes stands.
-        let _ = self.wrote(self.store.append(&name, &out.events));
+        let _ = self.wrote(self.journal(&name, &out.events));
         Ok(())
     }
 
@@ -656,12 +897,7 @@ impl Controller {
     /// `canary unhealthy` (for up to `ejection.max`). If the canary is still broken,
     /// the re-armed breaker catches it again.
     fn clear_canary_ejections(&self, route: &str) {
-        let snap = self.proxy.snapshot();
-        if let Some(pool) = snap.route(route).and_then(|(_, e)| e.canary.as_ref()) {
-            for i in &pool.instances {
-                i.clear_ejection();
-            }
-        }
+        self.proxy.clear_canary_ejections(route);
     }
 
     /// Handles an event from the data plane.
@@ -684,11 +920,7 @@ impl Controller {
                     }
                 }
                 // Only an abort if the pool really has no available instance.
-                let snap = self.proxy.snapshot();
-                let down = snap
-                    .route(&route)
-                    .and_then(|(_, e)| e.canary.as_ref())
-                    .is_some_and(|p| !p.any_available(mono_ms()));
+                let down = self.proxy.canary_available(&route) == Some(false);
                 if !down {
                     return;
                 }
@@ -765,7 +997,7 @@ impl Controller {
                     ctl.manual = Some(m);
                     ctl.runtime.set_weight(w);
                     tracing::info!(route, weight = %w, "weight set by user");
-                    let _ = self.wrote(self.store.append(route, &[ev]));
+                    let _ = self.wrote(self.journal(route, &[ev]));
                 }
                 _ => {
                     return Err(ControlError::Conflict(format!(
@@ -804,11 +1036,21 @@ impl Controller {
     }
 
     fn status_of(&self, c: &RouteCtl) -> RouteStatus {
-        let snap = self.proxy.snapshot();
-        let canary_available = snap
-            .route(&c.cfg.route.name)
-            .and_then(|(_, e)| e.canary.as_ref())
-            .map(|p| p.any_available(mono_ms()));
+        let canary_available = self.proxy.canary_available(&c.cfg.route.name);
+        let pools = self.proxy.pools(&c.cfg.route.name);
+        let actions = match (&c.cfg.canary, &c.rollout, &c.cfg.rollout) {
+            (None, _, _) => Vec::new(),
+            (Some(_), Some(s), Some(spec)) => rollout_actions(s, spec, wall_ms()),
+            (Some(_), _, _) => vec!["weight"],
+        };
+        let analysis = c.cfg.rollout.as_ref().map(AnalysisView::of);
+        let last_verdict_checks = match (
+            &c.cfg.rollout,
+            c.rollout.as_ref().and_then(|s| s.last_verdict.as_ref()),
+        ) {
+            (Some(r), Some(v)) => checks(&r.analysis, &v.canary, &v.stable),
+            _ => Vec::new(),
+        };
         let s = c.rollout.as_ref();
         let mode = match (&c.cfg.canary, s) {
             (None, _) => "stable",
@@ -875,6 +1117,10 @@ impl Controller {
             fallbacks: c.runtime.fallbacks(),
             make_stable,
             message,
+            actions,
+            analysis,
+            last_verdict_checks,
+            pools,
         }
     }
 
@@ -1080,6 +1326,7 @@ fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use canary_proxy::Proxy;
 
     /// One step at 50 % that passes at once (no pause, no minimum sample), breaker at 3.
     const CONFIG: &str = r#"listen: 127.0.0.1:1
@@ -1094,12 +1341,19 @@ routes:
 "#;
 
     fn controller() -> (tempfile::TempDir, Controller) {
+        let (dir, c, _) = controller_and_proxy();
+        (dir, c)
+    }
+
+    /// A controller over a proxy the test can also reach directly.
+    fn controller_and_proxy() -> (tempfile::TempDir, Controller, Arc<Proxy>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
-        let c = Controller::new(Arc::new(Proxy::new()), store);
+        let proxy = Arc::new(Proxy::new());
+        let c = Controller::new(proxy.clone(), store);
         let cfg = canary_config::parse("test.yaml", CONFIG).expect("config");
         c.apply(&cfg).expect("apply");
-        (dir, c)
+        (dir, c, proxy)
     }
 
     /// Trips the breaker in the data plane. No controller loop runs in these tests, so
@@ -1266,8 +1520,8 @@ routes:
     }
 
     /// Records `n` canary answers with `status` in the data plane's counters.
-    fn canary_answers(c: &Controller, n: usize, status: u16) {
-        let snap = c.proxy().snapshot();
+    fn canary_answers(proxy: &Proxy, n: usize, status: u16) {
+        let snap = proxy.snapshot();
         let (_, entry) = snap.route("web").expect("route");
         let pool = entry.canary.as_ref().expect("canary pool");
         for _ in 0..n {
@@ -1291,17 +1545,17 @@ routes:
             analysis,
         );
         assert!(text.contains("pause: 1h"), "{text}");
-        let (_dir, c) = controller();
+        let (_dir, c, proxy) = controller_and_proxy();
         apply(&c, &text);
         verdict_due(&c);
-        canary_answers(&c, 10, 500);
+        canary_answers(&proxy, 10, 500);
         verdict_due(&c);
         let s = c.status("web").expect("status");
         assert_eq!(s.phase, Some(Phase::Aborted), "{s:?}");
         c.command("web", Command::Retry).expect("retry");
         // The fixed canary answers every request after the retry.
         verdict_due(&c);
-        canary_answers(&c, 10, 200);
+        canary_answers(&proxy, 10, 200);
         verdict_due(&c);
         let s = c.status("web").expect("status");
         assert_eq!(s.phase, Some(Phase::Progressing), "{s:?}");

@@ -4,17 +4,26 @@
 //! # Layout
 //! - [`controller`]: applies configs, drives rollouts with the pure core's state
 //!   machine, answers commands. Never on the request path.
+//! - [`plane`]: the [`DataPlane`] seam the controller drives: the proxy, or an
+//!   application's tower layer (`canary-tower`).
 //! - [`store`]: atomic state files and the append-only journal in `state_dir`.
 //! - [`admin`]: the axum router for `/api/v1`, `/metrics`, `/healthz`, `/readyz`.
 //! - [`listener`]: the admin listener's accept loop, with its own connection budget
 //!   and header timeout so it can never starve the data plane.
+//! - [`history`]: the dashboard's bounded time series per route, filled by the
+//!   controller's tick with the analysis' own functions.
+//! - [`live`]: the broadcast of status changes, points and journal entries that the
+//!   admin API's stream (`GET /api/v1/stream`) forwards.
 //! - [`source`]: the config file source: reload on file change (watching the
 //!   directories of the file and of the symlinks leading to it, since editors
 //!   replace files and ConfigMaps swap links) and on SIGHUP.
 
 pub mod admin;
 pub mod controller;
+pub mod history;
 pub mod listener;
+pub mod live;
+pub mod plane;
 pub mod source;
 pub mod store;
 
@@ -23,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use controller::{Command, ControlError, Controller, RouteStatus};
+pub use plane::DataPlane;
 
 /// How often the controller samples counters and steps rollouts. Verdicts are taken
 /// at each route's own `analysis.interval`; this only bounds how late a pause ends

@@ -276,6 +276,25 @@ impl Proxy {
             &[],
             self.unrouted.load(std::sync::atomic::Ordering::Relaxed) as f64,
         );
+        // Which version of a route is stable and which is the canary: the per-version
+        // families carry only the version's name, and dashboards and alerts join on
+        // this (`* on (route, version) group_left (role) canary_route_version_info`).
+        e.family(
+            "canary_route_version_info",
+            "1 for each version a route serves now, with its role: stable or canary.",
+            Kind::Gauge,
+        );
+        for (r, entry) in snap.table.routes.iter().zip(&snap.entries) {
+            let canary = entry.canary.iter().map(|p| (p, "canary"));
+            for (pool, role) in std::iter::once((&entry.stable, "stable")).chain(canary) {
+                let labels = [
+                    ("route", r.name.as_str()),
+                    ("version", pool.version.as_str()),
+                    ("role", role),
+                ];
+                e.sample("canary_route_version_info", &labels, 1u8);
+            }
+        }
     }
 }
 

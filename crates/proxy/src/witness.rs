@@ -46,6 +46,16 @@ impl ClientId {
     }
 }
 
+impl ClientId {
+    /// A client whose address is unknown (an embedding application that does not
+    /// pass the peer address): told apart by its key alone, which the client chooses,
+    /// so `min_clients` then guards less (docs/embedding.md).
+    pub fn without_address(key: Option<&[u8]>) -> ClientId {
+        let key = key.map_or(0, |k| hash(&[0], k));
+        ClientId { addr: key, key }
+    }
+}
+
 /// Who a failure can be blamed on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Witness {
