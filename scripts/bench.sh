@@ -201,7 +201,7 @@ if has_target canary; then
   if [[ -n "${CANARY_BIN:-}" ]]; then
     log "using CANARY_BIN=$CANARY_BIN (no build)"
   else
-    CANARY_BIN="$ROOT/target/release/canary"
+    CANARY_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/canary"
     log "building: cargo build --release -p canary (log: $TMP/build.log)"
     if ! (cd "$ROOT" && timeout --foreground 1200 cargo build --release -p canary) >"$TMP/build.log" 2>&1; then
       tail -n 20 "$TMP/build.log" >&2
