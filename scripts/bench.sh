@@ -227,14 +227,18 @@ SKIPPED=()
 # Per-scenario settings of the rendered configs (set_mode below); the defaults are the
 # keep-alive scenario's.
 R_WORKER_CONNS=4096 R_MAXCONN=$HAPROXY_MAXCONN R_STRICT="" R_MAX_CONNECTIONS=10000 R_TLS=0
-SCHEME=http
+R_HEADER_TIMEOUT=10s SCHEME=http
 set_mode() {     # set_mode plain|idle|tls
-  R_WORKER_CONNS=4096 R_MAXCONN=$HAPROXY_MAXCONN R_STRICT="" R_MAX_CONNECTIONS=10000 R_TLS=0 SCHEME=http
+  R_WORKER_CONNS=4096 R_MAXCONN=$HAPROXY_MAXCONN R_STRICT="" R_MAX_CONNECTIONS=10000 R_TLS=0
+  R_HEADER_TIMEOUT=10s SCHEME=http
   case "$1" in
     idle)
       # room for every idle client connection plus the upstream ones, in each worker
       R_WORKER_CONNS=$((IDLE_CONNS + 1000)) R_MAX_CONNECTIONS=$((IDLE_CONNS + 1000))
       R_MAXCONN=$((IDLE_CONNS + 100))
+      # canary's header_timeout is also its idle keep-alive timeout (10 s by default):
+      # 300 s as nginx's keepalive_timeout here, so nothing closes while they are opened
+      R_HEADER_TIMEOUT=300s
       # haproxy reserves 2 descriptors per maxconn and refuses to start when the hard
       # limit is lower (20000 here); idle client connections use one each.
       R_STRICT="no strict-limits";;
@@ -252,6 +256,7 @@ render() {       # render TEMPLATE OUT WORKERS
   sed -e "s#@TMP@#$TMP#g" -e "s#@WORKERS@#$3#g" -e "s#@NOFILE@#$NOFILE#g" \
       -e "s#@MAXCONN@#$R_MAXCONN#g" -e "s#@WORKER_CONNS@#$R_WORKER_CONNS#g" \
       -e "s#@STRICT@#$R_STRICT#g" -e "s#@MAX_CONNECTIONS@#$R_MAX_CONNECTIONS#g" \
+      -e "s#@HEADER_TIMEOUT@#$R_HEADER_TIMEOUT#g" \
       -e "s#@LISTEN_TLS@#$lt#g" -e "s#@NGINX_TLS@#$nt#g" -e "s#@BIND_TLS@#$bt#g" \
       -e "s#@CANARY_TLS@#$ct#g" "$1" >"$2"
 }
