@@ -22,6 +22,7 @@ Subcommands (all bounded in time):
                            status to READY, hold until the file STOP exists (at most
                            MAXSEC s), print how many the server closed meanwhile
   xcollect KIND RUNDIR     one optional-scenario measurement -> JSON line on stdout
+  selftest                 check the parsers and the ratio arithmetic on recorded output
 """
 import json
 import os
@@ -784,6 +785,40 @@ def report(raw, metapath, outbase, xraw=None):
     return "\n".join(L)
 
 
+# ---------------------------------------------------------------- self-test
+def selftest():
+    """Check the parsers and the ratio arithmetic on recorded tool output (no servers)."""
+    h2 = parse_h2load(
+        "Application protocol: h2\n"
+        "finished in 2.02s, 3971.00 req/s, 268.77KB/s\n"
+        "requests: 7942 total, 7992 started, 7942 done, 7942 succeeded, 0 failed, 0 errored, 0 timeout\n"
+        "status codes: 7940 2xx, 0 3xx, 2 4xx, 0 5xx\n")
+    assert (h2["rps"], h2["requests"], h2["errors"], h2["alpn"]) == (3971.0, 7942, 2, "h2"), h2
+    st = parse_s_time([
+        "Collecting connection statistics for 2 seconds\n" + "*" * 151 + "\n\n"
+        "151 connections in 0.15s; 1006.67 connections/user sec, bytes read 21895\n"
+        "151 connections in 3 real seconds, 145 bytes read per connection\n",
+        "\n\nNow timing with session id reuse.\nstarting\n" + "r" * 255 + "*\n\n"
+        "256 connections in 0.13s; 1969.23 connections/user sec, bytes read 37120\n"
+        "256 connections in 3 real seconds, 145 bytes read per connection\n"], 2.5)
+    assert (st["conns"], st["resumed"], round(st["rate"], 1)) == (407, 255, 162.8), st
+    w = parse_wrk("  5096 requests in 2.01s, 746.48KB read\nRequests/sec:   2534.42\n"
+                  "  Socket errors: connect 0, read 3, write 0, timeout 1\n")
+    assert (w["rps"], w["requests"], w["errors"]) == (2534.42, 5096, 4), w
+    runs = []
+    for rep, (a, b, c) in enumerate([(100, 50, 80), (90, 60, 90), (120, 40, 60)], 1):
+        for t, v in (("canary", a), ("nginx", b), ("haproxy", c)):
+            runs.append({"scenario": "connrate", "target": t, "workers": 1, "rep": rep,
+                         "m": {"rps": v, "cpu_us_per_req": 1000 / v}, "flags": [], "noise": []})
+    _, summ = xreport(runs, {"params": {"targets": ["canary", "nginx", "haproxy"]}})
+    r = summ["connrate/1/canary"]["ratio"]
+    # per repetition: 2.0, 1.5, 3.0 to nginx; 1.25, 1.0, 2.0 to haproxy
+    assert r["nginx"]["rps"]["median"] == 2.0 and r["haproxy"]["rps"]["median"] == 1.25, r
+    assert abs(r["nginx"]["cpu_us_per_req"]["median"] - 0.5) < 1e-9, r
+    assert summ["connrate/1/nginx"]["rps"]["median"] == 50
+    print("benchlib selftest: ok")
+
+
 def main(argv):
     cmd = argv[1] if len(argv) > 1 else ""
     if cmd == "cpu":
@@ -812,6 +847,8 @@ def main(argv):
         idle(*argv[2:8])
     elif cmd == "xcollect":
         xcollect(argv[2], argv[3])
+    elif cmd == "selftest":
+        selftest()
     else:
         print(__doc__, file=sys.stderr)
         return 64
