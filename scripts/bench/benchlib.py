@@ -13,7 +13,16 @@ Subcommands (all bounded in time):
   stat                     whole-machine CPU clock ticks: "total steal" (from /proc/stat)
   busyports PORT...        print the ports that accept connections (exit 1 if any)
   collect RUNDIR           turn one measurement's raw files into a JSON line on stdout
-  report RAW META OUTBASE  aggregate runs, write OUTBASE.md and OUTBASE.json
+  report RAW META OUTBASE [XRAW]
+                           aggregate runs, write OUTBASE.md and OUTBASE.json; XRAW holds
+                           the optional scenarios' runs (idle, connrate, tls-*)
+  idle PORT N CONC READY STOP MAXSEC
+                           open N keep-alive connections to 127.0.0.1:PORT (CONC at a
+                           time), one GET each, keep them open and idle; write a JSON
+                           status to READY, hold until the file STOP exists (at most
+                           MAXSEC s), print how many the server closed meanwhile
+  xcollect KIND RUNDIR     one optional-scenario measurement -> JSON line on stdout
+  selftest                 check the parsers and the ratio arithmetic on recorded output
 """
 import json
 import os
@@ -279,6 +288,320 @@ def collect(rundir):
     print(json.dumps(rec))
 
 
+# ---------------------------------------------------------------- idle connections
+def idle(port, n, conc, ready, stop, maxsec):
+    """Open N keep-alive connections, one request each, and keep them idle.
+
+    asyncio streams, one task per connection: a client that costs little per
+    connection, so 10,000 of them fit next to the proxies on a 2-core machine.
+    """
+    import asyncio
+
+    port, n, conc, maxsec = int(port), int(n), int(conc), float(maxsec)
+    req = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: canary-bench-idle\r\n\r\n"
+
+    async def one(sem):
+        async with sem:
+            r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+            try:
+                w.write(req)
+                head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+                lines = head.decode("latin-1").split("\r\n")
+                if not lines[0].startswith("HTTP/1.1 2"):
+                    raise ValueError("status " + lines[0][:40])
+                cl = None
+                for line in lines[1:]:
+                    k, _, v = line.partition(":")
+                    if k.strip().lower() == "content-length":
+                        cl = int(v.strip())
+                    if k.strip().lower() == "connection" and "close" in v.lower():
+                        raise ValueError("server asked to close")
+                if cl is None:
+                    raise ValueError("no content-length")
+                await asyncio.wait_for(r.readexactly(cl), 10)
+            except BaseException:
+                w.close()
+                raise
+            return r, w
+
+    async def main():
+        t0 = time.monotonic()
+        sem = asyncio.Semaphore(conc)
+        res = await asyncio.gather(*(one(sem) for _ in range(n)), return_exceptions=True)
+        ok = [x for x in res if not isinstance(x, BaseException)]
+        errs = {}
+        for x in res:
+            if isinstance(x, BaseException):
+                k = f"{type(x).__name__}: {str(x)[:60]}"
+                errs[k] = errs.get(k, 0) + 1
+        status = {"requested": n, "open": len(ok), "failed": n - len(ok),
+                  "errors": errs, "open_s": round(time.monotonic() - t0, 2)}
+        with open(ready + ".part", "w") as f:
+            json.dump(status, f)
+        os.replace(ready + ".part", ready)
+        # A read that finishes means the server sent something or closed: not idle.
+        watch = [asyncio.ensure_future(r.read(1)) for r, _ in ok]
+        deadline = time.monotonic() + maxsec
+        while not os.path.exists(stop) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        status["closed_by_server_while_held"] = sum(1 for t in watch if t.done())
+        for t in watch:
+            t.cancel()
+        for _, w in ok:
+            w.close()
+        print(json.dumps(status))
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- optional scenarios
+def _noise(rundir, busy_max, steal_max):
+    """(busy_before_pct, steal_pct, [noise reasons]) for one run directory."""
+    busy = _read(os.path.join(rundir, "busy-before"), float)
+    noise = []
+    if busy is not None and busy > busy_max:
+        noise.append(f"machine {busy:.0f}% busy with other work just before this run")
+    t0 = _read(os.path.join(rundir, "stat0"), str)
+    t1 = _read(os.path.join(rundir, "stat1"), str)
+    steal = None
+    if t0 and t1:
+        (a0, s0), (a1, s1) = (map(int, t.split()) for t in (t0, t1))
+        if a1 > a0:
+            steal = round(100.0 * (s1 - s0) / (a1 - a0), 2)
+    if steal is not None and steal > steal_max:
+        noise.append(f"the hypervisor took {steal:.1f}% of the machine's CPU during this run (steal)")
+    return busy, steal, noise
+
+
+def parse_h2load(text):
+    r = {"rps": None, "requests": None, "duration_s": None, "errors": 0}
+    m = re.search(r"finished in ([\d.]+)(us|ms|s),\s+([\d.]+) req/s", text)
+    if m:
+        r["duration_s"] = float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1}[m.group(2)]
+        r["rps"] = float(m.group(3))
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", text)
+    if m:
+        total, started, done, succ, failed, errored, tmo = map(int, m.groups())
+        r["requests"] = succ
+        r["errors"] = failed + errored + tmo
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    if m:
+        r["errors"] += sum(map(int, m.groups()[1:]))
+    m = re.search(r"Application protocol: (\S+)", text)
+    r["alpn"] = m.group(1) if m else None
+    return r
+
+
+def parse_s_time(texts, wall_s):
+    """Sum parallel `openssl s_time` runs over the wall time they took together.
+
+    s_time's own "real seconds" is a whole number, too coarse for a few seconds' run.
+    """
+    conns, resumed = 0, 0
+    for t in texts:
+        m = re.findall(r"(\d+) connections in \d+ real seconds", t)
+        if m:
+            conns += int(m[-1])
+        # s_time prints one mark per connection: 'r' resumed, '*' a full handshake
+        for line in t.splitlines():
+            if re.fullmatch(r"[r*]+", line.strip()):
+                resumed += line.count("r")
+    return {"conns": conns, "rate": conns / wall_s if wall_s else None, "resumed": resumed}
+
+
+def xcollect(kind, rundir):
+    meta = json.load(open(os.path.join(rundir, "meta.json")))
+    rec = dict(meta)
+    rec["scenario"] = kind
+    flags = []
+    busy, steal, noise = _noise(rundir, meta.get("busy_max", 25), meta.get("steal_max", 0.5))
+    rec["busy_before_pct"], rec["steal_pct"] = busy, steal
+    m = {}
+    if kind == "idle":
+        before = _read(os.path.join(rundir, "rss-before"), int)
+        held = _read(os.path.join(rundir, "rss-held"), int)
+        try:
+            st = json.load(open(os.path.join(rundir, "idle.json")))
+        except (OSError, ValueError):
+            st = {}
+        end = {}
+        try:
+            end = json.loads(_read(os.path.join(rundir, "idle.out"), default="{}").splitlines()[-1])
+        except (ValueError, IndexError):
+            pass
+        n_open = st.get("open")
+        m["rss_before_kb"] = before
+        m["rss_idle_kb"] = held
+        m["conns_open"] = n_open
+        m["open_s"] = st.get("open_s")
+        m["kib_per_conn"] = ((held - before) / n_open
+                             if held is not None and before is not None and n_open else None)
+        if not st:
+            flags.append("the idle client did not report")
+        elif st.get("failed"):
+            flags.append(f"{st['failed']} of {st['requested']} connections failed: {st.get('errors')}")
+        closed = end.get("closed_by_server_while_held")
+        m["closed_while_held"] = closed
+        if closed:
+            flags.append(f"the server closed {closed} idle connections while they were measured")
+    else:
+        t0 = _read(os.path.join(rundir, "cpu0"), int)
+        t1 = _read(os.path.join(rundir, "cpu1"), int)
+        ticks = None if t0 is None or t1 is None else t1 - t0
+        rc = _read(os.path.join(rundir, "load.rc"), int)
+        if kind in ("connrate", "tls-h1"):
+            w = parse_wrk(_read(os.path.join(rundir, "load.txt"), default=""))
+            m["rps"], n, err = w["rps"], w["requests"], w["errors"]
+            if err:
+                flags.append(f"wrk: {w['non2xx']} non-2xx, socket errors {w['socket_errors']}")
+        elif kind == "tls-h2":
+            h = parse_h2load(_read(os.path.join(rundir, "load.txt"), default=""))
+            m["rps"], n, err = h["rps"], h["requests"], h["errors"]
+            m["alpn"] = h["alpn"]
+            if err:
+                flags.append(f"h2load: {err} failed/errored/timed-out or non-2xx")
+            if h["alpn"] != "h2":
+                flags.append(f"h2load negotiated {h['alpn']!r}, not h2")
+        else:  # tls-new, tls-resume: parallel openssl s_time
+            texts = []
+            for fn in sorted(os.listdir(rundir)):
+                if fn.startswith("s_time-") and fn.endswith(".txt"):
+                    texts.append(_read(os.path.join(rundir, fn), default=""))
+            s = parse_s_time(texts, _read(os.path.join(rundir, "wall"), float))
+            m["rps"], n = s["rate"], s["conns"]
+            m["resumed"] = s["resumed"]
+            if kind == "tls-resume" and n and s["resumed"] < 0.9 * n:
+                flags.append(f"only {s['resumed']} of {n} connections were resumed")
+            if kind == "tls-new" and s["resumed"]:
+                flags.append(f"{s['resumed']} of {n} connections were resumed, not full handshakes")
+        m["requests"] = n
+        m["cpu_us_per_req"] = ticks / CLK_TCK / n * 1e6 if ticks is not None and n else None
+        if m["rps"] is None or rc not in (0, None):
+            flags.append(f"load failed (exit {rc})")
+        if (_read(os.path.join(rundir, "start-failed"), str)) is not None:
+            flags.append("target failed to start")
+    rec["m"] = m
+    rec["flags"] = flags
+    rec["noise"] = noise
+    print(json.dumps(rec))
+
+
+# What each optional scenario reports: (metric key, column title, decimals, scale,
+# ratio direction): "up" = above 1x is better, "down" = below 1x is better, None = no ratio.
+XSCEN = {
+    "idle": ("Memory per idle keep-alive connection", [
+        ("conns_open", "connections held", 0, 1, None),
+        ("open_s", "s to open", 1, 1, None),
+        ("rss_before_kb", "RSS before MiB", 1, 1 / 1024, "down"),
+        ("rss_idle_kb", "RSS with them MiB", 1, 1 / 1024, "down"),
+        ("kib_per_conn", "KiB per connection", 2, 1, "down"),
+    ]),
+    "connrate": ("New plain TCP connections (one request per connection)", [
+        ("rps", "req/s = conn/s", 0, 1, "up"),
+        ("cpu_us_per_req", "CPU µs/req", 1, 1, "down"),
+    ]),
+    "tls-h1": ("HTTPS keep-alive, HTTP/1.1 (wrk)", [
+        ("rps", "req/s", 0, 1, "up"),
+        ("cpu_us_per_req", "CPU µs/req", 1, 1, "down"),
+    ]),
+    "tls-h2": ("HTTPS keep-alive, HTTP/2 (h2load)", [
+        ("rps", "req/s", 0, 1, "up"),
+        ("cpu_us_per_req", "CPU µs/req", 1, 1, "down"),
+    ]),
+    "tls-new": ("New TLS 1.3 connections, full handshake (openssl s_time -new)", [
+        ("rps", "conn/s", 0, 1, "up"),
+        ("cpu_us_per_req", "CPU µs/conn", 1, 1, "down"),
+    ]),
+    "tls-resume": ("New TLS 1.3 connections, resumed (openssl s_time -reuse)", [
+        ("rps", "conn/s", 0, 1, "up"),
+        ("cpu_us_per_req", "CPU µs/conn", 1, 1, "down"),
+        ("resumed", "resumed", 0, 1, None),
+    ]),
+}
+
+
+def xreport(xruns, meta):
+    """Markdown lines and a JSON summary for the optional scenarios."""
+    L, summary = [], {}
+    notes = meta.get("xnotes", {})
+    for kind, (title, metrics) in XSCEN.items():
+        rs_k = [r for r in xruns if r["scenario"] == kind]
+        if not rs_k:
+            continue
+        for wk in sorted({r["workers"] for r in rs_k}):
+            rs_w = [r for r in rs_k if r["workers"] == wk]
+            by_rep = {(r["rep"], r["target"]): r for r in rs_w}
+            targets = [t for t in meta["params"]["targets"] if any(r["target"] == t for r in rs_w)]
+            L.append(f"## {title}, {wk} worker(s)/thread(s)")
+            L.append("")
+            if notes.get(kind):
+                L.append(notes[kind])
+                L.append("")
+            hdr = ["target"] + [m[1] for m in metrics] + ["runs with errors"]
+            L.append("| " + " | ".join(hdr) + " |")
+            L.append("|" + "---|" * len(hdr))
+            for t in targets:
+                rs = [r for r in rs_w if r["target"] == t]
+                s = {"runs": len(rs), "flags": [f"rep {r['rep']}: {f}" for r in rs for f in r["flags"]],
+                     "noise": [f"rep {r['rep']}: {f}" for r in rs for f in r["noise"]],
+                     "steal_pct": _med([r.get("steal_pct") for r in rs])}
+                row = [f"**{t}**" + (" †" if s["noise"] else "")]
+                for key, _, nd, scale, _ in metrics:
+                    st = _med([r["m"].get(key) for r in rs])
+                    s[key] = st
+                    shown = None if st is None else {k: (v * scale if k != "n" else v) for k, v in st.items()}
+                    row.append(_fmt(shown, nd))
+                bad = sum(1 for r in rs if r["flags"])
+                row.append(f"⚠ {bad}/{len(rs)}" if bad else "0")
+                s["ratio"] = {}
+                for base in ("nginx", "haproxy"):
+                    if base == t:
+                        continue
+                    s["ratio"][base] = {}
+                    for key, _, _, _, way in metrics:
+                        if way is None:
+                            continue
+                        vals = []
+                        for r in rs:
+                            b = by_rep.get((r["rep"], base))
+                            a = r["m"].get(key)
+                            bv = b["m"].get(key) if b else None
+                            if a is not None and bv:
+                                vals.append(a / bv)
+                        s["ratio"][base][key] = _med(vals)
+                summary[f"{kind}/{wk}/{t}"] = s
+                L.append("| " + " | ".join(row) + " |")
+            L.append("")
+            cols = [(k, h, w) for k, h, _, _, w in metrics if w]
+            for base in ("nginx", "haproxy"):
+                others = [t for t in targets if t != base and (base == "nginx" or t != "direct") and summary.get(f"{kind}/{wk}/{t}", {}).get("ratio", {}).get(base)]
+                if base not in targets or not others:
+                    continue
+                L.append(f"Ratio to {base}, same repetition, median (min–max) "
+                         f"({', '.join(h + (': >1 is better' if w == 'up' else ': <1 is better') for _, h, w in cols)}):")
+                L.append("")
+                L.append("| target | " + " | ".join(h for _, h, _ in cols) + " |")
+                L.append("|" + "---|" * (len(cols) + 1))
+                for t in others:
+                    rv = summary[f"{kind}/{wk}/{t}"]["ratio"][base]
+                    L.append(f"| {t} | " + " | ".join(_fmt(rv.get(k), 2, "×") for k, _, _ in cols) + " |")
+                L.append("")
+            fl = [(t, f) for t in targets for f in summary[f"{kind}/{wk}/{t}"]["flags"]]
+            nz = [(t, f) for t in targets for f in summary[f"{kind}/{wk}/{t}"]["noise"]]
+            if fl:
+                L.append("⚠ Runs with errors (their figures are suspect):")
+                L.append("")
+                L += [f"- {t}: {f}" for t, f in fl]
+                L.append("")
+            if nz:
+                L.append("† Noisy runs (other work or hypervisor steal during the run):")
+                L.append("")
+                L += [f"- {t}: {f}" for t, f in nz]
+                L.append("")
+    return L, summary
+
+
 # ---------------------------------------------------------------- report
 def _med(xs):
     xs = [x for x in xs if x is not None]
@@ -296,8 +619,9 @@ def _fmt(s, nd=0, unit=""):
     return f"{f.format(s['median'])}{unit} ({f.format(s['min'])}–{f.format(s['max'])})"
 
 
-def report(raw, metapath, outbase):
+def report(raw, metapath, outbase, xraw=None):
     runs = [json.loads(l) for l in open(raw) if l.strip()]
+    xruns = [json.loads(l) for l in open(xraw) if l.strip()] if xraw else []
     meta = json.load(open(metapath))
     conns = [str(c) for c in meta["params"]["conns"]]
     hi = conns[-1]
@@ -362,16 +686,21 @@ def report(raw, metapath, outbase):
     for k, v in meta.get("versions", {}).items():
         L.append(f"| {k} | {v} |")
     L.append("")
-    L.append(f"Load: `wrk -t1 -c{{{','.join(conns)}}} -d{p['duration']}s` after a {p['warmup']} s warm-up; "
-             f"latency: `oha -z {p['oha_duration']}s -q {p['rate']} -c {p['oha_conns']} --latency-correction`; "
-             f"{p['reps']} repetition(s), targets alternated within each repetition "
-             f"({' '.join(p['targets'])}, the order rotated by one each repetition). Cells: median (min–max). "
-             f"CPU = utime+stime of the proxy's processes during the wrk run / requests completed. "
-             f"For `direct` the CPU and RSS are the upstream nginx's own. "
-             f"Upstreams: one nginx, 1 worker, `return 200` on :18001 (v1) / :18002 (v2). "
-             f"Workers = nginx `worker_processes`, haproxy `nbthread`, canary `workers`. "
-             f"Everything shares {meta.get('nproc')} cores with the load generator; "
-             f"† = machine busy with other work before the run (noisy).")
+    if meta.get("scenarios"):
+        L.append("Scenarios: " + ", ".join(f"`{x}`" for x in meta["scenarios"])
+                 + " (`BENCH_SCENARIOS`; see scripts/bench/README.md).")
+        L.append("")
+    if runs:
+        L.append(f"Load: `wrk -t1 -c{{{','.join(conns)}}} -d{p['duration']}s` after a {p['warmup']} s warm-up; "
+                 f"latency: `oha -z {p['oha_duration']}s -q {p['rate']} -c {p['oha_conns']} --latency-correction`; "
+                 f"{p['reps']} repetition(s), targets alternated within each repetition "
+                 f"({' '.join(p['targets'])}, the order rotated by one each repetition). Cells: median (min–max). "
+                 f"CPU = utime+stime of the proxy's processes during the wrk run / requests completed. "
+                 f"For `direct` the CPU and RSS are the upstream nginx's own. "
+                 f"Upstreams: one nginx, 1 worker, `return 200` on :18001 (v1) / :18002 (v2). "
+                 f"Workers = nginx `worker_processes`, haproxy `nbthread`, canary `workers`. "
+                 f"Everything shares {meta.get('nproc')} cores with the load generator; "
+                 f"† = machine busy with other work before the run (noisy).")
     L.append("")
     if meta.get("skipped"):
         L.append("**Skipped targets:** " + "; ".join(meta["skipped"]))
@@ -439,6 +768,8 @@ def report(raw, metapath, outbase):
         for k, f in allnoise:
             L.append(f"- workers={k.replace('/', ' ')}: {f}")
         L.append("")
+    xl, xsummary = xreport(xruns, meta)
+    L += xl
     L.append(f"Wall time: {meta.get('wall_s', '?')} s. Raw per-run figures are in the JSON file.")
     if p.get("shortened_by_budget"):
         L.append("")
@@ -449,8 +780,43 @@ def report(raw, metapath, outbase):
     with open(outbase + ".md", "w") as f:
         f.write("\n".join(L))
     with open(outbase + ".json", "w") as f:
-        json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1)
+        json.dump({"meta": meta, "summary": summary, "runs": runs,
+                   "xsummary": xsummary, "xruns": xruns}, f, indent=1)
     return "\n".join(L)
+
+
+# ---------------------------------------------------------------- self-test
+def selftest():
+    """Check the parsers and the ratio arithmetic on recorded tool output (no servers)."""
+    h2 = parse_h2load(
+        "Application protocol: h2\n"
+        "finished in 2.02s, 3971.00 req/s, 268.77KB/s\n"
+        "requests: 7942 total, 7992 started, 7942 done, 7942 succeeded, 0 failed, 0 errored, 0 timeout\n"
+        "status codes: 7940 2xx, 0 3xx, 2 4xx, 0 5xx\n")
+    assert (h2["rps"], h2["requests"], h2["errors"], h2["alpn"]) == (3971.0, 7942, 2, "h2"), h2
+    st = parse_s_time([
+        "Collecting connection statistics for 2 seconds\n" + "*" * 151 + "\n\n"
+        "151 connections in 0.15s; 1006.67 connections/user sec, bytes read 21895\n"
+        "151 connections in 3 real seconds, 145 bytes read per connection\n",
+        "\n\nNow timing with session id reuse.\nstarting\n" + "r" * 255 + "*\n\n"
+        "256 connections in 0.13s; 1969.23 connections/user sec, bytes read 37120\n"
+        "256 connections in 3 real seconds, 145 bytes read per connection\n"], 2.5)
+    assert (st["conns"], st["resumed"], round(st["rate"], 1)) == (407, 255, 162.8), st
+    w = parse_wrk("  5096 requests in 2.01s, 746.48KB read\nRequests/sec:   2534.42\n"
+                  "  Socket errors: connect 0, read 3, write 0, timeout 1\n")
+    assert (w["rps"], w["requests"], w["errors"]) == (2534.42, 5096, 4), w
+    runs = []
+    for rep, (a, b, c) in enumerate([(100, 50, 80), (90, 60, 90), (120, 40, 60)], 1):
+        for t, v in (("canary", a), ("nginx", b), ("haproxy", c)):
+            runs.append({"scenario": "connrate", "target": t, "workers": 1, "rep": rep,
+                         "m": {"rps": v, "cpu_us_per_req": 1000 / v}, "flags": [], "noise": []})
+    _, summ = xreport(runs, {"params": {"targets": ["canary", "nginx", "haproxy"]}})
+    r = summ["connrate/1/canary"]["ratio"]
+    # per repetition: 2.0, 1.5, 3.0 to nginx; 1.25, 1.0, 2.0 to haproxy
+    assert r["nginx"]["rps"]["median"] == 2.0 and r["haproxy"]["rps"]["median"] == 1.25, r
+    assert abs(r["nginx"]["cpu_us_per_req"]["median"] - 0.5) < 1e-9, r
+    assert summ["connrate/1/nginx"]["rps"]["median"] == 50
+    print("benchlib selftest: ok")
 
 
 def main(argv):
@@ -476,7 +842,13 @@ def main(argv):
     elif cmd == "collect":
         collect(argv[2])
     elif cmd == "report":
-        print(report(argv[2], argv[3], argv[4]))
+        print(report(argv[2], argv[3], argv[4], argv[5] if len(argv) > 5 else None))
+    elif cmd == "idle":
+        idle(*argv[2:8])
+    elif cmd == "xcollect":
+        xcollect(argv[2], argv[3])
+    elif cmd == "selftest":
+        selftest()
     else:
         print(__doc__, file=sys.stderr)
         return 64
