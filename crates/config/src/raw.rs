@@ -164,6 +164,28 @@ raw_structs! {
         workers: S<i64>,
         limits: S<RawLimits>,
         routes: List<RawRoute>,
+        tls: S<RawTls>,
+        http_redirect: S<String>,
+        admin_tls: S<RawTls>,
+    }
+
+    RawTls {
+        certificates: List<RawCertificate>,
+        require_sni: S<bool>,
+        handshake_timeout: S<String>,
+    }
+
+    RawCertificate {
+        cert: S<String>,
+        key: S<String>,
+    }
+
+    RawUpstreamTls {
+        ca: S<String>,
+        server_name: S<String>,
+        cert: S<String>,
+        key: S<String>,
+        insecure_skip_verify: S<bool>,
     }
 
     RawLimits {
@@ -191,6 +213,7 @@ raw_structs! {
         upstreams: List<String>,
         http2: bool,
         health_check: S<RawHealthCheck>,
+        tls: S<RawUpstreamTls>,
     }
 
     RawHealthCheck {
