@@ -4,13 +4,17 @@
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use canary_config::Config;
 use canary_control::admin::{router, Admin};
 use canary_control::store::Store;
 use canary_control::{run_controller, source, Controller};
+
+use crate::{https, redirect};
 use canary_proxy::Proxy;
+use canary_tls::CertStore;
 use tokio::net::TcpListener;
 
 pub fn init_tracing() {
@@ -104,6 +108,9 @@ pub async fn run(
             cfg.admin
         );
     }
+    if cfg.tls.is_some() {
+        bail!("`tls` on the proxy listener is not wired into the data plane yet (admin_tls is)");
+    }
     let store = Store::open(&cfg.state_dir)
         .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
     let workers = cfg.workers.unwrap_or_else(|| {
@@ -117,27 +124,71 @@ pub async fn run(
     let admin_listener = TcpListener::bind(cfg.admin)
         .await
         .with_context(|| format!("binding admin address {}", cfg.admin))?;
-    tracing::info!(listen = %cfg.listen, admin = %cfg.admin, routes = cfg.routes.len(), workers, token = token.is_some(), "canary serving");
+    let redirect_listener = match cfg.http_redirect {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding http_redirect address {addr}"))?,
+        ),
+        None => None,
+    };
+    // Certificates were checked by validation; loading them again here closes the gap
+    // to a file changed since.
+    let admin_certs = match &cfg.admin_tls {
+        Some(t) => Some(Arc::new(
+            CertStore::load("admin", &t.files(), t.require_sni).context("admin_tls")?,
+        )),
+        None => None,
+    };
+    tracing::info!(listen = %cfg.listen, admin = %cfg.admin, routes = cfg.routes.len(), workers, token = token.is_some(), tls = cfg.tls.is_some(), admin_tls = cfg.admin_tls.is_some(), "canary serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let cert_stores: Vec<Arc<CertStore>> = admin_certs.iter().cloned().collect();
     let app = router(Admin {
         controller: controller.clone(),
         token,
+        certificates: cert_stores.clone(),
     });
+    let admin_tls = match (&admin_certs, &cfg.admin_tls) {
+        (Some(store), Some(t)) => Some((
+            canary_tls::server_config(store.clone(), &[canary_tls::ALPN_HTTP1])?,
+            Duration::from_millis(t.handshake_timeout_ms),
+        )),
+        _ => None,
+    };
     let admin_task = tokio::spawn({
         let stop = stopped(stop_rx.clone());
         async move {
-            if let Err(e) = axum::serve(admin_listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
+            let served = match admin_tls {
+                Some((config, timeout)) => {
+                    match https::TlsListener::new(admin_listener, config, timeout) {
+                        Ok(l) => axum::serve(l, app).with_graceful_shutdown(stop).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                None => {
+                    axum::serve(admin_listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                }
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "admin server failed");
             }
         }
     });
+    let redirect_task = redirect_listener.map(|l| {
+        tokio::spawn(redirect::serve(
+            l,
+            cfg.listen.port(),
+            stopped(stop_rx.clone()),
+        ))
+    });
+    let cert_watch_task =
+        (!cert_stores.is_empty()).then(|| tokio::spawn(canary_tls::watch::watch(cert_stores)));
     let ctl_task = tokio::spawn(run_controller(controller.clone(), stopped(stop_rx.clone())));
     let watch_task = tokio::spawn(source::watch(
         controller.clone(),
@@ -156,7 +207,13 @@ pub async fn run(
     tracing::info!("stopping: draining connections");
     let _ = stop_tx.send(true);
     watch_task.abort();
+    if let Some(t) = cert_watch_task {
+        t.abort();
+    }
     let _ = proxy_task.await;
+    if let Some(t) = redirect_task {
+        let _ = t.await;
+    }
     let _ = ctl_task.await;
     let _ = admin_task.await;
     Ok(())

@@ -7,9 +7,14 @@
 //! worker, and rustls' in-memory session cache for TLS 1.2 clients without tickets.
 //! No 0-RTT early data (it can be replayed).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::store::CertStore;
 use crate::TlsError;
@@ -34,4 +39,28 @@ pub fn server_config(store: Arc<CertStore>, alpn: &[&[u8]]) -> Result<Arc<Server
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(rustls)?;
     Ok(Arc::new(config))
+}
+
+/// Runs the server side of a handshake on `io` within `timeout`. `None`: the client
+/// failed it, took too long or went away (logged at debug: a port scanner or a client
+/// that distrusts the certificate is not the proxy's error). Run it in the
+/// connection's own task, never in the accept loop, so one slow client cannot hold up
+/// the others.
+pub async fn handshake<IO: AsyncRead + AsyncWrite + Unpin>(
+    acceptor: &TlsAcceptor,
+    io: IO,
+    timeout: Duration,
+    peer: SocketAddr,
+) -> Option<TlsStream<IO>> {
+    match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
 }

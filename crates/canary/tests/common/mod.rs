@@ -34,6 +34,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+pub mod tls;
+
 /// How long `Canary::start` waits for `/readyz`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per-request timeout of the test clients.
