@@ -90,6 +90,12 @@ if ((${#install[@]} + ${#unpack[@]})); then
     fi
 fi
 
+echo "==> the HTTP/1.1 wing depends on no other canary crate"
+if cargo tree -p canary-http1 --edges normal,build --prefix none 2>/dev/null \
+    | grep -v '^canary-http1 ' | grep -q '^canary-'; then
+    say "crates/http1 must not depend on another canary-* crate (ARCHITECTURE.md)"
+    exit 1
+fi
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"

@@ -5,8 +5,8 @@
 //! own traffic and checks. Everything on the request path is atomics.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use canary_config::{Ejection, HealthCheck};
@@ -17,17 +17,18 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::forward::{
-    UpstreamBody, PROTO_HTTP, X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_PROTO,
-};
-use crate::metrics::VersionStats;
-use crate::upstream::{self, IdleList};
+use tokio::net::TcpStream;
 
-/// Milliseconds since the process started: a monotonic clock for ejection deadlines.
-pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
+use crate::headers::{PROTO_HTTP, X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_PROTO};
+use crate::http2::WorkerClients;
+use crate::metrics::VersionStats;
+use crate::upstream::Upstream;
+use crate::worker::this_worker;
+use canary_http1::conn::IdleList;
+use canary_http1::fields::write_field;
+
+/// The data plane's monotonic clock (the controller reads it from here).
+pub use crate::worker::now_ms;
 
 /// One upstream instance (`host:port`).
 #[derive(Debug)]
@@ -48,7 +49,7 @@ pub struct Instance {
     /// `Host` for a request that came without one.
     pub host_header: HeaderValue,
     /// Idle HTTP/1.1 connections, one list per data-plane worker.
-    idle: Box<[Arc<IdleList>]>,
+    idle: Box<[Arc<IdleList<TcpStream>>]>,
 }
 
 impl Instance {
@@ -73,7 +74,7 @@ impl Instance {
 
     /// The current worker's idle HTTP/1.1 connections to this instance.
     #[inline]
-    pub fn idle(&self) -> &Arc<IdleList> {
+    pub fn idle(&self) -> &Arc<IdleList<TcpStream>> {
         this_worker(&self.idle)
     }
 
@@ -176,72 +177,6 @@ impl Instance {
     }
 }
 
-/// The HTTP client that forwards to HTTP/2 pools; one per connect timeout and
-/// data-plane worker, reused across reloads so its connections survive them.
-/// HTTP/1.1 pools use [`crate::upstream`] instead.
-pub type ProxyClient = Client<HttpConnector, UpstreamBody>;
-
-thread_local! {
-    /// The data-plane worker this thread runs (see `server::spawn_workers`); 0 elsewhere.
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Marks the current thread as data-plane worker `i`.
-pub fn set_worker_index(i: usize) {
-    WORKER.with(|w| w.set(i));
-}
-
-/// The current worker's item of a per-worker slice (worker 0's on any other thread).
-#[inline]
-fn this_worker<T>(per_worker: &[T]) -> &T {
-    let i = WORKER.with(std::cell::Cell::get);
-    &per_worker[if i < per_worker.len() { i } else { 0 }]
-}
-
-/// One HTTP/2 forwarding client per data-plane worker.
-///
-/// hyper-util's `Client` spawns each upstream connection's task on the runtime of the
-/// thread that opened it. With one current-thread runtime per worker, a client (and
-/// its pool) per worker keeps every upstream connection on the thread that uses it:
-/// the pool's mutex is never contended and no request crosses threads. Our own
-/// exchange would also drop the pool's checkout machinery and the connection tasks,
-/// but would have to re-implement HTTP/2 (multiplexing, flow control); HTTP/1.1 pools,
-/// which need none of it, use it ([`crate::upstream`]).
-#[derive(Clone, Debug)]
-pub struct WorkerClients(Arc<[ProxyClient]>);
-
-impl WorkerClients {
-    pub fn new(workers: usize, connect_ms: u64) -> WorkerClients {
-        WorkerClients(
-            (0..workers.max(1))
-                .map(|_| build_h2_client(connect_ms))
-                .collect(),
-        )
-    }
-
-    /// The current worker's client (worker 0's on any other thread).
-    #[inline]
-    pub fn get(&self) -> &ProxyClient {
-        this_worker(&self.0)
-    }
-}
-
-/// Builds an HTTP/2 (h2c, prior knowledge) forwarding client.
-fn build_h2_client(connect_ms: u64) -> ProxyClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_millis(connect_ms)));
-    // The same keep-alive settings as the HTTP/1.1 pools.
-    connector.set_keepalive(Some(upstream::TCP_KEEPALIVE));
-    let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(Duration::from_millis(upstream::IDLE_TIMEOUT_MS))
-        .pool_max_idle_per_host(upstream::MAX_IDLE);
-    b.timer(hyper_util::rt::TokioTimer::new())
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .http2_only(true);
-    b.build(connector)
-}
-
 /// One version's instances on one route.
 #[derive(Debug)]
 pub struct Pool {
@@ -283,7 +218,7 @@ impl Pool {
             (&X_CANARY_VERSION, &version_header),
             (&X_CANARY_ROUTE, &route_header),
         ] {
-            upstream::write_field(&mut lines, name.as_str().as_bytes(), value.as_bytes());
+            write_field(&mut lines, name.as_str().as_bytes(), value.as_bytes());
         }
         Pool {
             version: version.to_string(),
@@ -303,6 +238,20 @@ impl Pool {
     #[inline]
     pub fn is_http2(&self) -> bool {
         self.h2_client.is_some()
+    }
+
+    /// How a request reaches `instance` of this pool (connecting within `connect_ms`
+    /// when a new HTTP/1.1 connection is needed).
+    #[inline]
+    pub(crate) fn upstream<'a>(&'a self, instance: &'a Instance, connect_ms: u64) -> Upstream<'a> {
+        match &self.h2_client {
+            Some(h2) => Upstream::Http2(h2.get()),
+            None => Upstream::Http1 {
+                idle: instance.idle(),
+                addr: &instance.addr,
+                connect_ms,
+            },
+        }
     }
 
     /// The next available instance, round robin; `None` when none is available.

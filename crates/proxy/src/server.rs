@@ -20,10 +20,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::forward::ConnInfo;
-use crate::h1::{self, Settings};
-use crate::pool::set_worker_index;
+use crate::connection::{self, Settings};
+use crate::request::ConnInfo;
 use crate::snapshot::Proxy;
+use crate::worker::set_worker_index;
 
 /// How long in-flight requests get to finish after a stop signal.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -95,7 +95,7 @@ pub async fn serve_with(
         let conn_info = Arc::new(ConnInfo::new(peer));
         let (settings, stop) = (settings.clone(), stop_rx.clone());
         tokio::spawn(async move {
-            h1::serve(stream, conn_info, settings, stop).await;
+            connection::serve(stream, conn_info, settings, stop).await;
             drop(permit);
         });
     }

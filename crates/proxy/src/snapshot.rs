@@ -13,9 +13,11 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
 use crate::expo::{Exposition, Kind};
+use crate::http2::WorkerClients;
 use crate::metrics::{encode_versions, VersionStats};
-use crate::pool::{health_check_loop, now_ms, Instance, Pool, WorkerClients};
+use crate::pool::{health_check_loop, Instance, Pool};
 use crate::runtime::{DataPlaneEvent, RouteRuntime};
+use crate::worker::now_ms;
 
 /// One route as the data plane serves it.
 #[derive(Debug)]

@@ -1,0 +1,315 @@
+//! The proxy's header policy, in one place: the fields it sets on requests
+//! (`X-Forwarded-*`, `X-Canary-*`) and answers (`X-Canary-Version`, a generated sticky
+//! cookie), those it never passes on (hop-by-hop ones, a client's copies of its own),
+//! and the sticky ids it generates.
+//!
+//! The wire code (`canary_http1`) leaves out what RFC 9112 has it leave out;
+//! what the proxy adds or drops besides reaches it as [`ProxyFields`] (a
+//! `Filter`) and as the lines it is given to write.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use canary_http1::client::Filter;
+use canary_http1::fields::{hop_by_hop, is_name, te_lists_trailers, write_field};
+
+pub(crate) static X_CANARY_VERSION: HeaderName = HeaderName::from_static("x-canary-version");
+pub(crate) static X_CANARY_ROUTE: HeaderName = HeaderName::from_static("x-canary-route");
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The fields the proxy sets on every upstream request (`forward::Added`): a client's
+/// own are never passed on, `X-Forwarded-Host` even when the proxy sets none. The
+/// HTTP/1.1 read path drops them by [`ProxyFields`], its own fast switch on the name's
+/// length; a test keeps the two in step.
+pub(crate) static PROXY_REQUEST_FIELDS: [&HeaderName; 5] = [
+    &X_FORWARDED_FOR,
+    &X_FORWARDED_HOST,
+    &X_FORWARDED_PROTO,
+    &X_CANARY_VERSION,
+    &X_CANARY_ROUTE,
+];
+
+pub(crate) static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
+
+/// What the proxy leaves out of the messages the HTTP/1.1 exchange passes on: a
+/// client's own copies of the fields the proxy sets on every request
+/// ([`PROXY_REQUEST_FIELDS`]), and an upstream's `X-Canary-Version`, which the proxy
+/// sets on every answer. A switch on the name's length, as every field of every
+/// request passes through it; a test keeps it in step with [`PROXY_REQUEST_FIELDS`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProxyFields;
+
+impl Filter for ProxyFields {
+    #[inline]
+    fn drop_request_field(&self, name: &[u8]) -> bool {
+        let is = |n: &str| is_name(name, n);
+        match name.len() {
+            14 => is("x-canary-route"),
+            15 => is("x-forwarded-for"),
+            16 => is("x-canary-version") || is("x-forwarded-host"),
+            17 => is("x-forwarded-proto"),
+            _ => false,
+        }
+    }
+
+    #[inline]
+    fn drop_response_field(&self, name: &[u8]) -> bool {
+        name.len() == 16 && is_name(name, "x-canary-version")
+    }
+}
+
+/// A field the proxy adds to an answer.
+#[derive(Clone, Debug)]
+pub enum AddedField {
+    /// A name and a whole value (`X-Canary-Version`).
+    Value(&'static HeaderName, HeaderValue),
+    /// `Set-Cookie` with a sticky id the proxy generated: `prefix` (`name=`, checked
+    /// when the route was built), the id (hex digits), then [`STICKY_COOKIE_ATTRIBUTES`].
+    /// Written in pieces; making it a `HeaderValue` first cost an allocation and a
+    /// check of every byte per new visitor.
+    StickyCookie { prefix: Bytes, id: [u8; 32] },
+}
+
+/// The attributes of a generated sticky cookie (docs/routing.md).
+pub const STICKY_COOKIE_ATTRIBUTES: &str = "; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax";
+
+impl AddedField {
+    /// The field's name.
+    pub fn name(&self) -> &'static HeaderName {
+        match self {
+            AddedField::Value(name, _) => name,
+            AddedField::StickyCookie { .. } => &header::SET_COOKIE,
+        }
+    }
+
+    /// The field's value (for a map).
+    pub fn value(&self) -> HeaderValue {
+        match self {
+            AddedField::Value(_, v) => v.clone(),
+            AddedField::StickyCookie { prefix, id } => {
+                let mut v = Vec::with_capacity(128);
+                write_cookie(&mut v, prefix, id);
+                HeaderValue::from_maybe_shared(Bytes::from(v))
+                    .expect("a checked cookie name, hex digits and fixed attributes")
+            }
+        }
+    }
+
+    /// Writes the field line.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            AddedField::Value(name, v) => write_field(out, name.as_str().as_bytes(), v.as_bytes()),
+            AddedField::StickyCookie { prefix, id } => {
+                out.extend_from_slice(b"set-cookie: ");
+                write_cookie(out, prefix, id);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+}
+
+/// A generated sticky cookie's value: `name=`, the id, the attributes.
+fn write_cookie(out: &mut Vec<u8>, prefix: &[u8], id: &[u8; 32]) {
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(id);
+    out.extend_from_slice(STICKY_COOKIE_ATTRIBUTES.as_bytes());
+}
+
+/// A fresh sticky id: 128 bits as 32 lowercase hex digits, unique within the process
+/// (a counter) and unpredictable across processes (the counter hashed with xxh3-128
+/// under a per-process random seed from std's `RandomState`). Sticky ids need
+/// uniqueness, not secrecy, so this avoids a dependency on a CSPRNG crate; xxh3 is
+/// already the bucket hash, and one call gives the 128 bits (SipHash twice cost five
+/// times as much). Written into a stack buffer: no allocation, no `fmt` machinery.
+pub(crate) fn generate_id() -> [u8; 32] {
+    use std::hash::BuildHasher;
+    use std::sync::OnceLock;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static SEED: OnceLock<u64> = OnceLock::new();
+    let seed =
+        *SEED.get_or_init(|| std::hash::RandomState::new().hash_one(0x9e37_79b9_7f4a_7c15u64));
+    let n = COUNTER.fetch_add(1, Relaxed);
+    hex32(xxhash_rust::xxh3::xxh3_128_with_seed(
+        &n.to_le_bytes(),
+        seed,
+    ))
+}
+
+/// `id` as 32 lowercase hex digits, two per byte from a table (half the steps of a
+/// digit per nibble).
+fn hex32(id: u128) -> [u8; 32] {
+    static HEX_PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut b = 0;
+        while b < 256 {
+            t[b] = [HEX[b >> 4], HEX[b & 0xf]];
+            b += 1;
+        }
+        t
+    };
+    let mut out = [0u8; 32];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(id.to_be_bytes()) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
+    }
+    out
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+/// `keep_upgrade` keeps `Upgrade` (and `Connection: upgrade`) for a WebSocket
+/// handshake; the other headers `Connection` names are removed even then.
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // One pass over the (few) names first: most messages carry no hop-by-hop header
+    // but `Connection`, and each `remove` below hashes its name.
+    let mut connection = false;
+    let mut other = false;
+    for name in h.keys() {
+        if *name == header::CONNECTION {
+            connection = true;
+        } else if hop_by_hop(name.as_str().as_bytes()) {
+            other = true;
+        }
+    }
+    if connection {
+        // Names listed in `Connection` besides the usual tokens are rare: collect them
+        // only when present. `keep-alive`, `upgrade` and `te` are dealt with below
+        // (`Upgrade` survives a handshake; `TE: trailers` always may pass), and a
+        // header literally named `close` does not exist in practice.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for token in h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+        {
+            if ["keep-alive", "close", "upgrade", "te"]
+                .iter()
+                .any(|t| token.eq_ignore_ascii_case(t))
+            {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(n);
+            }
+        }
+        for n in named {
+            h.remove(n);
+        }
+        if keep_upgrade {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        } else {
+            h.remove(header::CONNECTION);
+        }
+    }
+    if !other {
+        return;
+    }
+    if !keep_upgrade {
+        h.remove(header::UPGRADE);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+    h.remove(header::PROXY_AUTHORIZATION);
+    h.remove(header::TRANSFER_ENCODING);
+    // `Trailer` is end to end (RFC 9110 §6.6.2), and hyper's HTTP/1.1 encoder sends
+    // only the trailer fields it declares: removing it would drop every trailer.
+
+    // Of TE only "trailers" may pass (gRPC needs it; HTTP/2 allows nothing else),
+    // whatever the list or the number of lines it came in.
+    if h.contains_key(header::TE) {
+        let trailers = h
+            .get_all(header::TE)
+            .iter()
+            .any(|v| te_lists_trailers(v.as_bytes()));
+        h.remove(header::TE);
+        if trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_32_hex_digits_and_distinct() {
+        for id in [
+            0,
+            1,
+            0xfe,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
+            assert_eq!(hex32(id), format!("{id:032x}").as_bytes(), "{id:x}");
+        }
+        let a = generate_id();
+        let b = generate_id();
+        assert_ne!(a, b);
+        assert!(a
+            .iter()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        let cookie = AddedField::StickyCookie {
+            prefix: Bytes::from_static(b"canary_id="),
+            id: a,
+        };
+        let want = format!(
+            "canary_id={}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax",
+            std::str::from_utf8(&a).unwrap()
+        );
+        assert_eq!(cookie.value().to_str().unwrap(), want);
+        let mut line = Vec::new();
+        cookie.write(&mut line);
+        assert_eq!(line, format!("set-cookie: {want}\r\n").into_bytes());
+    }
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-private, close"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-type"]);
+
+        let mut h = map(&[("connection", "keep-alive"), ("content-length", "3")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+
+        let mut h = map(&[("te", "trailers"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn upgrade_handshake_keeps_connection_and_upgrade() {
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "timeout=5"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.contains_key("connection") && h.contains_key("upgrade"));
+        assert!(!h.contains_key("keep-alive"));
+    }
+}
