@@ -108,9 +108,6 @@ pub async fn run(
             cfg.admin
         );
     }
-    if cfg.tls.is_some() {
-        bail!("`tls` on the proxy listener is not wired into the data plane yet (admin_tls is)");
-    }
     let store = Store::open(&cfg.state_dir)
         .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
     let workers = cfg.workers.unwrap_or_else(|| {
@@ -134,6 +131,19 @@ pub async fn run(
     };
     // Certificates were checked by validation; loading them again here closes the gap
     // to a file changed since.
+    let proxy_certs = match &cfg.tls {
+        Some(t) => Some(Arc::new(
+            CertStore::load("proxy", &t.files(), t.require_sni).context("tls")?,
+        )),
+        None => None,
+    };
+    let listener_tls = match (&proxy_certs, &cfg.tls) {
+        (Some(store), Some(t)) => Some(
+            canary_proxy::tls::ListenerTls::new(store.clone(), t.handshake_timeout_ms)
+                .context("tls")?,
+        ),
+        _ => None,
+    };
     let admin_certs = match &cfg.admin_tls {
         Some(t) => Some(Arc::new(
             CertStore::load("admin", &t.files(), t.require_sni).context("admin_tls")?,
@@ -146,7 +156,8 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let cert_stores: Vec<Arc<CertStore>> = admin_certs.iter().cloned().collect();
+    let cert_stores: Vec<Arc<CertStore>> =
+        proxy_certs.iter().chain(&admin_certs).cloned().collect();
     let app = router(Admin {
         controller: controller.clone(),
         token,
@@ -195,8 +206,9 @@ pub async fn run(
         path.to_path_buf(),
         Some(cfg),
     ));
-    let workers = canary_proxy::server::spawn_workers(proxy, listeners, stop_rx.clone())
-        .context("starting data-plane workers")?;
+    let workers =
+        canary_proxy::server::spawn_workers(proxy, listeners, listener_tls, stop_rx.clone())
+            .context("starting data-plane workers")?;
     let proxy_task = tokio::task::spawn_blocking(move || {
         for w in workers {
             let _ = w.join();

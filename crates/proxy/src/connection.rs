@@ -35,7 +35,7 @@ use http::{Method, Request, Response, Uri};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -43,6 +43,7 @@ use tokio::time::{Instant, Sleep};
 use crate::body::ProxyBody;
 use crate::request::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
+use crate::tls::ListenerTls;
 use canary_http1::fields::{RawFields, RawHead};
 use canary_http1::server::{parse, write_response, Message, Parsed, Rewound};
 use canary_http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
@@ -189,9 +190,28 @@ pub(crate) async fn serve(
 
 const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad request\n";
 
+/// Serves a TLS connection on the proxy listener: the handshake (within the
+/// listener's `handshake_timeout`), then hyper, which speaks HTTP/2 when ALPN chose
+/// `h2` and HTTP/1.1 otherwise (see `crate::tls`).
+pub(crate) async fn serve_tls(
+    tcp: TcpStream,
+    peer: std::net::SocketAddr,
+    tls: &ListenerTls,
+    settings: Arc<Settings>,
+    stop: watch::Receiver<bool>,
+) {
+    let Some(stream) =
+        canary_tls::server::handshake(&tls.acceptor, tcp, tls.handshake_timeout, peer).await
+    else {
+        return;
+    };
+    let conn = Arc::new(ConnInfo::over_tls(peer));
+    hand_over(stream, BytesMut::new(), conn, &settings, stop).await;
+}
+
 /// Gives the connection to hyper, with what has been read of it.
 async fn hand_over(
-    io: TcpStream,
+    io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
     read: BytesMut,
     conn: Arc<ConnInfo>,
     settings: &Settings,

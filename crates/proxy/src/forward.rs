@@ -20,8 +20,9 @@ use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
 use crate::headers::{
-    generate_id, strip_hop_by_hop, AddedField, ProxyFields, PROTO_HTTP, PROXY_REQUEST_FIELDS,
-    X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
+    generate_id, strip_hop_by_hop, AddedField, ProxyFields, PROTO_HTTP, PROTO_HTTPS,
+    PROXY_REQUEST_FIELDS, X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_FOR, X_FORWARDED_HOST,
+    X_FORWARDED_PROTO,
 };
 use crate::http2::UpstreamBody;
 use crate::metrics::UpstreamError;
@@ -129,6 +130,7 @@ impl Proxy {
                 AddedField::StickyCookie {
                     prefix: prefix.clone(),
                     id,
+                    secure: conn.tls,
                 },
             );
         }
@@ -159,13 +161,13 @@ async fn forward(
         None
     };
     let mut raw = body.take_head();
-    if pool.is_http2() {
-        // hyper's HTTP/2 client takes a map.
+    if pool.via_client() {
+        // hyper's client takes a map.
         if let Some(head) = raw.take() {
             parts.headers = head.to_map();
         }
     }
-    let (body, body_end) = UpstreamBody::new(body, pool.is_http2());
+    let (body, body_end) = UpstreamBody::new(body, pool.via_client());
     let mut joined_xff = None;
     let (added, upstream_host) = build_upstream_request(
         &mut parts,
@@ -182,7 +184,7 @@ async fn forward(
         host: upstream_host,
         raw: raw.as_deref(),
         added: added.varying(),
-        fixed: &pool.request_lines,
+        fixed: pool.request_lines(conn.tls),
         filter: &ProxyFields,
     };
     let req = Outgoing {
@@ -351,16 +353,25 @@ fn build_upstream_request<'a>(
     // What the client's connection attached (hyper's upgrade handle was taken) is not
     // the upstream request's.
     parts.extensions.clear();
-    if pool.is_http2() {
-        // The HTTP/2 client takes the instance from an absolute URI (`:authority`).
+    if pool.via_client() {
+        // hyper's client takes the instance from an absolute URI (`:authority`), and
+        // TLS from its scheme.
         let mut uri = Uri::from_static("/").into_parts();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.scheme = Some(if pool.is_tls() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
         uri.authority = Some(instance.authority.clone());
         uri.path_and_query = parts.uri.path_and_query().cloned();
         if let Ok(uri) = Uri::from_parts(uri) {
             parts.uri = uri;
         }
-        parts.version = Version::HTTP_2;
+        parts.version = if pool.is_http2() {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
     } else {
         // The HTTP/1.1 exchange writes the target in origin form (`/path?query`),
         // whatever form the client used (the authority of a `CONNECT`).
@@ -401,6 +412,11 @@ fn build_upstream_request<'a>(
         headers.remove(header::HOST);
     }
     let upstream_host = (!pool.is_http2()).then(|| host.unwrap_or(instance.host_header.as_bytes()));
+    // HTTP/1.1 through hyper's client (a TLS pool): `Host` goes in the map.
+    if let (true, Some(h)) = (pool.via_client(), upstream_host) {
+        let value = HeaderValue::from_bytes(h).unwrap_or_else(|_| instance.host_header.clone());
+        headers.insert(header::HOST, value);
+    }
     let added = Added {
         varying: [
             (&X_FORWARDED_FOR, xff.as_bytes()),
@@ -408,7 +424,10 @@ fn build_upstream_request<'a>(
         ],
         varying_len: if host.is_some() { 2 } else { 1 },
         fixed: [
-            (&X_FORWARDED_PROTO, &PROTO_HTTP),
+            (
+                &X_FORWARDED_PROTO,
+                if conn.tls { &PROTO_HTTPS } else { &PROTO_HTTP },
+            ),
             (&X_CANARY_VERSION, &pool.version_header),
             (&X_CANARY_ROUTE, &pool.route_header),
         ],
@@ -420,7 +439,7 @@ fn build_upstream_request<'a>(
             headers.remove(name);
         }
     }
-    if pool.is_http2() {
+    if pool.via_client() {
         for (name, value) in added.values() {
             headers.insert(name.clone(), value);
         }

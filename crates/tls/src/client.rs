@@ -76,6 +76,17 @@ pub fn client_config(
     Ok(config)
 }
 
+/// A config that trusts no server: for a connector that never does TLS, and for a
+/// pool whose TLS files became unusable after validation (its requests then fail
+/// instead of going out unverified).
+pub fn trusting_nothing() -> ClientConfig {
+    ClientConfig::builder_with_provider(crate::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_root_certificates(RootCertStore::empty())
+        .with_no_client_auth()
+}
+
 /// The name to verify for an upstream at `host` (`server_name` when set).
 pub fn server_name(settings: &ClientSettings, host: &str) -> Result<ServerName<'static>, String> {
     parse_server_name(settings.server_name.as_deref().unwrap_or(host))

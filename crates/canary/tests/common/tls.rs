@@ -124,9 +124,17 @@ impl Sender {
         }
         let req = b.body(Full::new(Bytes::new())).expect("request");
         let fut = async {
+            // `ready` first: after a response, the connection takes a moment to be
+            // free for the next request.
             let resp = match self {
-                Sender::Http1(s) => s.send_request(req).await,
-                Sender::Http2(s) => s.send_request(req).await,
+                Sender::Http1(s) => match s.ready().await {
+                    Ok(()) => s.send_request(req).await,
+                    Err(e) => Err(e),
+                },
+                Sender::Http2(s) => match s.ready().await {
+                    Ok(()) => s.send_request(req).await,
+                    Err(e) => Err(e),
+                },
             }
             .expect("response");
             let (parts, body) = resp.into_parts();
