@@ -607,3 +607,64 @@ async fn http_redirect_answers_308_to_the_same_host_and_target_on_https() {
     );
     assert_eq!(v1.requests() + v2.requests(), 0, "nothing was proxied");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_with_a_client_certificate_reaches_an_upstream_that_requires_one() {
+    let certs = Certs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let up_ca = TestCa::new(dir.path(), "upstream-ca");
+    let client_ca = TestCa::new(dir.path(), "client-ca");
+    let client = client_ca.issue(dir.path(), "client", &["canary.client"]);
+    // An upstream that demands a certificate from `client_ca`.
+    let server_cert = up_ca.issue(dir.path(), "up", &["api.internal"]);
+    let roots = Arc::new(canary_tls::client::ca_bundle(&client_ca.cert_path).unwrap());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, canary_tls::provider())
+            .build()
+            .unwrap();
+    let loaded = canary_tls::pem::load(&server_cert, std::time::SystemTime::now()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(canary_tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(Fixed(loaded.key)));
+    let up = Upstream::start_tls("v1", tokio_rustls::TlsAcceptor::from(Arc::new(config))).await;
+    let ca = up_ca.cert_path.display();
+    let routes = format!(
+        "routes:
+  - name: mtls
+    path_prefix: /mtls
+    stable:
+      version: v1
+      upstreams: {u}
+      tls: {{ca: {ca}, server_name: api.internal, cert: {c}, key: {k}}}
+  - name: anonymous
+    path_prefix: /anonymous
+    stable:
+      version: v1
+      upstreams: {u}
+      tls: {{ca: {ca}, server_name: api.internal}}
+",
+        u = addrs(&[&up]),
+        c = client.cert.display(),
+        k = client.key.display(),
+    );
+    let c = Canary::start(&format!("{}{routes}", certs.tls_block())).await;
+    let conn = tls::connect(c.listen, Some("shop.test"), certs.client(&[ALPN_H2])).await;
+    let mut s = Sender::new(conn.unwrap()).await;
+    assert_eq!(s.get("shop.test", "/mtls/", &[]).await.status, 200);
+    assert_eq!(s.get("shop.test", "/anonymous/", &[]).await.status, 502);
+}
+
+/// Always the same certificate (the mTLS upstream has one name).
+#[derive(Debug)]
+struct Fixed(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Fixed {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}

@@ -82,7 +82,7 @@ pub fn client_config(
 pub fn trusting_nothing() -> ClientConfig {
     ClientConfig::builder_with_provider(crate::provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("ring supports TLS 1.2 and 1.3")
+        .expect("aws-lc-rs supports TLS 1.2 and 1.3")
         .with_root_certificates(RootCertStore::empty())
         .with_no_client_auth()
 }
@@ -198,5 +198,30 @@ impl ServerCertVerifier for NoVerification {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// rustls 0.23.48 lists P-384 before X25519; a client sends key shares for its
+    /// first group (and X25519 along with a hybrid), so the order decides the cost.
+    #[test]
+    fn an_upstream_handshake_offers_the_hybrid_then_x25519() {
+        let c = trusting_nothing();
+        let names: Vec<_> = c
+            .crypto_provider()
+            .kx_groups
+            .iter()
+            .map(|g| g.name())
+            .collect();
+        assert_eq!(
+            names[..2],
+            [
+                rustls::NamedGroup::X25519MLKEM768,
+                rustls::NamedGroup::X25519
+            ]
+        );
     }
 }

@@ -6,8 +6,8 @@
 //! certificate files at validate time; the proxy and the admin listener use it to
 //! terminate TLS; the proxy's pools use it to connect).
 //!
-//! One crypto provider, ring ([`provider`]); `docs/tls.md` has the measurements behind
-//! the choice.
+//! One crypto provider, aws-lc-rs ([`provider`]); `docs/tls.md` has the measurements
+//! behind the choice.
 //!
 //! # Layout
 //!
@@ -62,16 +62,30 @@ pub enum TlsError {
     Rustls { what: String, source: rustls::Error },
 }
 
-/// The crypto provider every TLS config here is built with (ring; see `docs/tls.md`).
+/// Key exchange groups, in order of preference (a client sends a key share for the
+/// first, and for X25519 along with a hybrid). The post-quantum hybrid first, as
+/// current browsers and OpenSSL 3.5 offer it; then the classical groups, X25519 before
+/// the NIST curves (rustls 0.23.48 lists P-384 before X25519).
+const KX_GROUPS: &[&dyn rustls::crypto::SupportedKxGroup] = &[
+    rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768,
+    rustls::crypto::aws_lc_rs::kx_group::X25519,
+    rustls::crypto::aws_lc_rs::kx_group::SECP256R1,
+    rustls::crypto::aws_lc_rs::kx_group::SECP384R1,
+];
+
+/// The crypto provider every TLS config here is built with (aws-lc-rs; see
+/// `docs/tls.md`).
 /// Passed explicitly rather than installed as the process default, so nothing depends
 /// on which crate happened to install one first.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    // Deprecated in rustls 0.23.48 because ring has no post-quantum key exchange;
-    // docs/tls.md weighs that against the measured cost.
-    #[allow(deprecated)]
-    let make = rustls::crypto::ring::default_provider;
-    PROVIDER.get_or_init(|| Arc::new(make())).clone()
+    PROVIDER
+        .get_or_init(|| {
+            let mut p = rustls::crypto::aws_lc_rs::default_provider();
+            p.kx_groups = KX_GROUPS.to_vec();
+            Arc::new(p)
+        })
+        .clone()
 }
 
 #[cfg(feature = "testing")]

@@ -83,7 +83,7 @@ pub fn load(files: &CertificateFiles, now: SystemTime) -> Result<LoadedCert, Tls
                 key: files.key.clone(),
             })
         }
-        // Every ring key type reports its public key; any other answer is a
+        // Every aws-lc-rs key type reports its public key; any other answer is a
         // certificate rustls cannot read.
         Err(e) => {
             return Err(TlsError::Parse {

@@ -37,7 +37,7 @@ pub fn server_config(store: Arc<CertStore>, alpn: &[&[u8]]) -> Result<Arc<Server
         .with_no_client_auth()
         .with_cert_resolver(store.clone());
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(rustls)?;
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(rustls)?;
     Ok(Arc::new(config))
 }
 
