@@ -249,3 +249,25 @@ fn tls_mistakes_are_each_reported_at_their_key() {
     )
     .unwrap_or_else(|e| panic!("{e:#?}"));
 }
+
+#[test]
+fn a_change_of_served_certificates_needs_a_restart_and_a_pool_tls_change_is_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    testing::self_signed(dir.path(), "a", Key::EcdsaP256, &["a.test"]);
+    testing::self_signed(dir.path(), "b", Key::EcdsaP256, &["b.test"]);
+    let config = |cert: &str, pool_tls: &str| {
+        format!(
+            "listen: 127.0.0.1:8443\ntls:\n  certificates: [{{cert: {cert}.pem, key: {cert}-key.pem}}]\nroutes:\n  - name: web\n    stable: {{version: v1, upstreams: [\"127.0.0.1:9001\"]{pool_tls}}}\n"
+        )
+    };
+    let old = load_in(dir.path(), &config("a", "")).unwrap();
+    let new = load_in(dir.path(), &config("b", ", tls: {}")).unwrap();
+    assert_eq!(
+        canary_config::diff(&old, &new),
+        [
+            "tls changed (needs a restart)",
+            "route web: stable tls changed"
+        ]
+    );
+    assert!(canary_config::diff(&old, &old).is_empty());
+}

@@ -46,19 +46,6 @@ fn apply(
                 {
                     tracing::warn!("listen, admin, limits and workers changes take effect only after a restart");
                 }
-                // The certificate files' content is watched and reloaded on its own
-                // (canary_tls::watch); which files, and the other TLS listener keys,
-                // are read at start-up.
-                let files = |t: &Option<canary_config::TlsConfig>| {
-                    t.as_ref()
-                        .map(|t| (t.files(), t.require_sni, t.handshake_timeout_ms))
-                };
-                if files(&prev.tls) != files(&cfg.tls)
-                    || files(&prev.admin_tls) != files(&cfg.admin_tls)
-                    || prev.http_redirect != cfg.http_redirect
-                {
-                    tracing::warn!("tls, admin_tls and http_redirect changes take effect only after a restart (new content of the same certificate files is reloaded at once)");
-                }
                 let changes = canary_config::diff(prev, &cfg);
                 tracing::info!(file = %path.display(), changes = %changes.join("; "), "config reloaded");
             }
