@@ -12,7 +12,10 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, Server
 
 /// Counts, overridable for a quick run or a profile: `HANDSHAKES=200 BULK_MIB=16 ROUNDS=1`.
 fn count(var: &str, default: u32) -> u32 {
-    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct Pair {
@@ -73,7 +76,9 @@ fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> (Duratio
     (spent, resumed)
 }
 
-fn bulk(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> (Duration, Duration) {
+/// A client and a server connection past their handshake (and the session tickets
+/// the server sends after it).
+fn connected(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> Pair {
     let name = ServerName::try_from("localhost").unwrap();
     let mut pair = Pair {
         client: ClientConnection::new(client.clone(), name).unwrap(),
@@ -84,6 +89,11 @@ fn bulk(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> (Duration, Du
         pump(&mut pair, false);
     }
     pump(&mut pair, false);
+    pair
+}
+
+fn bulk(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> (Duration, Duration) {
+    let mut pair = connected(client, server);
     let chunk = vec![0x5a_u8; 16 * 1024];
     let mut sink = vec![0u8; 64 * 1024];
     let (mut enc, mut dec) = (Duration::ZERO, Duration::ZERO);
@@ -184,7 +194,11 @@ fn main() {
             rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768,
         ),
     ];
-    let (handshakes, bulk_mib, rounds) = (count("HANDSHAKES", 2_000), count("BULK_MIB", 256), count("ROUNDS", 3));
+    let (handshakes, bulk_mib, rounds) = (
+        count("HANDSHAKES", 2_000),
+        count("BULK_MIB", 256),
+        count("ROUNDS", 3),
+    );
     println!("TLS 1.3, ECDSA P-256 certificate, server-side time only; {handshakes} handshakes and {bulk_mib} MiB per row");
     for round in 1..=rounds {
         // `ONLY=ring` (a prefix of a row's name) runs one row: for `perf stat`.
@@ -209,22 +223,15 @@ fn main() {
                 res += d;
             }
             let (enc, dec) = bulk(&c, &s);
-            let suite = {
-                let name_ = ServerName::try_from("localhost").unwrap();
-                let mut pair = Pair {
-                    client: ClientConnection::new(c.clone(), name_).unwrap(),
-                    server: ServerConnection::new(s.clone()).unwrap(),
-                };
-                while pair.client.is_handshaking() || pair.server.is_handshaking() {
-                    pump(&mut pair, true);
-                    pump(&mut pair, false);
-                }
-                format!("{:?}", pair.server.negotiated_cipher_suite().unwrap().suite())
-            };
+            let suite = connected(&c, &s)
+                .server
+                .negotiated_cipher_suite()
+                .unwrap()
+                .suite();
             let mib = f64::from(bulk_mib);
             println!(
                 "round {round} {name:>24}: full handshake {:>6.1} us, resumed {:>6.1} us, \
-                 {suite} encrypt {:>6.0} MiB/s, decrypt (client) {:>6.0} MiB/s",
+                 {suite:?} encrypt {:>6.0} MiB/s, decrypt (client) {:>6.0} MiB/s",
                 full.as_secs_f64() * 1e6 / f64::from(handshakes),
                 res.as_secs_f64() * 1e6 / f64::from(handshakes),
                 mib / enc.as_secs_f64(),
