@@ -220,6 +220,16 @@ routes:
         "{left}"
     );
 
+    // The CLI's admin verbs speak HTTPS, verified with `--cacert`.
+    let url = format!("https://localhost:{}", admin.port());
+    let ca_arg = ca.cert_path.to_str().unwrap();
+    let (code, out, err) =
+        run_canary(&["status", "--admin", &url, "--cacert", ca_arg], &[], None).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("web"), "{out}");
+    let (code, _, err) = run_canary(&["status", "--admin", &url], &[], None).await;
+    assert_eq!(code, 3, "the test CA is not a system root: {err}");
+
     // Plain HTTP on the TLS port gets no API answer.
     let plain = common::send(
         &common::client(),
@@ -666,5 +676,49 @@ impl rustls::server::ResolvesServerCert for Fixed {
         _: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         Some(self.0.clone())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_over_https_reaches_a_tls_pool_and_messages_round_trip() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let certs = Certs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let up_ca = TestCa::new(dir.path(), "upstream-ca");
+    let up = Upstream::start_tls(
+        "v1",
+        upstream_acceptor(&up_ca, dir.path(), "up", &["api.internal"]),
+    )
+    .await;
+    let routes = format!(
+        "routes:\n  - name: ws\n    stable:\n      version: v1\n      upstreams: {}\n      tls: {{ca: {}, server_name: api.internal}}\n",
+        addrs(&[&up]),
+        up_ca.cert_path.display()
+    );
+    let c = Canary::start(&format!("{}{routes}", certs.tls_block())).await;
+    let conn = tls::connect(c.listen, Some("shop.test"), certs.client(&[ALPN_HTTP1]))
+        .await
+        .unwrap();
+    let req = "wss://shop.test/chat/ws".into_client_request().unwrap();
+    let (mut ws, resp) = tokio::time::timeout(
+        common::REQUEST_TIMEOUT,
+        tokio_tungstenite::client_async(req, conn),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake");
+    assert_eq!(resp.status(), 101);
+    for i in 0..3 {
+        let text = format!("message {i}");
+        ws.send(Message::text(text.clone())).await.expect("send");
+        let got = tokio::time::timeout(common::REQUEST_TIMEOUT, ws.next())
+            .await
+            .expect("echo in time")
+            .expect("stream open")
+            .expect("message");
+        assert_eq!(got, Message::text(text));
     }
 }

@@ -257,6 +257,11 @@ async fn forward(
         (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) => {
             if let Some(upstream) = resp.body_mut().take_upgrade() {
                 tokio::spawn(tunnel(client_upgrade, upstream));
+            } else if pool.via_client() {
+                // hyper's client (a TLS pool) keeps its side of the upgrade in the
+                // response.
+                let upstream = hyper::upgrade::on(&mut *resp);
+                tokio::spawn(tunnel_upgraded(client_upgrade, upstream));
             }
         }
         _ => strip_hop_by_hop(resp.headers_mut(), false),
@@ -293,6 +298,16 @@ async fn tunnel(client: OnUpgrade, (mut upstream, early): (TcpStream, Bytes)) {
     if !early.is_empty() && client.write_all(&early).await.is_err() {
         return;
     }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+/// Copies bytes both ways between an upgraded client and an upgraded connection of
+/// hyper's client (to a TLS pool).
+async fn tunnel_upgraded(client: OnUpgrade, upstream: OnUpgrade) {
+    let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else {
+        return;
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
