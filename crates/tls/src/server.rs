@@ -64,3 +64,85 @@ pub async fn handshake<IO: AsyncRead + AsyncWrite + Unpin>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::TlsConnector;
+
+    use super::*;
+    use crate::testing::TestCa;
+    use crate::ClientSettings;
+
+    /// Shakes hands over an in-memory pipe; the client's view of the connection.
+    async fn connect(
+        server: &Arc<ServerConfig>,
+        client: &Arc<rustls::ClientConfig>,
+    ) -> rustls::ClientConnection {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = TlsAcceptor::from(server.clone());
+        let peer = (Ipv4Addr::LOCALHOST, 1).into();
+        let timeout = Duration::from_secs(10);
+        let name = ServerName::try_from("shop.test").unwrap();
+        let (s, c) = tokio::join!(
+            handshake(&acceptor, a, timeout, peer),
+            TlsConnector::from(client.clone()).connect(name, b)
+        );
+        let (mut s, mut c) = (s.expect("server side"), c.expect("client side"));
+        // The TLS 1.3 session tickets follow the handshake: let the client read them.
+        s.write_all(b"x").await.unwrap();
+        s.flush().await.unwrap();
+        let mut byte = [0u8; 1];
+        c.read_exact(&mut byte).await.unwrap();
+        let (_, conn) = c.into_inner();
+        conn
+    }
+
+    #[tokio::test]
+    async fn tls_13_and_12_with_alpn_and_a_second_connection_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new(dir.path(), "ca");
+        let files = ca.issue(dir.path(), "shop", &["shop.test"]);
+        let store = Arc::new(CertStore::load("proxy", &[files], false).unwrap());
+        let server = server_config(store, &[ALPN_H2, ALPN_HTTP1]).unwrap();
+        let settings = ClientSettings {
+            ca: Some(ca.cert_path.clone()),
+            ..Default::default()
+        };
+        let client13 = Arc::new(crate::client_config(&settings, &[ALPN_H2], "test").unwrap());
+
+        let first = connect(&server, &client13).await;
+        assert_eq!(
+            first.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        assert_eq!(first.alpn_protocol(), Some(ALPN_H2));
+        assert_eq!(first.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        let second = connect(&server, &client13).await;
+        assert_eq!(
+            second.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+
+        // A TLS 1.2-only client is served too, and resumes by ticket.
+        let client12 = rustls::ClientConfig::builder_with_provider(crate::provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(crate::client::ca_bundle(&ca.cert_path).unwrap())
+            .with_no_client_auth();
+        let client12 = Arc::new(client12);
+        let first = connect(&server, &client12).await;
+        assert_eq!(
+            first.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        let second = connect(&server, &client12).await;
+        assert_eq!(
+            second.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+    }
+}
