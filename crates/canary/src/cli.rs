@@ -22,6 +22,10 @@ pub struct Conn {
     /// Environment variable holding the admin token (sent as a bearer token if set).
     #[arg(long, default_value = "CANARY_ADMIN_TOKEN")]
     token_env: String,
+    /// PEM bundle of the CAs that verify an `https://` admin URL (`admin_tls`);
+    /// default: the system's roots.
+    #[arg(long, env = "CANARY_ADMIN_CA", value_name = "PEM")]
+    cacert: Option<std::path::PathBuf>,
 }
 
 /// A plain number: `nan`, `inf` and overflowing literals are usage errors here rather
@@ -147,10 +151,17 @@ pub enum AdminCmd {
 /// rejected token, unreachable API, a usage error).
 pub(crate) const EXIT_ERROR: u8 = 3;
 
+/// The admin API's client: `http://` or `https://` (verified).
+type AdminClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
 pub(crate) struct Api {
     base: String,
     token: Option<String>,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    /// `Err`: the `--cacert` bundle cannot be used (reported by the first call).
+    client: Result<AdminClient, String>,
 }
 
 impl Conn {
@@ -159,8 +170,25 @@ impl Conn {
         Conn {
             admin: admin.to_string(),
             token_env: "CANARY_ADMIN_TOKEN".into(),
+            cacert: None,
         }
     }
+}
+
+/// A client for `http://` and, verified against `cacert` or the system's roots,
+/// `https://` admin URLs.
+fn admin_client(cacert: Option<&std::path::Path>) -> Result<AdminClient, String> {
+    let settings = canary_tls::ClientSettings {
+        ca: cacert.map(std::path::Path::to_path_buf),
+        ..Default::default()
+    };
+    let tls = canary_tls::client_config(&settings, &[], "--cacert").map_err(|e| e.to_string())?;
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(https))
 }
 
 impl Api {
@@ -170,7 +198,7 @@ impl Api {
             token: std::env::var(&conn.token_env)
                 .ok()
                 .filter(|t| !t.is_empty()),
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: admin_client(conn.cacert.as_deref()),
         }
     }
 
@@ -191,7 +219,8 @@ impl Api {
             .header("content-type", "application/json")
             .body(Full::new(body))
             .map_err(|e| e.to_string())?;
-        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
+        let client = self.client.as_ref().map_err(Clone::clone)?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
             .await
             .map_err(|_| {
                 format!(

@@ -7,7 +7,9 @@ mod cli;
 mod demo;
 mod handover;
 mod hint;
+mod https;
 mod init;
+mod redirect;
 mod serve;
 mod shell;
 mod watch;
@@ -110,6 +112,7 @@ fn main() -> ExitCode {
                     config.display(),
                     if n == 1 { "" } else { "s" }
                 );
+                print_tls(&cfg);
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -135,4 +138,42 @@ fn main() -> ExitCode {
         };
     }
     code
+}
+
+/// `canary validate`'s lines about TLS: each served certificate with its names and
+/// expiry, and a warning for every pool that does not verify its upstreams.
+fn print_tls(cfg: &canary_config::Config) {
+    let now = std::time::SystemTime::now();
+    for (key, tls) in [("tls", &cfg.tls), ("admin_tls", &cfg.admin_tls)] {
+        for (i, c) in tls.iter().flat_map(|t| t.certificates.iter().enumerate()) {
+            let days = c
+                .not_after
+                .duration_since(now)
+                .map_or(0, |d| d.as_secs() / 86_400);
+            let names = if c.names.is_empty() {
+                "(no DNS names)".to_string()
+            } else {
+                c.names.join(", ")
+            };
+            outln!(
+                "{key}.certificates[{i}] {}: {names}; expires {} (in {days} days)",
+                c.files.cert.display(),
+                httpdate::fmt_http_date(c.not_after),
+            );
+        }
+    }
+    for r in &cfg.routes {
+        for (which, pool) in [("stable", Some(&r.stable)), ("canary", r.canary.as_ref())] {
+            if pool
+                .and_then(|p| p.tls.as_ref())
+                .is_some_and(|t| t.insecure_skip_verify)
+            {
+                errln!(
+                    "warning: route {} {which}: tls.insecure_skip_verify is on; the upstreams' \
+                     certificates are NOT verified",
+                    r.route.name
+                );
+            }
+        }
+    }
 }

@@ -12,7 +12,10 @@ use canary_control::admin::guard::HostPolicy;
 use canary_control::admin::{router, Admin};
 use canary_control::store::Store;
 use canary_control::{run_controller, source, Controller};
+
+use crate::{https, redirect};
 use canary_proxy::Proxy;
+use canary_tls::CertStore;
 use tokio::net::TcpListener;
 
 use crate::handover;
@@ -215,23 +218,78 @@ pub async fn run_with(
             .collect::<std::io::Result<Vec<_>>>()?,
         admin_listener.try_clone()?,
     ));
-    tracing::info!(listen = %cfg.listen, admin = %cfg.admin, routes = cfg.routes.len(), workers, token = token.is_some(), taken_over = predecessor.is_some(), "canary serving");
+    let redirect_listener = match cfg.http_redirect {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding http_redirect address {addr}"))?,
+        ),
+        None => None,
+    };
+    // Certificates were checked by validation; loading them again here closes the gap
+    // to a file changed since.
+    let proxy_certs = match &cfg.tls {
+        Some(t) => Some(Arc::new(
+            CertStore::load("proxy", &t.files(), t.require_sni).context("tls")?,
+        )),
+        None => None,
+    };
+    let listener_tls = match (&proxy_certs, &cfg.tls) {
+        (Some(store), Some(t)) => Some(
+            canary_proxy::tls::ListenerTls::new(store.clone(), t.handshake_timeout_ms)
+                .context("tls")?,
+        ),
+        _ => None,
+    };
+    let admin_certs = match &cfg.admin_tls {
+        Some(t) => Some(Arc::new(
+            CertStore::load("admin", &t.files(), t.require_sni).context("admin_tls")?,
+        )),
+        None => None,
+    };
+    let cert_stores: Vec<Arc<CertStore>> =
+        proxy_certs.iter().chain(&admin_certs).cloned().collect();
+    let admin_tls = match (&admin_certs, &cfg.admin_tls) {
+        (Some(store), Some(t)) => Some((
+            canary_tls::server_config(store.clone(), &[canary_tls::ALPN_HTTP1])?,
+            Duration::from_millis(t.handshake_timeout_ms),
+        )),
+        _ => None,
+    };
+    tracing::info!(listen = %cfg.listen, admin = %cfg.admin, routes = cfg.routes.len(), workers, token = token.is_some(), tls = cfg.tls.is_some(), admin_tls = cfg.admin_tls.is_some(), taken_over = predecessor.is_some(), "canary serving");
     if let Some(b) = bound {
         let _ = b.send(());
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let dashboard = cfg.dashboard.clone();
+    let setup = AdminSetup {
+        dashboard: cfg.dashboard.clone(),
+        certificates: cert_stores.clone(),
+        tls: admin_tls,
+    };
     let mut control = ControlPlane::start(
         &controller,
         &token,
-        &dashboard,
+        &setup,
         admin_listener,
         path,
         Some(cfg.clone()),
     )?;
-    let workers = canary_proxy::server::spawn_workers(proxy, listeners, stop_rx.clone())
-        .context("starting data-plane workers")?;
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let redirect_task = redirect_listener.map(|l| {
+        tokio::spawn(redirect::serve(
+            l,
+            cfg.listen.port(),
+            stopped(stop_rx.clone()),
+        ))
+    });
+    let cert_watch_task =
+        (!cert_stores.is_empty()).then(|| tokio::spawn(canary_tls::watch::watch(cert_stores)));
+    let workers =
+        canary_proxy::server::spawn_workers(proxy, listeners, listener_tls, stop_rx.clone())
+            .context("starting data-plane workers")?;
     let proxy_task = tokio::task::spawn_blocking(move || {
         for w in workers {
             let _ = w.join();
@@ -275,7 +333,7 @@ pub async fn run_with(
                     Ok(Err(e)) => tracing::warn!(error = %e, "hand-over failed: serving on"),
                     Err(e) => tracing::warn!(error = %e, "hand-over failed: serving on"),
                 }
-                control = ControlPlane::start(&controller, &token, &dashboard, offer.1.try_clone()?, path, None)?;
+                control = ControlPlane::start(&controller, &token, &setup, offer.1.try_clone()?, path, None)?;
             }
         }
     };
@@ -289,7 +347,13 @@ pub async fn run_with(
     }
     let _ = stop_tx.send(true);
     control.stop().await;
+    if let Some(t) = cert_watch_task {
+        t.abort();
+    }
     let _ = proxy_task.await;
+    if let Some(t) = redirect_task {
+        let _ = t.await;
+    }
     Ok(())
 }
 
@@ -310,6 +374,16 @@ fn spread(
     Ok(listeners)
 }
 
+/// What the admin API is served with, besides the controller and the token.
+#[derive(Clone)]
+struct AdminSetup {
+    dashboard: canary_config::Dashboard,
+    /// The TLS listeners' certificates, for `canary_tls_certificate_expiry_seconds`.
+    certificates: Vec<Arc<CertStore>>,
+    /// `admin_tls`: the server config and the handshake timeout.
+    tls: Option<(Arc<rustls::ServerConfig>, Duration)>,
+}
+
 /// The controller loop, the admin API and the config watch: what a hand-over pauses
 /// (so only one process at a time drives rollouts and writes state) and resumes if
 /// the new process fails.
@@ -327,7 +401,7 @@ impl ControlPlane {
     fn start(
         controller: &Arc<Controller>,
         token: &Option<Arc<str>>,
-        dashboard: &canary_config::Dashboard,
+        setup: &AdminSetup,
         admin_listener: std::net::TcpListener,
         path: &Path,
         current: Option<Config>,
@@ -340,15 +414,32 @@ impl ControlPlane {
         };
         let app = router(Admin {
             token: token.clone(),
-            hosts: Arc::new(HostPolicy::new(&dashboard.allowed_hosts)),
-            dashboard: dashboard.clone(),
+            hosts: Arc::new(HostPolicy::new(&setup.dashboard.allowed_hosts)),
+            dashboard: setup.dashboard.clone(),
             stop: stop.clone(),
+            certificates: setup.certificates.clone(),
             ..Admin::new(controller.clone())
         });
+        let tls = setup.tls.clone();
         let admin = tokio::spawn({
             let stop = stopped(stop_rx.clone());
             async move {
-                canary_control::listener::serve(admin_listener, app, stop).await;
+                match tls {
+                    // Over TLS, handshakes run in `https::TlsListener`'s own tasks (with
+                    // their timeout); axum serves what completes. The plain listener's
+                    // connection budget (`listener`) covers the plain admin API only.
+                    Some((config, timeout)) => {
+                        let served = match https::TlsListener::new(admin_listener, config, timeout)
+                        {
+                            Ok(l) => axum::serve(l, app).with_graceful_shutdown(stop).await,
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = served {
+                            tracing::error!(error = %e, "admin server failed");
+                        }
+                    }
+                    None => canary_control::listener::serve(admin_listener, app, stop).await,
+                }
             }
         });
         let ctl = tokio::spawn(run_controller(controller.clone(), stopped(stop_rx)));

@@ -9,9 +9,9 @@ use crate::model::{Config, PoolConfig, RouteConfig};
 
 /// A human summary of what changed from `old` to `new`, one entry per change.
 ///
-/// Changes to `listen`, `admin`, `workers`, `limits`, `dashboard`, `state_dir` and
-/// `admin_token_env` are marked "(needs a restart)": they are only read when the
-/// process starts.
+/// Changes to `listen`, `admin`, `workers`, `limits`, `dashboard`, `state_dir`,
+/// `admin_token_env`, `tls`, `admin_tls` and `http_redirect` are marked "(needs a
+/// restart)": they are only read when the process starts.
 pub fn diff(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     const RESTART: &str = "(needs a restart)";
@@ -44,6 +44,23 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
     }
     if old.dashboard != new.dashboard {
         out.push(format!("dashboard changed {RESTART}"));
+    }
+    // New content of the same certificate files is reloaded by the certificate
+    // watcher; which files are served is read at start.
+    let served = |t: &Option<crate::TlsConfig>| {
+        t.as_ref()
+            .map(|t| (t.files(), t.require_sni, t.handshake_timeout_ms))
+    };
+    for (key, o, n) in [
+        ("tls", &old.tls, &new.tls),
+        ("admin_tls", &old.admin_tls, &new.admin_tls),
+    ] {
+        if served(o) != served(n) {
+            out.push(format!("{key} changed {RESTART}"));
+        }
+    }
+    if old.http_redirect != new.http_redirect {
+        out.push(format!("http_redirect changed {RESTART}"));
     }
 
     for r in &old.routes {
@@ -162,6 +179,9 @@ fn pool_diff(which: &str, o: &PoolConfig, n: &PoolConfig, say: &mut impl FnMut(S
     }
     if o.http2 != n.http2 {
         say(format!("{which} http2 {} → {}", o.http2, n.http2));
+    }
+    if o.tls != n.tls {
+        say(format!("{which} tls changed"));
     }
     if o.health_check != n.health_check {
         say(format!("{which} health_check changed"));

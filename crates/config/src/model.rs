@@ -6,9 +6,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 use canary_core::rollout::RolloutSpec;
 use canary_core::{Route, Weight};
+pub use canary_tls::{CertificateFiles, ClientSettings as UpstreamTls};
 
 /// A whole, validated config file.
 #[derive(Clone, Debug)]
@@ -30,6 +32,45 @@ pub struct Config {
     pub dashboard: Dashboard,
     /// Routes in file order; the first match wins.
     pub routes: Vec<RouteConfig>,
+    /// HTTPS on the proxy listener (`tls`); `None`: cleartext.
+    pub tls: Option<TlsConfig>,
+    /// A plain listener answering every request with a redirect to HTTPS
+    /// (`http_redirect`); only with `tls`.
+    pub http_redirect: Option<SocketAddr>,
+    /// HTTPS on the admin listener (`admin_tls`).
+    pub admin_tls: Option<TlsConfig>,
+}
+
+/// A TLS listener's settings (`tls`, `admin_tls`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The certificates (`certificates`), non-empty; the first is the default. Each
+    /// was loaded and checked when the config was validated.
+    pub certificates: Vec<ServedCertificate>,
+    /// Refuse clients that send no SNI instead of giving them the first certificate
+    /// (`require_sni`, default false).
+    pub require_sni: bool,
+    /// Time a client has to complete the TLS handshake (`handshake_timeout`, default
+    /// 10 s).
+    pub handshake_timeout_ms: u64,
+}
+
+impl TlsConfig {
+    /// The configured files, in order.
+    pub fn files(&self) -> Vec<CertificateFiles> {
+        self.certificates.iter().map(|c| c.files.clone()).collect()
+    }
+}
+
+/// One configured certificate and what validation found in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedCertificate {
+    /// The files, relative paths resolved against the config file's directory.
+    pub files: CertificateFiles,
+    /// The DNS names in its SANs (what SNI selects it by).
+    pub names: Vec<String>,
+    /// When it expires.
+    pub not_after: SystemTime,
 }
 
 /// Limits on what clients may send.
@@ -137,6 +178,8 @@ pub struct PoolConfig {
     pub http2: bool,
     /// Optional active health check (`health_check`).
     pub health_check: Option<HealthCheck>,
+    /// Speak TLS to the instances (`tls`), with these settings; health checks too.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Active HTTP health check of each instance of a pool.

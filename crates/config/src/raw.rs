@@ -165,6 +165,28 @@ raw_structs! {
         limits: S<RawLimits>,
         dashboard: S<RawDashboard>,
         routes: List<RawRoute>,
+        tls: S<RawTls>,
+        http_redirect: S<String>,
+        admin_tls: S<RawTls>,
+    }
+
+    RawTls {
+        certificates: List<RawCertificate>,
+        require_sni: S<bool>,
+        handshake_timeout: S<String>,
+    }
+
+    RawCertificate {
+        cert: S<String>,
+        key: S<String>,
+    }
+
+    RawUpstreamTls {
+        ca: S<String>,
+        server_name: S<String>,
+        cert: S<String>,
+        key: S<String>,
+        insecure_skip_verify: S<bool>,
     }
 
     RawDashboard {
@@ -203,6 +225,7 @@ raw_structs! {
         upstreams: List<String>,
         http2: bool,
         health_check: S<RawHealthCheck>,
+        tls: S<RawUpstreamTls>,
     }
 
     RawHealthCheck {

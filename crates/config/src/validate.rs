@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use canary_core::analysis::AnalysisSpec;
 use canary_core::rollout::{BreakerSpec, Pause, RolloutSpec, Step, MAX_MIN_CLIENTS};
@@ -25,6 +26,8 @@ use crate::model::{
     Config, Dashboard, Ejection, HealthCheck, Limits, PoolConfig, RouteConfig, Timeouts,
     Underscores,
 };
+mod tls;
+
 use crate::raw::{
     List, RawAnalysis, RawConfig, RawDashboard, RawEjection, RawHealthCheck, RawLimits, RawPool,
     RawRollout, RawRoute, RawRule, RawStep, RawSticky, RawTimeouts, StringList, UnknownKey,
@@ -63,6 +66,11 @@ const DURATION_HINT: &str = "use e.g. 500ms, 30s, 1m or 1h 30m";
 pub(crate) fn validate(file: &str, root: S<RawConfig>) -> Result<Config, ConfigError> {
     let mut c = Checker {
         file: file.to_string(),
+        base: Path::new(file)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+        now: SystemTime::now(),
         diagnostics: Vec::new(),
     };
     let raw = &root.value;
@@ -74,6 +82,9 @@ pub(crate) fn validate(file: &str, root: S<RawConfig>) -> Result<Config, ConfigE
         && raw.limits.is_none()
         && raw.dashboard.is_none()
         && raw.routes.is_none()
+        && raw.tls.is_none()
+        && raw.http_redirect.is_none()
+        && raw.admin_tls.is_none()
         && raw.unknown.is_empty();
     if empty {
         return Err(ConfigError::single(
@@ -102,6 +113,10 @@ pub(crate) fn validate(file: &str, root: S<RawConfig>) -> Result<Config, ConfigE
 
 struct Checker {
     file: String,
+    /// The config file's directory: relative file paths in it start here.
+    base: PathBuf,
+    /// When certificates are checked for expiry.
+    now: SystemTime,
     diagnostics: Vec<Diagnostic>,
 }
 
@@ -224,6 +239,30 @@ impl Checker {
             Some(list) => self.routes(list),
         };
 
+        let tls = raw.tls.map(|t| self.tls("tls", t));
+        let admin_tls = raw.admin_tls.map(|t| self.tls("admin_tls", t));
+        let http_redirect = raw.http_redirect.as_ref().and_then(|v| {
+            if tls.is_none() {
+                self.err(
+                    v.referenced,
+                    "http_redirect: needs `tls` (it sends plain-HTTP clients to the HTTPS \
+                     listener); add `tls` or remove `http_redirect`"
+                        .into(),
+                );
+            }
+            let addr = self.socket_addr("http_redirect", v)?;
+            let clash = [("listen", listen), ("admin", admin)]
+                .into_iter()
+                .find(|(_, a)| *a == Some(addr) && addr.port() != 0);
+            if let Some((key, _)) = clash {
+                self.err(
+                    v.referenced,
+                    format!("http_redirect: {addr} is also the `{key}` address; it needs its own"),
+                );
+            }
+            Some(addr)
+        });
+
         Config {
             listen: listen.unwrap_or(DEFAULT_ADMIN),
             admin: admin.unwrap_or(DEFAULT_ADMIN),
@@ -233,6 +272,9 @@ impl Checker {
             limits,
             dashboard,
             routes,
+            tls,
+            http_redirect,
+            admin_tls,
         }
     }
 
@@ -578,12 +620,14 @@ impl Checker {
         let health_check = r
             .health_check
             .map(|h| self.health_check(&format!("{p}.health_check"), h.value));
+        let tls = r.tls.map(|t| self.upstream_tls(&format!("{p}.tls"), t));
 
         PoolConfig {
             version,
             upstreams,
             http2: r.http2.unwrap_or(false),
             health_check,
+            tls,
         }
     }
 
@@ -1461,6 +1505,7 @@ fn placeholder_pool() -> PoolConfig {
         upstreams: Vec::new(),
         http2: false,
         health_check: None,
+        tls: None,
     }
 }
 

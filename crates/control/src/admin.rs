@@ -42,6 +42,8 @@ pub struct Admin {
     pub stop: Arc<tokio::sync::watch::Sender<bool>>,
     /// Open streams, at most [`stream::MAX_STREAMS`].
     pub streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// The TLS listeners' certificates, for `canary_tls_certificate_expiry_seconds`.
+    pub certificates: Vec<Arc<canary_tls::CertStore>>,
 }
 
 impl Admin {
@@ -55,6 +57,7 @@ impl Admin {
             dashboard: canary_config::Dashboard::default(),
             stop: Arc::new(tokio::sync::watch::channel(false).0),
             streams: Arc::default(),
+            certificates: Vec::new(),
         }
     }
 }
@@ -128,6 +131,7 @@ async fn metrics(State(a): State<Admin>) -> Response {
     let mut e = Exposition::new();
     a.controller.proxy().encode_metrics(&mut e);
     a.controller.encode_metrics(&mut e);
+    encode_certificates(&a.certificates, std::time::SystemTime::now(), &mut e);
     (
         [(
             header::CONTENT_TYPE,
@@ -136,6 +140,38 @@ async fn metrics(State(a): State<Admin>) -> Response {
         e.finish(),
     )
         .into_response()
+}
+
+/// One `canary_tls_certificate_expiry_seconds` sample per served certificate: the
+/// seconds left until it expires, so an alert is `< 14 * 86400`.
+fn encode_certificates(
+    stores: &[Arc<canary_tls::CertStore>],
+    now: std::time::SystemTime,
+    e: &mut Exposition,
+) {
+    if stores.is_empty() {
+        return;
+    }
+    e.family(
+        "canary_tls_certificate_expiry_seconds",
+        "Seconds until a served TLS certificate expires (negative once it has).",
+        canary_proxy::expo::Kind::Gauge,
+    );
+    for store in stores {
+        for c in store.current().certs() {
+            let cert = c.files.cert.display().to_string();
+            let names = c.names.join(",");
+            e.sample(
+                "canary_tls_certificate_expiry_seconds",
+                &[
+                    ("listener", store.listener()),
+                    ("cert", &cert),
+                    ("names", &names),
+                ],
+                c.expires_in(now).round(),
+            );
+        }
+    }
 }
 
 async fn readyz(State(a): State<Admin>) -> Response {
@@ -628,5 +664,29 @@ routes:
                 "{v}"
             );
         }
+    }
+
+    #[test]
+    fn certificate_expiry_is_exported_per_listener_and_file() {
+        use canary_tls::testing::{self, Key};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = testing::self_signed(dir.path(), "shop", Key::EcdsaP256, &["shop.test"]);
+        let store = canary_tls::CertStore::load("proxy", std::slice::from_ref(&files), false)
+            .expect("store");
+        let now = std::time::SystemTime::now();
+        let left = store.current().certs()[0].expires_in(now).round();
+        let mut e = Exposition::new();
+        encode_certificates(&[Arc::new(store)], now, &mut e);
+        let text = e.finish();
+        let line = format!(
+            "canary_tls_certificate_expiry_seconds{{listener=\"proxy\",cert=\"{}\",names=\"shop.test\"}} {left}",
+            files.cert.display()
+        );
+        assert!(
+            text.contains("# TYPE canary_tls_certificate_expiry_seconds gauge"),
+            "{text}"
+        );
+        assert!(text.contains(&line), "{line} not in\n{text}");
+        assert!(left > 360.0 * 86_400.0 && left < 366.0 * 86_400.0, "{left}");
     }
 }

@@ -36,7 +36,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -45,6 +45,7 @@ use crate::body::ProxyBody;
 use crate::request::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
 use crate::timers::{InFlight, Kind, SendTimed, Tracked, TIMEOUTS};
+use crate::tls::ListenerTls;
 use canary_http1::fields::{RawFields, RawHead};
 use canary_http1::server::{parse, write_response, Message, Parsed, Rewound};
 use canary_http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
@@ -226,7 +227,32 @@ pub(crate) async fn serve(
 
 const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad request\n";
 
-/// Gives the connection to hyper, with what has been read of it.
+/// Serves a TLS connection on the proxy listener: the handshake (within the
+/// listener's `handshake_timeout`), then hyper, which speaks HTTP/2 when ALPN chose
+/// `h2` and HTTP/1.1 otherwise (see `crate::tls`).
+pub(crate) async fn serve_tls(
+    tcp: TcpStream,
+    peer: std::net::SocketAddr,
+    tls: &ListenerTls,
+    settings: Arc<Settings>,
+    stop: watch::Receiver<bool>,
+) {
+    let Some(stream) =
+        canary_tls::server::handshake(&tls.acceptor, tcp, tls.handshake_timeout, peer).await
+    else {
+        return;
+    };
+    let conn = Arc::new(ConnInfo::over_tls(peer));
+    hand_over(
+        stream,
+        BytesMut::new(),
+        conn,
+        (&settings, Hyper::Auto(&settings.hyper)),
+        stop,
+    )
+    .await;
+}
+
 /// Which of hyper's servers takes a connection over.
 enum Hyper<'a> {
     /// HTTP/1.1, or HTTP/2 when the connection starts with its preface.
@@ -235,8 +261,9 @@ enum Hyper<'a> {
     Http1(&'a http1::Builder),
 }
 
+/// Gives the connection to hyper, with what has been read of it.
 async fn hand_over(
-    io: TcpStream,
+    io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
     read: BytesMut,
     conn: Arc<ConnInfo>,
     (settings, hyper): (&Settings, Hyper<'_>),

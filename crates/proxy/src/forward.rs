@@ -22,8 +22,8 @@ use tokio::net::TcpStream;
 use crate::body::ProxyBody;
 use crate::headers::{
     drop_underscored, generate_id, has_underscore, strip_hop_by_hop, AddedField, ProxyFields,
-    PROTO_HTTP, PROXY_REQUEST_FIELDS, X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_FOR,
-    X_FORWARDED_HOST, X_FORWARDED_PROTO,
+    PROTO_HTTP, PROTO_HTTPS, PROXY_REQUEST_FIELDS, X_CANARY_ROUTE, X_CANARY_VERSION,
+    X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
 use crate::http2::UpstreamBody;
 use crate::metrics::UpstreamError;
@@ -196,6 +196,7 @@ impl Proxy {
                 AddedField::StickyCookie {
                     prefix: prefix.clone(),
                     id,
+                    secure: conn.tls,
                 },
             );
         }
@@ -226,8 +227,8 @@ async fn forward(
         None
     };
     let mut raw = body.take_head();
-    if pool.is_http2() {
-        // hyper's HTTP/2 client takes a map.
+    if pool.via_client() {
+        // hyper's client takes a map.
         if let Some(head) = raw.take() {
             parts.headers = head.to_map();
         }
@@ -235,7 +236,7 @@ async fn forward(
     // Kept to tell, after a failure, whether the client had sent its body whole.
     let progress = body.progress();
     let close_after = parts.version <= Version::HTTP_11;
-    let (mut body, body_end) = UpstreamBody::new(body, pool.is_http2());
+    let (mut body, body_end) = UpstreamBody::new(body, pool.via_client());
     let mut joined_xff = None;
     let (added, upstream_host) = build_upstream_request(
         &mut parts,
@@ -252,7 +253,7 @@ async fn forward(
         host: upstream_host,
         raw: raw.as_deref(),
         added: added.varying(),
-        fixed: &pool.request_lines,
+        fixed: pool.request_lines(conn.tls),
         filter,
     };
     let req = Outgoing {
@@ -382,6 +383,11 @@ async fn forward(
         (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) => {
             if let Some(upstream) = resp.body_mut().take_upgrade() {
                 tokio::spawn(tunnel(client_upgrade, upstream));
+            } else if pool.via_client() {
+                // hyper's client (a TLS pool) keeps its side of the upgrade in the
+                // response.
+                let upstream = hyper::upgrade::on(&mut *resp);
+                tokio::spawn(tunnel_upgraded(client_upgrade, upstream));
             }
         }
         _ => strip_hop_by_hop(resp.headers_mut(), false),
@@ -418,6 +424,16 @@ async fn tunnel(client: OnUpgrade, (mut upstream, early): (TcpStream, Bytes)) {
     if !early.is_empty() && client.write_all(&early).await.is_err() {
         return;
     }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+/// Copies bytes both ways between an upgraded client and an upgraded connection of
+/// hyper's client (to a TLS pool).
+async fn tunnel_upgraded(client: OnUpgrade, upstream: OnUpgrade) {
+    let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else {
+        return;
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
@@ -484,16 +500,25 @@ fn build_upstream_request<'a>(
         // §8.2.3).
         join_cookies(&mut parts.headers);
     }
-    if pool.is_http2() {
-        // The HTTP/2 client takes the instance from an absolute URI (`:authority`).
+    if pool.via_client() {
+        // hyper's client takes the instance from an absolute URI (`:authority`), and
+        // TLS from its scheme.
         let mut uri = Uri::from_static("/").into_parts();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.scheme = Some(if pool.is_tls() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
         uri.authority = Some(instance.authority.clone());
         uri.path_and_query = parts.uri.path_and_query().cloned();
         if let Ok(uri) = Uri::from_parts(uri) {
             parts.uri = uri;
         }
-        parts.version = Version::HTTP_2;
+        parts.version = if pool.is_http2() {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
     } else {
         // The HTTP/1.1 exchange writes the target in origin form (`/path?query`),
         // whatever form the client used (the authority of a `CONNECT`).
@@ -537,6 +562,11 @@ fn build_upstream_request<'a>(
         headers.remove(header::HOST);
     }
     let upstream_host = (!pool.is_http2()).then(|| host.unwrap_or(instance.host_header.as_bytes()));
+    // HTTP/1.1 through hyper's client (a TLS pool): `Host` goes in the map.
+    if let (true, Some(h)) = (pool.via_client(), upstream_host) {
+        let value = HeaderValue::from_bytes(h).unwrap_or_else(|_| instance.host_header.clone());
+        headers.insert(header::HOST, value);
+    }
     let added = Added {
         varying: [
             (&X_FORWARDED_FOR, xff.as_bytes()),
@@ -544,7 +574,10 @@ fn build_upstream_request<'a>(
         ],
         varying_len: if host.is_some() { 2 } else { 1 },
         fixed: [
-            (&X_FORWARDED_PROTO, &PROTO_HTTP),
+            (
+                &X_FORWARDED_PROTO,
+                if conn.tls { &PROTO_HTTPS } else { &PROTO_HTTP },
+            ),
             (&X_CANARY_VERSION, &pool.version_header),
             (&X_CANARY_ROUTE, &pool.route_header),
         ],
@@ -556,7 +589,7 @@ fn build_upstream_request<'a>(
             headers.remove(name);
         }
     }
-    if pool.is_http2() {
+    if pool.via_client() {
         for (name, value) in added.values() {
             headers.insert(name.clone(), value);
         }

@@ -37,6 +37,8 @@ pub(crate) static PROXY_REQUEST_FIELDS: [&HeaderName; 5] = [
 ];
 
 pub(crate) static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
+/// `X-Forwarded-Proto` of a request that came over TLS.
+pub(crate) static PROTO_HTTPS: HeaderValue = HeaderValue::from_static("https");
 
 /// What the proxy leaves out of the messages the HTTP/1.1 exchange passes on: a
 /// client's own copies of the fields the proxy sets on every request
@@ -101,11 +103,19 @@ pub enum AddedField {
     /// when the route was built), the id (hex digits), then [`STICKY_COOKIE_ATTRIBUTES`].
     /// Written in pieces; making it a `HeaderValue` first cost an allocation and a
     /// check of every byte per new visitor.
-    StickyCookie { prefix: Bytes, id: [u8; 32] },
+    /// `secure`: the request came over TLS, so the cookie gets `Secure` (a browser
+    /// then never sends it over cleartext).
+    StickyCookie {
+        prefix: Bytes,
+        id: [u8; 32],
+        secure: bool,
+    },
 }
 
 /// The attributes of a generated sticky cookie (docs/routing.md).
 pub const STICKY_COOKIE_ATTRIBUTES: &str = canary_core::sticky_id::COOKIE_ATTRIBUTES;
+/// Appended to [`STICKY_COOKIE_ATTRIBUTES`] on a request that came over HTTPS.
+pub const SECURE_ATTRIBUTE: &str = "; Secure";
 
 impl AddedField {
     /// The field's name.
@@ -120,9 +130,9 @@ impl AddedField {
     pub fn value(&self) -> HeaderValue {
         match self {
             AddedField::Value(_, v) => v.clone(),
-            AddedField::StickyCookie { prefix, id } => {
+            AddedField::StickyCookie { prefix, id, secure } => {
                 let mut v = Vec::with_capacity(128);
-                write_cookie(&mut v, prefix, id);
+                write_cookie(&mut v, prefix, id, *secure);
                 HeaderValue::from_maybe_shared(Bytes::from(v))
                     .expect("a checked cookie name, hex digits and fixed attributes")
             }
@@ -133,9 +143,9 @@ impl AddedField {
     pub fn write(&self, out: &mut Vec<u8>) {
         match self {
             AddedField::Value(name, v) => write_field(out, name.as_str().as_bytes(), v.as_bytes()),
-            AddedField::StickyCookie { prefix, id } => {
+            AddedField::StickyCookie { prefix, id, secure } => {
                 out.extend_from_slice(b"set-cookie: ");
-                write_cookie(out, prefix, id);
+                write_cookie(out, prefix, id, *secure);
                 out.extend_from_slice(b"\r\n");
             }
         }
@@ -221,10 +231,13 @@ pub(crate) fn filter_trailers<E>(frame: &mut Option<Result<Frame<Bytes>, E>>) {
 }
 
 /// A generated sticky cookie's value: `name=`, the id, the attributes.
-fn write_cookie(out: &mut Vec<u8>, prefix: &[u8], id: &[u8; 32]) {
+fn write_cookie(out: &mut Vec<u8>, prefix: &[u8], id: &[u8; 32], secure: bool) {
     out.extend_from_slice(prefix);
     out.extend_from_slice(id);
     out.extend_from_slice(STICKY_COOKIE_ATTRIBUTES.as_bytes());
+    if secure {
+        out.extend_from_slice(SECURE_ATTRIBUTE.as_bytes());
+    }
 }
 
 /// A fresh sticky id (see [`IdSource`]), from one source per process seeded from
@@ -329,6 +342,7 @@ mod tests {
         let cookie = AddedField::StickyCookie {
             prefix: Bytes::from_static(b"canary_id="),
             id: a,
+            secure: false,
         };
         let want = format!(
             "canary_id={}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax",
@@ -338,6 +352,16 @@ mod tests {
         let mut line = Vec::new();
         cookie.write(&mut line);
         assert_eq!(line, format!("set-cookie: {want}\r\n").into_bytes());
+        // Over HTTPS the same cookie is `Secure`, in the map and on the line.
+        let secure = AddedField::StickyCookie {
+            prefix: Bytes::from_static(b"canary_id="),
+            id: a,
+            secure: true,
+        };
+        assert_eq!(secure.value().to_str().unwrap(), format!("{want}; Secure"));
+        let mut line = Vec::new();
+        secure.write(&mut line);
+        assert_eq!(line, format!("set-cookie: {want}; Secure\r\n").into_bytes());
     }
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {

@@ -1,5 +1,7 @@
-//! HTTP/2 upstreams (h2c, prior knowledge): hyper-util's client, one per data-plane
-//! worker, and the request body that tells how it ended.
+//! Upstreams reached through hyper-util's client: HTTP/2 pools (h2c with prior
+//! knowledge, or h2 over TLS by ALPN) and pools with `tls` (HTTP/1.1 over TLS, see
+//! `crate::tls`); one client per data-plane worker, and the request body that tells
+//! how it ended.
 //!
 //! Why hyper's client here and the proxy's own exchange for HTTP/1.1
 //! (`canary_http1`): HTTP/2 needs multiplexing and flow control, which are not worth
@@ -25,13 +27,17 @@ use crate::headers::filter_trailers;
 use crate::request::ClientBody;
 use crate::worker::this_worker;
 use canary_http1::client::SendError;
-use canary_http1::conn::{IDLE_TIMEOUT_MS, MAX_IDLE, TCP_KEEPALIVE};
+use canary_http1::conn::{IDLE_TIMEOUT_MS, MAX_IDLE};
 use canary_http1::BoxError;
+use hyper_rustls::HttpsConnector;
 
-/// The HTTP client that forwards to HTTP/2 pools; one per connect timeout and
-/// data-plane worker, reused across reloads so its connections survive them.
-/// HTTP/1.1 pools use [`canary_http1`] instead.
-pub type ProxyClient = Client<HttpConnector, UpstreamBody>;
+use crate::tls::{connector, PoolTls};
+
+/// The HTTP client that forwards to HTTP/2 and TLS pools; one per data-plane worker.
+/// An h2c pool's is shared per connect timeout and reused across reloads so its
+/// connections survive them; a TLS pool's is built at every load (`crate::tls`).
+/// Cleartext HTTP/1.1 pools use [`canary_http1`] instead.
+pub type ProxyClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// One HTTP/2 forwarding client per data-plane worker.
 ///
@@ -46,10 +52,21 @@ pub type ProxyClient = Client<HttpConnector, UpstreamBody>;
 pub struct WorkerClients(Arc<[ProxyClient]>);
 
 impl WorkerClients {
+    /// h2c clients (prior knowledge, no TLS).
     pub fn new(workers: usize, connect_ms: u64) -> WorkerClients {
+        WorkerClients::with_tls(workers, connect_ms, None, true)
+    }
+
+    /// Clients speaking TLS (`tls`) or not, HTTP/2 (`http2`) or HTTP/1.1.
+    pub fn with_tls(
+        workers: usize,
+        connect_ms: u64,
+        tls: Option<&PoolTls>,
+        http2: bool,
+    ) -> WorkerClients {
         WorkerClients(
             (0..workers.max(1))
-                .map(|_| build_h2_client(connect_ms))
+                .map(|_| build_client(connect_ms, tls, http2))
                 .collect(),
         )
     }
@@ -61,20 +78,16 @@ impl WorkerClients {
     }
 }
 
-/// Builds an HTTP/2 (h2c, prior knowledge) forwarding client.
-fn build_h2_client(connect_ms: u64) -> ProxyClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_millis(connect_ms)));
-    // The same keep-alive settings as the HTTP/1.1 pools.
-    connector.set_keepalive(Some(TCP_KEEPALIVE));
+/// Builds a forwarding client: HTTP/2 only (h2c prior knowledge, or h2 by ALPN over
+/// TLS) or HTTP/1.1, with the pools' TCP settings (`crate::tls::connector`).
+fn build_client(connect_ms: u64, tls: Option<&PoolTls>, http2: bool) -> ProxyClient {
     let mut b = Client::builder(TokioExecutor::new());
     b.pool_idle_timeout(Duration::from_millis(IDLE_TIMEOUT_MS))
         .pool_max_idle_per_host(MAX_IDLE);
     b.timer(hyper_util::rt::TokioTimer::new())
         .pool_timer(hyper_util::rt::TokioTimer::new())
-        .http2_only(true);
-    b.build(connector)
+        .http2_only(http2);
+    b.build(connector(connect_ms, tls, http2))
 }
 
 /// How a request body on its way to an HTTP/2 upstream ended.

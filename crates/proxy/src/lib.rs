@@ -19,7 +19,9 @@
 //! - `headers`: the proxy's header policy: the fields it sets, drops and generates.
 //! - [`body`]: [`ProxyBody`], the body of every answer.
 //! - `upstream`: the seam over the upstream protocols (`enum Upstream`).
-//! - `http2`: HTTP/2 upstreams through hyper's client.
+//! - `http2`: upstreams through hyper's client (HTTP/2, and TLS pools).
+//! - [`tls`]: TLS on the listener (handshake, ALPN) and the TLS pools' connector;
+//!   certificates and rustls configs are the crate `canary_tls`'s.
 //!
 //! HTTP/1.1 on the wire (RFC 9112: the request-head reader, the upstream exchange,
 //! body framing, idle connections) is the crate `canary_http1`, which knows nothing of
@@ -48,6 +50,7 @@ pub mod runtime;
 pub mod server;
 pub mod snapshot;
 pub mod timers;
+pub mod tls;
 mod upstream;
 pub mod witness;
 mod worker;

@@ -19,14 +19,18 @@ use hyper_util::rt::TokioExecutor;
 
 use tokio::net::TcpStream;
 
-use crate::headers::{PROTO_HTTP, X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_PROTO};
+use crate::headers::{
+    PROTO_HTTP, PROTO_HTTPS, X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_PROTO,
+};
 use crate::http2::WorkerClients;
 use crate::metrics::VersionStats;
+use crate::tls::PoolTls;
 use crate::upstream::Upstream;
 use crate::witness::{Spread, Witness};
 use crate::worker::this_worker;
 use canary_http1::conn::IdleList;
 use canary_http1::fields::write_field;
+use hyper_rustls::HttpsConnector;
 
 /// The data plane's monotonic clock (the controller reads it from here).
 pub use crate::worker::now_ms;
@@ -200,23 +204,34 @@ pub struct Pool {
     /// `X-Forwarded-Proto`, `X-Canary-Version` and `X-Canary-Route`, as the lines an
     /// HTTP/1.1 exchange writes: one copy per request instead of three fields written
     /// in four pieces each (~2% of a request's instructions). A pool belongs to one
-    /// route, so the route's name can be part of them.
-    pub request_lines: Bytes,
+    /// route, so the route's name can be part of them. Two copies: for requests that
+    /// came over cleartext (`X-Forwarded-Proto: http`) and over TLS (`https`).
+    request_lines: [Bytes; 2],
     pub instances: Vec<Arc<Instance>>,
-    /// The forwarding client of an `http2: true` pool; `None` for an HTTP/1.1 pool,
-    /// whose connections are in its instances' idle lists.
-    pub h2_client: Option<WorkerClients>,
+    /// The forwarding client of an `http2: true` or `tls` pool; `None` for a
+    /// cleartext HTTP/1.1 pool, whose connections are in its instances' idle lists.
+    pub client: Option<PoolClient>,
     pub stats: Arc<VersionStats>,
     pub ejection: Ejection,
     pub health_check: Option<HealthCheck>,
     next: AtomicUsize,
 }
 
+/// How a pool that goes through hyper's client reaches its instances.
+#[derive(Clone, Debug)]
+pub struct PoolClient {
+    pub clients: WorkerClients,
+    /// HTTP/2 (h2c, or h2 by ALPN over TLS); else HTTP/1.1 (over TLS).
+    pub http2: bool,
+    /// TLS to the instances (`tls` on the pool).
+    pub tls: bool,
+}
+
 impl Pool {
     pub fn new(
         (route, version): (&str, &str),
         instances: Vec<Arc<Instance>>,
-        h2_client: Option<WorkerClients>,
+        client: Option<PoolClient>,
         stats: Arc<VersionStats>,
         ejection: Ejection,
         health_check: Option<HealthCheck>,
@@ -224,21 +239,25 @@ impl Pool {
         let value =
             |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("unknown"));
         let (version_header, route_header) = (value(version), value(route));
-        let mut lines = Vec::with_capacity(80);
-        for (name, value) in [
-            (&X_FORWARDED_PROTO, &PROTO_HTTP),
-            (&X_CANARY_VERSION, &version_header),
-            (&X_CANARY_ROUTE, &route_header),
-        ] {
-            write_field(&mut lines, name.as_str().as_bytes(), value.as_bytes());
-        }
+        let lines = |proto: &HeaderValue| {
+            let mut lines = Vec::with_capacity(80);
+            for (name, value) in [
+                (&X_FORWARDED_PROTO, proto),
+                (&X_CANARY_VERSION, &version_header),
+                (&X_CANARY_ROUTE, &route_header),
+            ] {
+                write_field(&mut lines, name.as_str().as_bytes(), value.as_bytes());
+            }
+            Bytes::from(lines)
+        };
+        let request_lines = [lines(&PROTO_HTTP), lines(&PROTO_HTTPS)];
         Pool {
             version: version.to_string(),
             version_header,
             route_header,
-            request_lines: Bytes::from(lines),
+            request_lines,
             instances,
-            h2_client,
+            client,
             stats,
             ejection,
             health_check,
@@ -249,15 +268,34 @@ impl Pool {
     /// Whether the pool speaks HTTP/2 to its instances.
     #[inline]
     pub fn is_http2(&self) -> bool {
-        self.h2_client.is_some()
+        self.client.as_ref().is_some_and(|c| c.http2)
+    }
+
+    /// Whether the pool speaks TLS to its instances.
+    #[inline]
+    pub fn is_tls(&self) -> bool {
+        self.client.as_ref().is_some_and(|c| c.tls)
+    }
+
+    /// Whether requests go through hyper's client (HTTP/2 or TLS), not the proxy's
+    /// own HTTP/1.1 exchange.
+    #[inline]
+    pub fn via_client(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// The fixed request lines for a request that came over TLS (`tls`) or not.
+    #[inline]
+    pub fn request_lines(&self, tls: bool) -> &Bytes {
+        &self.request_lines[usize::from(tls)]
     }
 
     /// How a request reaches `instance` of this pool (connecting within `connect_ms`
     /// when a new HTTP/1.1 connection is needed).
     #[inline]
     pub(crate) fn upstream<'a>(&'a self, instance: &'a Instance, connect_ms: u64) -> Upstream<'a> {
-        match &self.h2_client {
-            Some(h2) => Upstream::Http2(h2.get()),
+        match &self.client {
+            Some(c) => Upstream::Client(c.clients.get()),
             None => Upstream::Http1 {
                 idle: instance.idle(),
                 addr: &instance.addr,
@@ -292,21 +330,28 @@ impl Pool {
     }
 }
 
-/// Runs the active health checks of one pool until aborted. `http2`: check with h2c
-/// like the pool's traffic, since such upstreams (gRPC) may not speak HTTP/1.1.
-pub async fn health_check_loop(instances: Vec<Arc<Instance>>, spec: HealthCheck, http2: bool) {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(Duration::from_millis(spec.timeout_ms)));
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .http2_only(http2)
-        .build(connector);
+/// Runs the active health checks of one pool until aborted, the way the pool's
+/// traffic goes: `http2` checks with HTTP/2 (h2c, or h2 over TLS), since such
+/// upstreams (gRPC) may not speak HTTP/1.1; `tls` with the pool's TLS settings.
+pub async fn health_check_loop(
+    instances: Vec<Arc<Instance>>,
+    spec: HealthCheck,
+    http2: bool,
+    tls: Option<PoolTls>,
+) {
+    let connector = crate::tls::connector(spec.timeout_ms, tls.as_ref(), http2);
+    let client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .http2_only(http2)
+            .build(connector);
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let mut tick = tokio::time::interval(Duration::from_millis(spec.interval_ms.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         for inst in &instances {
-            let uri = format!("http://{}{}", inst.addr, spec.path);
+            let uri = format!("{scheme}://{}{}", inst.addr, spec.path);
             let Ok(req) = http::Request::get(uri)
                 .header("user-agent", "canary-health-check")
                 .body(Empty::new())

@@ -30,6 +30,8 @@ use crate::headers::upgrade_allowed;
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub peer_header: HeaderValue,
+    /// The connection is TLS (`X-Forwarded-Proto: https`, `Secure` sticky cookies).
+    pub tls: bool,
 }
 
 impl ConnInfo {
@@ -37,7 +39,19 @@ impl ConnInfo {
         let ip = peer.ip().to_canonical();
         let peer_header =
             HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ConnInfo { peer, peer_header }
+        ConnInfo {
+            peer,
+            peer_header,
+            tls: false,
+        }
+    }
+
+    /// A connection that arrived over TLS.
+    pub fn over_tls(peer: SocketAddr) -> ConnInfo {
+        ConnInfo {
+            tls: true,
+            ..ConnInfo::new(peer)
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! The proxy listener: accept loop, connection limit, HTTP/1.1 + h2c, graceful stop.
+//! The proxy listener: accept loop, connection limit, HTTP/1.1 + h2c, HTTPS
+//! (handshakes in the connections' tasks, `crate::tls`), graceful stop.
 //!
 //! Thread per core: [`spawn_workers`] starts one OS thread per worker, each running a
 //! current-thread tokio runtime with its own `SO_REUSEPORT` listener on the same
@@ -23,6 +24,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::connection::{self, Settings};
 use crate::request::ConnInfo;
 use crate::snapshot::Proxy;
+use crate::tls::ListenerTls;
 use crate::worker::set_worker_index;
 
 /// How long in-flight requests get to finish after a stop signal.
@@ -45,13 +47,15 @@ pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// current at start; changing them needs a restart (documented in `docs/config.md`).
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let permits = Arc::new(Semaphore::new(proxy.snapshot().limits.max_connections));
-    serve_with(proxy, listener, permits, shutdown).await;
+    serve_with(proxy, listener, None, permits, shutdown).await;
 }
 
 /// [`serve`] with a connection limit shared with other workers.
+/// `tls`: the listener speaks HTTPS (each handshake runs in its connection's task).
 pub async fn serve_with(
     proxy: Arc<Proxy>,
     listener: TcpListener,
+    tls: Option<ListenerTls>,
     permits: Arc<Semaphore>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -136,12 +140,23 @@ pub async fn serve_with(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn_info = Arc::new(ConnInfo::new(peer));
         let (settings, stop) = (settings.clone(), stop_rx.clone());
-        tokio::spawn(async move {
-            connection::serve(stream, conn_info, settings, stop).await;
-            drop(permit);
-        });
+        match &tls {
+            None => {
+                let conn_info = Arc::new(ConnInfo::new(peer));
+                tokio::spawn(async move {
+                    connection::serve(stream, conn_info, settings, stop).await;
+                    drop(permit);
+                });
+            }
+            Some(tls) => {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    connection::serve_tls(stream, peer, &tls, settings, stop).await;
+                    drop(permit);
+                });
+            }
+        }
     }
     drop(listener);
     drop(stop_rx);
@@ -188,6 +203,7 @@ pub fn bind_reuseport(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::n
 pub fn spawn_workers(
     proxy: Arc<Proxy>,
     listeners: Vec<std::net::TcpListener>,
+    tls: Option<ListenerTls>,
     stop: watch::Receiver<bool>,
 ) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
     let permits = Arc::new(Semaphore::new(proxy.snapshot().limits.max_connections));
@@ -197,6 +213,7 @@ pub fn spawn_workers(
             .enable_all()
             .build()?;
         let (proxy, permits, mut stop) = (proxy.clone(), permits.clone(), stop.clone());
+        let tls = tls.clone();
         let handle = std::thread::Builder::new()
             .name(format!("canary-worker-{i}"))
             .spawn(move || {
@@ -212,7 +229,7 @@ pub fn spawn_workers(
                     let stopped = async move {
                         let _ = stop.wait_for(|s| *s).await;
                     };
-                    serve_with(proxy, listener, permits, stopped).await;
+                    serve_with(proxy, listener, tls, permits, stopped).await;
                 });
             })?;
         handles.push(handle);

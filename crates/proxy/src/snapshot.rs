@@ -15,8 +15,9 @@ use tokio::task::JoinHandle;
 use crate::expo::{Exposition, Kind};
 use crate::http2::WorkerClients;
 use crate::metrics::{encode_versions, VersionStats};
-use crate::pool::{health_check_loop, Instance, Pool};
+use crate::pool::{health_check_loop, Instance, Pool, PoolClient};
 use crate::runtime::{DataPlaneEvent, RouteRuntime};
+use crate::tls::PoolTls;
 use crate::worker::now_ms;
 
 /// One route as the data plane serves it.
@@ -339,13 +340,32 @@ fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig, workers: us
             Some(inst)
         })
         .collect();
-    // HTTP/1.1 pools keep their connections in their instances (`upstream`).
-    let h2_client = pc.http2.then(|| {
-        reg.clients
-            .entry(rc.timeouts.connect_ms)
-            .or_insert_with(|| WorkerClients::new(workers, rc.timeouts.connect_ms))
-            .clone()
+    // Cleartext HTTP/1.1 pools keep their connections in their instances
+    // (`upstream`). A TLS pool's client is built anew at every load (`crate::tls`);
+    // h2c clients are shared per connect timeout and survive reloads.
+    let tls = pc.tls.as_ref().map(|t| {
+        PoolTls::new(
+            t,
+            &format!("route {} version {} tls", rc.route.name, pc.version),
+        )
     });
+    let client = match (&tls, pc.http2) {
+        (Some(t), http2) => Some(PoolClient {
+            clients: WorkerClients::with_tls(workers, rc.timeouts.connect_ms, Some(t), http2),
+            http2,
+            tls: true,
+        }),
+        (None, true) => Some(PoolClient {
+            clients: reg
+                .clients
+                .entry(rc.timeouts.connect_ms)
+                .or_insert_with(|| WorkerClients::new(workers, rc.timeouts.connect_ms))
+                .clone(),
+            http2: true,
+            tls: false,
+        }),
+        (None, false) => None,
+    };
     let key = (rc.route.name.clone(), pc.version.clone());
     let stats = match reg.stats.get(&key) {
         Some(s) => s.clone(),
@@ -361,13 +381,14 @@ fn build_pool(reg: &mut Registry, rc: &RouteConfig, pc: &PoolConfig, workers: us
             instances.clone(),
             hc.clone(),
             pc.http2,
+            tls,
         ))),
         None => instances.iter().for_each(|i| i.reset_check()),
     }
     Pool::new(
         (&rc.route.name, &pc.version),
         instances,
-        h2_client,
+        client,
         stats,
         rc.ejection,
         pc.health_check.clone(),

@@ -1,11 +1,13 @@
 //! The one place where the upstream protocol is chosen: [`Upstream`] names a pool's
-//! way to an instance, HTTP/1.1 (the proxy's own exchange, `canary_http1`) or HTTP/2
-//! (hyper's client, `crate::http2`), and [`send`] sends a request either way with one
+//! way to an instance, cleartext HTTP/1.1 (the proxy's own exchange, `canary_http1`)
+//! or hyper's client (`crate::http2`: HTTP/2, and any protocol over TLS, whose
+//! connector is `crate::tls`'s), and [`send`] sends a request either way with one
 //! error type, [`SendError`], so the handler classifies failures the same for both.
 //!
 //! Enum dispatch, as linkerd's `Client { H2, Http1 }` and Pingora's `HttpSession`: no
-//! `dyn` on the request path. A new way to reach an upstream (TLS, say) is a variant
-//! here or a stream type for the HTTP/1.1 exchange, not a branch in the handler.
+//! `dyn` on the request path. TLS came in as a connector of the client variant; a
+//! TLS stream for the own HTTP/1.1 exchange (it is generic over its `Io`) would be a
+//! variant here, not a branch in the handler.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +35,9 @@ pub(crate) enum Upstream<'a> {
         addr: &'a str,
         connect_ms: u64,
     },
-    /// HTTP/2 (h2c), by this worker's client of the pool.
-    Http2(&'a ProxyClient),
+    /// Through this worker's hyper client of the pool: HTTP/2 (h2c, or h2 over TLS)
+    /// or HTTP/1.1 over TLS (`crate::tls`).
+    Client(&'a ProxyClient),
 }
 
 /// The request on its way: its parts and body (borrowed: the HTTP/1.1 exchange only
@@ -114,7 +117,7 @@ pub(crate) async fn send<'a>(
             )
             .await
         }
-        Upstream::Http2(client) => {
+        Upstream::Client(client) => {
             // hyper's client takes the request by value.
             let parts = std::mem::replace(parts, Request::new(()).into_parts().0);
             let body = std::mem::replace(body, UpstreamBody::empty());

@@ -37,6 +37,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+pub mod tls;
+
 /// How long `Canary::start` waits for `/readyz`.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per-request timeout of the test clients.
@@ -81,6 +83,8 @@ struct UpState {
     fail_every: AtomicU64,
     healthy: AtomicBool,
     requests: AtomicU64,
+    /// `/healthz` requests answered.
+    checks: AtomicU64,
     seq: AtomicU64,
 }
 
@@ -103,6 +107,16 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(version: &str) -> Upstream {
+        Upstream::start_with(version, None).await
+    }
+
+    /// The same server over TLS (`acceptor`: its certificate and ALPN); HTTP/2 when
+    /// ALPN agrees on `h2`.
+    pub async fn start_tls(version: &str, acceptor: tokio_rustls::TlsAcceptor) -> Upstream {
+        Upstream::start_with(version, Some(acceptor)).await
+    }
+
+    async fn start_with(version: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
@@ -114,6 +128,7 @@ impl Upstream {
             fail_every: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             requests: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
             seq: AtomicU64::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -127,15 +142,16 @@ impl Upstream {
                     };
                     let _ = stream.set_nodelay(true);
                     let state = state.clone();
-                    let mut stop_rx = stop_rx.clone();
+                    let stop_rx = stop_rx.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
-                        let svc = service_fn(move |req| serve_upstream(state.clone(), req));
-                        let builder = auto::Builder::new(TokioExecutor::new());
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                        tokio::select! {
-                            _ = conn => {}
-                            _ = stop_rx.wait_for(|s| *s) => {}
+                        match tls {
+                            None => serve_upstream_conn(stream, state, stop_rx).await,
+                            Some(tls) => {
+                                if let Ok(stream) = tls.accept(stream).await {
+                                    serve_upstream_conn(stream, state, stop_rx).await;
+                                }
+                            }
                         }
                     });
                 }
@@ -162,6 +178,11 @@ impl Upstream {
     /// Every `n`-th plain request answers 500 (0 turns it off).
     pub fn fail_every(&self, n: u64) {
         self.state.fail_every.store(n, Relaxed);
+    }
+
+    /// `/healthz` requests answered so far.
+    pub fn checks(&self) -> u64 {
+        self.state.checks.load(Relaxed)
     }
 
     /// What `/healthz` answers: 200 when healthy, 503 when not.
@@ -192,12 +213,27 @@ fn text_response(status: u16, body: String) -> Response<Full<Bytes>> {
     r
 }
 
+/// Serves one connection of an [`Upstream`] until it closes or the server stops.
+async fn serve_upstream_conn<IO>(io: IO, state: Arc<UpState>, mut stop_rx: watch::Receiver<bool>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| serve_upstream(state.clone(), req));
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::select! {
+        _ = conn => {}
+        _ = stop_rx.wait_for(|s| *s) => {}
+    }
+}
+
 async fn serve_upstream(
     st: Arc<UpState>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
     if path == "/healthz" {
+        st.checks.fetch_add(1, Relaxed);
         return Ok(if st.healthy.load(Relaxed) {
             text_response(200, "ok\n".into())
         } else {
