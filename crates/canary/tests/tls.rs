@@ -535,6 +535,12 @@ async fn a_pool_with_tls_verifies_its_upstream_by_ca_and_name_and_checks_health_
       version: v1
       upstreams: {good}
       tls: {{server_name: api.internal, ca: {other}}}
+  - name: insecure
+    path_prefix: /insecure
+    stable:
+      version: v1
+      upstreams: {good}
+      tls: {{server_name: other.internal, insecure_skip_verify: true}}
   - name: grpc
     path_prefix: /grpc
     stable:
@@ -571,6 +577,14 @@ async fn a_pool_with_tls_verifies_its_upstream_by_ca_and_name_and_checks_health_
         let r = s.get("shop.test", path, &[]).await;
         assert_eq!(r.status, 502, "{path}: {r:?}");
     }
+    // insecure_skip_verify takes what the others refuse, and says so in the log.
+    assert_eq!(s.get("shop.test", "/insecure/", &[]).await.status, 200);
+    assert!(
+        c.log()
+            .contains("tls.insecure_skip_verify is on: the upstream's certificate is NOT verified"),
+        "{}",
+        c.log()
+    );
     // Health checks go over TLS with the pool's settings and pass.
     let deadline = Instant::now() + Duration::from_secs(10);
     while ok.checks() < 3 || grpc.checks() < 3 {
