@@ -52,6 +52,11 @@ extract() { command -v "$2" >/dev/null 2>&1 || unpack+=("$1"); }
 need gcc cc              # the linker rustc calls
 need procps kill         # tests stop the processes they start with kill(1)
 extract prometheus promtool   # checks /metrics; the Prometheus server for query tests
+need protobuf-compiler protoc   # etcd-client's build script compiles etcd's protos
+# ... and the well-known types they import (google/protobuf/descriptor.proto), no command
+[[ -e /usr/include/google/protobuf/descriptor.proto ]] || install+=(libprotobuf-dev)
+extract etcd-server etcd        # fleet tests start their own etcd on loopback
+extract etcd-client etcdctl     # fleet tests put an invalid document with it
 
 if ((${#install[@]} + ${#unpack[@]})); then
     if [[ $(id -u) -ne 0 ]]; then

@@ -164,6 +164,15 @@ raw_structs! {
         workers: S<i64>,
         limits: S<RawLimits>,
         routes: List<RawRoute>,
+        fleet: S<RawFleet>,
+    }
+
+    RawFleet {
+        etcd: List<String>,
+        prefix: S<String>,
+        member: S<String>,
+        lease_ttl: S<String>,
+        advertise: S<String>,
     }
 
     RawLimits {
