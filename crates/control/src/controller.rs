@@ -20,6 +20,8 @@ use canary_proxy::pool::now_ms as mono_ms;
 use canary_proxy::{DataPlaneEvent, Proxy, RouteRuntime};
 use serde::Serialize;
 
+use crate::gate::CommandGate;
+use crate::state_store::StateStore;
 use crate::store::{ManualWeight, Store, StoreError};
 
 /// Wall-clock milliseconds since the Unix epoch: persisted times must survive restarts.
@@ -79,10 +81,19 @@ struct Inner {
     reloads_failed: u64,
 }
 
+/// Cumulative counters of a route's canary and stable, from somewhere other than this
+/// process's own data plane: in fleet mode, the sum over every member (`canary-fleet`).
+pub trait Evidence: Send + Sync {
+    /// `(canary, stable)` cumulative counts of `route`; `None` = use the local counters.
+    fn counts(&self, route: &str) -> Option<(VersionWindow, VersionWindow)>;
+}
+
 /// The controller; cheap to share behind an `Arc`.
 pub struct Controller {
     proxy: Arc<Proxy>,
-    store: Store,
+    store: Arc<dyn StateStore>,
+    evidence: Mutex<Option<Arc<dyn Evidence>>>,
+    gate: Mutex<Option<Arc<dyn CommandGate>>>,
     inner: Mutex<Inner>,
 }
 
@@ -149,9 +160,16 @@ fn diff(a: &VersionWindow, b: &VersionWindow) -> VersionWindow {
 
 impl Controller {
     pub fn new(proxy: Arc<Proxy>, store: Store) -> Controller {
+        Controller::with_store(proxy, Arc::new(store))
+    }
+
+    /// A controller persisting through any [`StateStore`] (fleet mode: etcd).
+    pub fn with_store(proxy: Arc<Proxy>, store: Arc<dyn StateStore>) -> Controller {
         Controller {
             proxy,
             store,
+            evidence: Mutex::new(None),
+            gate: Mutex::new(None),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -160,8 +178,69 @@ impl Controller {
         &self.proxy
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn store(&self) -> &dyn StateStore {
+        &*self.store
+    }
+
+    /// Takes analysis counters from `evidence` instead of the local data plane.
+    pub fn set_evidence(&self, evidence: Arc<dyn Evidence>) {
+        *self.evidence.lock().unwrap_or_else(|p| p.into_inner()) = Some(evidence);
+    }
+
+    /// Routes the admin API's commands through `gate` (fleet mode).
+    pub fn set_gate(&self, gate: Arc<dyn CommandGate>) {
+        *self.gate.lock().unwrap_or_else(|p| p.into_inner()) = Some(gate);
+    }
+
+    /// The command gate, if one is set.
+    pub fn gate(&self) -> Option<Arc<dyn CommandGate>> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Fleet mode: takes a route's rollout state and manual weight as the store now
+    /// holds them (written by the leader) and puts the data plane in line, without
+    /// persisting anything. A breaker tripped here keeps the canary at 0 until the
+    /// state is no longer active or is a new attempt.
+    pub fn adopt(
+        &self,
+        route: &str,
+        rollout: Option<RolloutState>,
+        manual: Option<ManualWeight>,
+    ) -> bool {
+        let mut inner = self.lock();
+        let Some(ctl) = inner.routes.iter_mut().find(|c| c.cfg.route.name == route) else {
+            return false;
+        };
+        if ctl.rollout == rollout && ctl.manual == manual {
+            return false;
+        }
+        let was = ctl.rollout.as_ref().filter(|s| s.phase.is_active());
+        // A new attempt (a new version, or a retry of a rollout that was not active)
+        // re-arms the breaker; a later step of the same attempt keeps a local trip
+        // until the leader has recorded the abort.
+        let rearm = rollout.as_ref().is_some_and(|s| {
+            s.phase.is_active() && was.is_none_or(|w| w.canary_version != s.canary_version)
+        });
+        let new_attempt = rearm;
+        ctl.rollout = rollout;
+        ctl.manual = manual;
+        if new_attempt {
+            ctl.samples.clear();
+        }
+        sync_runtime(ctl, rearm);
+        true
+    }
+
+    /// Fleet mode, on becoming the leader: the analysis starts a fresh window (this
+    /// process has no history of the fleet's counters), so the first verdict comes one
+    /// interval from now, never from data it did not see.
+    pub fn fresh_windows(&self) {
+        let now = wall_ms();
+        let mut inner = self.lock();
+        for ctl in inner.routes.iter_mut() {
+            ctl.samples.clear();
+            ctl.last_verdict_ms = now;
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -439,6 +518,11 @@ impl Controller {
         let now = wall_ms();
         let snap = self.proxy.snapshot();
         let mono = mono_ms();
+        let evidence = self
+            .evidence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut inner = self.lock();
         for ctl in inner.routes.iter_mut() {
             let (Some(spec), Some(state)) = (ctl.cfg.rollout.clone(), ctl.rollout.clone()) else {
@@ -456,10 +540,14 @@ impl Controller {
             let due = now.saturating_sub(ctl.last_verdict_ms) >= spec.interval_ms;
             // One sample a second is plenty for windows of seconds to minutes.
             if due || ctl.samples.back().is_none_or(|b| now >= b.at_ms + 1_000) {
+                let (canary, stable) = evidence
+                    .as_ref()
+                    .and_then(|e| e.counts(&ctl.cfg.route.name))
+                    .unwrap_or_else(|| (canary_pool.stats.counts(), entry.stable.stats.counts()));
                 ctl.samples.push_back(Sample {
                     at_ms: now,
-                    canary: canary_pool.stats.counts(),
-                    stable: entry.stable.stats.counts(),
+                    canary,
+                    stable,
                 });
             }
             while ctl.samples.len() > 2 && ctl.samples[1].at_ms + spec.window_ms <= now {

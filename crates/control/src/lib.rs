@@ -5,6 +5,9 @@
 //! - [`controller`]: applies configs, drives rollouts with the pure core's state
 //!   machine, answers commands. Never on the request path.
 //! - [`store`]: atomic state files and the append-only journal in `state_dir`.
+//! - [`state_store`]: the [`state_store::StateStore`] seam: file store here, etcd in
+//!   `canary-fleet`.
+//! - [`gate`]: the seam through which fleet mode routes the admin API's commands.
 //! - [`admin`]: the axum router for `/api/v1`, `/metrics`, `/healthz`, `/readyz`.
 //! - [`source`]: the config file source: reload on file change (watching the
 //!   directories of the file and of the symlinks leading to it, since editors
@@ -12,14 +15,17 @@
 
 pub mod admin;
 pub mod controller;
+pub mod gate;
 pub mod source;
+pub mod state_store;
 pub mod store;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use controller::{Command, ControlError, Controller, RouteStatus};
+pub use controller::{Command, ControlError, Controller, Evidence, RouteStatus};
+pub use state_store::StateStore;
 
 /// How often the controller samples counters and steps rollouts. Verdicts are taken
 /// at each route's own `analysis.interval`; this only bounds how late a pause ends
