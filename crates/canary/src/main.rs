@@ -5,6 +5,7 @@
 mod output;
 mod cli;
 mod demo;
+mod fleet;
 mod serve;
 
 use std::path::PathBuf;
@@ -44,6 +45,11 @@ enum Cmd {
     /// A self-contained demo: built-in v1/v2 upstreams, synthetic traffic and a
     /// whole rollout in about a minute.
     Demo(demo::DemoArgs),
+    /// Fleet mode: push the fleet's routes to etcd, show a member's view of the fleet.
+    Fleet {
+        #[command(subcommand)]
+        cmd: fleet::FleetCmd,
+    },
     #[command(flatten)]
     Admin(cli::AdminCmd),
 }
@@ -62,7 +68,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    let admin = matches!(args.command, Cmd::Admin(_));
+    let admin = matches!(args.command, Cmd::Admin(_) | Cmd::Fleet { .. });
     let code = match args.command {
         Cmd::Validate { config } => match canary_config::load(&config) {
             Ok(cfg) => {
@@ -81,6 +87,7 @@ fn main() -> ExitCode {
         },
         Cmd::Serve { config } => serve::main(&config),
         Cmd::Demo(a) => demo::main(a),
+        Cmd::Fleet { cmd } => fleet::main(cmd),
         Cmd::Admin(c) => cli::main(c),
     };
     if output::failed() {

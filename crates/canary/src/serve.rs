@@ -97,6 +97,9 @@ pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    if cfg.fleet.is_some() {
+        return crate::fleet::serve(cfg, shutdown).await;
+    }
     let token = admin_token(&cfg);
     if !cfg.admin.ip().is_loopback() && token.is_none() {
         bail!(

@@ -193,7 +193,8 @@ impl Shared {
                 _ => {}
             }
         }
-        if config {
+        // Also before the first document: the reason it is not ready is reported.
+        if config || self.config_rev.load(Relaxed) == 0 {
             self.apply_config();
         }
         if !self.leading.load(Relaxed) {

@@ -481,6 +481,47 @@ impl Canary {
         unreachable!("the last attempt returns or panics")
     }
 
+    /// Starts `canary serve` without waiting for `/readyz` (a fleet member is not
+    /// ready before a fleet document exists); returns once `/healthz` answers.
+    pub async fn start_unready(body: &str) -> Canary {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = Canary {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            config_path: dir.path().join("canary.yaml"),
+            log_path: dir.path().join("canary.log"),
+            env: Vec::new(),
+            child: None,
+            client: client(),
+            dir,
+        };
+        c.write_config(body);
+        c.spawn();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let url = format!("http://{}/healthz", c.admin);
+        loop {
+            let fut = send(&c.client, Method::GET, &url, &[], "");
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(500), fut).await {
+                if r.status == 200 {
+                    return c;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "canary did not answer /healthz:\n{}",
+                c.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (bounded) until `/readyz` answers 200; panics with the log otherwise.
+    pub async fn wait_until_ready(&mut self) {
+        if let Err(log) = self.wait_ready().await {
+            panic!("canary did not become ready:\n{log}");
+        }
+    }
+
     /// The text written before `body`: the per-instance addresses and state dir.
     pub fn header(&self) -> String {
         format!(
