@@ -51,6 +51,7 @@ impl Etcd {
             .enumerate()
             .map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}"))
             .collect();
+        let token = format!("t{}", free_port());
         let mut args = Vec::new();
         let mut clients = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
@@ -72,7 +73,7 @@ impl Etcd {
                 "--initial-cluster".into(),
                 cluster.join(","),
                 "--initial-cluster-token".into(),
-                format!("t{}", free_port()),
+                token.clone(),
                 "--listen-metrics-urls".into(),
                 format!("http://127.0.0.1:{}", free_port()),
             ]);
@@ -92,10 +93,15 @@ impl Etcd {
     }
 
     fn spawn(&self, i: usize) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self._dir.path().join(format!("e{i}.log")))
+            .expect("etcd log");
         Command::new("etcd")
             .args(&self.args[i])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn etcd")
     }
@@ -123,7 +129,15 @@ impl Etcd {
     fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.ctl(&["put", "/health-probe", "1"]).0 {
-            assert!(Instant::now() < deadline, "etcd did not come up");
+            if Instant::now() > deadline {
+                let logs: Vec<String> = (0..self.args.len())
+                    .map(|i| {
+                        std::fs::read_to_string(self._dir.path().join(format!("e{i}.log")))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                panic!("etcd did not come up:\n{}", logs.join("\n----\n"));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -431,4 +445,115 @@ async fn three_members_follow_etcd_forward_commands_and_fail_over_on_the_same_st
         Some(1.0),
         "{metrics}"
     );
+}
+
+/// Starts `n` members on `etcd`, pushes the document and waits until every member
+/// serves it under one leader.
+async fn bootstrap(etcd: &Etcd, n: usize, stable: &Upstream, canary: &Upstream) -> Vec<Canary> {
+    let mut members = Vec::new();
+    for i in 0..n {
+        members
+            .push(Canary::start_unready(&member_config(etcd, "/canary/t", &format!("p{i}"))).await);
+    }
+    let docs = tempfile::tempdir().expect("tempdir");
+    let (code, out, err) = push(etcd, docs.path(), &document(stable, canary, "v2")).await;
+    assert_eq!(code, 0, "{out}{err}");
+    for m in members.iter_mut() {
+        m.wait_until_ready().await;
+    }
+    let all: Vec<&Canary> = members.iter().collect();
+    wait_all(&all, "on one leader", |f, s| {
+        f["leader"].is_string() && s["weight"] == 10.0
+    })
+    .await;
+    members
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_down_members_keep_serving_and_a_local_abort_reaches_the_fleet_later() {
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::start(1);
+    let (stable, canary) = (Upstream::start("v1").await, Upstream::start("v2").await);
+    let mut members = bootstrap(&etcd, 2, &stable, &canary).await;
+    let all: Vec<&Canary> = members.iter().collect();
+
+    etcd.stop(0);
+    wait_all(&all, "disconnected", |f, _| {
+        f["connected"] == false && f["stale"] == true
+    })
+    .await;
+    for m in &members {
+        for _ in 0..20 {
+            assert_eq!(m.get("/", &[]).await.status, 200);
+        }
+        // Frozen: the weight stays; reads still answer from the member's view.
+        assert_eq!(m.status("web").await["weight"], 10.0);
+    }
+    // Without a leader only abort acts, and only on the member it was sent to.
+    let (code, _, err) = members[0].cli(&["weight", "web", "40"]).await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("fleet store unavailable"), "{err}");
+    let (code, out, err) = members[1]
+        .cli(&["abort", "web", "--reason", "bad build"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(members[1].status("web").await["weight"], 0.0);
+    for _ in 0..20 {
+        assert_eq!(members[1].get("/", &[]).await.version(), Some("v1"));
+    }
+    assert_eq!(members[0].status("web").await["weight"], 10.0);
+    let f = fleet(&members[1]).await;
+    assert_eq!(f["local_aborts"][0], "web", "{f}");
+
+    // A member restarted while etcd is down serves from its cache.
+    members[0].restart().await;
+    assert_eq!(members[0].status("web").await["canary_version"], "v2");
+
+    // etcd back: no restart needed, the queued abort is applied fleet-wide.
+    etcd.restart(0);
+    let all: Vec<&Canary> = members.iter().collect();
+    wait_all(&all, "aborted fleet-wide after etcd returned", |f, s| {
+        f["connected"] == true
+            && s["phase"] == "aborted"
+            && s["weight"] == 0.0
+            && s["abort_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("bad build"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_etcd_losing_a_node_keeps_the_fleet_in_step() {
+    if !etcd_available() {
+        return;
+    }
+    let mut etcd = Etcd::start(3);
+    let (stable, canary) = (Upstream::start("v1").await, Upstream::start("v2").await);
+    let members = bootstrap(&etcd, 2, &stable, &canary).await;
+    etcd.stop(0);
+    let all: Vec<&Canary> = members.iter().collect();
+    let follower = members
+        .iter()
+        .find(|m| {
+            let log = m.log();
+            !log.contains("this member leads")
+        })
+        .expect("a follower");
+    // The next write may wait for a raft election (about 2 s measured): retry.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, _, err) = follower.cli(&["weight", "web", "70"]).await;
+        if code == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "weight never accepted: {err}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_all(&all, "at 70 %", |f, s| {
+        f["connected"] == true && s["weight"] == 70.0
+    })
+    .await;
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::Bytes;
-use canary_control::{Command, Controller};
+use canary_control::Command;
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -17,7 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
 use crate::evidence::Sample;
-use crate::node::{local_sample, Shared};
+use crate::node::Shared;
 
 pub(crate) type Http = Client<HttpConnector, Full<Bytes>>;
 
@@ -100,9 +100,8 @@ pub(crate) async fn send(
     }
 }
 
-/// The leader's evidence tick: records its own counters and every other member's.
-pub(crate) async fn scrape(sh: &std::sync::Arc<Shared>, _ctl: &Controller) {
-    sh.evidence.record(&local_sample(sh));
+/// The leader's pull of every other member's counters (one second per member at most).
+pub(crate) async fn scrape(sh: std::sync::Arc<Shared>) {
     let members = sh.mirror().members(&sh.keys);
     let mut tasks = tokio::task::JoinSet::new();
     for (name, info) in members {

@@ -814,11 +814,17 @@ pub(crate) async fn controller_loop(sh: Arc<Shared>, ctl: Arc<Controller>) {
     let mut events = ctl.proxy().take_events();
     let mut tick = tokio::time::interval(canary_control::TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The pull of the other members' counters runs beside the ticks, so a slow member
+    // delays its own numbers, never the controller.
+    let mut pull: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 if sh.acting_leader() {
-                    crate::forward::scrape(&sh, &ctl).await;
+                    sh.evidence.record(&local_sample(&sh));
+                    if pull.as_ref().is_none_or(|p| p.is_finished()) {
+                        pull = Some(tokio::spawn(crate::forward::scrape(sh.clone())));
+                    }
                     ctl.tick();
                 }
                 sh.deliver_pending().await;
