@@ -403,7 +403,7 @@ impl Checker {
         let lease_ttl_ms = match &r.lease_ttl {
             Some(v) => {
                 let ms = self.duration("fleet.lease_ttl", v, false);
-                if ms != 0 && (ms < 2_000 || ms % 1_000 != 0) {
+                if ms != 0 && (ms < 2_000 || !ms.is_multiple_of(1_000)) {
                     self.err(
                         v.referenced,
                         format!(

@@ -453,10 +453,10 @@ impl Shared {
                 reason: hold.reason.clone(),
             };
             let done = if self.acting_leader() {
-                match self.controller().map(|c| c.command(&route, cmd)) {
-                    Some(Ok(_)) | Some(Err(canary_control::ControlError::Conflict(_))) => true,
-                    _ => false,
-                }
+                matches!(
+                    self.controller().map(|c| c.command(&route, cmd)),
+                    Some(Ok(_) | Err(canary_control::ControlError::Conflict(_)))
+                )
             } else if let Some(l) = self.leader().filter(|l| l.member != self.member) {
                 match crate::forward::send(&self.http, &l.admin, &route, &cmd, None).await {
                     Ok(_) => true,
