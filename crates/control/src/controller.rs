@@ -1070,6 +1070,35 @@ routes:
         assert_eq!(c.status("web").expect("status").phase, Some(Phase::Paused));
     }
 
+    /// Fleet mode: a member whose breaker tripped keeps its canary at 0 while the store
+    /// still shows the same attempt active, and follows the store again once the leader
+    /// recorded the abort and then a retry.
+    #[tokio::test]
+    async fn adopt_keeps_a_local_trip_until_the_store_shows_the_abort_then_follows_a_retry() {
+        let (_dir, c) = controller();
+        let active = c.store().load("web").expect("load").expect("state");
+        trip(&c);
+        let mut later = active.clone();
+        later.weight_bp = 7_500;
+        assert!(c.adopt("web", Some(later), None));
+        assert_eq!(c.status("web").expect("status").weight, 0.0);
+        let mut aborted = active.clone();
+        aborted.phase = Phase::Aborted;
+        aborted.weight_bp = 0;
+        assert!(c.adopt("web", Some(aborted.clone()), None));
+        let rt = c.proxy().runtime("web").expect("runtime");
+        assert!(!rt.tripped());
+        assert_eq!(rt.weight(), Weight::ZERO);
+        // Adopting what is already held changes nothing.
+        assert!(!c.adopt("web", Some(aborted), None));
+        let mut retried = active;
+        retried.step_started_ms += 1;
+        assert!(c.adopt("web", Some(retried), None));
+        assert_eq!(rt.weight().percent(), 50.0);
+        assert!(rt.breaker_armed());
+        assert!(!c.adopt("nope", None, None));
+    }
+
     #[tokio::test]
     async fn a_tick_racing_a_breaker_trip_aborts_instead_of_promoting() {
         let (_dir, c) = controller();
