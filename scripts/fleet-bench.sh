@@ -65,11 +65,11 @@ def until(pred, limit, step=0.002):
     raise SystemExit("fleet-bench: timed out")
 
 try:
-    ec, ep = port(), port()
+    ec, ep, em = port(), port(), port()
     procs.append(subprocess.Popen(["etcd", "--name", "b", "--data-dir", f"{tmp}/etcd",
         "--listen-client-urls", f"http://127.0.0.1:{ec}", "--advertise-client-urls", f"http://127.0.0.1:{ec}",
         "--listen-peer-urls", f"http://127.0.0.1:{ep}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{ep}",
-        "--initial-cluster", f"b=http://127.0.0.1:{ep}", "--listen-metrics-urls", f"http://127.0.0.1:{port()}"],
+        "--initial-cluster", f"b=http://127.0.0.1:{ep}", "--listen-metrics-urls", f"http://127.0.0.1:{em}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     stable, canary = upstream(), upstream()
     members = []
@@ -107,6 +107,21 @@ try:
     times.sort()
     print(f"propagation (follower API -> every member's data plane), 20 changes, 3 members: "
           f"p50 {statistics.median(times):.1f} ms, max {times[-1]:.1f} ms")
+    # What etcd's own disk cost meanwhile (each leader write is one fsynced raft entry).
+    text = req(f"127.0.0.1:{em}", "GET", "/metrics")[2].decode()
+    val = lambda n: sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(n + " "))
+    fs_sum, fs_n = val("etcd_disk_wal_fsync_duration_seconds_sum"), val("etcd_disk_wal_fsync_duration_seconds_count")
+    if fs_n:
+        print(f"  etcd WAL fsync meanwhile: mean {fs_sum / fs_n * 1000:.1f} ms over {fs_n:.0f} fsyncs")
+    delays = []
+    for m in members:
+        t = req(m["admin"], "GET", "/metrics")[2].decode()
+        get = lambda n: next((float(l.split()[-1]) for l in t.splitlines() if l.startswith(n + " ")), 0.0)
+        if get("canary_fleet_apply_delay_seconds_count"):
+            delays.append(get("canary_fleet_apply_delay_seconds_sum") / get("canary_fleet_apply_delay_seconds_count") * 1000)
+    if delays:
+        print(f"  leader write -> member applied (canary_fleet_apply_delay_seconds), mean per follower: "
+              + ", ".join(f"{d:.1f} ms" for d in delays))
 
     # Failover.
     lm = next(m for m in members if m["name"] == leader)
@@ -132,11 +147,14 @@ try:
     a = survivors[0]
     t0 = None
     for _ in range(200):
+        sent = time.monotonic()
         req(a["listen"], "GET", "/")
         st = jget(a["admin"], "/api/v1/routes/web")
-        # Tripped, or already cut (the leader's abort can land before this poll).
+        # Tripped, or already cut (the leader's abort can land before this poll): the
+        # trip happened during the request just sent, so time from its start (an upper
+        # bound by that request's own latency).
         if st["breaker_tripped"] or st["weight"] == 0:
-            t0 = time.monotonic(); break
+            t0 = sent; break
     assert t0, f"the breaker never tripped: {st}"
     t1 = until(lambda: all(jget(m["admin"], "/api/v1/routes/web")["weight"] == 0 and
                            jget(m["admin"], "/api/v1/routes/web")["phase"] == "aborted" for m in survivors), 10, 0.002)

@@ -445,6 +445,20 @@ async fn three_members_follow_etcd_forward_commands_and_fail_over_on_the_same_st
         Some(1.0),
         "{metrics}"
     );
+    let mut leaders = 0.0;
+    for m in &survivors {
+        let text = m.metrics().await;
+        leaders += common::metric_value(&text, "canary_fleet_leader", &[]).unwrap_or(-1.0);
+        common::promtool_check(&text);
+    }
+    assert_eq!(leaders, 1.0);
+    let follower = survivors
+        .iter()
+        .find(|m| !m.log().contains("this member leads"))
+        .expect("a follower");
+    let text = follower.metrics().await;
+    let applied = common::metric_value(&text, "canary_fleet_apply_delay_seconds_count", &[]);
+    assert!(applied.is_some_and(|n| n > 0.0), "{text}");
 }
 
 /// Starts `n` members on `etcd`, pushes the document and waits until every member

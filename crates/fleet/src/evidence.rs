@@ -2,12 +2,13 @@
 //!
 //! The leader pulls each member's cumulative per-route counters (`GET
 //! /api/v1/fleet/sample`) every controller tick and records them here, keyed by
-//! `(member, boot_id)`. Each key counts from the first value the leader saw for it in
-//! its term (its baseline), so traffic from before the term, or from before the leader
-//! first reached a member, never lands in one window at once; a restarted member has a
-//! new `boot_id`, so its reset counters start a new key instead of a negative delta.
-//! The sum over keys is therefore monotone, which is what the controller's windowed
-//! differences need. Pure data, no IO.
+//! `(member, boot_id)`. Each key accumulates the increments between the values the
+//! leader saw in its term, so traffic from before the term, or from before the leader
+//! first reached a member, never lands in one window at once. A counter that went
+//! down was reset (a new canary version gets new counters; a restarted member has a
+//! new `boot_id` and so a new key): its new value is all increment, as Prometheus'
+//! `rate()` reads a reset. The sum over keys is therefore monotone, which is what the
+//! controller's windowed differences need. Pure data, no IO.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -61,17 +62,36 @@ pub struct Sample {
     pub routes: BTreeMap<String, RouteCounts>,
 }
 
-#[derive(Default)]
+/// One version's counters on one member: the last value seen and the increments
+/// accumulated since the first.
 struct Series {
-    base: RouteCounts,
-    last: RouteCounts,
+    prev: Counts,
+    acc: VersionWindow,
+}
+
+impl Series {
+    fn new(first: &Counts) -> Series {
+        Series {
+            prev: first.clone(),
+            acc: Counts::default().window(),
+        }
+    }
+
+    fn record(&mut self, now: &Counts) {
+        let (n, p) = (now.window(), self.prev.window());
+        let reset = n.requests < p.requests
+            || n.failures < p.failures
+            || n.latency.iter().zip(p.latency.iter()).any(|(a, b)| a < b);
+        add(&mut self.acc, &if reset { n } else { sub(&n, &p) });
+        self.prev = now.clone();
+    }
 }
 
 /// The leader's running sums for one term.
 #[derive(Default)]
 pub struct Aggregator {
-    /// (member, boot_id) → route → counters.
-    series: Mutex<BTreeMap<(String, String), BTreeMap<String, Series>>>,
+    /// (member, boot_id) → route → (canary, stable).
+    series: Mutex<BTreeMap<(String, String), BTreeMap<String, (Series, Series)>>>,
 }
 
 fn sub(a: &VersionWindow, b: &VersionWindow) -> VersionWindow {
@@ -107,14 +127,14 @@ impl Aggregator {
             .or_default();
         for (route, c) in &s.routes {
             match routes.get_mut(route) {
-                Some(x) => x.last = c.clone(),
+                Some((canary, stable)) => {
+                    canary.record(&c.canary);
+                    stable.record(&c.stable);
+                }
                 None => {
                     routes.insert(
                         route.clone(),
-                        Series {
-                            base: c.clone(),
-                            last: c.clone(),
-                        },
+                        (Series::new(&c.canary), Series::new(&c.stable)),
                     );
                 }
             }
@@ -128,16 +148,12 @@ impl Evidence for Aggregator {
         let zero = || Counts::default().window();
         let mut total: Option<(VersionWindow, VersionWindow)> = None;
         for routes in series.values() {
-            let Some(s) = routes.get(route) else { continue };
+            let Some((canary, stable)) = routes.get(route) else {
+                continue;
+            };
             let t = total.get_or_insert_with(|| (zero(), zero()));
-            add(
-                &mut t.0,
-                &sub(&s.last.canary.window(), &s.base.canary.window()),
-            );
-            add(
-                &mut t.1,
-                &sub(&s.last.stable.window(), &s.base.stable.window()),
-            );
+            add(&mut t.0, &canary.acc);
+            add(&mut t.1, &stable.acc);
         }
         total
     }
@@ -203,6 +219,10 @@ mod tests {
         assert_eq!(totals(&a), (100, 200));
         a.record(&sample("p1", "b9", 5, 7));
         assert_eq!(totals(&a), (105, 207));
+        // Regression: a new canary version restarts its counters on a running member;
+        // that was read as "below the baseline" and hid the new version's traffic.
+        a.record(&sample("p1", "b9", 2, 17));
+        assert_eq!(totals(&a), (107, 217));
         a.reset();
         assert!(a.counts("web").is_none());
     }

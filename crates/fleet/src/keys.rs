@@ -110,6 +110,10 @@ mod tests {
             k.parse(&k.breaker("web", "p2")),
             Key::Breaker("web".into(), "p2".into())
         );
+        // Zero-padded, so key order is sequence order: the leader trims a journal with
+        // one range delete [journal(r, 0), journal(r, n)).
+        assert!(k.journal("web", 9) < k.journal("web", 10));
+        assert!(k.journal("web", 99_999) < k.journal("web", 100_000));
         assert_eq!(k.parse("/canary/prod2/config"), Key::Other);
         assert_eq!(k.parse("/canary/prod/journal/web/x"), Key::Other);
     }

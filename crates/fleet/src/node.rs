@@ -20,8 +20,8 @@ use canary_core::rollout::{Event, RolloutState};
 use canary_core::Weight;
 use canary_proxy::DataPlaneEvent;
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, WatchOptions,
 };
 use tokio::sync::mpsc;
 
@@ -91,6 +91,9 @@ fn entry(kv: &KeyValue) -> (String, Entry) {
         },
     )
 }
+
+/// Journal entries kept per route in etcd; older ones are deleted by the leader.
+pub(crate) const JOURNAL_KEEP: u64 = 10_000;
 
 /// How long one etcd request may take before it counts as failed.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
@@ -177,7 +180,9 @@ impl Shared {
 
     /// Applies the changed keys: the document first, then route states, then breaker
     /// reports (leader only) and the leader key.
-    fn on_changes(&self, changed: Vec<Key>) {
+    /// `live`: the changes came from the watch (not a reload), so their write-to-apply
+    /// delay is a propagation figure.
+    fn on_changes(&self, changed: Vec<Key>, live: bool) {
         let mut config = false;
         let mut routes = BTreeSet::new();
         let mut breakers = false;
@@ -196,6 +201,18 @@ impl Shared {
         // Also before the first document: the reason it is not ready is reported.
         if config || self.config_rev.load(Relaxed) == 0 {
             self.apply_config();
+        }
+        if live {
+            let m = self.mirror();
+            for r in &routes {
+                let written = [
+                    m.state(&self.keys, r).map(|d| d.written_ms),
+                    m.manual(&self.keys, r).map(|d| d.written_ms),
+                ];
+                if let Some(w) = written.into_iter().flatten().max() {
+                    self.metrics.observe_delay(wall_ms().saturating_sub(w));
+                }
+            }
         }
         if !self.leading.load(Relaxed) {
             if config {
@@ -294,10 +311,6 @@ impl Shared {
             let m = self.mirror();
             (m.state(&self.keys, route), m.manual(&self.keys, route))
         };
-        if let Some(d) = &state {
-            self.metrics
-                .observe_delay(wall_ms().saturating_sub(d.written_ms));
-        }
         let state = state.map(|d| d.state);
         let version = ctl.status(route).and_then(|s| s.canary_version);
         // The state of another canary version than this member's document names: the
@@ -480,19 +493,40 @@ impl Shared {
         self.local.state_dir.join("fleet-cache.json")
     }
 
+    /// Writes the view to `fleet-cache.json` (temp file, fsync, rename) off the
+    /// runtime thread, so a slow disk never delays applying the next change; a write
+    /// older than one already made is skipped.
     fn save_cache(&self) {
-        let bytes = match serde_json::to_vec(&*self.mirror()) {
-            Ok(b) => b,
-            Err(_) => return,
+        let (rev, bytes) = {
+            let m = self.mirror();
+            match serde_json::to_vec(&*m) {
+                Ok(b) => (m.revision, b),
+                Err(_) => return,
+            }
         };
         let path = self.cache_path();
-        let tmp = path.with_extension("json.tmp");
-        let res = std::fs::create_dir_all(&self.local.state_dir)
-            .and_then(|()| std::fs::write(&tmp, &bytes))
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = res {
-            tracing::warn!(path = %path.display(), error = %e, "fleet: cannot write the cache");
+        let dir = self.local.state_dir.clone();
+        static WRITING: Mutex<i64> = Mutex::new(0);
+        let write = move || {
+            let mut last = lock(&WRITING);
+            if *last > rev {
+                return;
+            }
+            let tmp = path.with_extension("json.tmp");
+            let res = std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&tmp, &bytes))
+                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            match res {
+                Ok(()) => *last = rev,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "fleet: cannot write the cache")
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(write)),
+            Err(_) => write(),
         }
     }
 
@@ -512,7 +546,7 @@ impl Shared {
             revision = cached.revision,
             "fleet: etcd unreachable: serving from the cache"
         );
-        self.on_changes(changed);
+        self.on_changes(changed, false);
         true
     }
 
@@ -573,7 +607,7 @@ async fn sync_once(
     sh.connected.store(true, Relaxed);
     sh.applied_rev.store(rev, Relaxed);
     sh.last_event_ms.store(wall_ms(), Relaxed);
-    sh.on_changes(changed);
+    sh.on_changes(changed, false);
     let _ = first.send(true);
     let opts = WatchOptions::new()
         .with_prefix()
@@ -626,7 +660,7 @@ async fn sync_once(
                 sh.applied_rev.store(hrev, Relaxed);
                 sh.last_event_ms.store(wall_ms(), Relaxed);
                 if !changed.is_empty() {
-                    sh.on_changes(changed);
+                    sh.on_changes(changed, true);
                 }
             }
         }
@@ -756,13 +790,24 @@ pub(crate) async fn writer_loop(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver
                 let seq = next_seq
                     .entry(r.clone())
                     .or_insert_with(|| sh.mirror().next_seq(r));
-                evs.iter()
+                let mut ops: Vec<TxnOp> = evs
+                    .iter()
                     .map(|e| {
                         let op = TxnOp::put(k.journal(r, *seq), json(e), None);
                         *seq += 1;
                         op
                     })
-                    .collect()
+                    .collect();
+                // Keep the newest JOURNAL_KEEP entries of the route: one range delete
+                // in the same fenced txn.
+                if *seq > JOURNAL_KEEP + 1 {
+                    let end = k.journal(r, *seq - JOURNAL_KEEP);
+                    ops.push(TxnOp::delete(
+                        k.journal(r, 0),
+                        Some(DeleteOptions::new().with_range(end)),
+                    ));
+                }
+                ops
             }
             Write::DeleteBreaker(r, m) => vec![TxnOp::delete(k.breaker(r, m), None)],
         };
