@@ -87,11 +87,16 @@ impl Series {
     }
 }
 
-/// The leader's running sums for one term.
+/// A member in one run of its process: `(member, boot_id)`.
+type MemberBoot = (String, String);
+
+/// A route's (canary, stable) series on one member run.
+type Versions = (Series, Series);
+
+/// The leader's running sums for one term: per member run, per route, (canary, stable).
 #[derive(Default)]
 pub struct Aggregator {
-    /// (member, boot_id) → route → (canary, stable).
-    series: Mutex<BTreeMap<(String, String), BTreeMap<String, (Series, Series)>>>,
+    series: Mutex<BTreeMap<MemberBoot, BTreeMap<String, Versions>>>,
 }
 
 fn sub(a: &VersionWindow, b: &VersionWindow) -> VersionWindow {
