@@ -109,7 +109,7 @@ impl Fleet {
     }
 
     /// Starts the member's tasks with its controller and returns once the first
-    /// snapshot is applied, or after [`FIRST_SNAPSHOT_WAIT`] with the cache applied
+    /// snapshot is applied, or after two seconds with the cache applied
     /// (if there is one; without one the member stays not ready until etcd answers).
     pub async fn start(&self, controller: Arc<Controller>) -> Vec<tokio::task::JoinHandle<()>> {
         let sh = self.shared.clone();

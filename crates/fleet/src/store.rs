@@ -1,6 +1,6 @@
 //! [`EtcdStore`]: the controller's [`StateStore`] in fleet mode.
 //!
-//! Reads come from the member's [`Mirror`] (what etcd holds, as watched). Writes are
+//! Reads come from the member's [`crate::mirror::Mirror`] (what etcd holds, as watched). Writes are
 //! queued for the writer task, which sends them as fenced transactions, and only while
 //! this member leads: a follower's controller computes the same decisions when it
 //! applies a config, but only the leader's reach etcd, and the follower then adopts
