@@ -58,6 +58,11 @@ need man-db man               # renders `canary man` (man -l)
 need bsdutils script          # a pseudo-terminal for `canary wait`'s live line
 need systemd systemd-socket-activate   # socket activation test (tests/restart.rs)
 extract prometheus promtool   # checks /metrics; the Prometheus server for query tests
+need protobuf-compiler protoc   # etcd-client's build script compiles etcd's protos
+# ... and the well-known types they import (google/protobuf/descriptor.proto), no command
+[[ -e /usr/include/google/protobuf/descriptor.proto ]] || install+=(libprotobuf-dev)
+extract etcd-server etcd        # fleet tests start their own etcd on loopback
+extract etcd-client etcdctl     # fleet tests put an invalid document with it
 
 if ((${#install[@]} + ${#unpack[@]})); then
     if [[ $(id -u) -ne 0 ]]; then

@@ -5,6 +5,7 @@
 mod output;
 mod cli;
 mod demo;
+mod fleet;
 mod handover;
 mod hint;
 mod https;
@@ -70,6 +71,11 @@ enum Cmd {
         /// A verb's own page (`canary-VERB(1)`) instead of the main one.
         verb: Option<String>,
     },
+    /// Fleet mode: push the fleet's routes to etcd, show a member's view of the fleet.
+    Fleet {
+        #[command(subcommand)]
+        cmd: fleet::FleetCmd,
+    },
     #[command(flatten)]
     Admin(cli::AdminCmd),
 }
@@ -102,7 +108,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    let admin = matches!(args.command, Cmd::Admin(_));
+    let admin = matches!(args.command, Cmd::Admin(_) | Cmd::Fleet { .. });
     let code = match args.command {
         Cmd::Validate { config } => match canary_config::load(&config) {
             Ok(cfg) => {
@@ -126,6 +132,7 @@ fn main() -> ExitCode {
         Cmd::Init(a) => init::main(a),
         Cmd::Completions { shell } => shell::completions(shell, Args::command()),
         Cmd::Man { verb } => shell::man(Args::command(), verb.as_deref()),
+        Cmd::Fleet { cmd } => fleet::main(cmd),
         Cmd::Admin(c) => cli::main(c),
     };
     if output::failed() {

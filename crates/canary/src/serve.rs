@@ -142,6 +142,12 @@ pub async fn run_with(
     start: Start,
     bound: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<()> {
+    if cfg.fleet.is_some() {
+        if start.takeover {
+            bail!("--takeover is not supported in fleet mode yet (docs/fleet.md): stop and start the member; the others keep serving");
+        }
+        return crate::fleet::serve(cfg, shutdown).await;
+    }
     let token = admin_token(&cfg);
     if !cfg.admin.ip().is_loopback() && token.is_none() {
         bail!(

@@ -2774,34 +2774,7 @@ async fn metrics_pass_promtool_and_have_the_required_families() {
     let text = c.metrics().await;
 
     // promtool, as Prometheus would parse and lint it.
-    match std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    {
-        Ok(mut child) => {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-            let out = child.wait_with_output().expect("promtool output");
-            assert!(
-                out.status.success(),
-                "promtool check metrics failed:\n{}{}\n--- metrics ---\n{text}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("promtool is required in CI (apt-get install prometheus): {e}")
-        }
-        Err(e) => eprintln!("note: promtool not found ({e}); skipping the promtool check"),
-    }
+    common::promtool_check(&text);
 
     let v = |name: &str, labels: &[(&str, &str)]| {
         metric_value(&text, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?}:\n{text}"))

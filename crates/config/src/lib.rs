@@ -10,6 +10,7 @@
 //!
 //! - [`parse`] / [`load`]: text or file → [`Config`] or a [`ConfigError`] listing every
 //!   problem as `file:line:column: message`.
+//! - [`parse_document`]: a fleet document (routes only) → its routes, same checks.
 //! - [`diff`]: what changed between two configs, for the reload log line.
 //! - [`model`]: the validated types.
 //! - `raw` (private): the file's shape, every value with its location.
@@ -42,6 +43,16 @@ pub fn parse(source_name: &str, text: &str) -> Result<Config, ConfigError> {
     let root: Spanned<raw::RawConfig> =
         serde_saphyr::from_str(text).map_err(|e| yaml_error(source_name, &e))?;
     validate::validate(source_name, root)
+}
+
+/// Parses and validates a fleet document: the `routes` list that `canary fleet push`
+/// writes to `<prefix>/config` and every member applies. Process settings (`listen`,
+/// `admin`, `state_dir`, `fleet`, ...) are refused: they stay in each member's own file.
+/// `source_name` is what diagnostics show as their file (e.g. `etcd:/p/config@42`).
+pub fn parse_document(source_name: &str, text: &str) -> Result<Vec<RouteConfig>, ConfigError> {
+    let root: Spanned<raw::RawConfig> =
+        serde_saphyr::from_str(text).map_err(|e| yaml_error(source_name, &e))?;
+    validate::validate_document(source_name, root)
 }
 
 /// Reads and validates a config file. An unreadable file is a [`ConfigError`] at

@@ -30,7 +30,8 @@ pub struct Config {
     pub limits: Limits,
     /// The built-in dashboard and the admin listener's browser rules (`dashboard`).
     pub dashboard: Dashboard,
-    /// Routes in file order; the first match wins.
+    /// Routes in file order; the first match wins. Empty in a local file with `fleet`:
+    /// the routes then come from the fleet document in etcd ([`crate::parse_document`]).
     pub routes: Vec<RouteConfig>,
     /// HTTPS on the proxy listener (`tls`); `None`: cleartext.
     pub tls: Option<TlsConfig>,
@@ -39,6 +40,8 @@ pub struct Config {
     pub http_redirect: Option<SocketAddr>,
     /// HTTPS on the admin listener (`admin_tls`).
     pub admin_tls: Option<TlsConfig>,
+    /// Fleet mode (`fleet`): routes and rollout state live in etcd.
+    pub fleet: Option<FleetConfig>,
 }
 
 /// A TLS listener's settings (`tls`, `admin_tls`).
@@ -71,6 +74,24 @@ pub struct ServedCertificate {
     pub names: Vec<String>,
     /// When it expires.
     pub not_after: SystemTime,
+}
+
+/// The `fleet` block: where the fleet's etcd is and who this member is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// etcd client endpoints, `host:port` (`etcd`), non-empty.
+    pub etcd: Vec<String>,
+    /// The key prefix of this fleet (`prefix`), e.g. `/canary/prod`: starts with `/`,
+    /// no trailing `/`.
+    pub prefix: String,
+    /// This member's name (`member`), unique in the fleet; default: the host name.
+    pub member: String,
+    /// Lease TTL of the leader and member keys (`lease_ttl`, whole seconds, at least
+    /// 2 s: etcd's minimum; default 3 s).
+    pub lease_ttl_ms: u64,
+    /// Where the other members reach this member's admin API (`advertise`; default:
+    /// the `admin` address).
+    pub advertise: SocketAddr,
 }
 
 /// Limits on what clients may send.

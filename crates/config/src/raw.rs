@@ -168,6 +168,7 @@ raw_structs! {
         tls: S<RawTls>,
         http_redirect: S<String>,
         admin_tls: S<RawTls>,
+        fleet: S<RawFleet>,
     }
 
     RawTls {
@@ -194,6 +195,14 @@ raw_structs! {
         read_only: bool,
         allowed_hosts: List<String>,
         history: S<String>,
+    }
+
+    RawFleet {
+        etcd: List<String>,
+        prefix: S<String>,
+        member: S<String>,
+        lease_ttl: S<String>,
+        advertise: S<String>,
     }
 
     RawLimits {

@@ -23,15 +23,15 @@ use crate::syntax::{
 
 use crate::error::{ConfigError, Diagnostic};
 use crate::model::{
-    Config, Dashboard, Ejection, HealthCheck, Limits, PoolConfig, RouteConfig, Timeouts,
-    Underscores,
+    Config, Dashboard, Ejection, FleetConfig, HealthCheck, Limits, PoolConfig, RouteConfig,
+    Timeouts, Underscores,
 };
 mod tls;
 
 use crate::raw::{
-    List, RawAnalysis, RawConfig, RawDashboard, RawEjection, RawHealthCheck, RawLimits, RawPool,
-    RawRollout, RawRoute, RawRule, RawStep, RawSticky, RawTimeouts, StringList, UnknownKey,
-    UnknownKeys, S,
+    List, RawAnalysis, RawConfig, RawDashboard, RawEjection, RawFleet, RawHealthCheck, RawLimits,
+    RawPool, RawRollout, RawRoute, RawRule, RawStep, RawSticky, RawTimeouts, StringList,
+    UnknownKey, UnknownKeys, S,
 };
 
 /// Default admin address (`admin`).
@@ -59,6 +59,24 @@ pub(crate) const MAX_HEADER_BYTES: i64 = 1 << 30;
 pub(crate) const MIN_HISTORY_MS: u64 = 60_000;
 pub(crate) const MAX_HISTORY_MS: u64 = 24 * 3_600_000;
 
+/// Default `fleet.lease_ttl`.
+pub(crate) const DEFAULT_LEASE_TTL_MS: u64 = 3_000;
+
+/// The keys of a local file that a fleet document must not carry: each member's own.
+const PROCESS_KEYS: &[&str] = &[
+    "listen",
+    "admin",
+    "state_dir",
+    "admin_token_env",
+    "workers",
+    "limits",
+    "fleet",
+    "dashboard",
+    "tls",
+    "http_redirect",
+    "admin_tls",
+];
+
 const DURATION_HINT: &str = "use e.g. 500ms, 30s, 1m or 1h 30m";
 
 /// Validates a parsed file. `root` is the whole document (its location is where
@@ -85,6 +103,7 @@ pub(crate) fn validate(file: &str, root: S<RawConfig>) -> Result<Config, ConfigE
         && raw.tls.is_none()
         && raw.http_redirect.is_none()
         && raw.admin_tls.is_none()
+        && raw.fleet.is_none()
         && raw.unknown.is_empty();
     if empty {
         return Err(ConfigError::single(
@@ -109,6 +128,97 @@ pub(crate) fn validate(file: &str, root: S<RawConfig>) -> Result<Config, ConfigE
             diagnostics: c.diagnostics,
         })
     }
+}
+
+/// Validates a fleet document: `routes` only, every route checked as in a file.
+pub(crate) fn validate_document(
+    file: &str,
+    root: S<RawConfig>,
+) -> Result<Vec<RouteConfig>, ConfigError> {
+    let mut c = Checker {
+        file: file.to_string(),
+        base: Path::new(file)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+        now: SystemTime::now(),
+        diagnostics: Vec::new(),
+    };
+    let at = root.referenced;
+    let raw = root.value;
+    let mut unknown = Vec::new();
+    raw.unknown_keys("", &mut unknown);
+    for key in unknown {
+        c.unknown_key(key);
+    }
+    let present: [(&str, Option<Location>); 11] = [
+        ("listen", raw.listen.as_ref().map(|v| v.referenced)),
+        ("admin", raw.admin.as_ref().map(|v| v.referenced)),
+        ("state_dir", raw.state_dir.as_ref().map(|v| v.referenced)),
+        (
+            "admin_token_env",
+            raw.admin_token_env.as_ref().map(|v| v.referenced),
+        ),
+        ("workers", raw.workers.as_ref().map(|v| v.referenced)),
+        ("limits", raw.limits.as_ref().map(|v| v.referenced)),
+        ("fleet", raw.fleet.as_ref().map(|v| v.referenced)),
+        ("dashboard", raw.dashboard.as_ref().map(|v| v.referenced)),
+        ("tls", raw.tls.as_ref().map(|v| v.referenced)),
+        (
+            "http_redirect",
+            raw.http_redirect.as_ref().map(|v| v.referenced),
+        ),
+        ("admin_tls", raw.admin_tls.as_ref().map(|v| v.referenced)),
+    ];
+    debug_assert_eq!(present.len(), PROCESS_KEYS.len());
+    for (key, loc) in present {
+        if let Some(loc) = loc {
+            c.err(
+                loc,
+                format!(
+                    "{key}: a process setting does not belong in the fleet document; it \
+                     stays in each member's own config file (the document holds `routes` only)"
+                ),
+            );
+        }
+    }
+    let routes = match raw.routes {
+        None => {
+            c.err(
+                at,
+                "missing required key `routes` (a fleet document is a non-empty `routes` list)"
+                    .into(),
+            );
+            Vec::new()
+        }
+        Some(list) if list.value.is_empty() => {
+            c.err(
+                list.referenced,
+                "routes: the list is empty; at least one route is required".into(),
+            );
+            Vec::new()
+        }
+        Some(list) => c.routes(list),
+    };
+    if c.diagnostics.is_empty() {
+        Ok(routes)
+    } else {
+        c.diagnostics.sort_by_key(|d| (d.line, d.column));
+        Err(ConfigError {
+            diagnostics: c.diagnostics,
+        })
+    }
+}
+
+/// This machine's host name, the default member name; `canary` when it has none that
+/// is a valid member name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| is_route_name(h))
+        .unwrap_or_else(|| "canary".to_string())
 }
 
 struct Checker {
@@ -221,7 +331,21 @@ impl Checker {
             None => Dashboard::default(),
         };
 
+        let fleet = raw
+            .fleet
+            .map(|f| self.fleet(f, admin.unwrap_or(DEFAULT_ADMIN)));
         let routes = match raw.routes {
+            Some(list) if fleet.is_some() => {
+                self.err(
+                    list.referenced,
+                    "routes: with `fleet` the routes come from etcd (<prefix>/config), not \
+                     from this file; remove `routes` here and push them with \
+                     `canary fleet push FILE --etcd HOST:PORT --prefix P`"
+                        .into(),
+                );
+                Vec::new()
+            }
+            None if fleet.is_some() => Vec::new(),
             None => {
                 self.err(
                     at,
@@ -275,6 +399,109 @@ impl Checker {
             tls,
             http_redirect,
             admin_tls,
+            fleet,
+        }
+    }
+
+    fn fleet(&mut self, raw: S<RawFleet>, admin: SocketAddr) -> FleetConfig {
+        let at = raw.referenced;
+        let r = raw.value;
+        let mut etcd = Vec::new();
+        match &r.etcd {
+            None => self.err(
+                at,
+                "fleet: missing required key `etcd` (a list of etcd endpoints, \
+                 e.g. [\"127.0.0.1:2379\"])"
+                    .into(),
+            ),
+            Some(list) if list.value.is_empty() => self.err(
+                list.referenced,
+                "fleet.etcd: the list is empty; give at least one \"host:port\"".into(),
+            ),
+            Some(list) => {
+                for (j, e) in list.value.iter().enumerate() {
+                    match upstream(&e.value) {
+                        Ok(()) => etcd.push(e.value.clone()),
+                        Err(why) => self.err(
+                            e.referenced,
+                            format!("fleet.etcd[{j}]: {:?} {why}", e.value),
+                        ),
+                    }
+                }
+            }
+        }
+        let prefix = match &r.prefix {
+            Some(p) => {
+                let v = &p.value;
+                let ok = v.len() > 1
+                    && v.starts_with('/')
+                    && !v.ends_with('/')
+                    && !v.contains("//")
+                    && v.bytes().all(|b| b.is_ascii_graphic());
+                if !ok {
+                    self.err(
+                        p.referenced,
+                        format!(
+                            "fleet.prefix: {v:?} is not a key prefix (starts with '/', no \
+                             trailing '/', no spaces, e.g. /canary/prod)"
+                        ),
+                    );
+                }
+                v.clone()
+            }
+            None => {
+                self.err(
+                    at,
+                    "fleet: missing required key `prefix` (the fleet's etcd key prefix, \
+                     e.g. /canary/prod)"
+                        .into(),
+                );
+                String::new()
+            }
+        };
+        let member = match &r.member {
+            Some(m) => {
+                if !is_route_name(&m.value) {
+                    self.err(
+                        m.referenced,
+                        format!(
+                            "fleet.member: {:?} is not a member name (letters, digits, '_', \
+                             '.' and '-'; unique in the fleet)",
+                            m.value
+                        ),
+                    );
+                }
+                m.value.clone()
+            }
+            None => host_name(),
+        };
+        let lease_ttl_ms = match &r.lease_ttl {
+            Some(v) => {
+                let ms = self.duration("fleet.lease_ttl", v, false);
+                if ms != 0 && (ms < 2_000 || !ms.is_multiple_of(1_000)) {
+                    self.err(
+                        v.referenced,
+                        format!(
+                            "fleet.lease_ttl: {:?} must be whole seconds, at least 2s \
+                             (etcd's smallest lease)",
+                            v.value
+                        ),
+                    );
+                }
+                ms
+            }
+            None => DEFAULT_LEASE_TTL_MS,
+        };
+        let advertise = match &r.advertise {
+            Some(v) => self.socket_addr("fleet.advertise", v).unwrap_or(admin),
+            None => admin,
+        };
+        FleetConfig {
+            etcd,
+            prefix,
+            member,
+            lease_ttl_ms,
+            advertise,
         }
     }
 

@@ -814,3 +814,98 @@ fn headers_with_underscores_is_drop_reject_or_allow() {
     }
     one_error(&limit("ignore"), "2:29", "drop, reject, allow");
 }
+
+mod fleet {
+    use super::*;
+    use canary_config::parse_document;
+
+    const LOCAL: &str = "\
+listen: 127.0.0.1:8080
+admin: 127.0.0.1:9911
+fleet:
+  etcd: [\"127.0.0.1:2379\"]
+  prefix: /canary/prod
+  member: p1
+";
+
+    #[test]
+    fn a_fleet_block_parses_with_its_defaults_and_no_routes() {
+        let c = ok(LOCAL);
+        let f = c.fleet.expect("fleet");
+        assert_eq!(f.etcd, ["127.0.0.1:2379"]);
+        assert_eq!(
+            (f.prefix.as_str(), f.member.as_str()),
+            ("/canary/prod", "p1")
+        );
+        assert_eq!(f.lease_ttl_ms, 3_000);
+        // The leader reaches this member where its admin API listens.
+        assert_eq!(f.advertise, c.admin);
+        assert!(c.routes.is_empty());
+        let c = ok(&format!(
+            "{LOCAL}  lease_ttl: 2s\n  advertise: 10.0.0.7:9901\n"
+        ));
+        let f = c.fleet.expect("fleet");
+        assert_eq!(f.lease_ttl_ms, 2_000);
+        assert_eq!(f.advertise, "10.0.0.7:9901".parse::<SocketAddr>().unwrap());
+    }
+
+    #[test]
+    fn routes_next_to_fleet_is_an_error_that_says_where_routes_come_from() {
+        let yaml = format!(
+            "{LOCAL}routes:\n  - name: web\n    stable: {{version: v1, upstreams: [\"127.0.0.1:9001\"]}}\n"
+        );
+        one_error(&yaml, "8:3", "with `fleet` the routes come from etcd");
+    }
+
+    #[test]
+    fn a_bad_fleet_block_reports_every_problem_at_its_place() {
+        let yaml = "\
+listen: 127.0.0.1:8080
+fleet:
+  etcd: [\"http://127.0.0.1:2379\"]
+  prefix: canary/
+  member: \"p 1\"
+  lease_ttl: 1s
+  advertise: nowhere
+";
+        let errs = errors(yaml);
+        let at: Vec<&str> = errs.iter().map(|e| &e[..e.find(": ").unwrap()]).collect();
+        assert_eq!(
+            at,
+            [
+                "c.yaml:3:10",
+                "c.yaml:4:11",
+                "c.yaml:5:11",
+                "c.yaml:6:14",
+                "c.yaml:7:14"
+            ],
+            "{errs:#?}"
+        );
+        assert!(errs[3].contains("at least 2s"), "{errs:#?}");
+        one_error(
+            "listen: 127.0.0.1:8080\nfleet:\n  prefix: /p\n",
+            "3:3",
+            "missing required key `etcd`",
+        );
+    }
+
+    #[test]
+    fn a_document_holds_routes_and_refuses_process_settings() {
+        let doc = &BASE["listen: 127.0.0.1:8080\n".len()..];
+        let routes = parse_document("etcd:/p/config@7", doc).expect("valid document");
+        assert_eq!(routes.len(), 1);
+        let bad = format!("listen: 127.0.0.1:8080\nstate_dir: /tmp/x\n{doc}");
+        let err = parse_document("etcd:/p/config@7", &bad).expect_err("process settings");
+        let lines: Vec<String> = err.diagnostics.iter().map(Diagnostic::to_string).collect();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(lines[0].starts_with("etcd:/p/config@7:1:9: listen: a process setting"));
+        assert!(lines[1].starts_with("etcd:/p/config@7:2:12: state_dir: a process setting"));
+        // The same route checks as a file, with the document's positions.
+        let err = parse_document("d", &doc.replace("9002", "0")).expect_err("bad port");
+        assert_eq!(err.diagnostics[0].line, 4, "{err}");
+        let err = parse_document("d", "routes: []\n").expect_err("empty");
+        assert!(err.to_string().contains("at least one route"), "{err}");
+        let err = parse_document("d", "{").expect_err("yaml");
+        assert!(err.to_string().starts_with("d:"), "{err}");
+    }
+}

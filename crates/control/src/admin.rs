@@ -132,6 +132,9 @@ async fn metrics(State(a): State<Admin>) -> Response {
     a.controller.proxy().encode_metrics(&mut e);
     a.controller.encode_metrics(&mut e);
     encode_certificates(&a.certificates, std::time::SystemTime::now(), &mut e);
+    if let Some(gate) = a.controller.gate() {
+        gate.encode_metrics(&mut e);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -274,6 +277,20 @@ async fn run(
     cmd: Command,
 ) -> Result<Response, ApiError> {
     authorize(a, headers)?;
+    if let Some(gate) = a.controller.gate() {
+        let auth = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if let Some(answer) = gate.command(name, &cmd, auth) {
+            return match answer.await {
+                Ok(v) => Ok(Json(v).into_response()),
+                Err((code, msg)) => Err(ApiError(
+                    StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY),
+                    msg,
+                )),
+            };
+        }
+    }
     let s = a.controller.command(name, cmd)?;
     Ok(Json(s).into_response())
 }

@@ -22,9 +22,11 @@ use canary_proxy::expo::{Exposition, Kind};
 use canary_proxy::{DataPlaneEvent, RouteRuntime};
 use serde::Serialize;
 
+use crate::gate::CommandGate;
 use crate::history::{self, History, PointView};
 use crate::live::{Live, Update};
 use crate::plane::DataPlane;
+use crate::state_store::StateStore;
 use crate::store::{ManualWeight, Store, StoreError};
 
 /// Wall-clock milliseconds since the Unix epoch: persisted times must survive restarts.
@@ -123,11 +125,20 @@ struct Inner {
     history_ms: u64,
 }
 
+/// Cumulative counters of a route's canary and stable, from somewhere other than this
+/// process's own data plane: in fleet mode, the sum over every member (`canary-fleet`).
+pub trait Evidence: Send + Sync {
+    /// `(canary, stable)` cumulative counts of `route`; `None` = use the local counters.
+    fn counts(&self, route: &str) -> Option<(VersionWindow, VersionWindow)>;
+}
+
 /// The controller; cheap to share behind an `Arc`.
 pub struct Controller {
     /// The data plane: the proxy in the binary, an application's layer when embedded.
     proxy: Arc<dyn DataPlane>,
-    store: Store,
+    store: Arc<dyn StateStore>,
+    evidence: Mutex<Option<Arc<dyn Evidence>>>,
+    gate: Mutex<Option<Arc<dyn CommandGate>>>,
     inner: Mutex<Inner>,
     /// Writes to the state directory that failed (state files and journal).
     write_failures: AtomicU64,
@@ -338,9 +349,16 @@ impl Controller {
     /// A controller driving `proxy` (any [`DataPlane`]: the binary's `Proxy`, or an
     /// embedding application's layer), persisting into `store`.
     pub fn new<P: DataPlane>(proxy: Arc<P>, store: Store) -> Controller {
+        Controller::with_store(proxy, Arc::new(store))
+    }
+
+    /// A controller persisting through any [`StateStore`] (fleet mode: etcd).
+    pub fn with_store<P: DataPlane>(proxy: Arc<P>, store: Arc<dyn StateStore>) -> Controller {
         Controller {
             proxy,
             store,
+            evidence: Mutex::new(None),
+            gate: Mutex::new(None),
             inner: Mutex::new(Inner::default()),
             write_failures: AtomicU64::new(0),
             live: Live::default(),
@@ -352,8 +370,69 @@ impl Controller {
         &self.proxy
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn store(&self) -> &dyn StateStore {
+        &*self.store
+    }
+
+    /// Takes analysis counters from `evidence` instead of the local data plane.
+    pub fn set_evidence(&self, evidence: Arc<dyn Evidence>) {
+        *self.evidence.lock().unwrap_or_else(|p| p.into_inner()) = Some(evidence);
+    }
+
+    /// Routes the admin API's commands through `gate` (fleet mode).
+    pub fn set_gate(&self, gate: Arc<dyn CommandGate>) {
+        *self.gate.lock().unwrap_or_else(|p| p.into_inner()) = Some(gate);
+    }
+
+    /// The command gate, if one is set.
+    pub fn gate(&self) -> Option<Arc<dyn CommandGate>> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Fleet mode: takes a route's rollout state and manual weight as the store now
+    /// holds them (written by the leader) and puts the data plane in line, without
+    /// persisting anything. A breaker tripped here keeps the canary at 0 until the
+    /// state is no longer active or is a new attempt.
+    pub fn adopt(
+        &self,
+        route: &str,
+        rollout: Option<RolloutState>,
+        manual: Option<ManualWeight>,
+    ) -> bool {
+        let mut inner = self.lock();
+        let Some(ctl) = inner.routes.iter_mut().find(|c| c.cfg.route.name == route) else {
+            return false;
+        };
+        if ctl.rollout == rollout && ctl.manual == manual {
+            return false;
+        }
+        let was = ctl.rollout.as_ref().filter(|s| s.phase.is_active());
+        // A new attempt (a new version, or a retry of a rollout that was not active)
+        // re-arms the breaker; a later step of the same attempt keeps a local trip
+        // until the leader has recorded the abort.
+        let rearm = rollout.as_ref().is_some_and(|s| {
+            s.phase.is_active() && was.is_none_or(|w| w.canary_version != s.canary_version)
+        });
+        let new_attempt = rearm;
+        ctl.rollout = rollout;
+        ctl.manual = manual;
+        if new_attempt {
+            ctl.samples.clear();
+        }
+        sync_runtime(ctl, rearm);
+        true
+    }
+
+    /// Fleet mode, on becoming the leader: the analysis starts a fresh window (this
+    /// process has no history of the fleet's counters), so the first verdict comes one
+    /// interval from now, never from data it did not see.
+    pub fn fresh_windows(&self) {
+        let now = wall_ms();
+        let mut inner = self.lock();
+        for ctl in inner.routes.iter_mut() {
+            ctl.samples.clear();
+            ctl.last_verdict_ms = now;
+        }
     }
 
     /// A new live viewer of status changes, chart points and journal entries.
@@ -707,6 +786,11 @@ impl Controller {
     /// and step every active rollout.
     pub fn tick(&self) {
         let now = wall_ms();
+        let evidence = self
+            .evidence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut inner = self.lock();
         for ctl in inner.routes.iter_mut() {
             self.retry_save(ctl, now);
@@ -723,6 +807,10 @@ impl Controller {
             let due = now.saturating_sub(ctl.last_verdict_ms) >= spec.interval_ms;
             // One sample a second is plenty for windows of seconds to minutes.
             if due || ctl.samples.back().is_none_or(|b| now >= b.at_ms + 1_000) {
+                let (canary, stable) = evidence
+                    .as_ref()
+                    .and_then(|e| e.counts(&ctl.cfg.route.name))
+                    .unwrap_or((canary, stable));
                 ctl.samples.push_back(Sample {
                     at_ms: now,
                     canary,
@@ -1393,6 +1481,35 @@ routes:
         let s = c.command("web", Command::Pause).expect("pause");
         assert_eq!(s.phase, Some(Phase::Paused));
         assert!(c.write_failures.load(Relaxed) >= 2);
+    }
+
+    /// Fleet mode: a member whose breaker tripped keeps its canary at 0 while the store
+    /// still shows the same attempt active, and follows the store again once the leader
+    /// recorded the abort and then a retry.
+    #[tokio::test]
+    async fn adopt_keeps_a_local_trip_until_the_store_shows_the_abort_then_follows_a_retry() {
+        let (_dir, c) = controller();
+        let active = c.store().load("web").expect("load").expect("state");
+        trip(&c);
+        let mut later = active.clone();
+        later.weight_bp = 7_500;
+        assert!(c.adopt("web", Some(later), None));
+        assert_eq!(c.status("web").expect("status").weight, 0.0);
+        let mut aborted = active.clone();
+        aborted.phase = Phase::Aborted;
+        aborted.weight_bp = 0;
+        assert!(c.adopt("web", Some(aborted.clone()), None));
+        let rt = c.proxy().runtime("web").expect("runtime");
+        assert!(!rt.tripped());
+        assert_eq!(rt.weight(), Weight::ZERO);
+        // Adopting what is already held changes nothing.
+        assert!(!c.adopt("web", Some(aborted), None));
+        let mut retried = active;
+        retried.step_started_ms += 1;
+        assert!(c.adopt("web", Some(retried), None));
+        assert_eq!(rt.weight().percent(), 50.0);
+        assert!(rt.breaker_armed());
+        assert!(!c.adopt("nope", None, None));
     }
 
     #[tokio::test]

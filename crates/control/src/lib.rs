@@ -7,6 +7,9 @@
 //! - [`plane`]: the [`DataPlane`] seam the controller drives: the proxy, or an
 //!   application's tower layer (`canary-tower`).
 //! - [`store`]: atomic state files and the append-only journal in `state_dir`.
+//! - [`state_store`]: the [`state_store::StateStore`] seam: file store here, etcd in
+//!   `canary-fleet`.
+//! - [`gate`]: the seam through which fleet mode routes the admin API's commands.
 //! - [`admin`]: the axum router for `/api/v1`, `/metrics`, `/healthz`, `/readyz`.
 //! - [`listener`]: the admin listener's accept loop, with its own connection budget
 //!   and header timeout so it can never starve the data plane.
@@ -20,19 +23,22 @@
 
 pub mod admin;
 pub mod controller;
+pub mod gate;
 pub mod history;
 pub mod listener;
 pub mod live;
 pub mod plane;
 pub mod source;
+pub mod state_store;
 pub mod store;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use controller::{Command, ControlError, Controller, RouteStatus};
+pub use controller::{Command, ControlError, Controller, Evidence, RouteStatus};
 pub use plane::DataPlane;
+pub use state_store::StateStore;
 
 /// How often the controller samples counters and steps rollouts. Verdicts are taken
 /// at each route's own `analysis.interval`; this only bounds how late a pause ends

@@ -429,6 +429,39 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         })
 }
 
+/// `promtool check metrics` on an exposition, as Prometheus would parse and lint it.
+/// Without promtool: a note, except under `CI=true`, where it is required.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            child
+                .stdin
+                .take()
+                .expect("promtool stdin")
+                .write_all(text.as_bytes())
+                .expect("write to promtool");
+            let out = child.wait_with_output().expect("promtool output");
+            assert!(
+                out.status.success(),
+                "promtool check metrics failed:\n{}{}\n--- metrics ---\n{text}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("promtool is required in CI (apt-get install prometheus): {e}")
+        }
+        Err(e) => eprintln!("note: promtool not found ({e}); skipping the promtool check"),
+    }
+}
+
 /// Runs the `canary` binary with `args` (bounded: killed after 60 s).
 pub async fn run_canary(
     args: &[&str],
@@ -551,6 +584,48 @@ impl Canary {
             }
         }
         unreachable!("the last attempt returns or panics")
+    }
+
+    /// Starts `canary serve` without waiting for `/readyz` (a fleet member is not
+    /// ready before a fleet document exists); returns once `/healthz` answers.
+    pub async fn start_unready(body: &str) -> Canary {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = Canary {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            config_path: dir.path().join("canary.yaml"),
+            log_path: dir.path().join("canary.log"),
+            env: Vec::new(),
+            wrapper: Vec::new(),
+            child: None,
+            client: client(),
+            dir,
+        };
+        c.write_config(body);
+        c.spawn();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let url = format!("http://{}/healthz", c.admin);
+        loop {
+            let fut = send(&c.client, Method::GET, &url, &[], "");
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(500), fut).await {
+                if r.status == 200 {
+                    return c;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "canary did not answer /healthz:\n{}",
+                c.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (bounded) until `/readyz` answers 200; panics with the log otherwise.
+    pub async fn wait_until_ready(&mut self) {
+        if let Err(log) = self.wait_ready().await {
+            panic!("canary did not become ready:\n{log}");
+        }
     }
 
     /// The text written before `body`: the per-instance addresses and state dir.

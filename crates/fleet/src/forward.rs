@@ -1,0 +1,140 @@
+//! HTTP between members: a follower hands a command to the leader's admin API, and
+//! the leader pulls every member's counters (`/api/v1/fleet/sample`).
+//!
+//! A command is forwarded rather than queued in etcd so the caller gets the leader's
+//! real answer (the new status, or the 409 of a refused promote) in one round trip.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use bytes::Bytes;
+use canary_control::Command;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+use crate::evidence::Sample;
+use crate::node::Shared;
+
+pub(crate) type Http = Client<HttpConnector, Full<Bytes>>;
+
+pub(crate) fn http() -> Http {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn call(
+    http: &Http,
+    method: Method,
+    url: &str,
+    body: Option<Value>,
+    auth: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, Value), String> {
+    let mut req = Request::builder().method(method).uri(url);
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let req = req
+        .header("content-type", "application/json")
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(timeout, http.request(req))
+        .await
+        .map_err(|_| format!("{url}: no answer within {timeout:?}"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let bytes = tokio::time::timeout(timeout, resp.into_body().collect())
+        .await
+        .map_err(|_| format!("{url}: body not received within {timeout:?}"))?
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&bytes) }));
+    Ok((status, v))
+}
+
+/// Sends `cmd` for `route` to the admin API at `admin` (the leader).
+pub(crate) async fn send(
+    http: &Http,
+    admin: &str,
+    route: &str,
+    cmd: &Command,
+    auth: Option<&str>,
+) -> Result<Value, (u16, String)> {
+    let (method, verb, body) = match cmd {
+        Command::Promote { full } => (Method::POST, "promote", json!({ "full": full })),
+        Command::Abort { reason } => {
+            // The admin API prefixes a user's reason; send it back as the user wrote it.
+            let r = reason
+                .strip_prefix("user: ")
+                .unwrap_or(if reason == "aborted by user" {
+                    ""
+                } else {
+                    reason
+                });
+            (Method::POST, "abort", json!({ "reason": r }))
+        }
+        Command::Pause => (Method::POST, "pause", json!({})),
+        Command::Resume => (Method::POST, "resume", json!({})),
+        Command::Retry => (Method::POST, "retry", json!({})),
+        Command::SetWeight(w) => (Method::PUT, "weight", json!({ "weight": w.percent() })),
+    };
+    let url = format!(
+        "{}/api/v1/routes/{route}/{verb}",
+        admin.trim_end_matches('/')
+    );
+    match call(http, method, &url, Some(body), auth, Duration::from_secs(5)).await {
+        Ok((code, v)) if (200..300).contains(&code) => Ok(v),
+        Ok((code, v)) => Err((
+            code,
+            v["error"]
+                .as_str()
+                .unwrap_or("error from the leader")
+                .to_string(),
+        )),
+        Err(e) => Err((502, format!("cannot reach the fleet's leader: {e}"))),
+    }
+}
+
+/// The leader's pull of every other member's counters (one second per member at most).
+pub(crate) async fn scrape(sh: std::sync::Arc<Shared>) {
+    let members = sh.mirror().members(&sh.keys);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, info) in members {
+        if name == sh.member {
+            continue;
+        }
+        let http = sh.http.clone();
+        tasks.spawn(async move {
+            let url = format!("{}/api/v1/fleet/sample", info.admin.trim_end_matches('/'));
+            let got = call(
+                &http,
+                Method::GET,
+                &url,
+                None,
+                None,
+                Duration::from_millis(150),
+            )
+            .await;
+            (name, got)
+        });
+    }
+    while let Some(Ok((name, got))) = tasks.join_next().await {
+        match got.map(|(code, v)| (code, serde_json::from_value::<Sample>(v))) {
+            Ok((200, Ok(s))) if s.member == name => {
+                sh.evidence.record(&s);
+                sh.peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name, s.applied_revision);
+            }
+            _ => {
+                sh.metrics.scrape_failures.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
