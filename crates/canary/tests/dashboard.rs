@@ -364,7 +364,12 @@ async fn the_dashboard_in_chromium_shows_live_charts_and_takes_actions_with_the_
     let rows = d
         .js("return [...document.querySelectorAll('#routes tr[data-route]')].map(r => [r.dataset.route, r.cells[1].textContent, r.cells[4].textContent])")
         .await;
-    for (row, api) in rows.as_array().expect("rows").iter().zip(list.as_array().expect("list")) {
+    for (row, api) in rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .zip(list.as_array().expect("list"))
+    {
         assert_eq!(row[0], api["name"], "{rows} vs {list}");
         assert_eq!(row[1], api["mode"], "{rows} vs {list}");
         let phase = api["phase"].as_str().unwrap_or("–");

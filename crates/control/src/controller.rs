@@ -19,12 +19,12 @@ use canary_core::analysis::{
 use canary_core::rollout::{self, Event, Input, Pause, Phase, Position, RolloutSpec, RolloutState};
 use canary_core::Weight;
 use canary_proxy::expo::{Exposition, Kind};
-use canary_proxy::pool::now_ms as mono_ms;
-use canary_proxy::{DataPlaneEvent, Proxy, RouteRuntime};
+use canary_proxy::{DataPlaneEvent, RouteRuntime};
 use serde::Serialize;
 
 use crate::history::{self, History, PointView};
 use crate::live::{Live, Update};
+use crate::plane::DataPlane;
 use crate::store::{ManualWeight, Store, StoreError};
 
 /// Wall-clock milliseconds since the Unix epoch: persisted times must survive restarts.
@@ -37,21 +37,36 @@ pub fn wall_ms() -> u64 {
 /// A user command on a route.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
-    Promote { full: bool },
-    Abort { reason: String },
+    /// Go to the next step now; with `full`, straight to 100 % (promoted).
+    Promote {
+        /// Skip the remaining steps.
+        full: bool,
+    },
+    /// Abort the rollout: weight 0 until a new canary version or `Retry`.
+    Abort {
+        /// Why, for the journal and `canary status`.
+        reason: String,
+    },
+    /// Hold the rollout at its current step and weight.
     Pause,
+    /// Continue a paused rollout.
     Resume,
+    /// Start an aborted rollout again from its first step.
     Retry,
+    /// Set the canary weight by hand (a rollout is paused by it).
     SetWeight(Weight),
 }
 
 /// Why a command failed; the admin API maps each to a status code.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    /// No route of that name (404).
     #[error("unknown route {0:?}")]
     NotFound(String),
+    /// The route's state refuses the command, e.g. promoting an aborted rollout (409).
     #[error("{0}")]
     Conflict(String),
+    /// The state directory could not be read or written (500).
     // No `#[from]`: that would make the store error this one's `source()` too, and a
     // chain printer (anyhow's `{:#}`) would print it twice.
     #[error("state store: {0}")]
@@ -110,7 +125,8 @@ struct Inner {
 
 /// The controller; cheap to share behind an `Arc`.
 pub struct Controller {
-    proxy: Arc<Proxy>,
+    /// The data plane: the proxy in the binary, an application's layer when embedded.
+    proxy: Arc<dyn DataPlane>,
     store: Store,
     inner: Mutex<Inner>,
     /// Writes to the state directory that failed (state files and journal).
@@ -121,6 +137,7 @@ pub struct Controller {
 /// One step of a plan, as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct StepView {
+    /// The step's canary weight in percent.
     pub weight: f64,
     /// `"30s"` or `"manual"`.
     pub pause: String,
@@ -129,28 +146,42 @@ pub struct StepView {
 /// A route as `GET /api/v1/routes/{name}` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct RouteStatus {
+    /// The route's name.
     pub name: String,
+    /// The stable version's label.
     pub stable_version: String,
+    /// The canary version's label; `None` without a canary.
     pub canary_version: Option<String>,
     /// `rollout` (automatic), `manual` (canary, weight from config/API), `stable` (no canary).
     pub mode: &'static str,
     /// Current canary weight in percent.
     pub weight: f64,
+    /// The rollout's phase; `None` without a rollout.
     pub phase: Option<Phase>,
+    /// The current step (0-based); `None` without a rollout.
     pub step: Option<usize>,
+    /// The rollout's plan.
     pub steps: Vec<StepView>,
+    /// When the current step began (ms since the Unix epoch).
     pub step_started_ms: Option<u64>,
+    /// Consecutive failed verdicts.
     pub failed_verdicts: u32,
+    /// The latest analysis verdict.
     pub last_verdict: Option<Verdict>,
+    /// Why the rollout was aborted.
     pub abort_reason: Option<String>,
+    /// Whether the breaker holds canary traffic at 0 now.
     pub breaker_tripped: bool,
     /// Why the route's current state is not saved in `state_dir` (it holds in memory
     /// and is written again every few seconds); `None` when it is saved.
     pub unsaved: Option<String>,
+    /// Whether the canary can take requests; `None` without a canary.
     pub canary_available: Option<bool>,
+    /// Canary-bound requests sent to stable for lack of an available canary.
     pub fallbacks: u64,
     /// After promotion: the version the config should now name as stable.
     pub make_stable: Option<String>,
+    /// What the route is doing and what to do next, in a sentence.
     pub message: String,
     /// The commands the API accepts now (`promote`, `promote_full`, `pause`, `resume`,
     /// `abort`, `retry`, `weight`): each is one the rollout's state machine would not
@@ -161,7 +192,7 @@ pub struct RouteStatus {
     /// Every check of `last_verdict`, with canary value, stable value, limit and result.
     pub last_verdict_checks: Vec<Check>,
     /// Each instance of each pool.
-    pub pools: Pools,
+    pub pools: crate::plane::Pools,
 }
 
 /// A rollout's analysis settings, as the API shows them.
@@ -196,42 +227,6 @@ impl AnalysisView {
             breaker_failures: r.breaker_failures,
         }
     }
-}
-
-/// The instances of a route's pools.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Pools {
-    pub stable: Vec<InstanceView>,
-    pub canary: Vec<InstanceView>,
-}
-
-/// One instance: whether it takes requests, and why not.
-#[derive(Clone, Debug, Serialize)]
-pub struct InstanceView {
-    pub upstream: String,
-    /// Takes requests now (not ejected, health check passing).
-    pub available: bool,
-    /// Held out by passive ejection.
-    pub ejected: bool,
-    /// The active health check's view (true without a health check).
-    pub check_healthy: bool,
-    pub ejections: u64,
-}
-
-fn instances(pool: Option<&canary_proxy::pool::Pool>, mono: u64) -> Vec<InstanceView> {
-    pool.map(|p| {
-        p.instances
-            .iter()
-            .map(|i| InstanceView {
-                upstream: i.addr.clone(),
-                available: i.available(mono),
-                ejected: i.ejected(mono),
-                check_healthy: i.check_healthy(),
-                ejections: i.ejections_total(),
-            })
-            .collect()
-    })
-    .unwrap_or_default()
 }
 
 /// A route's chart data, as `GET /api/v1/routes/{name}/series` sends it.
@@ -301,7 +296,9 @@ fn diff(a: &VersionWindow, b: &VersionWindow) -> VersionWindow {
 }
 
 impl Controller {
-    pub fn new(proxy: Arc<Proxy>, store: Store) -> Controller {
+    /// A controller driving `proxy` (any [`DataPlane`]: the binary's `Proxy`, or an
+    /// embedding application's layer), persisting into `store`.
+    pub fn new<P: DataPlane>(proxy: Arc<P>, store: Store) -> Controller {
         Controller {
             proxy,
             store,
@@ -311,7 +308,8 @@ impl Controller {
         }
     }
 
-    pub fn proxy(&self) -> &Arc<Proxy> {
+    /// The data plane this controller drives.
+    pub fn proxy(&self) -> &Arc<dyn DataPlane> {
         &self.proxy
     }
 
@@ -676,22 +674,20 @@ impl Controller {
     /// and step every active rollout.
     pub fn tick(&self) {
         let now = wall_ms();
-        let snap = self.proxy.snapshot();
-        let mono = mono_ms();
         let mut inner = self.lock();
         for ctl in inner.routes.iter_mut() {
             self.retry_save(ctl, now);
-            self.chart(ctl, &snap, now);
+            let counts = self.proxy.counts(&ctl.cfg.route.name);
+            if let Some((canary, stable)) = &counts {
+                self.chart(ctl, canary, stable, now);
+            }
             let (Some(spec), Some(state)) = (ctl.cfg.rollout.clone(), ctl.rollout.clone()) else {
                 continue;
             };
             if !state.phase.is_active() {
                 continue;
             }
-            let Some((_, entry)) = snap.route(&ctl.cfg.route.name) else {
-                continue;
-            };
-            let Some(canary_pool) = &entry.canary else {
+            let Some((canary, stable)) = counts else {
                 continue;
             };
             let due = now.saturating_sub(ctl.last_verdict_ms) >= spec.interval_ms;
@@ -699,8 +695,8 @@ impl Controller {
             if due || ctl.samples.back().is_none_or(|b| now >= b.at_ms + 1_000) {
                 ctl.samples.push_back(Sample {
                     at_ms: now,
-                    canary: canary_pool.stats.counts(),
-                    stable: entry.stable.stats.counts(),
+                    canary,
+                    stable,
                 });
             }
             while ctl.samples.len() > 2 && ctl.samples[1].at_ms + spec.window_ms <= now {
@@ -730,7 +726,9 @@ impl Controller {
                 // The breaker tripped and its event is still queued: it wins over this
                 // tick, whose promote (last step) would otherwise re-open the canary.
                 trip
-            } else if state.weight_bp > 0 && !canary_pool.any_available(mono) {
+            } else if state.weight_bp > 0
+                && self.proxy.canary_available(&ctl.cfg.route.name) == Some(false)
+            {
                 Input::CanaryUnhealthy
             } else {
                 Input::Tick { verdict }
@@ -744,13 +742,7 @@ impl Controller {
 
     /// Takes the dashboard's chart sample of a route with a canary (every route, with
     /// or without a rollout) and sends a new point to live viewers.
-    fn chart(&self, ctl: &mut RouteCtl, snap: &canary_proxy::snapshot::Snapshot, now: u64) {
-        let Some((_, entry)) = snap.route(&ctl.cfg.route.name) else {
-            return;
-        };
-        let Some(canary_pool) = &entry.canary else {
-            return;
-        };
+    fn chart(&self, ctl: &mut RouteCtl, canary: &VersionWindow, stable: &VersionWindow, now: u64) {
         let window = ctl
             .cfg
             .rollout
@@ -758,8 +750,8 @@ impl Controller {
             .map_or(history::DEFAULT_WINDOW_MS, |r| r.window_ms);
         let point = ctl.history.record(
             now,
-            canary_pool.stats.counts(),
-            entry.stable.stats.counts(),
+            canary.clone(),
+            stable.clone(),
             ctl.runtime.weight().percent(),
             window,
         );
@@ -874,12 +866,7 @@ impl Controller {
     /// `canary unhealthy` (for up to `ejection.max`). If the canary is still broken,
     /// the re-armed breaker catches it again.
     fn clear_canary_ejections(&self, route: &str) {
-        let snap = self.proxy.snapshot();
-        if let Some(pool) = snap.route(route).and_then(|(_, e)| e.canary.as_ref()) {
-            for i in &pool.instances {
-                i.clear_ejection();
-            }
-        }
+        self.proxy.clear_canary_ejections(route);
     }
 
     /// Handles an event from the data plane.
@@ -900,11 +887,7 @@ impl Controller {
                     }
                 }
                 // Only an abort if the pool really has no available instance.
-                let snap = self.proxy.snapshot();
-                let down = snap
-                    .route(&route)
-                    .and_then(|(_, e)| e.canary.as_ref())
-                    .is_some_and(|p| !p.any_available(mono_ms()));
+                let down = self.proxy.canary_available(&route) == Some(false);
                 if !down {
                     return;
                 }
@@ -1016,16 +999,8 @@ impl Controller {
     }
 
     fn status_of(&self, c: &RouteCtl) -> RouteStatus {
-        let snap = self.proxy.snapshot();
-        let mono = mono_ms();
-        let entry = snap.route(&c.cfg.route.name).map(|(_, e)| e);
-        let canary_available = entry
-            .and_then(|e| e.canary.as_ref())
-            .map(|p| p.any_available(mono));
-        let pools = Pools {
-            stable: instances(entry.map(|e| &*e.stable), mono),
-            canary: instances(entry.and_then(|e| e.canary.as_deref()), mono),
-        };
+        let canary_available = self.proxy.canary_available(&c.cfg.route.name);
+        let pools = self.proxy.instances(&c.cfg.route.name);
         let actions = match (&c.cfg.canary, &c.rollout, &c.cfg.rollout) {
             (None, _, _) => Vec::new(),
             (Some(_), Some(s), Some(spec)) => rollout_actions(s, spec, wall_ms()),
@@ -1313,6 +1288,7 @@ fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use canary_proxy::Proxy;
 
     /// One step at 50 % that passes at once (no pause, no minimum sample), breaker at 3.
     const CONFIG: &str = r#"listen: 127.0.0.1:1
@@ -1327,12 +1303,19 @@ routes:
 "#;
 
     fn controller() -> (tempfile::TempDir, Controller) {
+        let (dir, c, _) = controller_and_proxy();
+        (dir, c)
+    }
+
+    /// A controller over a proxy the test can also reach directly.
+    fn controller_and_proxy() -> (tempfile::TempDir, Controller, Arc<Proxy>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
-        let c = Controller::new(Arc::new(Proxy::new()), store);
+        let proxy = Arc::new(Proxy::new());
+        let c = Controller::new(proxy.clone(), store);
         let cfg = canary_config::parse("test.yaml", CONFIG).expect("config");
         c.apply(&cfg).expect("apply");
-        (dir, c)
+        (dir, c, proxy)
     }
 
     /// Trips the breaker in the data plane. No controller loop runs in these tests, so
@@ -1499,8 +1482,8 @@ routes:
     }
 
     /// Records `n` canary answers with `status` in the data plane's counters.
-    fn canary_answers(c: &Controller, n: usize, status: u16) {
-        let snap = c.proxy().snapshot();
+    fn canary_answers(proxy: &Proxy, n: usize, status: u16) {
+        let snap = proxy.snapshot();
         let (_, entry) = snap.route("web").expect("route");
         let pool = entry.canary.as_ref().expect("canary pool");
         for _ in 0..n {
@@ -1524,17 +1507,17 @@ routes:
             analysis,
         );
         assert!(text.contains("pause: 1h"), "{text}");
-        let (_dir, c) = controller();
+        let (_dir, c, proxy) = controller_and_proxy();
         apply(&c, &text);
         verdict_due(&c);
-        canary_answers(&c, 10, 500);
+        canary_answers(&proxy, 10, 500);
         verdict_due(&c);
         let s = c.status("web").expect("status");
         assert_eq!(s.phase, Some(Phase::Aborted), "{s:?}");
         c.command("web", Command::Retry).expect("retry");
         // The fixed canary answers every request after the retry.
         verdict_due(&c);
-        canary_answers(&c, 10, 200);
+        canary_answers(&proxy, 10, 200);
         verdict_due(&c);
         let s = c.status("web").expect("status");
         assert_eq!(s.phase, Some(Phase::Progressing), "{s:?}");

@@ -4,6 +4,8 @@
 //! # Layout
 //! - [`controller`]: applies configs, drives rollouts with the pure core's state
 //!   machine, answers commands. Never on the request path.
+//! - [`plane`]: the [`DataPlane`] seam the controller drives: the proxy, or an
+//!   application's tower layer (`canary-tower`).
 //! - [`store`]: atomic state files and the append-only journal in `state_dir`.
 //! - [`admin`]: the axum router for `/api/v1`, `/metrics`, `/healthz`, `/readyz`.
 //! - [`history`]: the dashboard's bounded time series per route, filled by the
@@ -18,6 +20,7 @@ pub mod admin;
 pub mod controller;
 pub mod history;
 pub mod live;
+pub mod plane;
 pub mod source;
 pub mod store;
 
@@ -26,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use controller::{Command, ControlError, Controller, RouteStatus};
+pub use plane::DataPlane;
 
 /// How often the controller samples counters and steps rollouts. Verdicts are taken
 /// at each route's own `analysis.interval`; this only bounds how late a pause ends

@@ -34,7 +34,9 @@ impl Default for VersionWindow {
 pub struct AnalysisSpec {
     /// Fewer canary requests than this in the window → inconclusive.
     pub min_requests: u64,
+    /// The canary's error rate (failures / requests, 0–1) may be at most this.
     pub max_error_rate: Option<f64>,
+    /// The canary's p99 latency may be at most this many milliseconds.
     pub max_p99_latency_ms: Option<f64>,
     /// Canary error rate may exceed stable's by at most this (absolute difference).
     pub max_error_rate_increase: Option<f64>,

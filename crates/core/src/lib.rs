@@ -9,6 +9,7 @@
 //! - [`weight`]: the canary share as basis points, valid by construction.
 //! - [`mod@bucket`]: the stable sticky hash that puts a user in one of 10 000 buckets.
 //! - [`routing`]: route table, rules and the per-request routing decision.
+//! - [`sticky_id`]: ids for clients without a sticky key, and their cookie.
 //! - [`latency`]: the fixed latency histogram layout shared by metrics and analysis.
 //! - [`analysis`]: turns windowed canary/stable measurements into a verdict.
 //! - [`rollout`]: the rollout state machine, `step(state, input, now) -> state + events`.
@@ -18,6 +19,7 @@ pub mod bucket;
 pub mod latency;
 pub mod rollout;
 pub mod routing;
+pub mod sticky_id;
 pub mod weight;
 
 pub use bucket::{bucket, route_seed, BUCKETS};

@@ -60,6 +60,7 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The phase's name, as the API and the metrics show it.
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Progressing => "progressing",

@@ -21,7 +21,9 @@ use crate::weight::Weight;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
+    /// The stable version.
     Stable,
+    /// The canary version.
     Canary,
 }
 
@@ -83,15 +85,38 @@ impl HostMatch {
 #[derive(Clone, Debug)]
 pub enum RuleMatch {
     /// Header equals a value exactly.
-    HeaderEquals { name: String, value: String },
+    HeaderEquals {
+        /// The header's name, lowercase.
+        name: String,
+        /// The value it must have.
+        value: String,
+    },
     /// Header value matches a regular expression (unanchored unless the pattern anchors).
-    HeaderRegex { name: String, regex: Regex },
+    HeaderRegex {
+        /// The header's name, lowercase.
+        name: String,
+        /// The expression its value must match.
+        regex: Regex,
+    },
     /// Header is present, whatever its value.
-    HeaderPresent { name: String },
+    HeaderPresent {
+        /// The header's name, lowercase.
+        name: String,
+    },
     /// Cookie equals a value exactly.
-    Cookie { name: String, value: String },
+    Cookie {
+        /// The cookie's name.
+        name: String,
+        /// The value it must have.
+        value: String,
+    },
     /// Query parameter equals a value, or is present when `value` is `None`.
-    Query { name: String, value: Option<String> },
+    Query {
+        /// The parameter's name.
+        name: String,
+        /// The (raw, not percent-decoded) value it must have; `None`: any.
+        value: Option<String>,
+    },
     /// Client address is in one of these networks.
     Source(Vec<IpNet>),
 }

@@ -7,11 +7,10 @@
 //! what the proxy adds or drops besides reaches it as [`ProxyFields`] (a
 //! `Filter`) and as the lines it is given to write.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use canary_core::sticky_id::IdSource;
 use canary_http1::client::Filter;
 use canary_http1::fields::{hop_by_hop, is_name, te_lists_trailers, write_field};
 
@@ -75,7 +74,7 @@ pub enum AddedField {
 }
 
 /// The attributes of a generated sticky cookie (docs/routing.md).
-pub const STICKY_COOKIE_ATTRIBUTES: &str = "; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax";
+pub const STICKY_COOKIE_ATTRIBUTES: &str = canary_core::sticky_id::COOKIE_ATTRIBUTES;
 
 impl AddedField {
     /// The field's name.
@@ -119,44 +118,16 @@ fn write_cookie(out: &mut Vec<u8>, prefix: &[u8], id: &[u8; 32]) {
     out.extend_from_slice(STICKY_COOKIE_ATTRIBUTES.as_bytes());
 }
 
-/// A fresh sticky id: 128 bits as 32 lowercase hex digits, unique within the process
-/// (a counter) and unpredictable across processes (the counter hashed with xxh3-128
-/// under a per-process random seed from std's `RandomState`). Sticky ids need
-/// uniqueness, not secrecy, so this avoids a dependency on a CSPRNG crate; xxh3 is
-/// already the bucket hash, and one call gives the 128 bits (SipHash twice cost five
-/// times as much). Written into a stack buffer: no allocation, no `fmt` machinery.
+/// A fresh sticky id (see [`IdSource`]), from one source per process seeded from
+/// std's `RandomState`.
 pub(crate) fn generate_id() -> [u8; 32] {
     use std::hash::BuildHasher;
     use std::sync::OnceLock;
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    static SEED: OnceLock<u64> = OnceLock::new();
-    let seed =
-        *SEED.get_or_init(|| std::hash::RandomState::new().hash_one(0x9e37_79b9_7f4a_7c15u64));
-    let n = COUNTER.fetch_add(1, Relaxed);
-    hex32(xxhash_rust::xxh3::xxh3_128_with_seed(
-        &n.to_le_bytes(),
-        seed,
-    ))
-}
-
-/// `id` as 32 lowercase hex digits, two per byte from a table (half the steps of a
-/// digit per nibble).
-fn hex32(id: u128) -> [u8; 32] {
-    static HEX_PAIRS: [[u8; 2]; 256] = {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut t = [[0u8; 2]; 256];
-        let mut b = 0;
-        while b < 256 {
-            t[b] = [HEX[b >> 4], HEX[b & 0xf]];
-            b += 1;
-        }
-        t
-    };
-    let mut out = [0u8; 32];
-    for (pair, byte) in out.chunks_exact_mut(2).zip(id.to_be_bytes()) {
-        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
-    }
-    out
+    static IDS: OnceLock<IdSource> = OnceLock::new();
+    IDS.get_or_init(|| {
+        IdSource::new(std::hash::RandomState::new().hash_one(0x9e37_79b9_7f4a_7c15u64))
+    })
+    .next_id()
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
@@ -239,15 +210,6 @@ mod tests {
 
     #[test]
     fn generated_ids_are_32_hex_digits_and_distinct() {
-        for id in [
-            0,
-            1,
-            0xfe,
-            u128::MAX,
-            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
-        ] {
-            assert_eq!(hex32(id), format!("{id:032x}").as_bytes(), "{id:x}");
-        }
         let a = generate_id();
         let b = generate_id();
         assert_ne!(a, b);
