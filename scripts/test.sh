@@ -56,6 +56,7 @@ need chromium-driver chromedriver   # WebDriver for that test
 need systemd systemd-analyze  # `systemd-analyze verify` of deploy/systemd/canary.service (no daemon starts)
 need man-db man               # renders `canary man` (man -l)
 need bsdutils script          # a pseudo-terminal for `canary wait`'s live line
+need systemd systemd-socket-activate   # socket activation test (tests/restart.rs)
 extract prometheus promtool   # checks /metrics; the Prometheus server for query tests
 
 if ((${#install[@]} + ${#unpack[@]})); then

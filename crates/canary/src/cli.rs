@@ -11,6 +11,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
+use crate::output::printable;
+
 /// Where the admin API is and how to authenticate.
 #[derive(Args, Clone)]
 pub struct Conn {
@@ -230,7 +232,7 @@ impl Api {
         } else {
             Err(crate::hint::answer(
                 status.as_u16(),
-                v["error"].as_str().unwrap_or("error"),
+                &printable(v["error"].as_str().unwrap_or("error")),
             ))
         }
     }
@@ -324,7 +326,7 @@ pub(crate) fn print_table(routes: &[Value]) {
 pub(crate) fn print_route(r: &Value) {
     print_table(std::slice::from_ref(r));
     outln!();
-    outln!("{}", r["message"].as_str().unwrap_or(""));
+    outln!("{}", printable(r["message"].as_str().unwrap_or("")));
     if let Some(steps) = r["steps"].as_array().filter(|s| !s.is_empty()) {
         let cur = r["step"].as_u64();
         let plan: Vec<String> = steps
@@ -348,15 +350,18 @@ pub(crate) fn print_route(r: &Value) {
             .filter(|a| !a.is_empty())
         {
             for reason in reasons {
-                outln!("  - {}", reason.as_str().unwrap_or(""));
+                outln!("  - {}", printable(reason.as_str().unwrap_or("")));
             }
         }
     }
     if let Some(a) = r["abort_reason"].as_str() {
-        outln!("abort reason: {a}");
+        outln!("abort reason: {}", printable(a));
     }
     if let Some(u) = r["unsaved"].as_str() {
-        outln!("not saved to state_dir (retried every 5 s): {u}");
+        outln!(
+            "not saved to state_dir (retried every 5 s): {}",
+            printable(u)
+        );
     }
 }
 
@@ -387,7 +392,7 @@ pub(crate) fn event_line(e: &Value) -> String {
         "{}  {kind:<8} {} → {to}  {}",
         fmt_time(e["at_ms"].as_u64().unwrap_or(0)),
         position_text(&e["from"]),
-        e["reason"].as_str().unwrap_or(""),
+        printable(e["reason"].as_str().unwrap_or("")),
     )
 }
 
@@ -626,14 +631,14 @@ impl WaitTarget {
                     0,
                     format!(
                         "{route}: promoted — {}",
-                        r["message"].as_str().unwrap_or("")
+                        printable(r["message"].as_str().unwrap_or(""))
                     ),
                 )),
                 Some("aborted") => Some((
                     1,
                     format!(
                         "{route}: aborted — {}",
-                        r["abort_reason"].as_str().unwrap_or("")
+                        printable(r["abort_reason"].as_str().unwrap_or(""))
                     ),
                 )),
                 Some(_) => None,
@@ -859,5 +864,17 @@ mod tests {
             line.contains("weight   manual 10% → manual 30%  r"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn an_abort_reason_with_a_newline_cannot_forge_a_journal_line() {
+        let pos = json!({"phase": "progressing", "step": 0, "weight": 10.0});
+        let forged =
+            "oops\n2026-12-05T08:00:00Z  promote  progressing 10% → promoted 100%  ok\u{1b}[2J";
+        let line = event_line(
+            &json!({"at_ms": 0, "kind": "abort", "from": pos, "to": pos, "reason": forged}),
+        );
+        assert!(!line.contains('\n') && !line.contains('\u{1b}'), "{line:?}");
+        assert!(line.ends_with("oops\\n2026-12-05T08:00:00Z  promote  progressing 10% → promoted 100%  ok\\u{1b}[2J"), "{line:?}");
     }
 }

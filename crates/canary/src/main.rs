@@ -5,6 +5,7 @@
 mod output;
 mod cli;
 mod demo;
+mod handover;
 mod hint;
 mod init;
 mod serve;
@@ -38,6 +39,11 @@ enum Cmd {
         /// The config file (YAML); reloaded on change and on SIGHUP.
         #[arg(short, long, default_value = "canary.yaml")]
         config: PathBuf,
+        /// Take the listening sockets over from the `canary serve` running with the
+        /// same `state_dir`, which then drains and exits: a restart or upgrade that
+        /// refuses no connection (docs/operations.md, "Zero-downtime restart").
+        #[arg(long)]
+        takeover: bool,
     },
     /// Validate a config file without starting anything; exits non-zero with
     /// file:line:column and the reason for every problem.
@@ -46,7 +52,7 @@ enum Cmd {
         config: PathBuf,
     },
     /// A self-contained demo: built-in v1/v2 upstreams, synthetic traffic and a
-    /// whole rollout in about a minute.
+    /// whole rollout in about 35 s; then it serves until Ctrl-C (or `--exit`).
     Demo(demo::DemoArgs),
     /// Write a commented starter config (one route, stable and canary, a rollout)
     /// that passes `canary validate` as written; never overwrites without --force.
@@ -112,7 +118,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Serve { config } => serve::main(&config),
+        Cmd::Serve { config, takeover } => serve::main(&config, takeover),
         Cmd::Demo(a) => demo::main(a),
         Cmd::Init(a) => init::main(a),
         Cmd::Completions { shell } => shell::completions(shell, Args::command()),

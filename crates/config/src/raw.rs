@@ -178,6 +178,10 @@ raw_structs! {
         max_header_bytes: S<i64>,
         header_timeout: S<String>,
         max_connections: S<i64>,
+        headers_with_underscores: S<String>,
+        body_timeout: S<String>,
+        send_timeout: S<String>,
+        http2_idle_timeout: S<String>,
     }
 
     RawRoute {
@@ -244,12 +248,14 @@ raw_structs! {
     RawTimeouts {
         connect: S<String>,
         request: S<String>,
+        idle: S<String>,
     }
 
     RawEjection {
         consecutive_failures: S<i64>,
         base: S<String>,
         max: S<String>,
+        min_clients: S<i64>,
     }
 
     RawRollout {
@@ -277,6 +283,7 @@ raw_structs! {
 
     RawBreaker {
         consecutive_failures: S<i64>,
+        min_clients: S<i64>,
     }
 }
 

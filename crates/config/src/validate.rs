@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use canary_core::analysis::AnalysisSpec;
-use canary_core::rollout::{Pause, RolloutSpec, Step};
+use canary_core::rollout::{BreakerSpec, Pause, RolloutSpec, Step, MAX_MIN_CLIENTS};
 use canary_core::{Route, Rule, RuleMatch, Sticky, Target, Weight};
 use ipnet::IpNet;
 use serde_saphyr::Location;
@@ -23,6 +23,7 @@ use crate::syntax::{
 use crate::error::{ConfigError, Diagnostic};
 use crate::model::{
     Config, Dashboard, Ejection, HealthCheck, Limits, PoolConfig, RouteConfig, Timeouts,
+    Underscores,
 };
 use crate::raw::{
     List, RawAnalysis, RawConfig, RawDashboard, RawEjection, RawHealthCheck, RawLimits, RawPool,
@@ -37,6 +38,11 @@ pub(crate) const DEFAULT_ADMIN: SocketAddr =
 pub(crate) const DEFAULT_STATE_DIR: &str = "./canary-state";
 /// Default rollout breaker (`rollout.breaker.consecutive_failures`).
 pub(crate) const DEFAULT_BREAKER_FAILURES: u32 = 5;
+/// Default distinct clients a failure run needs (`breaker.min_clients`,
+/// `ejection.min_clients`): more than one, so no single client trips the breaker or
+/// ejects an instance on purpose; few enough that a real outage on a quiet service
+/// still trips it within a handful of requests.
+pub(crate) const DEFAULT_MIN_CLIENTS: u32 = 3;
 /// Default analysis interval and window.
 pub(crate) const DEFAULT_ANALYSIS_INTERVAL_MS: u64 = 10_000;
 pub(crate) const DEFAULT_ANALYSIS_WINDOW_MS: u64 = 60_000;
@@ -293,6 +299,24 @@ impl Checker {
                 d.header_timeout_ms,
                 false,
             ),
+            body_timeout_ms: self.duration_or(
+                "limits.body_timeout",
+                raw.body_timeout.as_ref(),
+                d.body_timeout_ms,
+                false,
+            ),
+            send_timeout_ms: self.duration_or(
+                "limits.send_timeout",
+                raw.send_timeout.as_ref(),
+                d.send_timeout_ms,
+                false,
+            ),
+            http2_idle_timeout_ms: self.duration_or(
+                "limits.http2_idle_timeout",
+                raw.http2_idle_timeout.as_ref(),
+                d.http2_idle_timeout_ms,
+                false,
+            ),
             max_connections: match &raw.max_connections {
                 Some(v) => self
                     .int(
@@ -304,6 +328,24 @@ impl Checker {
                     )
                     .map_or(d.max_connections, |n| n as usize),
                 None => d.max_connections,
+            },
+            headers_with_underscores: match &raw.headers_with_underscores {
+                Some(v) => match v.value.as_str() {
+                    "drop" => Underscores::Drop,
+                    "reject" => Underscores::Reject,
+                    "allow" => Underscores::Allow,
+                    other => {
+                        self.err(
+                            v.referenced,
+                            format!(
+                                "limits.headers_with_underscores: {other:?} is not one of \
+                                 drop, reject, allow"
+                            ),
+                        );
+                        d.headers_with_underscores
+                    }
+                },
+                None => d.headers_with_underscores,
             },
         }
     }
@@ -617,7 +659,7 @@ impl Checker {
                     v.referenced,
                     format!(
                         "{p}: {} is out of range (0–100, at most two decimals)",
-                        v.value
+                        crate::number_text(v.value)
                     ),
                 );
                 Weight::ZERO
@@ -917,6 +959,12 @@ impl Checker {
                 d.request_ms,
                 false,
             ),
+            idle_ms: self.duration_or(
+                &format!("{p}.timeouts.idle"),
+                r.idle.as_ref(),
+                d.idle_ms,
+                false,
+            ),
         }
     }
 
@@ -959,10 +1007,16 @@ impl Checker {
                 );
             }
         }
+        let min_clients = self.min_clients(
+            &format!("{p}.ejection"),
+            r.min_clients,
+            (consecutive_failures > 0).then_some(consecutive_failures),
+        );
         Ejection {
             consecutive_failures,
             base_ms,
             max_ms,
+            min_clients,
         }
     }
 
@@ -1018,7 +1072,11 @@ impl Checker {
             ),
         };
 
-        let breaker_failures = match r.breaker.and_then(|b| b.value.consecutive_failures) {
+        let (failures, min_clients) = r
+            .breaker
+            .map(|b| (b.value.consecutive_failures, b.value.min_clients))
+            .unwrap_or_default();
+        let breaker_failures = match failures {
             Some(v) => self
                 .int(
                     &format!("{p}.breaker.consecutive_failures"),
@@ -1030,14 +1088,47 @@ impl Checker {
                 .and_then(|n| (n > 0).then_some(n as u32)),
             None => Some(DEFAULT_BREAKER_FAILURES),
         };
+        let min_clients = self.min_clients(&format!("{p}.breaker"), min_clients, breaker_failures);
+        let breaker = breaker_failures.map(|consecutive_failures| BreakerSpec {
+            consecutive_failures,
+            min_clients,
+        });
 
         RolloutSpec {
             steps,
             analysis,
             interval_ms,
             window_ms,
-            breaker_failures,
+            breaker,
         }
+    }
+
+    /// `{p}.min_clients`: 1 to [`MAX_MIN_CLIENTS`], and no more than the failures of
+    /// the run (`failures`; `None` when the mechanism is off, then anything valid goes).
+    fn min_clients(&mut self, p: &str, v: Option<S<i64>>, failures: Option<u32>) -> u32 {
+        let Some(v) = v else {
+            return DEFAULT_MIN_CLIENTS.min(failures.unwrap_or(u32::MAX));
+        };
+        let Some(n) = self.int(
+            &format!("{p}.min_clients"),
+            &v,
+            1,
+            i64::from(MAX_MIN_CLIENTS),
+            "1 to 16 distinct clients; 1 lets a single client trip it",
+        ) else {
+            return DEFAULT_MIN_CLIENTS;
+        };
+        let n = n as u32;
+        if let Some(f) = failures.filter(|f| n > *f) {
+            self.err(
+                v.referenced,
+                format!(
+                    "{p}.min_clients: {n} is more than consecutive_failures ({f}); a run of {f} \
+                     failures cannot come from {n} clients"
+                ),
+            );
+        }
+        n
     }
 
     /// One rollout step, and whether its weight is valid (for the order check).
@@ -1141,7 +1232,7 @@ impl Checker {
                     format!(
                         "{p}.max_latency_increase: {} is out of range (a factor of at least \
                          1, e.g. 1.5 = canary p99 at most 50 % above stable's)",
-                        v.value
+                        crate::number_text(v.value)
                     ),
                 );
                 None
@@ -1224,7 +1315,7 @@ impl Checker {
                 v.referenced,
                 format!(
                     "{p}: {} is out of range (a fraction from 0 to 1, e.g. 0.01 = 1 %)",
-                    v.value
+                    crate::number_text(v.value)
                 ),
             );
             None

@@ -85,6 +85,10 @@ impl From<ControlError> for ApiError {
 /// error message and the docs can name it). Command bodies are a few bytes.
 pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
 
+/// The longest abort reason accepted, in characters: it is stored in the state file,
+/// journaled and printed on one line, and a reason is a sentence, not a document.
+pub const MAX_REASON_CHARS: usize = 256;
+
 /// Builds the admin router.
 pub fn router(admin: Admin) -> Router {
     Router::new()
@@ -261,7 +265,10 @@ async fn set_weight(
     let w = Weight::from_percent(w).ok_or_else(|| {
         ApiError(
             StatusCode::BAD_REQUEST,
-            format!("weight {w} is out of range (0–100, at most two decimals)"),
+            format!(
+                "weight {} is out of range (0–100, at most two decimals)",
+                canary_config::number_text(w)
+            ),
         )
     })?;
     run(&a, &headers, &name, Command::SetWeight(w)).await
@@ -300,6 +307,13 @@ async fn abort(
 ) -> Result<Response, ApiError> {
     authorize(&a, &headers)?;
     let AbortBody { reason } = body(b)?;
+    let n = reason.chars().count();
+    if n > MAX_REASON_CHARS {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("abort reason is {n} characters long; at most {MAX_REASON_CHARS} are accepted"),
+        ));
+    }
     let reason = if reason.trim().is_empty() {
         "aborted by user".to_string()
     } else {
@@ -489,6 +503,44 @@ routes:
             (status, v["phase"].as_str()),
             (StatusCode::OK, Some("progressing")),
             "{v}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_abort_reason_over_256_characters_is_a_400_and_aborts_nothing() {
+        let (_dir, r) = admin(None);
+        let path = "/api/v1/routes/web/abort";
+        let long = serde_json::to_vec(&json!({ "reason": "é".repeat(257) })).expect("json");
+        let (status, v) = call(&r, req("POST", path, long, None)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(
+            v["error"],
+            "abort reason is 257 characters long; at most 256 are accepted"
+        );
+        let (_, v) = call(&r, req("GET", "/api/v1/routes/web", vec![], None)).await;
+        assert_eq!(v["phase"], "progressing", "{v}");
+        // 256 characters (512 bytes) are accepted, kept whole and stored as sent.
+        let reason = format!("{}\n", "é".repeat(255));
+        let ok = serde_json::to_vec(&json!({ "reason": reason })).expect("json");
+        let (status, v) = call(&r, req("POST", path, ok, None)).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["abort_reason"], format!("user: {reason}"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn a_huge_weight_is_echoed_in_exponent_form_not_309_digits() {
+        let (_dir, r) = admin(None);
+        let path = "/api/v1/routes/web/weight";
+        let (status, v) = call(&r, req("PUT", path, br#"{"weight": 1e308}"#.to_vec(), None)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(
+            v["error"],
+            "weight 1e308 is out of range (0–100, at most two decimals)"
+        );
+        let (_, v) = call(&r, req("PUT", path, br#"{"weight": 150}"#.to_vec(), None)).await;
+        assert_eq!(
+            v["error"],
+            "weight 150 is out of range (0–100, at most two decimals)"
         );
     }
 

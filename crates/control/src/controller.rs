@@ -192,7 +192,7 @@ pub struct RouteStatus {
     /// Every check of `last_verdict`, with canary value, stable value, limit and result.
     pub last_verdict_checks: Vec<Check>,
     /// Each instance of each pool.
-    pub pools: crate::plane::Pools,
+    pub pools: Pools,
 }
 
 /// A rollout's analysis settings, as the API shows them.
@@ -209,6 +209,8 @@ pub struct AnalysisView {
     pub failure_limit: u32,
     /// `breaker.consecutive_failures`; `null` when the breaker is off.
     pub breaker_failures: Option<u32>,
+    /// `breaker.min_clients`; `null` when the breaker is off.
+    pub breaker_min_clients: Option<u32>,
 }
 
 impl AnalysisView {
@@ -224,9 +226,46 @@ impl AnalysisView {
             max_latency_increase: a.max_latency_increase,
             latency_noise_floor_ms: a.latency_noise_floor_ms,
             failure_limit: a.failure_limit,
-            breaker_failures: r.breaker_failures,
+            breaker_failures: r.breaker.map(|b| b.consecutive_failures),
+            breaker_min_clients: r.breaker.map(|b| b.min_clients),
         }
     }
+}
+
+/// The instances of a route's pools.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Pools {
+    pub stable: Vec<InstanceView>,
+    pub canary: Vec<InstanceView>,
+}
+
+/// One instance: whether it takes requests, and why not.
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceView {
+    pub upstream: String,
+    /// Takes requests now (not ejected, health check passing).
+    pub available: bool,
+    /// Held out by passive ejection.
+    pub ejected: bool,
+    /// The active health check's view (true without a health check).
+    pub check_healthy: bool,
+    pub ejections: u64,
+}
+
+pub(crate) fn instances(pool: Option<&canary_proxy::pool::Pool>, mono: u64) -> Vec<InstanceView> {
+    pool.map(|p| {
+        p.instances
+            .iter()
+            .map(|i| InstanceView {
+                upstream: i.addr.clone(),
+                available: i.available(mono),
+                ejected: i.ejected(mono),
+                check_healthy: i.check_healthy(),
+                ejections: i.ejections_total(),
+            })
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// A route's chart data, as `GET /api/v1/routes/{name}/series` sends it.
@@ -505,14 +544,8 @@ impl Controller {
                         tracing::info!(route = %name, phase = s.phase.as_str(), step = s.step, weight = %s.weight(), "resuming persisted rollout");
                     }
                     // A breaker trip not yet seen by the event loop must not be undone.
-                    if ctl.runtime.tripped() && s.phase.is_active() {
-                        let failures = ctl
-                            .cfg
-                            .rollout
-                            .as_ref()
-                            .and_then(|r| r.breaker_failures)
-                            .unwrap_or(0);
-                        let out = rollout::step(s, spec, Input::Breaker { failures }, now)
+                    if let Some(trip) = pending_trip(ctl) {
+                        let out = rollout::step(s, spec, trip, now)
                             .map_err(|e| ControlError::Conflict(e.0))?;
                         events.extend(out.events);
                         ctl.rollout = Some(out.state);
@@ -677,17 +710,14 @@ impl Controller {
         let mut inner = self.lock();
         for ctl in inner.routes.iter_mut() {
             self.retry_save(ctl, now);
-            let counts = self.proxy.counts(&ctl.cfg.route.name);
-            if let Some((canary, stable)) = &counts {
-                self.chart(ctl, canary, stable, now);
-            }
+            self.chart(ctl, now);
             let (Some(spec), Some(state)) = (ctl.cfg.rollout.clone(), ctl.rollout.clone()) else {
                 continue;
             };
             if !state.phase.is_active() {
                 continue;
             }
-            let Some((canary, stable)) = counts else {
+            let Some((canary, stable)) = self.proxy.counts(&ctl.cfg.route.name) else {
                 continue;
             };
             let due = now.saturating_sub(ctl.last_verdict_ms) >= spec.interval_ms;
@@ -742,19 +772,18 @@ impl Controller {
 
     /// Takes the dashboard's chart sample of a route with a canary (every route, with
     /// or without a rollout) and sends a new point to live viewers.
-    fn chart(&self, ctl: &mut RouteCtl, canary: &VersionWindow, stable: &VersionWindow, now: u64) {
+    fn chart(&self, ctl: &mut RouteCtl, now: u64) {
+        let Some((canary, stable)) = self.proxy.counts(&ctl.cfg.route.name) else {
+            return;
+        };
         let window = ctl
             .cfg
             .rollout
             .as_ref()
             .map_or(history::DEFAULT_WINDOW_MS, |r| r.window_ms);
-        let point = ctl.history.record(
-            now,
-            canary.clone(),
-            stable.clone(),
-            ctl.runtime.weight().percent(),
-            window,
-        );
+        let point = ctl
+            .history
+            .record(now, canary, stable, ctl.runtime.weight().percent(), window);
         if let Some(p) = point {
             self.live.send(Update::Point(Arc::new(PointView::new(
                 &ctl.cfg.route.name,
@@ -832,9 +861,11 @@ impl Controller {
         for ev in &out.events {
             if ev.kind == "abort" {
                 *ctl.aborts.entry(abort_category(&ev.reason)).or_default() += 1;
-                tracing::warn!(route = %name, reason = %ev.reason, "rollout aborted");
+                // `?`: quoted and escaped, so a reason sent through the API cannot forge
+                // a log line.
+                tracing::warn!(route = %name, reason = ?ev.reason, "rollout aborted");
             } else {
-                tracing::info!(route = %name, kind = %ev.kind, weight = ev.to.weight, phase = ev.to.phase.map_or("-", Phase::as_str), reason = %ev.reason, "rollout");
+                tracing::info!(route = %name, kind = %ev.kind, weight = ev.to.weight, phase = ev.to.phase.map_or("-", Phase::as_str), reason = ?ev.reason, "rollout");
             }
         }
         let changed = ctl.rollout.as_ref() != Some(&out.state);
@@ -874,9 +905,11 @@ impl Controller {
         let now = wall_ms();
         let mut inner = self.lock();
         let (route, input) = match ev {
-            DataPlaneEvent::BreakerTripped { route, failures } => {
-                (route, Input::Breaker { failures })
-            }
+            DataPlaneEvent::BreakerTripped {
+                route,
+                failures,
+                clients,
+            } => (route, Input::Breaker { failures, clients }),
             DataPlaneEvent::CanaryUnavailable { route } => {
                 // The failures that tripped the breaker may also have ejected the last
                 // canary instance: the breaker is the cause to report.
@@ -939,6 +972,10 @@ impl Controller {
                         .manual
                         .as_ref()
                         .map_or(ctl.cfg.weight, |m| bp_weight(m.weight_bp));
+                    if from == w {
+                        // The split is already this: nothing to save or journal.
+                        return Ok(self.status_of(ctl));
+                    }
                     let m = ManualWeight {
                         weight_bp: w.basis_points(),
                         config_weight_bp: ctl.cfg.weight.basis_points(),
@@ -1000,7 +1037,7 @@ impl Controller {
 
     fn status_of(&self, c: &RouteCtl) -> RouteStatus {
         let canary_available = self.proxy.canary_available(&c.cfg.route.name);
-        let pools = self.proxy.instances(&c.cfg.route.name);
+        let pools = self.proxy.pools(&c.cfg.route.name);
         let actions = match (&c.cfg.canary, &c.rollout, &c.cfg.rollout) {
             (None, _, _) => Vec::new(),
             (Some(_), Some(s), Some(spec)) => rollout_actions(s, spec, wall_ms()),
@@ -1209,14 +1246,18 @@ fn gives_canary_more(old: &RolloutState, new: &RolloutState) -> bool {
 /// handled yet (its event is still queued), if the rollout is still on trial.
 fn pending_trip(ctl: &RouteCtl) -> Option<Input> {
     let active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
-    (active && ctl.runtime.tripped()).then(|| Input::Breaker {
-        failures: ctl
-            .cfg
-            .rollout
-            .as_ref()
-            .and_then(|r| r.breaker_failures)
-            .unwrap_or(0),
-    })
+    let (failures, clients) = ctl.runtime.trip().filter(|_| active)?;
+    Some(Input::Breaker { failures, clients })
+}
+
+/// The route's breaker as the data plane takes it: (consecutive failures, 0 = off;
+/// distinct clients).
+fn breaker_limit(ctl: &RouteCtl) -> (u32, u32) {
+    ctl.cfg
+        .rollout
+        .as_ref()
+        .and_then(|r| r.breaker)
+        .map_or((0, 1), |b| (b.consecutive_failures, b.min_clients))
 }
 
 fn bp_weight(bp: u16) -> Weight {
@@ -1259,27 +1300,24 @@ fn manual_split(ctl: &RouteCtl) -> Option<(String, Weight)> {
 fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
     match (&ctl.rollout, &ctl.cfg.canary) {
         (Some(s), Some(_)) => {
-            let limit = ctl
-                .cfg
-                .rollout
-                .as_ref()
-                .and_then(|r| r.breaker_failures)
-                .unwrap_or(0);
+            let (limit, min_clients) = breaker_limit(ctl);
             if !s.phase.is_active() {
-                ctl.runtime.arm_breaker(0);
-            } else if rearm || !ctl.runtime.tripped() && ctl.runtime.breaker_limit() != limit {
+                ctl.runtime.arm_breaker(0, 1);
+            } else if rearm
+                || !ctl.runtime.tripped() && ctl.runtime.breaker_limit() != (limit, min_clients)
+            {
                 // Also when a reload changed the limit: the new one applies at once.
-                ctl.runtime.arm_breaker(limit);
+                ctl.runtime.arm_breaker(limit, min_clients);
             }
             ctl.runtime.set_weight(s.weight());
         }
         (None, Some(_)) => {
-            ctl.runtime.arm_breaker(0);
+            ctl.runtime.arm_breaker(0, 1);
             ctl.runtime
                 .set_weight(manual_split(ctl).map_or(ctl.cfg.weight, |(_, w)| w));
         }
         (_, None) => {
-            ctl.runtime.arm_breaker(0);
+            ctl.runtime.arm_breaker(0, 1);
             ctl.runtime.set_weight(Weight::ZERO);
         }
     }
@@ -1322,8 +1360,10 @@ routes:
     /// the trip's event stays queued, as in the instant before the loop handles it.
     fn trip(c: &Controller) {
         let rt = c.proxy().runtime("web").expect("runtime");
-        for _ in 0..3 {
-            rt.canary_failure();
+        // Three clients (the default `min_clients`), each with its own address and key.
+        for i in 1..=3u8 {
+            let id = canary_proxy::witness::ClientId::new([192, 0, 2, i].into(), Some(&[i]));
+            rt.canary_failure(canary_proxy::witness::Witness::Client(id));
         }
         assert!(rt.tripped());
         assert_eq!(rt.weight(), Weight::ZERO);
@@ -1365,11 +1405,9 @@ routes:
         c.tick();
         let s = c.status("web").expect("status");
         assert_eq!(s.phase, Some(Phase::Aborted), "{s:?}");
-        assert!(
-            s.abort_reason
-                .as_deref()
-                .unwrap_or("")
-                .starts_with("breaker"),
+        assert_eq!(
+            s.abort_reason.as_deref(),
+            Some("breaker: 3 consecutive canary failures from 3 clients"),
             "{s:?}"
         );
         assert_eq!(s.weight, 0.0, "{s:?}");
@@ -1621,6 +1659,21 @@ routes:
         c.apply(&cfg)
             .expect("a new rollout replaces the old version's");
         assert_eq!(c.status("web").expect("status").step, Some(0));
+    }
+
+    #[tokio::test]
+    async fn setting_the_same_manual_weight_twice_journals_it_once() {
+        let (_dir, c) = controller();
+        let (head, _) = CONFIG.split_once("    rollout:").expect("rollout section");
+        apply(&c, &format!("{head}    weight: 20\n"));
+        let n = c.events("web", 1000).expect("events").len();
+        let w = Weight::from_percent(35.0).expect("weight");
+        c.command("web", Command::SetWeight(w)).expect("weight");
+        c.command("web", Command::SetWeight(w))
+            .expect("same weight");
+        let events = c.events("web", 1000).expect("events");
+        assert_eq!(events.len(), n + 1, "{events:?}");
+        assert_eq!(c.status("web").expect("status").weight, 35.0);
     }
 
     #[tokio::test]

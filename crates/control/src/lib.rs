@@ -8,6 +8,8 @@
 //!   application's tower layer (`canary-tower`).
 //! - [`store`]: atomic state files and the append-only journal in `state_dir`.
 //! - [`admin`]: the axum router for `/api/v1`, `/metrics`, `/healthz`, `/readyz`.
+//! - [`listener`]: the admin listener's accept loop, with its own connection budget
+//!   and header timeout so it can never starve the data plane.
 //! - [`history`]: the dashboard's bounded time series per route, filled by the
 //!   controller's tick with the analysis' own functions.
 //! - [`live`]: the broadcast of status changes, points and journal entries that the
@@ -19,6 +21,7 @@
 pub mod admin;
 pub mod controller;
 pub mod history;
+pub mod listener;
 pub mod live;
 pub mod plane;
 pub mod source;

@@ -10,11 +10,12 @@
 use std::sync::Arc;
 
 use canary_config::Config;
+
+use crate::controller::{instances, Pools};
 use canary_core::analysis::VersionWindow;
 use canary_proxy::expo::Exposition;
-use canary_proxy::pool::{now_ms, Pool};
+use canary_proxy::pool::now_ms;
 use canary_proxy::{DataPlaneEvent, Proxy, RouteRuntime};
-use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// What the controller reads from and writes to the data plane. Never called on the
@@ -45,48 +46,11 @@ pub trait DataPlane: Send + Sync + 'static {
     /// Writes the data plane's metric families.
     fn encode_metrics(&self, e: &mut Exposition);
 
-    /// Each instance of the route's pools and whether it takes requests (the
-    /// dashboard's instance table). A data plane without instances has none.
-    fn instances(&self, route: &str) -> Pools {
-        let _ = route;
+    /// Each instance of the route's stable and canary pools, as the dashboard shows
+    /// them; empty for a data plane without instances (an embedded layer).
+    fn pools(&self, _route: &str) -> Pools {
         Pools::default()
     }
-}
-
-/// The instances of a route's pools.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Pools {
-    pub stable: Vec<InstanceView>,
-    pub canary: Vec<InstanceView>,
-}
-
-/// One instance: whether it takes requests, and why not.
-#[derive(Clone, Debug, Serialize)]
-pub struct InstanceView {
-    pub upstream: String,
-    /// Takes requests now (not ejected, health check passing).
-    pub available: bool,
-    /// Held out by passive ejection.
-    pub ejected: bool,
-    /// The active health check's view (true without a health check).
-    pub check_healthy: bool,
-    pub ejections: u64,
-}
-
-fn instances(pool: Option<&Pool>, mono: u64) -> Vec<InstanceView> {
-    pool.map(|p| {
-        p.instances
-            .iter()
-            .map(|i| InstanceView {
-                upstream: i.addr.clone(),
-                available: i.available(mono),
-                ejected: i.ejected(mono),
-                check_healthy: i.check_healthy(),
-                ejections: i.ejections_total(),
-            })
-            .collect()
-    })
-    .unwrap_or_default()
 }
 
 impl DataPlane for Proxy {
@@ -103,6 +67,16 @@ impl DataPlane for Proxy {
         let (_, entry) = snap.route(route)?;
         let canary = entry.canary.as_ref()?;
         Some((canary.stats.counts(), entry.stable.stats.counts()))
+    }
+
+    fn pools(&self, route: &str) -> Pools {
+        let snap = self.snapshot();
+        let mono = now_ms();
+        let entry = snap.route(route).map(|(_, e)| e);
+        Pools {
+            stable: instances(entry.map(|e| &*e.stable), mono),
+            canary: instances(entry.and_then(|e| e.canary.as_deref()), mono),
+        }
     }
 
     fn canary_available(&self, route: &str) -> Option<bool> {
@@ -126,17 +100,5 @@ impl DataPlane for Proxy {
 
     fn encode_metrics(&self, e: &mut Exposition) {
         Proxy::encode_metrics(self, e);
-    }
-
-    fn instances(&self, route: &str) -> Pools {
-        let snap = self.snapshot();
-        let Some((_, entry)) = snap.route(route) else {
-            return Pools::default();
-        };
-        let mono = now_ms();
-        Pools {
-            stable: instances(Some(&*entry.stable), mono),
-            canary: instances(entry.canary.as_deref(), mono),
-        }
     }
 }

@@ -17,7 +17,7 @@ use http_body_util::BodyExt as _;
 use tokio::io::{AsyncWrite, AsyncWriteExt as _};
 
 use crate::conn::{Conn, IdleList, Io};
-use crate::fields::write_trailers;
+use crate::fields::{forbidden_in_trailers, write_trailers};
 use crate::{BoxError, MAX_HEADERS, MAX_RESPONSE_HEAD};
 
 /// Request bytes gathered before they are written; a larger body frame is written
@@ -224,8 +224,11 @@ fn step_chunked(chunk: &mut Chunk, buf: &mut BytesMut) -> Result<Step, BoxError>
             if !buf[0].is_ascii_hexdigit() {
                 return Err("invalid chunk size from the upstream".into());
             }
+            // The limits are on the line (and the trailer section), not on what happens
+            // to be buffered: the same bytes are refused or taken however they arrive
+            // (found by the chunked fuzz target's split check).
             match httparse::parse_chunk_size(buf) {
-                Ok(httparse::Status::Complete((used, size))) => {
+                Ok(httparse::Status::Complete((used, size))) if used <= MAX_CHUNK_LINE => {
                     buf.advance(used);
                     *chunk = if size == 0 {
                         Chunk::Trailers
@@ -269,9 +272,15 @@ fn step_chunked(chunk: &mut Chunk, buf: &mut BytesMut) -> Result<Step, BoxError>
             }
             let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
             match httparse::parse_headers(buf, &mut fields)? {
+                httparse::Status::Complete((used, _)) if used > MAX_RESPONSE_HEAD => {
+                    Err("upstream trailers too large".into())
+                }
                 httparse::Status::Complete((used, fields)) => {
                     let mut trailers = HeaderMap::with_capacity(fields.len());
-                    for f in fields.iter() {
+                    for f in fields
+                        .iter()
+                        .filter(|f| !forbidden_in_trailers(f.name.as_bytes()))
+                    {
                         trailers.append(
                             HeaderName::from_bytes(f.name.as_bytes())?,
                             HeaderValue::from_bytes(f.value)?,
@@ -465,6 +474,31 @@ impl<S: Io> Body for ResponseBody<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (found by the chunked fuzz target's split check): a chunk-size line
+    /// over the limit was taken when it arrived whole and refused when it arrived in
+    /// pieces, as the limit was judged on what was buffered.
+    #[test]
+    fn a_long_chunk_line_is_refused_however_it_arrives() {
+        let wire = format!("5;{}\r\nhello\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_LINE));
+        let mut whole = BytesMut::from(wire.as_str());
+        assert!(step(&mut State::Chunked(Chunk::Size), &mut whole).is_err());
+        let mut state = State::Chunked(Chunk::Size);
+        let mut buf = BytesMut::new();
+        let mut refused = false;
+        for piece in wire.as_bytes().chunks(32) {
+            buf.extend_from_slice(piece);
+            match step(&mut state, &mut buf) {
+                Err(_) => {
+                    refused = true;
+                    break;
+                }
+                Ok(Step::More) => {}
+                Ok(_) => panic!("taken in pieces"),
+            }
+        }
+        assert!(refused);
+    }
 
     proptest::proptest! {
         #[test]

@@ -385,7 +385,7 @@ fn encode_head<F: Filter>(
 
 /// A response head as read.
 pub(crate) struct Head {
-    status: StatusCode,
+    pub(crate) status: StatusCode,
     version: Version,
     pub(crate) fields: Box<RawFields>,
     /// `Connection` lists `close` / `keep-alive`.
@@ -515,9 +515,14 @@ pub(crate) fn parse_head<F: Filter>(
                 false
             }
             17 if is("transfer-encoding") => {
-                // The last coding of the last line decides (RFC 9112 §6.3).
-                let last = h.value.rsplit(|&c| c == b',').next().unwrap_or(b"");
-                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                // Only exactly `chunked` is passed on: a body in another coding
+                // (`gzip, chunked`) would reach the client decoded of its chunking but
+                // still gzipped, with nothing saying so; and a list or a second line
+                // is a framing a strict recipient may read differently (RFC 9112 §6.1).
+                if chunked.is_some() || !is_name(h.value, "chunked") {
+                    bad = Some("unsupported Transfer-Encoding in the upstream response");
+                }
+                chunked = Some(true);
                 false
             }
             7 if upgrade && is("upgrade") => true,
@@ -528,6 +533,10 @@ pub(crate) fn parse_head<F: Filter>(
             _ => !hop_by_hop(name) && !filter.drop_response_field(name),
         }
     });
+    if chunked.is_some() && version == Version::HTTP_10 {
+        // HTTP/1.0 has no chunked coding (RFC 9112 §6.1): a faulty framing.
+        bad = Some("Transfer-Encoding in an HTTP/1.0 upstream response");
+    }
     if let Some(why) = bad {
         return Err(why.into());
     }
@@ -1127,6 +1136,51 @@ mod tests {
         assert_eq!(resp.body_mut().take_fields().unwrap().length, None);
         assert_eq!(collect(resp).await.0, "ok");
         assert!(idle.is_empty());
+    }
+
+    /// Regression (issue 15, G9 the other way): `Transfer-Encoding: gzip, chunked` from
+    /// an upstream was decoded of its chunking and passed on still gzipped, with
+    /// nothing saying so; `gzip` alone was read to the close the same way.
+    #[tokio::test]
+    async fn an_upstream_transfer_coding_other_than_chunked_is_a_protocol_error() {
+        let idle = Arc::new(Idle::default());
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ] {
+            let (addr, _, _) = scripted(answer, false, true).await;
+            let err = send_plain(&idle, &addr, get()).await.unwrap_err();
+            assert!(matches!(err, SendError::Protocol(_)), "{err}");
+        }
+        // `Chunked` in any letter case is chunked.
+        let (addr, _, _) = scripted(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            false,
+            false,
+        )
+        .await;
+        let resp = send_plain(&idle, &addr, get()).await.unwrap();
+        assert_eq!(collect(resp).await.0, "ok");
+    }
+
+    /// Regression (issue 15, G2 the other way): an upstream's trailers were passed on
+    /// verbatim, `Content-Length` and `Set-Cookie` included.
+    #[tokio::test]
+    async fn forbidden_upstream_trailers_are_dropped_when_decoded() {
+        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\
+            grpc-status: 0\r\nContent-Length: 9\r\nSet-Cookie: a=1\r\nHost: evil\r\nx-sum: 7\r\n\r\n";
+        let (addr, _, _) = scripted(answer, false, false).await;
+        let idle = Arc::new(Idle::default());
+        let resp = send_plain(&idle, &addr, get()).await.unwrap();
+        let (data, trailers) = collect(resp).await;
+        assert_eq!(data, "ok");
+        let trailers = trailers.unwrap();
+        let mut names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["grpc-status", "x-sum"]);
     }
 
     /// A body of `parts` sent as they come, with no length known ahead.

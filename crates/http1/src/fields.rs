@@ -194,11 +194,46 @@ pub fn hop_by_hop(name: &[u8]) -> bool {
         2 => is("te"),
         7 => is("upgrade"),
         10 => is("connection") || is("keep-alive"),
+        // HTTP/2's upgrade token (RFC 7540 §3.2.1): for the connection it was sent on.
+        14 => is("http2-settings"),
         16 => is("proxy-connection"),
         17 => is("transfer-encoding"),
         19 => is("proxy-authorization"),
         _ => false,
     }
+}
+
+/// Whether a field may not be sent in a trailer section, and so is dropped from one
+/// (RFC 9110 §6.5.1): fields that frame the message, route it, authenticate it, modify
+/// or control the request or response, or are hop-by-hop. A recipient that merged such
+/// a trailer into the head (as CGI-style backends do) would take it for the real one.
+/// Everything else passes, gRPC's `grpc-status` and `grpc-message` included.
+pub fn forbidden_in_trailers(name: &[u8]) -> bool {
+    let is = |n: &str| is_name(name, n);
+    hop_by_hop(name)
+        || match name.len() {
+            3 => is("age"),
+            4 => is("host") || is("date") || is("vary"),
+            5 => is("range") || is("allow"),
+            6 => is("cookie") || is("expect") || is("pragma"),
+            7 => is("expires") || is("trailer") || is("warning"),
+            8 => is("if-match") || is("location") || is("if-range"),
+            10 => is("set-cookie"),
+            11 => is("retry-after"),
+            12 => is("content-type") || is("max-forwards"),
+            13 => {
+                is("authorization")
+                    || is("cache-control")
+                    || is("content-range")
+                    || is("if-none-match")
+            }
+            14 => is("content-length"),
+            16 => is("content-encoding") || is("www-authenticate"),
+            17 => is("if-modified-since"),
+            18 => is("proxy-authenticate"),
+            19 => is("if-unmodified-since"),
+            _ => false,
+        }
 }
 
 /// Whether `name`, a field name or value as `httparse` accepted it, is `lower`
@@ -372,9 +407,12 @@ pub(crate) fn connection_tokens(value: &[u8], close: &mut bool, keep_alive: &mut
 }
 
 /// Writes the fields of a trailer section (between the last chunk and the blank line).
+/// Fields [`forbidden_in_trailers`] names are left out.
 pub(crate) fn write_trailers(out: &mut Vec<u8>, trailers: &HeaderMap) {
     for (name, value) in trailers {
-        write_field(out, name.as_str().as_bytes(), value.as_bytes());
+        if !forbidden_in_trailers(name.as_str().as_bytes()) {
+            write_field(out, name.as_str().as_bytes(), value.as_bytes());
+        }
     }
 }
 

@@ -26,6 +26,8 @@ pub mod body;
 pub mod client;
 pub mod conn;
 pub mod fields;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod server;
 
 use std::error::Error as StdError;

@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
-use http::header;
+use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
@@ -203,10 +203,11 @@ enum Framing {
 
 /// A response head to write, and what it depends on of its request.
 pub struct Message<'a> {
-    pub parts: &'a http::response::Parts,
+    pub status: StatusCode,
     /// The upstream's fields, written first ([`RawFields::EMPTY`] for an answer with
     /// no upstream head of its own); then the `added` lines of [`write_response`],
-    /// then those in `parts.headers`.
+    /// then those in `headers`.
+    pub headers: &'a HeaderMap,
     pub fields: &'a RawFields,
     /// The answer is to a `HEAD` request.
     pub is_head: bool,
@@ -232,7 +233,7 @@ where
     W: AsyncWrite + Unpin,
     B: Body<Data = Bytes> + Unpin,
 {
-    let (status, headers, fields) = (msg.parts.status, &msg.parts.headers, msg.fields);
+    let (status, headers, fields) = (msg.status, msg.headers, msg.fields);
     let has_length = fields.length.is_some() || headers.contains_key(header::CONTENT_LENGTH);
     let exact = body.size_hint().exact();
     let framing = if msg.is_head
@@ -515,7 +516,8 @@ mod tests {
         let (mut server, mut client) = pair().await;
         let (parts, body) = resp.into_parts();
         let msg = Message {
-            parts: &parts,
+            status: parts.status,
+            headers: &parts.headers,
             fields,
             is_head,
             version,
@@ -679,7 +681,8 @@ mod tests {
         let (mut server, mut client) = pair().await;
         let (parts, body) = response(200, Full::new(Bytes::new()), &[]).into_parts();
         let msg = Message {
-            parts: &parts,
+            status: parts.status,
+            headers: &parts.headers,
             fields: &fields,
             is_head: true,
             version: Version::HTTP_11,

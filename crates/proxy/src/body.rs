@@ -6,26 +6,35 @@
 
 use std::fmt;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
-use crate::headers::AddedField;
+use crate::headers::{filter_trailers, AddedField};
+use crate::timers::{Kind, Stall};
 use canary_http1::body::ResponseBody;
 use canary_http1::fields::RawFields;
 use canary_http1::BoxError;
 
 /// The body the proxy answers with (see the module docs).
 pub struct ProxyBody {
-    inner: Inner,
+    stream: Stream,
     /// The upstream's fields to pass on (HTTP/1.1; an HTTP/2 response has its own in
     /// its `HeaderMap`). Boxed, as a response is moved several times on its way.
     fields: Option<Box<RawFields>>,
     /// Fields the proxy adds after the upstream's (no map to allocate).
     added: [Option<AddedField>; 2],
+}
+
+/// The bytes of an answer's body (and its trailers), apart from what goes into its head.
+pub struct Stream {
+    inner: Inner,
+    /// A route's `timeouts.idle`: the longest wait for the upstream's next bytes. Here,
+    /// not on `ProxyBody`, because the proxy's own writer polls the `Stream` alone.
+    stall: Option<Stall>,
 }
 
 enum Inner {
@@ -42,7 +51,10 @@ impl From<(ResponseBody<TcpStream>, Box<RawFields>)> for ProxyBody {
     #[inline]
     fn from((body, fields): (ResponseBody<TcpStream>, Box<RawFields>)) -> ProxyBody {
         ProxyBody {
-            inner: Inner::Http1(body),
+            stream: Stream {
+                inner: Inner::Http1(body),
+                stall: None,
+            },
             fields: Some(fields),
             added: [None, None],
         }
@@ -53,7 +65,10 @@ impl ProxyBody {
     /// A short body of the proxy's own (an error answer's text).
     pub fn fixed(text: &'static str) -> ProxyBody {
         ProxyBody {
-            inner: Inner::Fixed(Some(Bytes::from_static(text.as_bytes()))),
+            stream: Stream {
+                inner: Inner::Fixed(Some(Bytes::from_static(text.as_bytes()))),
+                stall: None,
+            },
             fields: None,
             added: [None, None],
         }
@@ -62,9 +77,21 @@ impl ProxyBody {
     /// A body from an HTTP/2 upstream, whose connections hyper keeps.
     pub fn http2(inner: Incoming) -> ProxyBody {
         ProxyBody {
-            inner: Inner::Http2(inner),
+            stream: Stream {
+                inner: Inner::Http2(inner),
+                stall: None,
+            },
             fields: None,
             added: [None, None],
+        }
+    }
+
+    /// Cuts the body (an error, so the client sees it end early) when the upstream
+    /// sends nothing for `idle` while it is being read; time spent waiting for the
+    /// client to take what was read does not count.
+    pub fn set_idle_timeout(&mut self, idle: std::time::Duration) {
+        if !matches!(self.stream.inner, Inner::Fixed(_)) {
+            self.stream.stall = Some(Stall::new(idle, Kind::UpstreamIdle));
         }
     }
 
@@ -94,15 +121,16 @@ impl ProxyBody {
         self.added.iter().flatten()
     }
 
-    /// The fields the proxy added, taken out (to be written while the body is sent).
-    pub fn take_added(&mut self) -> [Option<AddedField>; 2] {
-        std::mem::take(&mut self.added)
+    /// The parts a writer needs at once, borrowed apart (nothing moved): the body to
+    /// poll, the upstream's fields, and the fields the proxy added after them.
+    pub fn for_writing(&mut self) -> (&mut Stream, Option<&RawFields>, &[Option<AddedField>; 2]) {
+        (&mut self.stream, self.fields.as_deref(), &self.added)
     }
 
     /// After a `101 Switching Protocols`: the upstream connection, and what the
     /// upstream already sent past the response head.
     pub fn take_upgrade(&mut self) -> Option<(TcpStream, Bytes)> {
-        match &mut self.inner {
+        match &mut self.stream.inner {
             Inner::Http1(b) => b.take_upgrade(),
             _ => None,
         }
@@ -111,7 +139,7 @@ impl ProxyBody {
 
 impl fmt::Debug for ProxyBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match &self.inner {
+        let kind = match &self.stream.inner {
             Inner::Http2(_) => "http2",
             Inner::Http1(_) => "http1",
             Inner::Fixed(_) => "fixed",
@@ -129,11 +157,49 @@ impl Body for ProxyBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.inner {
+        Pin::new(&mut self.stream).poll_frame(cx)
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_end_stream()
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        self.stream.size_hint()
+    }
+}
+
+impl Body for Stream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    #[inline]
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let r = match &mut this.inner {
             Inner::Http1(b) => Pin::new(b).poll_frame(cx),
             Inner::Http2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Inner::Fixed(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Fixed(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        };
+        if let Some(stall) = &mut this.stall {
+            match r {
+                Poll::Pending => {
+                    if let Err(e) = stall.waiting(cx) {
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
+                }
+                _ => stall.progress(),
+            }
         }
+        let mut frame = ready!(r);
+        // An upstream's trailers pass only what may be a trailer (RFC 9110 §6.5.1).
+        filter_trailers(&mut frame);
+        Poll::Ready(frame)
     }
 
     #[inline]

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use http::{Method, Request, Response, Uri};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -43,6 +44,7 @@ use tokio::time::{Instant, Sleep};
 use crate::body::ProxyBody;
 use crate::request::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
+use crate::timers::{InFlight, Kind, SendTimed, Tracked, TIMEOUTS};
 use canary_http1::fields::{RawFields, RawHead};
 use canary_http1::server::{parse, write_response, Message, Parsed, Rewound};
 use canary_http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
@@ -50,13 +52,26 @@ use canary_http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
 /// What a connection needs from the listener.
 pub(crate) struct Settings {
     pub proxy: Arc<Proxy>,
-    /// Serves a connection handed over (see the module docs).
+    /// Serves a connection handed over (see the module docs) at its first request:
+    /// HTTP/1.1, or HTTP/2 with prior knowledge (the preface).
     pub hyper: Arc<auto::Builder<TokioExecutor>>,
+    /// Serves a connection handed over after the reader has served requests on it:
+    /// HTTP/1.1 only, as a connection does not switch to HTTP/2 midway (RFC 9113 §3.4:
+    /// the preface starts a connection), so a preface there is a bad request.
+    /// (hyper-util's `auto` cannot be told so for a connection with upgrades.)
+    pub hyper_http1: Arc<http1::Builder>,
     /// From the end of a response to the end of the next request head.
     pub header_timeout: Duration,
     /// Bytes a request head may take before it is hyper's to refuse; hyper's own
     /// read-buffer limit, so that hyper sees what it would have seen.
     pub max_head: usize,
+    /// `limits.body_timeout`: the longest wait for the next bytes of a request body.
+    pub body_timeout: Duration,
+    /// `limits.send_timeout`: the longest a write to the client may make no progress.
+    pub send_timeout: Duration,
+    /// `limits.http2_idle_timeout`: a connection hyper serves with no request in
+    /// flight for this long is closed (GOAWAY on HTTP/2).
+    pub http2_idle_timeout: Duration,
 }
 
 /// For an answer with no upstream head of its own (the proxy's, an HTTP/2 upstream's).
@@ -90,6 +105,8 @@ pub(crate) async fn serve(
     let stopping = stopped(stop.clone());
     tokio::pin!(stopping);
     let mut armed = false;
+    // Whether a request has been served here: from then on the connection is HTTP/1.1.
+    let mut served = false;
     loop {
         // The next request head.
         let deadline = Instant::now() + settings.header_timeout;
@@ -99,7 +116,14 @@ pub(crate) async fn serve(
                 match parse(&buf, &mut raw) {
                     Ok(Some(p)) => break p,
                     Ok(None) if buf.len() < settings.max_head => {}
-                    _ => return hand_over(io, buf, conn, &settings, stop).await,
+                    _ => {
+                        let hyper = if served {
+                            Hyper::Http1(&settings.hyper_http1)
+                        } else {
+                            Hyper::Auto(&settings.hyper)
+                        };
+                        return hand_over(io, buf, conn, (&settings, hyper), stop).await;
+                    }
                 }
             }
             let mut woken = false;
@@ -115,6 +139,11 @@ pub(crate) async fn serve(
                 let stop_seen = !matches!(stop.has_changed(), Ok(false));
                 if woken || !armed || timer.is_elapsed() || stop_seen {
                     if poll_until(&mut timer, deadline, cx).is_ready() {
+                        if !buf.is_empty() {
+                            // A head begun and not finished (an idle keep-alive
+                            // connection closing is no timeout).
+                            TIMEOUTS.record(Kind::Header);
+                        }
                         return Poll::Ready(false);
                     }
                     if buf.is_empty() && stopping.as_mut().poll(cx).is_ready() {
@@ -162,22 +191,30 @@ pub(crate) async fn serve(
             }
         };
         let keep = !parsed.close && !*stop.borrow();
-        let (parts, mut body) = (*resp).into_parts();
-        let fields = body.take_fields();
+        // Borrowed out of the boxed answer, not moved: a move of the whole answer cost
+        // a `memcpy` of ~300 bytes per request.
+        let mut resp = resp;
+        let headers = std::mem::take(resp.headers_mut());
+        let status = resp.status();
+        let (body, fields, added_fields) = resp.body_mut().for_writing();
         let msg = Message {
-            parts: &parts,
-            fields: fields.as_deref().unwrap_or(&NO_FIELDS),
+            status,
+            headers: &headers,
+            fields: fields.unwrap_or(&NO_FIELDS),
             is_head,
             version,
             keep,
         };
-        let added_fields = body.take_added();
         let added = |out: &mut Vec<u8>| {
             for field in added_fields.iter().flatten() {
                 field.write(out);
             }
         };
-        match write_response(&mut io, &mut out, msg, added, body).await {
+        served = true;
+        let mut timed = SendTimed::new(&mut io, settings.send_timeout);
+        let written = write_response(&mut timed, &mut out, msg, added, body).await;
+        drop(resp);
+        match written {
             Ok(true) => {}
             Ok(false) | Err(_) => {
                 let _ = io.shutdown().await;
@@ -190,34 +227,66 @@ pub(crate) async fn serve(
 const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad request\n";
 
 /// Gives the connection to hyper, with what has been read of it.
+/// Which of hyper's servers takes a connection over.
+enum Hyper<'a> {
+    /// HTTP/1.1, or HTTP/2 when the connection starts with its preface.
+    Auto(&'a auto::Builder<TokioExecutor>),
+    /// HTTP/1.1 only.
+    Http1(&'a http1::Builder),
+}
+
 async fn hand_over(
     io: TcpStream,
     read: BytesMut,
     conn: Arc<ConnInfo>,
-    settings: &Settings,
+    (settings, hyper): (&Settings, Hyper<'_>),
     stop: watch::Receiver<bool>,
 ) {
     let proxy = settings.proxy.clone();
-    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-        let proxy = proxy.clone();
-        let conn = conn.clone();
-        async move {
-            let resp = proxy.handle(req.map(ClientBody::Hyper), &conn).await;
-            Ok::<_, std::convert::Infallible>(with_fields_in_map(*resp))
+    let body_timeout = settings.body_timeout;
+    // Requests in flight, each until its answer has been sent: none for
+    // `http2_idle_timeout` closes the connection.
+    let in_flight = Arc::new(InFlight::default());
+    let service = service_fn({
+        let in_flight = in_flight.clone();
+        move |req: Request<hyper::body::Incoming>| {
+            let proxy = proxy.clone();
+            let conn = conn.clone();
+            let guard = in_flight.enter();
+            async move {
+                let req = req.map(|b| ClientBody::hyper(b, body_timeout));
+                let resp = proxy.handle(req, &conn).await;
+                let resp = with_fields_in_map(*resp).map(|b| Tracked::new(b, guard));
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         }
     });
+    let io = SendTimed::new(io, settings.send_timeout);
     let io = TokioIo::new(Rewound::new(read.freeze(), io));
-    let conn = settings.hyper.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    let r = tokio::select! {
-        r = conn.as_mut() => r,
-        () = stopped(stop) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = r {
-        tracing::debug!(error = %e, "connection ended with an error");
+    // The same wait in both arms: each connection type has its own future.
+    macro_rules! serve_until_stopped {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stopped(stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                () = in_flight.idle_for(settings.http2_idle_timeout) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }};
+    }
+    match hyper {
+        Hyper::Auto(b) => serve_until_stopped!(b.serve_connection_with_upgrades(io, service)),
+        Hyper::Http1(b) => serve_until_stopped!(b.serve_connection(io, service).with_upgrades()),
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use canary_config::Underscores;
 use canary_core::Target;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -20,17 +21,20 @@ use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
 use crate::headers::{
-    generate_id, strip_hop_by_hop, AddedField, ProxyFields, PROTO_HTTP, PROXY_REQUEST_FIELDS,
-    X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO,
+    drop_underscored, generate_id, has_underscore, strip_hop_by_hop, AddedField, ProxyFields,
+    PROTO_HTTP, PROXY_REQUEST_FIELDS, X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_FOR,
+    X_FORWARDED_HOST, X_FORWARDED_PROTO,
 };
 use crate::http2::UpstreamBody;
 use crate::metrics::UpstreamError;
 use crate::pool::{Instance, Pool};
 use crate::request::{
-    is_upgrade, request_host, target_bytes, ClientBody, ConnInfo, Facts, Host, RequestFields,
+    is_upgrade, request_host, routable_path, target_bytes, unsupported_coding, BodyProgress,
+    ClientBody, ConnInfo, Facts, Host, RequestFields,
 };
 use crate::snapshot::{Proxy, RouteEntry};
 use crate::upstream::{self, Outgoing, SendError};
+use crate::witness::{ClientId, Witness};
 use crate::worker::now_ms;
 use canary_http1::client::Extra;
 use canary_http1::fields::RawHead;
@@ -43,6 +47,25 @@ pub fn error_response(status: StatusCode, msg: &'static str) -> Box<Response<Pro
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    r
+}
+
+/// An answer for a request that failed on the client's side, with the version it
+/// was meant for; `close`: also `Connection: close` (HTTP/1.x), as the rest of its
+/// body will not be read.
+fn client_error(
+    status: StatusCode,
+    msg: &'static str,
+    pool: &Pool,
+    close: bool,
+) -> Box<Response<ProxyBody>> {
+    let mut r = error_response(status, msg);
+    r.headers_mut()
+        .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
+    if close {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     r
 }
 
@@ -87,6 +110,35 @@ impl Proxy {
             Ok(h) => h,
             Err(why) => return error_response(StatusCode::BAD_REQUEST, why),
         };
+        if !routable_path(req.uri().path()) {
+            return error_response(StatusCode::BAD_REQUEST, "invalid request path\n");
+        }
+        // Only hyper's requests can have a body, and so a transfer coding; the own
+        // reader takes none.
+        let mut close = false;
+        if let ClientBody::Hyper(_) = req.body() {
+            if unsupported_coding(&req) {
+                let mut r = error_response(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "transfer coding not implemented\n",
+                );
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return r;
+            }
+            // After a chunked request the connection is closed: hyper's chunked decoder
+            // takes a bare LF ending the trailer section (`0\r\n\n`) for the start of a
+            // trailer and reads the next request on the connection as trailers, where
+            // a stricter proxy in front reads it as a request: not reading past the
+            // body leaves nothing to disagree on.
+            close = req.headers().contains_key(header::TRANSFER_ENCODING);
+        }
+        let filter = ProxyFields::of(&snap.limits);
+        if snap.limits.headers_with_underscores == Underscores::Reject
+            && RequestFields::of(&req).any_name(has_underscore)
+        {
+            return error_response(StatusCode::BAD_REQUEST, "invalid header name\n");
+        }
         let Some(idx) = snap
             .table
             .find(host.as_ref().map(Host::name), req.uri().path())
@@ -122,7 +174,22 @@ impl Proxy {
             }
             _ => (&entry.stable, Target::Stable),
         };
-        let mut resp = forward(req, conn, host.map(|h| h.value), entry, pool, target).await;
+        // Who sees this request fail, should it: one client alone must not be able to
+        // trip the breaker or eject an instance (see `witness`).
+        let client = ClientId::new(conn.peer.ip(), key);
+        let mut resp = forward(
+            req,
+            conn,
+            host.map(|h| h.value),
+            (entry, pool, target),
+            client,
+            filter,
+        )
+        .await;
+        if close {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let (Some(id), Some(prefix)) = (generated, &entry.cookie_prefix) {
             add_field(
                 &mut resp,
@@ -140,9 +207,9 @@ async fn forward(
     req: Request<ClientBody>,
     conn: &ConnInfo,
     host: Option<Bytes>,
-    entry: &RouteEntry,
-    pool: &Pool,
-    target: Target,
+    (entry, pool, target): (&RouteEntry, &Pool, Target),
+    client: ClientId,
+    filter: &'static ProxyFields,
 ) -> Box<Response<ProxyBody>> {
     let Some(instance) = pool.pick(now_ms()) else {
         pool.stats.record(502, 0);
@@ -165,14 +232,17 @@ async fn forward(
             parts.headers = head.to_map();
         }
     }
-    let (body, body_end) = UpstreamBody::new(body, pool.is_http2());
+    // Kept to tell, after a failure, whether the client had sent its body whole.
+    let progress = body.progress();
+    let close_after = parts.version <= Version::HTTP_11;
+    let (mut body, body_end) = UpstreamBody::new(body, pool.is_http2());
     let mut joined_xff = None;
     let (added, upstream_host) = build_upstream_request(
         &mut parts,
         (conn, host.as_deref(), raw.as_deref()),
         pool,
         instance,
-        upgrade,
+        (upgrade, filter),
         &mut joined_xff,
     );
     let started = Instant::now();
@@ -183,37 +253,91 @@ async fn forward(
         raw: raw.as_deref(),
         added: added.varying(),
         fixed: &pool.request_lines,
-        filter: &ProxyFields,
+        filter,
     };
     let req = Outgoing {
-        parts,
-        body,
+        parts: &mut parts,
+        body: &mut body,
         body_end,
         extra,
     };
     let now = tokio::time::Instant::from_std(started);
+    // The instance a request went to after `instance` failed it (`upstream::send`
+    // says when), and how `instance` failed.
+    let mut second: Option<(&Arc<Instance>, UpstreamError)> = None;
+    let retry = |e: &SendError| {
+        let next = pool.pick_other(now_ms(), instance)?;
+        let kind = match e {
+            SendError::Connect(_) => UpstreamError::Connect,
+            _ => UpstreamError::Protocol,
+        };
+        second = Some((next, kind));
+        Some(pool.upstream(next, entry.timeouts.connect_ms))
+    };
     let result = upstream::send(
         pool.upstream(instance, entry.timeouts.connect_ms),
+        retry,
         req,
         (now, timeout),
     )
     .await;
+    // The first instance's error is its own failure (ejection), not the request's:
+    // the answer is the second instance's.
+    let instance = match second {
+        Some((next, kind)) => {
+            pool.stats.record_retry();
+            pool.stats.record_upstream_error(kind);
+            // A refused connection is no client's doing; a dropped one may be.
+            let witness = match kind {
+                UpstreamError::Connect => Witness::Unreachable,
+                _ => Witness::Client(client),
+            };
+            instance.record_failure(&pool.ejection, now_ms(), witness);
+            next
+        }
+        None => instance,
+    };
     let elapsed_us = started.elapsed().as_micros() as u64;
     outcome.done = true;
+    let mut witness = Witness::Client(client);
+    // The upstream failed while the client's body was still on its way (the upstream
+    // gave up on a stalled upload, say): the client's doing, not the version's or the
+    // instance's, or one client with a few stalled POSTs could trip the breaker or
+    // eject instances (a connect error comes before any body and still counts).
+    let body_incomplete = progress.as_ref().is_some_and(|p| !p.complete());
     let (mut resp, failed) = match result {
-        Ok(resp) => {
+        Ok(mut resp) => {
             let failed = resp.status().is_server_error();
+            resp.body_mut()
+                .set_idle_timeout(Duration::from_millis(entry.timeouts.idle_ms));
             (resp, failed)
         }
+        Err(e @ (SendError::Protocol(_) | SendError::Timeout)) if body_incomplete => {
+            tracing::debug!(upstream = %instance.addr, error = %e, "upstream failed before the client sent its body whole");
+            pool.stats.record_client_abort();
+            return client_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body incomplete\n",
+                pool,
+                close_after,
+            );
+        }
         Err(SendError::ClientBody(e)) => {
-            // The client's body ended early or failed: not the upstream's failure, so
-            // ejection, the breaker and the analysis never see it.
+            // The client's body ended early, failed or stalled past
+            // `limits.body_timeout`: not the upstream's failure, so ejection, the
+            // breaker and the analysis never see it.
             tracing::debug!(upstream = %instance.addr, error = %e, "request failed on the client side");
             pool.stats.record_client_abort();
-            let mut r = error_response(StatusCode::BAD_REQUEST, "bad request\n");
-            r.headers_mut()
-                .insert(X_CANARY_VERSION.clone(), pool.version_header.clone());
-            return r;
+            return if progress.as_ref().is_some_and(BodyProgress::stalled) {
+                client_error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body timed out\n",
+                    pool,
+                    close_after,
+                )
+            } else {
+                client_error(StatusCode::BAD_REQUEST, "bad request\n", pool, false)
+            };
         }
         Err(SendError::Timeout) => {
             pool.stats.record_upstream_error(UpstreamError::Timeout);
@@ -224,7 +348,10 @@ async fn forward(
         }
         Err(e) => {
             let kind = match e {
-                SendError::Connect(_) => UpstreamError::Connect,
+                SendError::Connect(_) => {
+                    witness = Witness::Unreachable;
+                    UpstreamError::Connect
+                }
                 _ => UpstreamError::Protocol,
             };
             tracing::debug!(upstream = %instance.addr, error = %e, "upstream error");
@@ -241,13 +368,13 @@ async fn forward(
     // unhealthy pool.
     if target == Target::Canary {
         if failed {
-            entry.runtime.canary_failure();
+            entry.runtime.canary_failure(witness);
         } else {
             entry.runtime.canary_success();
         }
     }
     if failed {
-        instance.record_failure(&pool.ejection, now_ms());
+        instance.record_failure(&pool.ejection, now_ms(), witness);
     } else {
         instance.record_success();
     }
@@ -345,12 +472,18 @@ fn build_upstream_request<'a>(
     (conn, host, raw): (&'a ConnInfo, Option<&'a [u8]>, Option<&RawHead>),
     pool: &'a Pool,
     instance: &'a Instance,
-    upgrade: bool,
+    (upgrade, filter): (bool, &ProxyFields),
     joined_xff: &'a mut Option<HeaderValue>,
 ) -> (Added<'a>, Option<&'a [u8]>) {
     // What the client's connection attached (hyper's upgrade handle was taken) is not
     // the upstream request's.
     parts.extensions.clear();
+    if parts.version == Version::HTTP_2 && !pool.is_http2() {
+        // HTTP/2 may split `Cookie` into one field per pair; HTTP/1.1 allows one line
+        // only, so they are joined with `; ` before an HTTP/1.1 upstream (RFC 9113
+        // §8.2.3).
+        join_cookies(&mut parts.headers);
+    }
     if pool.is_http2() {
         // The HTTP/2 client takes the instance from an absolute URI (`:authority`).
         let mut uri = Uri::from_static("/").into_parts();
@@ -368,6 +501,9 @@ fn build_upstream_request<'a>(
     }
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, upgrade);
+    if filter.drops_underscores() {
+        drop_underscored(headers);
+    }
     let fields = match raw {
         Some(r) => RequestFields::Raw(r),
         None => RequestFields::Map(headers),
@@ -428,6 +564,25 @@ fn build_upstream_request<'a>(
     (added, upstream_host)
 }
 
+/// Joins several `Cookie` fields into one, `; ` between them.
+fn join_cookies(headers: &mut http::HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::with_capacity(128);
+    for crumb in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    // Made of field values joined with `; `: a valid value.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,7 +594,7 @@ mod tests {
         for name in PROXY_REQUEST_FIELDS {
             assert!(
                 canary_http1::client::Filter::drop_request_field(
-                    &ProxyFields,
+                    &ProxyFields::default(),
                     name.as_str().as_bytes()
                 ),
                 "{name} would pass through from a client"
@@ -463,7 +618,7 @@ mod tests {
             (&conn, host, None),
             &pool,
             &instance,
-            false,
+            (false, &ProxyFields::default()),
             &mut joined,
         );
         let set: Vec<&HeaderName> = added

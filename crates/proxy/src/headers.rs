@@ -10,9 +10,13 @@
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use canary_config::{Limits, Underscores};
 use canary_core::sticky_id::IdSource;
 use canary_http1::client::Filter;
-use canary_http1::fields::{hop_by_hop, is_name, te_lists_trailers, write_field};
+use canary_http1::fields::{
+    forbidden_in_trailers, hop_by_hop, is_name, te_lists_trailers, write_field,
+};
+use http_body::Frame;
 
 pub(crate) static X_CANARY_VERSION: HeaderName = HeaderName::from_static("x-canary-version");
 pub(crate) static X_CANARY_ROUTE: HeaderName = HeaderName::from_static("x-canary-route");
@@ -36,23 +40,50 @@ pub(crate) static PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 
 /// What the proxy leaves out of the messages the HTTP/1.1 exchange passes on: a
 /// client's own copies of the fields the proxy sets on every request
-/// ([`PROXY_REQUEST_FIELDS`]), and an upstream's `X-Canary-Version`, which the proxy
-/// sets on every answer. A switch on the name's length, as every field of every
-/// request passes through it; a test keeps it in step with [`PROXY_REQUEST_FIELDS`].
+/// ([`PROXY_REQUEST_FIELDS`]), request fields named with `_` under
+/// `limits.headers_with_underscores: drop`, and an upstream's `X-Canary-Version`, which
+/// the proxy sets on every answer. A switch on the name's length, as every field of
+/// every request passes through it; a test keeps it in step with
+/// [`PROXY_REQUEST_FIELDS`].
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ProxyFields;
+pub struct ProxyFields {
+    drop_underscores: bool,
+}
+
+impl ProxyFields {
+    /// The filter for a snapshot's `limits`.
+    pub(crate) fn of(limits: &Limits) -> &'static ProxyFields {
+        static DROP: ProxyFields = ProxyFields {
+            drop_underscores: true,
+        };
+        static KEEP: ProxyFields = ProxyFields {
+            drop_underscores: false,
+        };
+        match limits.headers_with_underscores {
+            Underscores::Drop => &DROP,
+            // `Reject` answers before forwarding; `Allow` passes them.
+            Underscores::Reject | Underscores::Allow => &KEEP,
+        }
+    }
+
+    /// Whether fields named with `_` are left out.
+    pub(crate) fn drops_underscores(&self) -> bool {
+        self.drop_underscores
+    }
+}
 
 impl Filter for ProxyFields {
     #[inline]
     fn drop_request_field(&self, name: &[u8]) -> bool {
         let is = |n: &str| is_name(name, n);
-        match name.len() {
+        let ours = match name.len() {
             14 => is("x-canary-route"),
             15 => is("x-forwarded-for"),
             16 => is("x-canary-version") || is("x-forwarded-host"),
             17 => is("x-forwarded-proto"),
             _ => false,
-        }
+        };
+        ours || self.drop_underscores && has_underscore(name)
     }
 
     #[inline]
@@ -107,6 +138,84 @@ impl AddedField {
                 write_cookie(out, prefix, id);
                 out.extend_from_slice(b"\r\n");
             }
+        }
+    }
+}
+
+/// Whether a field name holds `_` (see `limits.headers_with_underscores`).
+#[inline]
+pub(crate) fn has_underscore(name: &[u8]) -> bool {
+    name.contains(&b'_')
+}
+
+/// Removes the fields named with `_` from a request's map.
+pub(crate) fn drop_underscored(h: &mut HeaderMap) {
+    if !h.keys().any(|k| has_underscore(k.as_str().as_bytes())) {
+        return;
+    }
+    let names: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| has_underscore(k.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for name in names {
+        h.remove(name);
+    }
+}
+
+/// The `Upgrade` protocols passed on to an upstream (with `Connection: upgrade`); any
+/// other (`h2c` above all: an upstream's `101` would open a raw HTTP/2 tunnel past
+/// routing, rules, counters and `X-Forwarded-*`) is stripped and the request served as
+/// plain HTTP/1.1, as Envoy does.
+const UPGRADE_PROTOCOLS: [&str; 1] = ["websocket"];
+
+/// Whether every protocol an `Upgrade` value lists is one the proxy passes on.
+pub(crate) fn upgrade_allowed(value: &[u8]) -> bool {
+    let mut any = false;
+    for token in value.split(|&c| c == b',').map(<[u8]>::trim_ascii) {
+        // `name/version`: the name decides.
+        let name = token.split(|&c| c == b'/').next().unwrap_or(b"");
+        if !UPGRADE_PROTOCOLS.iter().any(|p| is_name(name, p)) {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
+/// Whether `name` starts with `prefix` (lowercase) in any letter case.
+fn has_prefix(name: &[u8], prefix: &str) -> bool {
+    name.len() >= prefix.len() && is_name(&name[..prefix.len()], prefix)
+}
+
+/// Whether a trailer field is dropped on its way through the proxy, either way: what
+/// RFC 9110 §6.5.1 forbids in trailers ([`forbidden_in_trailers`]), the fields the
+/// proxy sets itself, `Forwarded`, and names with `_`.
+pub(crate) fn dropped_trailer(name: &[u8]) -> bool {
+    forbidden_in_trailers(name)
+        || has_underscore(name)
+        || is_name(name, "forwarded")
+        || has_prefix(name, "x-canary-")
+        || has_prefix(name, "x-forwarded-")
+}
+
+/// Drops the trailer fields [`dropped_trailer`] names from a trailers frame.
+#[inline]
+pub(crate) fn filter_trailers<E>(frame: &mut Option<Result<Frame<Bytes>, E>>) {
+    let Some(Ok(f)) = frame else {
+        return;
+    };
+    let Some(t) = f.trailers_mut() else {
+        return;
+    };
+    if t.keys().any(|k| dropped_trailer(k.as_str().as_bytes())) {
+        let names: Vec<HeaderName> = t
+            .keys()
+            .filter(|k| dropped_trailer(k.as_str().as_bytes()))
+            .cloned()
+            .collect();
+        for name in names {
+            t.remove(name);
         }
     }
 }
@@ -185,6 +294,7 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
     h.remove("keep-alive");
     h.remove("proxy-connection");
+    h.remove("http2-settings");
     h.remove(header::PROXY_AUTHORIZATION);
     h.remove(header::TRANSFER_ENCODING);
     // `Trailer` is end to end (RFC 9110 §6.6.2), and hyper's HTTP/1.1 encoder sends

@@ -21,10 +21,12 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::oneshot;
 
 use crate::body::ProxyBody;
+use crate::headers::filter_trailers;
 use crate::request::ClientBody;
 use crate::worker::this_worker;
 use canary_http1::client::SendError;
 use canary_http1::conn::{IDLE_TIMEOUT_MS, MAX_IDLE, TCP_KEEPALIVE};
+use canary_http1::BoxError;
 
 /// The HTTP client that forwards to HTTP/2 pools; one per connect timeout and
 /// data-plane worker, reused across reloads so its connections survive them.
@@ -109,6 +111,14 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// No body (what is left where one was taken out).
+    pub(crate) fn empty() -> UpstreamBody {
+        UpstreamBody {
+            inner: ClientBody::Empty,
+            end: None,
+        }
+    }
+
     /// Wraps `body`; the receiver tells how it ended (`None` for a request without a
     /// body, nothing to wait for, or when not `reported`: an HTTP/1.1 exchange sees the
     /// body end itself).
@@ -132,14 +142,18 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let mut r = Pin::new(&mut this.inner).poll_frame(cx);
+        // A client's trailers pass only what may be a trailer (RFC 9110 §6.5.1).
+        if let Poll::Ready(frame) = &mut r {
+            filter_trailers(frame);
+        }
         if let Some(end) = BodyEnd::of(&r, this.inner.is_end_stream()) {
             if let Some(tx) = this.end.take() {
                 let _ = tx.send(end);

@@ -28,8 +28,12 @@
 //! - [`snapshot`]: building a snapshot from a validated config, reusing instances,
 //!   clients and counters by name across reloads.
 //! - [`runtime`]: per-route weight, breaker and events to the controller.
+//! - [`witness`]: the distinct clients behind a run of failures, so that one client
+//!   alone can neither trip the breaker nor eject an instance.
 //! - `worker`: which worker a thread is, the data plane's clock.
 //! - [`metrics`], [`expo`]: lock-free counters and their Prometheus text encoding.
+//! - [`timers`]: the timers on waits a slow peer could make endless (body, send,
+//!   upstream idle, HTTP/2 idle), counted by kind.
 
 pub mod body;
 mod connection;
@@ -43,7 +47,9 @@ mod request;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
+pub mod timers;
 mod upstream;
+pub mod witness;
 mod worker;
 
 pub use body::ProxyBody;

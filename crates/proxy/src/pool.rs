@@ -23,6 +23,7 @@ use crate::headers::{PROTO_HTTP, X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_P
 use crate::http2::WorkerClients;
 use crate::metrics::VersionStats;
 use crate::upstream::Upstream;
+use crate::witness::{Spread, Witness};
 use crate::worker::this_worker;
 use canary_http1::conn::IdleList;
 use canary_http1::fields::write_field;
@@ -39,6 +40,8 @@ pub struct Instance {
     pub addr: String,
     pub authority: Authority,
     consecutive_failures: AtomicU32,
+    /// The clients behind the current run of failures.
+    spread: Spread,
     ejected_until_ms: AtomicU64,
     /// Ejections in a row without a success in between: the back-off exponent.
     ejection_streak: AtomicU32,
@@ -64,6 +67,7 @@ impl Instance {
             host_header: HeaderValue::from_str(addr).ok()?,
             idle: (0..workers.max(1)).map(|_| Arc::default()).collect(),
             consecutive_failures: AtomicU32::new(0),
+            spread: Spread::default(),
             ejected_until_ms: AtomicU64::new(0),
             ejection_streak: AtomicU32::new(0),
             ejections_total: AtomicU64::new(0),
@@ -101,6 +105,7 @@ impl Instance {
     pub fn record_success(&self) {
         if self.consecutive_failures.load(Relaxed) != 0 {
             self.consecutive_failures.store(0, Relaxed);
+            self.spread.clear();
         }
         if self.ejection_streak.load(Relaxed) != 0 {
             self.ejection_streak.store(0, Relaxed);
@@ -111,21 +116,28 @@ impl Instance {
     /// the canary gets a fresh chance). Active health checks still apply.
     pub fn clear_ejection(&self) {
         self.consecutive_failures.store(0, Relaxed);
+        self.spread.clear();
         self.ejection_streak.store(0, Relaxed);
         self.ejected_until_ms.store(0, Relaxed);
     }
 
-    /// Counts a failure; ejects after `spec.consecutive_failures` in a row, for
+    /// Counts a failure seen by `witness`; ejects after `spec.consecutive_failures` in
+    /// a row from at least `spec.min_clients` distinct clients (see [`Spread`]), for
     /// `base × 2^streak` capped at `max`. Returns whether this call ejected it.
-    pub fn record_failure(&self, spec: &Ejection, now_ms: u64) -> bool {
+    pub fn record_failure(&self, spec: &Ejection, now_ms: u64, witness: Witness) -> bool {
         if spec.consecutive_failures == 0 {
             return false;
         }
         let n = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
-        if n < spec.consecutive_failures || self.ejected(now_ms) {
+        let clients = self.spread.note(witness);
+        if n < spec.consecutive_failures
+            || self.ejected(now_ms)
+            || !Spread::enough(clients, spec.min_clients)
+        {
             return false;
         }
         self.consecutive_failures.store(0, Relaxed);
+        self.spread.clear();
         let streak = self.ejection_streak.fetch_add(1, Relaxed).min(16);
         let period = spec
             .base_ms
@@ -264,6 +276,16 @@ impl Pool {
             .find(|inst| inst.available(now_ms))
     }
 
+    /// The next available instance other than `not`, round robin (where a request
+    /// goes when `not` failed it).
+    pub fn pick_other(&self, now_ms: u64, not: &Instance) -> Option<&Arc<Instance>> {
+        let n = self.instances.len();
+        let start = self.next.fetch_add(1, Relaxed);
+        (0..n)
+            .map(|i| &self.instances[(start + i) % n])
+            .find(|inst| !std::ptr::eq(Arc::as_ptr(inst), not) && inst.available(now_ms))
+    }
+
     /// Whether at least one instance is available.
     pub fn any_available(&self, now_ms: u64) -> bool {
         self.instances.iter().any(|i| i.available(now_ms))
@@ -304,37 +326,68 @@ pub async fn health_check_loop(instances: Vec<Arc<Instance>>, spec: HealthCheck,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::witness::ClientId;
 
     fn ejection() -> Ejection {
         Ejection {
             consecutive_failures: 3,
             base_ms: 1_000,
             max_ms: 3_000,
+            min_clients: 1,
         }
+    }
+
+    /// A failure seen by client `i` (its own address and key).
+    fn client(i: u8) -> Witness {
+        Witness::Client(ClientId::new([192, 0, 2, i].into(), Some(&[i])))
     }
 
     #[test]
     fn ejects_after_consecutive_failures_with_backoff() {
         let i = Instance::new("r", "v1", "127.0.0.1:1", 1).unwrap();
         let spec = ejection();
-        assert!(!i.record_failure(&spec, 0));
+        let c = client(1);
+        assert!(!i.record_failure(&spec, 0, c));
         i.record_success();
-        assert!(!i.record_failure(&spec, 0));
-        assert!(!i.record_failure(&spec, 0));
-        assert!(i.record_failure(&spec, 0));
+        assert!(!i.record_failure(&spec, 0, c));
+        assert!(!i.record_failure(&spec, 0, c));
+        assert!(i.record_failure(&spec, 0, c));
         assert!(!i.available(999));
         assert!(i.available(1_000));
         // Fails again after returning: twice as long.
         for _ in 0..3 {
-            i.record_failure(&spec, 1_000);
+            i.record_failure(&spec, 1_000, c);
         }
         assert!(!i.available(2_999));
         assert!(i.available(3_000));
         // Capped at max.
         for _ in 0..3 {
-            i.record_failure(&spec, 3_000);
+            i.record_failure(&spec, 3_000, c);
         }
         assert!(i.available(6_000));
+    }
+
+    #[test]
+    fn one_client_cannot_eject_an_instance_but_an_unreachable_one_is_ejected() {
+        let spec = Ejection {
+            min_clients: 3,
+            ..ejection()
+        };
+        let i = Instance::new("r", "v1", "127.0.0.1:1", 1).unwrap();
+        for _ in 0..50 {
+            assert!(!i.record_failure(&spec, 0, client(1)));
+        }
+        assert!(i.available(0));
+        assert!(!i.record_failure(&spec, 0, client(2)));
+        assert!(
+            i.record_failure(&spec, 0, client(3)),
+            "three clients saw it fail"
+        );
+        // The next run starts afresh: its clients are counted again.
+        assert!(!i.record_failure(&spec, 1_000, client(1)));
+        assert!(!i.record_failure(&spec, 1_000, client(1)));
+        assert!(!i.record_failure(&spec, 1_000, client(1)));
+        assert!(i.record_failure(&spec, 1_000, Witness::Unreachable));
     }
 
     #[test]
@@ -363,8 +416,9 @@ mod tests {
             consecutive_failures: 1,
             base_ms: 10_000,
             max_ms: 10_000,
+            min_clients: 1,
         };
-        a.record_failure(&spec, 0);
+        a.record_failure(&spec, 0, client(1));
         let pool = Pool::new(
             ("r", "v1"),
             vec![a, b],
@@ -376,7 +430,7 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(pool.pick(1).unwrap().addr, "127.0.0.1:2");
         }
-        pool.instances[1].record_failure(&spec, 1);
+        pool.instances[1].record_failure(&spec, 1, client(1));
         assert!(pool.pick(2).is_none());
         assert!(!pool.any_available(2));
     }

@@ -2,9 +2,13 @@
 //! kept), its fields whichever way they were read ([`RequestFields`]), the facts the
 //! core decides on ([`Facts`]), and its host (RFC 9112 §3.2).
 
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use canary_core::routing::cookie_value;
@@ -15,6 +19,11 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use canary_http1::fields::RawHead;
+use canary_http1::BoxError;
+
+use crate::timers::{Kind, Stall};
+
+use crate::headers::upgrade_allowed;
 
 /// Per-connection facts computed once per connection rather than per request.
 #[derive(Clone, Debug)]
@@ -39,10 +48,67 @@ impl ConnInfo {
 pub enum ClientBody {
     Empty,
     Read(Box<RawHead>),
-    Hyper(Incoming),
+    Hyper(Box<HyperBody>),
+}
+
+/// A body hyper reads from the client, with `limits.body_timeout` between two of its
+/// frames, and a flag that says whether it was read to its end (kept by the handler,
+/// which needs it after the body has gone upstream: see [`BodyProgress`]).
+pub struct HyperBody {
+    inner: Incoming,
+    stall: Stall,
+    progress: BodyProgress,
+}
+
+impl fmt::Debug for HyperBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HyperBody").finish_non_exhaustive()
+    }
+}
+
+/// Whether a client's request body has been read to its end, or broke off or stalled
+/// (a timeout of `limits.body_timeout`), shared between the body and the handler.
+#[derive(Clone, Debug, Default)]
+pub struct BodyProgress(Arc<AtomicU8>);
+
+// 0: still being read.
+const BODY_COMPLETE: u8 = 1;
+const BODY_STALLED: u8 = 2;
+
+impl BodyProgress {
+    /// Read to its end.
+    pub fn complete(&self) -> bool {
+        self.0.load(Relaxed) == BODY_COMPLETE
+    }
+
+    /// Cut by `limits.body_timeout`.
+    pub fn stalled(&self) -> bool {
+        self.0.load(Relaxed) == BODY_STALLED
+    }
 }
 
 impl ClientBody {
+    /// A body hyper reads, with `idle` as the longest wait between two frames.
+    pub fn hyper(inner: Incoming, idle: Duration) -> ClientBody {
+        let progress = BodyProgress::default();
+        if inner.is_end_stream() {
+            progress.0.store(BODY_COMPLETE, Relaxed);
+        }
+        ClientBody::Hyper(Box::new(HyperBody {
+            inner,
+            stall: Stall::new(idle, Kind::Body),
+            progress,
+        }))
+    }
+
+    /// How far the body has been read (`None`: a request without one).
+    pub(crate) fn progress(&self) -> Option<BodyProgress> {
+        match self {
+            ClientBody::Hyper(b) if !b.progress.complete() => Some(b.progress.clone()),
+            _ => None,
+        }
+    }
+
     /// The head the proxy read, taken out (the body is then `Empty`).
     pub(crate) fn take_head(&mut self) -> Option<Box<RawHead>> {
         match std::mem::replace(self, ClientBody::Empty) {
@@ -57,16 +123,37 @@ impl ClientBody {
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ClientBody::Empty | ClientBody::Read(_) => Poll::Ready(None),
-            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Hyper(b) => {
+                let r = Pin::new(&mut b.inner).poll_frame(cx);
+                match &r {
+                    Poll::Pending => {
+                        if let Err(e) = b.stall.waiting(cx) {
+                            b.progress.0.store(BODY_STALLED, Relaxed);
+                            return Poll::Ready(Some(Err(Box::new(e))));
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        b.progress.0.store(BODY_COMPLETE, Relaxed);
+                    }
+                    Poll::Ready(Some(Ok(_))) => {
+                        b.stall.progress();
+                        if b.inner.is_end_stream() {
+                            b.progress.0.store(BODY_COMPLETE, Relaxed);
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => {}
+                }
+                r.map(|o| o.map(|r| r.map_err(Into::into)))
+            }
         }
     }
 
@@ -74,7 +161,7 @@ impl Body for ClientBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ClientBody::Empty | ClientBody::Read(_) => true,
-            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Hyper(b) => b.inner.is_end_stream(),
         }
     }
 
@@ -82,7 +169,7 @@ impl Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ClientBody::Empty | ClientBody::Read(_) => SizeHint::with_exact(0),
-            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Hyper(b) => b.inner.size_hint(),
         }
     }
 }
@@ -116,6 +203,14 @@ impl<'a> RequestFields<'a> {
         match self {
             RequestFields::Map(m) => Values::Map(m.get_all(name).iter().map(HeaderValue::as_bytes)),
             RequestFields::Raw(r) => Values::Raw(r.values(name)),
+        }
+    }
+
+    /// Whether any field's name is one `test` picks.
+    pub(crate) fn any_name(self, test: impl Fn(&[u8]) -> bool) -> bool {
+        match self {
+            RequestFields::Map(m) => m.keys().any(|k| test(k.as_str().as_bytes())),
+            RequestFields::Raw(r) => r.iter().any(|(k, _)| test(k)),
         }
     }
 
@@ -307,9 +402,14 @@ static REG_NAME: [bool; 256] = {
     t
 };
 
+/// Whether the request asks for a protocol upgrade the proxy passes on (a WebSocket
+/// handshake; see `headers::upgrade_allowed`). Any other `Upgrade` is stripped and the
+/// request served as plain HTTP/1.1.
 pub(crate) fn is_upgrade(req: &Request<ClientBody>) -> bool {
+    let mut upgrades = req.headers().get_all(header::UPGRADE).iter().peekable();
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && upgrades.peek().is_some()
+        && upgrades.all(|v| upgrade_allowed(v.as_bytes()))
         && req.headers().get_all(header::CONNECTION).iter().any(|v| {
             v.to_str().is_ok_and(|s| {
                 s.split(',')
@@ -318,9 +418,119 @@ pub(crate) fn is_upgrade(req: &Request<ClientBody>) -> bool {
         })
 }
 
+/// Why a request's transfer coding is refused, if it is: HTTP/1.1 defines `chunked`
+/// alone for requests, and any other coding, list or repetition (`gzip, chunked`,
+/// `identity, chunked`, two `chunked` lines) would be decoded of its chunking and
+/// passed on without the rest (RFC 9112 §6.1; nginx answers `501` too).
+pub(crate) fn unsupported_coding(req: &Request<ClientBody>) -> bool {
+    let mut codings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (None, _) => false,
+        (Some(v), None) => !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => true,
+    }
+}
+
+/// Whether a request path is one the proxy routes as it is: no segment that is `.` or
+/// `..` (also spelled `%2e`), no empty segment (`//`), counting `\`, `%2f` and `%5c` as
+/// separators too, and no `%00`. A path with any of them would match a route by its
+/// raw prefix and then be read by the upstream (which may resolve dot-segments, merge
+/// slashes or decode separators) as another path: `/api/../admin` reaching `/admin`
+/// through the `/api` route. Such paths are refused (`400`) rather than rewritten, so
+/// the path the proxy routes is always the path the upstream gets. `*` (an `OPTIONS *`
+/// target) passes.
+pub(crate) fn routable_path(path: &str) -> bool {
+    let p = path.as_bytes();
+    // The common path has no `%`, `\` or `.` after a separator and no `//`: one pass.
+    let suspicious = p
+        .windows(2)
+        .any(|w| matches!(w, [b'/', b'.'] | [b'/', b'/'] | [b'/', b'%']))
+        || p.iter().any(|&c| c == b'%' || c == b'\\');
+    if !suspicious {
+        return true;
+    }
+    // Split on every spelling of a separator, decoding `%2e` in the segments.
+    let mut segments: Vec<Vec<u8>> = vec![Vec::new()];
+    let mut i = 0;
+    while i < p.len() {
+        let c = p[i];
+        let escape = |at: usize| -> Option<u8> {
+            let hex = p.get(at + 1..at + 3)?;
+            u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+        };
+        match c {
+            b'/' | b'\\' => segments.push(Vec::new()),
+            b'%' => match escape(i) {
+                Some(b'/') | Some(b'\\') => {
+                    segments.push(Vec::new());
+                    i += 2;
+                }
+                Some(0) => return false,
+                Some(b'.') => {
+                    segments
+                        .last_mut()
+                        .expect("one segment at least")
+                        .push(b'.');
+                    i += 2;
+                }
+                _ => segments.last_mut().expect("one segment at least").push(c),
+            },
+            _ => segments.last_mut().expect("one segment at least").push(c),
+        }
+        i += 1;
+    }
+    let n = segments.len();
+    segments.iter().enumerate().all(|(i, s)| {
+        // The first is what precedes the leading `/` (empty), the last may be empty
+        // (a trailing slash).
+        let empty_ok = i == 0 || i == n - 1;
+        (empty_ok || !s.is_empty()) && s != b"." && s != b".."
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: `/api/../admin` matched an `/api` route by its raw prefix and reached
+    /// its upstream, which resolved it to `/admin` (issue 15, G9).
+    #[test]
+    fn paths_a_backend_would_read_as_another_path_are_not_routable() {
+        for ok in [
+            "/",
+            "/a/b",
+            "/a/b/",
+            "/a.b/c..d/.e",
+            "/a%20b",
+            "/group%2Dx",
+            "*",
+            "/a/b.",
+            "/a/..b",
+            "/%41",
+        ] {
+            assert!(routable_path(ok), "{ok}");
+        }
+        for bad in [
+            "/a/../b",
+            "/a/./b",
+            "/..",
+            "/.",
+            "/a/..",
+            "//b",
+            "/a//b",
+            "/%2e%2e/b",
+            "/%2E%2e/b",
+            "/a/%2e/b",
+            "/a/.%2e/b",
+            "/a%2f..%2fb",
+            "/a%2F%2Fb",
+            "/a\\..\\b",
+            "/a%5c..%5cb",
+            "/a%00b",
+        ] {
+            assert!(!routable_path(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn host_values_are_checked_as_rfc_9112_asks() {

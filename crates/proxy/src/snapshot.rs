@@ -295,6 +295,18 @@ impl Proxy {
                 e.sample("canary_route_version_info", &labels, 1u8);
             }
         }
+        e.family(
+            "canary_timeouts_total",
+            "Connections or answers cut by a timer, by kind: header (a request head not complete in time, on the proxy's own reader), body (limits.body_timeout), send (limits.send_timeout), upstream_idle (timeouts.idle), http2_idle (limits.http2_idle_timeout).",
+            Kind::Counter,
+        );
+        for kind in crate::timers::Kind::ALL {
+            e.sample(
+                "canary_timeouts_total",
+                &[("kind", kind.label())],
+                crate::timers::TIMEOUTS.get(kind) as f64,
+            );
+        }
     }
 }
 

@@ -179,11 +179,11 @@ impl Canary {
     /// work against the application. Serve it on a loopback address, or set an
     /// [`admin_token`](CanaryBuilder::admin_token).
     pub fn admin_router(&self) -> Router {
+        // The binary's Host and Origin rules (docs/admin-api.md): localhost,
+        // `*.localhost` and literal addresses; no extra names.
         router(Admin {
             token: self.inner.token.clone(),
-            // The binary's Host and Origin rules (docs/admin-api.md): localhost,
-            // `*.localhost` and literal addresses; no extra names.
-            hosts: Default::default(),
+            // Ends the dashboard's live streams on `stop` and on the last drop.
             stop: self.inner.streams_stop.clone(),
             ..Admin::new(self.inner.controller.clone())
         })
