@@ -601,6 +601,10 @@ async fn the_dashboard_in_chromium_shows_live_charts_and_takes_actions_with_the_
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    eprintln!(
+        "serve exited {:?} after SIGTERM with the dashboard open",
+        stopped_at.elapsed()
+    );
     assert!(
         c.wait_log("stopping", Duration::from_secs(1)).await,
         "{}",

@@ -38,11 +38,15 @@ struct Inner {
     controller: Arc<Controller>,
     token: Option<Arc<str>>,
     stop: Arc<Notify>,
+    /// Ends the admin router's live streams (`GET /api/v1/stream`) on stop, so an open
+    /// dashboard does not hold up the application's graceful shutdown.
+    streams_stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.stop.notify_one();
+        self.streams_stop.send_replace(true);
     }
 }
 
@@ -123,6 +127,7 @@ impl CanaryBuilder {
                 controller,
                 token: self.admin_token.map(Arc::from),
                 stop,
+                streams_stop: Arc::new(tokio::sync::watch::channel(false).0),
             }),
         })
     }
@@ -178,6 +183,8 @@ impl Canary {
         // `*.localhost` and literal addresses; no extra names.
         router(Admin {
             token: self.inner.token.clone(),
+            // Ends the dashboard's live streams on `stop` and on the last drop.
+            stop: self.inner.streams_stop.clone(),
             ..Admin::new(self.inner.controller.clone())
         })
     }
@@ -205,10 +212,11 @@ impl Canary {
         self.inner.controller.command(route, command)
     }
 
-    /// Stops the controller task. The layers keep serving with the weights they
-    /// have; nothing moves them any more.
+    /// Stops the controller task and ends the admin router's live streams. The layers
+    /// keep serving with the weights they have; nothing moves them any more.
     pub fn stop(&self) {
         self.inner.stop.notify_one();
+        self.inner.streams_stop.send_replace(true);
     }
 }
 
