@@ -26,8 +26,10 @@ pub const DEFAULT_STATE_DIR: &str = "./canary-state";
 ///
 /// Build one with [`Canary::builder`], then put its layers on the application's
 /// routes ([`Canary::layer`]) and serve its [`admin_router`](Canary::admin_router)
-/// on a loopback address. It is cheap to clone; the controller task stops when the
-/// last clone is dropped or on [`stop`](Canary::stop).
+/// on a loopback address. It is cheap to clone. The controller task runs until
+/// [`stop`](Canary::stop) or until the runtime shuts down, whether or not a `Canary`
+/// is still held: the layers and the admin router keep working after the `Canary`
+/// that made them is dropped.
 #[derive(Clone)]
 pub struct Canary {
     inner: Arc<Inner>,
@@ -38,12 +40,6 @@ struct Inner {
     controller: Arc<Controller>,
     token: Option<Arc<str>>,
     stop: Arc<Notify>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.stop.notify_one();
-    }
 }
 
 impl std::fmt::Debug for Canary {

@@ -587,3 +587,38 @@ async fn a_plain_hyper_server_serves_the_split() {
     assert_eq!(versions.len(), 2, "both versions at 50%: {versions:?}");
     server.abort();
 }
+
+#[tokio::test]
+async fn the_controller_keeps_running_when_the_canary_handle_is_dropped() {
+    let spec =
+        RouteSpec::new("web", "v1", "v2").rollout(Rollout::new().manual_step(100.0).breaker(3));
+    let (_dir, canary, app) = app(spec, StatusCode::INTERNAL_SERVER_ERROR);
+    let admin = canary.admin_router();
+    drop(canary);
+    for i in 0..3 {
+        send(&app, &[("x-user-id", &format!("d{i}"))]).await;
+    }
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        let resp = admin
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .uri("/api/v1/routes/web")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("infallible");
+        let b = resp.into_body().collect().await.expect("body").to_bytes();
+        let s: serde_json::Value = serde_json::from_slice(&b).expect("json");
+        if s["phase"] == "aborted" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abort was not recorded: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
