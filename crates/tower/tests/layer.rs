@@ -69,6 +69,33 @@ async fn send(app: &Router, headers: &[(&str, &str)]) -> Reply {
     }
 }
 
+/// `method uri` on a router (the admin or metrics one): status, content type, body.
+async fn call(router: &Router, method: &str, uri: &str) -> (StatusCode, String, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Body::empty())
+        .expect("request");
+    let resp = router.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .map_or(String::new(), |v| v.to_str().expect("ascii").to_string());
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        ctype,
+        String::from_utf8(body.to_vec()).expect("utf-8"),
+    )
+}
+
+/// A JSON answer of the admin router, with its status.
+async fn call_json(router: &Router, method: &str, uri: &str) -> (StatusCode, serde_json::Value) {
+    let (status, _, body) = call(router, method, uri).await;
+    (status, serde_json::from_str(&body).expect("json"))
+}
+
 /// The request as the core sees it, from plain lists: the reference decision.
 #[derive(Default)]
 struct Facts {
@@ -296,30 +323,9 @@ async fn metrics_have_the_proxys_names_and_pass_promtool() {
         send(&app, &[("x-user-id", &format!("m{i}"))]).await;
     }
     // Mounted as the application would, on its own router.
-    let metrics_app = canary.metrics().router();
-    let resp = metrics_app
-        .oneshot(
-            Request::builder()
-                .uri("/metrics")
-                .body(Body::empty())
-                .expect("request"),
-        )
-        .await
-        .expect("infallible");
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(
-        resp.headers()["content-type"],
-        "text/plain; version=0.0.4; charset=utf-8"
-    );
-    let text = String::from_utf8(
-        resp.into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes()
-            .to_vec(),
-    )
-    .expect("utf-8");
+    let (status, ctype, text) = call(&canary.metrics().router(), "GET", "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ctype, "text/plain; version=0.0.4; charset=utf-8");
     let value = |line_start: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(line_start))
@@ -411,45 +417,19 @@ async fn the_admin_router_is_the_binarys_api() {
         .rollout(Rollout::new().manual_step(10.0).step(50.0, Duration::ZERO));
     let (_dir, canary, _app) = app(spec, StatusCode::OK);
     let admin = canary.admin_router();
-    let call = |method: &str, uri: &str| {
-        Request::builder()
-            .method(method)
-            .uri(uri)
-            .body(Body::empty())
-            .expect("request")
-    };
-    let json = |resp: axum::response::Response| async move {
-        let b = resp.into_body().collect().await.expect("body").to_bytes();
-        serde_json::from_slice::<serde_json::Value>(&b).expect("json")
-    };
-    let resp = admin
-        .clone()
-        .oneshot(call("GET", "/api/v1/routes"))
-        .await
-        .expect("infallible");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let list = json(resp).await;
+    let (status, list) = call_json(&admin, "GET", "/api/v1/routes").await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(list[0]["name"], "web", "{list}");
     assert_eq!(list[0]["phase"], "waiting", "{list}");
     assert_eq!(list[0]["weight"], 10.0, "{list}");
-    let resp = admin
-        .clone()
-        .oneshot(call("POST", "/api/v1/routes/web/promote"))
-        .await
-        .expect("infallible");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let s = json(resp).await;
+    let (status, s) = call_json(&admin, "POST", "/api/v1/routes/web/promote").await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(
         (s["step"].as_u64(), s["weight"].as_f64()),
         (Some(1), Some(50.0)),
         "{s}"
     );
-    let resp = admin
-        .clone()
-        .oneshot(call("GET", "/api/v1/routes/web/events"))
-        .await
-        .expect("infallible");
-    let events = json(resp).await;
+    let (_, events) = call_json(&admin, "GET", "/api/v1/routes/web/events").await;
     let kinds: Vec<&str> = events
         .as_array()
         .expect("list")
@@ -461,11 +441,8 @@ async fn the_admin_router_is_the_binarys_api() {
         kinds.contains(&"promote") || kinds.contains(&"advance"),
         "{events}"
     );
-    let resp = admin
-        .oneshot(call("GET", "/api/v1/routes/nope"))
-        .await
-        .expect("infallible");
-    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let (status, _) = call_json(&admin, "GET", "/api/v1/routes/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
@@ -600,18 +577,7 @@ async fn the_controller_keeps_running_when_the_canary_handle_is_dropped() {
     }
     let deadline = tokio::time::Instant::now() + EVENTUALLY;
     loop {
-        let resp = admin
-            .clone()
-            .oneshot(
-                Request::builder()
-                    .uri("/api/v1/routes/web")
-                    .body(Body::empty())
-                    .expect("request"),
-            )
-            .await
-            .expect("infallible");
-        let b = resp.into_body().collect().await.expect("body").to_bytes();
-        let s: serde_json::Value = serde_json::from_slice(&b).expect("json");
+        let (_, s) = call_json(&admin, "GET", "/api/v1/routes/web").await;
         if s["phase"] == "aborted" {
             break;
         }
