@@ -176,6 +176,32 @@ impl Canary {
         })
     }
 
+    /// Serves [`admin_router`](Self::admin_router) on `listener` until the returned
+    /// future is dropped or the listener fails, as `canary serve` serves its admin
+    /// API: a listener off loopback is refused unless an
+    /// [`admin_token`](CanaryBuilder::admin_token) is set.
+    ///
+    /// ```no_run
+    /// # async fn doc(canary: canary_tower::Canary) -> Result<(), canary_tower::Error> {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3001").await?;
+    /// tokio::spawn(async move { canary.serve_admin(listener).await });
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnprotectedAdmin`] before serving anything, or [`Error::Io`] when the
+    /// listener fails.
+    pub async fn serve_admin(&self, listener: tokio::net::TcpListener) -> Result<(), Error> {
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() && self.inner.token.is_none() {
+            return Err(Error::UnprotectedAdmin(addr));
+        }
+        axum::serve(listener, self.admin_router()).await?;
+        Ok(())
+    }
+
     /// The metrics handle: the same families and names as the binary's `/metrics`.
     pub fn metrics(&self) -> Metrics {
         Metrics {

@@ -472,6 +472,52 @@ async fn the_rollout_resumes_from_the_state_dir_after_a_restart() {
 }
 
 #[tokio::test]
+async fn serve_admin_refuses_a_listener_off_loopback_without_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let canary = Canary::builder()
+        .state_dir(dir.path())
+        .route(RouteSpec::new("web", "v1", "v2"))
+        .start()
+        .expect("start");
+    // The unspecified address listens on every interface: not loopback. Nothing is
+    // connected to it; the refusal comes before serving.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
+        .await
+        .expect("bind");
+    let err = canary
+        .serve_admin(listener)
+        .await
+        .expect_err("refused without a token");
+    assert!(err.to_string().contains("not on loopback"), "{err}");
+    // On loopback it serves.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let serving = tokio::spawn({
+        let canary = canary.clone();
+        async move { canary.serve_admin(listener).await }
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri("/healthz")
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = tokio::time::timeout(EVENTUALLY, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    serving.abort();
+}
+
+#[tokio::test]
 async fn start_refuses_bad_routes_with_the_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let err = Canary::builder()
