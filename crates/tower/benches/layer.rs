@@ -11,23 +11,11 @@ mod support;
 
 use axum::routing::get;
 use axum::Router;
-use canary_tower::{Canary, RouteSpec};
 use criterion::{criterion_group, criterion_main, Criterion};
 use support::{once, version, version_of};
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let canary = rt.block_on(async {
-        Canary::builder()
-            .state_dir(dir.path())
-            .route(RouteSpec::new("web", "v1", "v2").weight(50.0))
-            .start()
-            .expect("start")
-    });
+    let (rt, _dir, canary) = support::started();
     let mut split = canary.split("web", version("v1"), version("v2"));
     // A user of each version at 50 %.
     let users: Vec<(&'static str, String)> = ["alice", "bob", "carol", "dave"]
@@ -69,7 +57,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| once(&mut layered, Some(stable_user)))
     });
     g.finish();
-    drop(canary);
+    drop((canary, rt));
 }
 
 criterion_group!(benches, bench);

@@ -10,7 +10,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use canary_tower::{Canary, RouteSpec};
 use support::{once, version, version_of};
 
 fn main() {
@@ -21,18 +20,7 @@ fn main() {
         );
         std::process::exit(2);
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let canary = rt.block_on(async {
-        Canary::builder()
-            .state_dir(dir.path())
-            .route(RouteSpec::new("web", "v1", "v2").weight(50.0))
-            .start()
-            .expect("start")
-    });
+    let (_rt, _dir, canary) = support::started();
     let mut split = canary.split("web", version("v1"), version("v2"));
     let user_of = |split: &mut _, want: &str| {
         ["alice", "bob", "carol", "dave"]

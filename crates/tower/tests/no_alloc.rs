@@ -16,7 +16,6 @@ use axum::handler::HandlerWithoutStateExt;
 use axum::http::{HeaderValue, Request, Response};
 use axum::routing::get;
 use axum::Router;
-use canary_tower::{Canary, RouteSpec};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 use support::{once, version, version_of};
 use tower::Service;
@@ -50,18 +49,7 @@ where
 
 #[test]
 fn the_layer_allocates_nothing_per_request_beyond_the_services() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let canary = rt.block_on(async {
-        Canary::builder()
-            .state_dir(dir.path())
-            .route(RouteSpec::new("web", "v1", "v2").weight(50.0))
-            .start()
-            .expect("start")
-    });
+    let (rt, _dir, canary) = support::started();
     // Users on both sides of the 50 % split (checked below), with a sticky key.
     for user in ["alice", "bob", "carol"] {
         let direct = allocations(version("v1"), Some(user));

@@ -8,7 +8,26 @@ use std::task::{Context, Poll, Waker};
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Request, Response};
+use canary_tower::{Canary, RouteSpec};
 use tower::Service;
+
+/// A canary with one route `web` (v1 / v2) at 50 %, started on a current-thread
+/// runtime, its state in a temporary directory: keep all three alive.
+pub fn started() -> (tokio::runtime::Runtime, tempfile::TempDir, Canary) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let canary = rt.block_on(async {
+        Canary::builder()
+            .state_dir(dir.path())
+            .route(RouteSpec::new("web", "v1", "v2").weight(50.0))
+            .start()
+            .expect("start")
+    });
+    (rt, dir, canary)
+}
 
 /// Polls a future that needs no IO to completion, with a no-op waker (no runtime
 /// allocates or schedules anything meanwhile).
