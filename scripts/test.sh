@@ -51,6 +51,12 @@ extract() { command -v "$2" >/dev/null 2>&1 || unpack+=("$1"); }
 
 need gcc cc              # the linker rustc calls
 need procps kill         # tests stop the processes they start with kill(1)
+need chromium chromium   # the dashboard's browser test (crates/canary/tests/dashboard.rs)
+need chromium-driver chromedriver   # WebDriver for that test
+need systemd systemd-analyze  # `systemd-analyze verify` of deploy/systemd/canary.service (no daemon starts)
+need man-db man               # renders `canary man` (man -l)
+need bsdutils script          # a pseudo-terminal for `canary wait`'s live line
+need systemd systemd-socket-activate   # socket activation test (tests/restart.rs)
 extract prometheus promtool   # checks /metrics; the Prometheus server for query tests
 
 if ((${#install[@]} + ${#unpack[@]})); then
@@ -90,6 +96,12 @@ if ((${#install[@]} + ${#unpack[@]})); then
     fi
 fi
 
+echo "==> the HTTP/1.1 wing depends on no other canary crate"
+if cargo tree -p canary-http1 --edges normal,build --prefix none 2>/dev/null \
+    | grep -v '^canary-http1 ' | grep -q '^canary-'; then
+    say "crates/http1 must not depend on another canary-* crate (ARCHITECTURE.md)"
+    exit 1
+fi
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"

@@ -11,6 +11,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
+use crate::output::printable;
+
 /// Where the admin API is and how to authenticate.
 #[derive(Args, Clone)]
 pub struct Conn {
@@ -39,6 +41,9 @@ pub enum AdminCmd {
         /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Show it again every second until Ctrl-C (live on a terminal).
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -49,6 +54,9 @@ pub enum AdminCmd {
         /// "out of range", not a flag error).
         #[arg(allow_negative_numbers = true, value_parser = finite_number)]
         weight: f64,
+        /// Print the route's new status as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -57,6 +65,9 @@ pub enum AdminCmd {
         route: String,
         #[arg(long)]
         full: bool,
+        /// Print the route's new status as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -65,24 +76,36 @@ pub enum AdminCmd {
         route: String,
         #[arg(long)]
         reason: Option<String>,
+        /// Print the route's new status as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
     /// Hold a rollout's automatic progress.
     Pause {
         route: String,
+        /// Print the route's new status as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
     /// Continue a paused rollout.
     Resume {
         route: String,
+        /// Print the route's new status as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
     /// Restart an aborted rollout from its first step.
     Retry {
         route: String,
+        /// Print the route's new status as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -91,8 +114,12 @@ pub enum AdminCmd {
         route: String,
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// JSON (with --follow: one entry per line).
         #[arg(long)]
         json: bool,
+        /// Keep printing new entries as they are journaled, until Ctrl-C.
+        #[arg(long)]
+        follow: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -108,6 +135,9 @@ pub enum AdminCmd {
         /// How long to wait, e.g. 90s, 10m.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// One JSON object per line: each status change, then the outcome.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -163,8 +193,20 @@ impl Api {
             .map_err(|e| e.to_string())?;
         let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
             .await
-            .map_err(|_| format!("{}: no answer within 10s", self.base))?
-            .map_err(|e| format!("cannot reach the admin API at {}: {e}", self.base))?;
+            .map_err(|_| {
+                format!(
+                    "no answer from the admin API at {} within 10s: {}",
+                    self.base,
+                    crate::hint::UNREACHABLE
+                )
+            })?
+            .map_err(|e| {
+                format!(
+                    "cannot reach the admin API at {}: {e}: {}",
+                    self.base,
+                    crate::hint::UNREACHABLE
+                )
+            })?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -178,15 +220,19 @@ impl Api {
     }
 
     /// Calls and turns a non-2xx answer into an error message.
-    async fn ok(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+    pub(crate) async fn ok(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
         let (status, v) = self.call(method, path, body).await?;
         if status.is_success() {
             Ok(v)
         } else {
-            Err(format!(
-                "{} ({})",
-                v["error"].as_str().unwrap_or("error"),
-                status.as_u16()
+            Err(crate::hint::answer(
+                status.as_u16(),
+                &printable(v["error"].as_str().unwrap_or("error")),
             ))
         }
     }
@@ -198,7 +244,7 @@ fn route_path(route: &str, suffix: &str) -> String {
     format!("/api/v1/routes/{route}{suffix}")
 }
 
-fn pct(v: &Value) -> String {
+pub(crate) fn pct(v: &Value) -> String {
     match v.as_f64() {
         Some(f) if f.fract() == 0.0 => format!("{f:.0}%"),
         Some(f) => format!("{f}%"),
@@ -228,14 +274,14 @@ pub(crate) fn verdict_text(v: &Value) -> String {
     )
 }
 
-fn step_text(r: &Value) -> String {
+pub(crate) fn step_text(r: &Value) -> String {
     match (r["step"].as_u64(), r["steps"].as_array()) {
         (Some(s), Some(all)) if !all.is_empty() => format!("{}/{}", s + 1, all.len()),
         _ => "-".into(),
     }
 }
 
-fn print_table(routes: &[Value]) {
+pub(crate) fn print_table(routes: &[Value]) {
     let rows: Vec<[String; 8]> = routes
         .iter()
         .map(|r| {
@@ -277,10 +323,10 @@ fn print_table(routes: &[Value]) {
     }
 }
 
-fn print_route(r: &Value) {
+pub(crate) fn print_route(r: &Value) {
     print_table(std::slice::from_ref(r));
     outln!();
-    outln!("{}", r["message"].as_str().unwrap_or(""));
+    outln!("{}", printable(r["message"].as_str().unwrap_or("")));
     if let Some(steps) = r["steps"].as_array().filter(|s| !s.is_empty()) {
         let cur = r["step"].as_u64();
         let plan: Vec<String> = steps
@@ -304,12 +350,18 @@ fn print_route(r: &Value) {
             .filter(|a| !a.is_empty())
         {
             for reason in reasons {
-                outln!("  - {}", reason.as_str().unwrap_or(""));
+                outln!("  - {}", printable(reason.as_str().unwrap_or("")));
             }
         }
     }
     if let Some(a) = r["abort_reason"].as_str() {
-        outln!("abort reason: {a}");
+        outln!("abort reason: {}", printable(a));
+    }
+    if let Some(u) = r["unsaved"].as_str() {
+        outln!(
+            "not saved to state_dir (retried every 5 s): {}",
+            printable(u)
+        );
     }
 }
 
@@ -327,7 +379,7 @@ fn position_text(p: &Value) -> String {
 }
 
 /// One journal entry: time, kind, from → to, reason.
-fn event_line(e: &Value) -> String {
+pub(crate) fn event_line(e: &Value) -> String {
     let kind = e["kind"].as_str().unwrap_or("");
     // A `complete` entry always ends without a canary; journals written before
     // positions said so have `"to":{"weight":0.0}` there.
@@ -340,11 +392,11 @@ fn event_line(e: &Value) -> String {
         "{}  {kind:<8} {} → {to}  {}",
         fmt_time(e["at_ms"].as_u64().unwrap_or(0)),
         position_text(&e["from"]),
-        e["reason"].as_str().unwrap_or(""),
+        printable(e["reason"].as_str().unwrap_or("")),
     )
 }
 
-fn fmt_time(ms: u64) -> String {
+pub(crate) fn fmt_time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -370,7 +422,15 @@ pub fn main(cmd: AdminCmd) -> ExitCode {
 
 async fn run(cmd: AdminCmd) -> Result<u8, String> {
     match cmd {
-        AdminCmd::Status { route, json, conn } => {
+        AdminCmd::Status {
+            route,
+            json,
+            watch,
+            conn,
+        } => {
+            if watch {
+                return crate::watch::status(&conn, route.as_deref(), json).await;
+            }
             let api = Api::new(&conn);
             let v = match &route {
                 Some(r) => api.ok(Method::GET, &route_path(r, ""), None).await?,
@@ -378,8 +438,10 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
             };
             if json {
                 outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else if route.is_some() {
+            } else if let Some(r) = &route {
                 print_route(&v);
+                // The dashboard's page of this route (docs/dashboard.md).
+                outln!("dashboard: {}/ui/routes/{r}", api.base);
             } else {
                 print_table(v.as_array().map(Vec::as_slice).unwrap_or_default());
             }
@@ -388,6 +450,7 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
         AdminCmd::Weight {
             route,
             weight,
+            json,
             conn,
         } => {
             let v = Api::new(&conn)
@@ -397,6 +460,9 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                     Some(json!({ "weight": weight })),
                 )
                 .await?;
+            if json {
+                return Ok(print_json(&v));
+            }
             outln!(
                 "{route}: weight {} ({})",
                 pct(&v["weight"]),
@@ -406,7 +472,12 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
             );
             Ok(0)
         }
-        AdminCmd::Promote { route, full, conn } => {
+        AdminCmd::Promote {
+            route,
+            full,
+            json,
+            conn,
+        } => {
             let v = Api::new(&conn)
                 .ok(
                     Method::POST,
@@ -414,6 +485,9 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
                     Some(json!({ "full": full })),
                 )
                 .await?;
+            if json {
+                return Ok(print_json(&v));
+            }
             outln!(
                 "{route}: {} at {} (step {})",
                 v["phase"].as_str().unwrap_or("?"),
@@ -425,24 +499,32 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
         AdminCmd::Abort {
             route,
             reason,
+            json,
             conn,
         } => {
             let body = json!({ "reason": reason.unwrap_or_default() });
             let v = Api::new(&conn)
                 .ok(Method::POST, &route_path(&route, "/abort"), Some(body))
                 .await?;
+            if json {
+                return Ok(print_json(&v));
+            }
             outln!("{route}: aborted, weight {}", pct(&v["weight"]));
             Ok(0)
         }
-        AdminCmd::Pause { route, conn } => simple(&conn, &route, "pause").await,
-        AdminCmd::Resume { route, conn } => simple(&conn, &route, "resume").await,
-        AdminCmd::Retry { route, conn } => simple(&conn, &route, "retry").await,
+        AdminCmd::Pause { route, json, conn } => simple(&conn, &route, "pause", json).await,
+        AdminCmd::Resume { route, json, conn } => simple(&conn, &route, "resume", json).await,
+        AdminCmd::Retry { route, json, conn } => simple(&conn, &route, "retry", json).await,
         AdminCmd::Events {
             route,
             limit,
             json,
+            follow,
             conn,
         } => {
+            if follow {
+                return crate::watch::events(&conn, &route, limit, json).await;
+            }
             let v = Api::new(&conn)
                 .ok(
                     Method::GET,
@@ -466,15 +548,19 @@ async fn run(cmd: AdminCmd) -> Result<u8, String> {
             route,
             version,
             timeout,
+            json,
             conn,
-        } => wait(&conn, &route, version, timeout).await,
+        } => wait(&conn, &route, version, timeout, json).await,
     }
 }
 
-async fn simple(conn: &Conn, route: &str, verb: &str) -> Result<u8, String> {
+async fn simple(conn: &Conn, route: &str, verb: &str, json: bool) -> Result<u8, String> {
     let v = Api::new(conn)
         .ok(Method::POST, &route_path(route, &format!("/{verb}")), None)
         .await?;
+    if json {
+        return Ok(print_json(&v));
+    }
     outln!(
         "{route}: {} at {} (step {})",
         v["phase"].as_str().unwrap_or("?"),
@@ -482,6 +568,12 @@ async fn simple(conn: &Conn, route: &str, verb: &str) -> Result<u8, String> {
         step_text(&v)
     );
     Ok(0)
+}
+
+/// `--json` of a command: the route's new status as the API answered it.
+fn print_json(v: &Value) -> u8 {
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    0
 }
 
 /// What `wait` follows: the canary version a pipeline deployed.
@@ -539,14 +631,14 @@ impl WaitTarget {
                     0,
                     format!(
                         "{route}: promoted — {}",
-                        r["message"].as_str().unwrap_or("")
+                        printable(r["message"].as_str().unwrap_or(""))
                     ),
                 )),
                 Some("aborted") => Some((
                     1,
                     format!(
                         "{route}: aborted — {}",
-                        r["abort_reason"].as_str().unwrap_or("")
+                        printable(r["abort_reason"].as_str().unwrap_or(""))
                     ),
                 )),
                 Some(_) => None,
@@ -583,10 +675,11 @@ async fn wait(
     route: &str,
     version: Option<String>,
     timeout: Duration,
+    json: bool,
 ) -> Result<u8, String> {
     let api = Api::new(conn);
     let deadline = Instant::now() + timeout;
-    let mut last = String::new();
+    let mut view = crate::watch::WaitView::new(route, json);
     let mut target = WaitTarget {
         version,
         ..WaitTarget::default()
@@ -594,39 +687,26 @@ async fn wait(
     loop {
         match api.call(Method::GET, &route_path(route, ""), None).await {
             Ok((StatusCode::OK, r)) => {
-                let line = format!(
-                    "{route}: {}, step {}, weight {}, verdict {}, canary {}",
-                    r["phase"]
-                        .as_str()
-                        .unwrap_or(r["mode"].as_str().unwrap_or("-")),
-                    step_text(&r),
-                    pct(&r["weight"]),
-                    r["last_verdict"]["result"].as_str().unwrap_or("-"),
-                    r["canary_version"].as_str().unwrap_or("-"),
-                );
-                if line != last {
-                    outln!("{line}");
-                    last = line;
-                }
+                view.status(&r);
                 if let Some((code, msg)) = target.judge(route, &r)? {
-                    outln!("{msg}");
+                    view.done(code, &msg);
                     return Ok(code);
                 }
             }
             Ok((status, v)) => {
-                return Err(format!(
-                    "{} ({})",
+                return Err(crate::hint::answer(
+                    status.as_u16(),
                     v["error"].as_str().unwrap_or("error"),
-                    status.as_u16()
                 ))
             }
-            Err(e) => errln!("canary: {e}; retrying"),
+            Err(e) => view.note(&format!("canary: {e}; retrying")),
         }
         if Instant::now() >= deadline {
-            outln!(
+            let msg = format!(
                 "{route}: timed out after {}",
                 humantime::format_duration(timeout)
             );
+            view.done(2, &msg);
             return Ok(2);
         }
         tokio::time::sleep(
@@ -784,5 +864,17 @@ mod tests {
             line.contains("weight   manual 10% → manual 30%  r"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn an_abort_reason_with_a_newline_cannot_forge_a_journal_line() {
+        let pos = json!({"phase": "progressing", "step": 0, "weight": 10.0});
+        let forged =
+            "oops\n2026-12-05T08:00:00Z  promote  progressing 10% → promoted 100%  ok\u{1b}[2J";
+        let line = event_line(
+            &json!({"at_ms": 0, "kind": "abort", "from": pos, "to": pos, "reason": forged}),
+        );
+        assert!(!line.contains('\n') && !line.contains('\u{1b}'), "{line:?}");
+        assert!(line.ends_with("oops\\n2026-12-05T08:00:00Z  promote  progressing 10% → promoted 100%  ok\\u{1b}[2J"), "{line:?}");
     }
 }

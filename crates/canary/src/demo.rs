@@ -1,9 +1,10 @@
 //! `canary demo`: one process with two built-in upstreams (v1, v2), the proxy and
-//! controller in front of them, synthetic users, and a whole rollout in about a
-//! minute. The config goes through the same validation as a user's file.
+//! controller in front of them, synthetic users, and a whole rollout in about 35 s
+//! (four steps of 8 s, each also waiting for a passing verdict). The config goes
+//! through the same validation as a user's file.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -18,7 +19,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-use crate::cli::{verdict_text, Api, Conn};
+use crate::cli::{event_line, verdict_text, Api, Conn};
+use crate::output::printable;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -28,12 +30,13 @@ pub struct DemoArgs {
     /// Make v2 slow (about 60 ms instead of 1 ms), to watch the analysis catch a latency regression.
     #[arg(long)]
     slow_canary: bool,
-    /// Proxy listen address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// Admin API address.
-    #[arg(long, default_value = "127.0.0.1:9901")]
-    admin: SocketAddr,
+    /// Proxy listen address [default: 127.0.0.1:8080, or a free port when that is in
+    /// use]. Port 0: any free port. An address in use is an error.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Admin API address [default: 127.0.0.1:9901, or a free port when that is in use].
+    #[arg(long)]
+    admin: Option<SocketAddr>,
     /// Exit when the rollout has finished instead of serving until Ctrl-C.
     #[arg(long)]
     exit: bool,
@@ -80,7 +83,13 @@ async fn upstream(
     Ok(addr)
 }
 
-fn config_yaml(a: &DemoArgs, v1: SocketAddr, v2: SocketAddr, state: &std::path::Path) -> String {
+fn config_yaml(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    v1: SocketAddr,
+    v2: SocketAddr,
+    state: &std::path::Path,
+) -> String {
     format!(
         r#"# canary demo config (generated)
 listen: {listen}
@@ -114,9 +123,8 @@ routes:
         failure_limit: 2
       breaker:
         consecutive_failures: 5
+        min_clients: 1    # every synthetic user comes from 127.0.0.1: one client address
 "#,
-        listen = a.listen,
-        admin = a.admin,
         state = state.display(),
     )
 }
@@ -202,7 +210,85 @@ pub fn main(a: DemoArgs) -> ExitCode {
     }
 }
 
+/// The ports the demo listens on when none are given: free ones are taken instead when
+/// these are in use.
+const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
+const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9901);
+
+/// The address to serve `flag` on: `want` if given (port 0: any free port; in use: an
+/// error), else `default` if it is free, else any free port. Probed with a plain bind,
+/// which fails whenever anything listens there (also a `SO_REUSEPORT` listener of
+/// another `canary`), so the demo never sends its traffic into someone else's server.
+fn pick_addr(
+    flag: &str,
+    want: Option<SocketAddr>,
+    default: SocketAddr,
+) -> anyhow::Result<SocketAddr> {
+    let probe = |addr: SocketAddr| std::net::TcpListener::bind(addr).and_then(|l| l.local_addr());
+    match want {
+        Some(addr) => probe(addr).map_err(|e| {
+            anyhow::anyhow!(
+                "{flag} {addr}: {e} (another canary serve or demo?): choose another address, \
+                 or leave {flag} out to use a free port"
+            )
+        }),
+        None => probe(default)
+            .or_else(|_| probe(SocketAddr::new(default.ip(), 0)))
+            .map_err(|e| anyhow::anyhow!("{flag}: no free port on {}: {e}", default.ip())),
+    }
+}
+
+/// What the demo has started and must stop, whichever way it ends.
+#[derive(Default)]
+struct Running {
+    server: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )>,
+    load: Option<tokio::task::JoinHandle<()>>,
+}
+
 async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
+    // Ctrl-C or SIGTERM at any moment stops the demo through the same clean-up below
+    // (server stopped, temp dir removed), not by killing the process.
+    let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        crate::serve::shutdown_signal().await;
+        let _ = sig_tx.send(true);
+    });
+    let dir = tempfile::Builder::new().prefix("canary-demo-").tempdir()?;
+    let mut running = Running::default();
+    let mut interrupted = sig_rx.clone();
+    let result = tokio::select! {
+        r = demo(&a, dir.path(), &mut running, sig_rx) => r,
+        _ = interrupted.wait_for(|s| *s) => {
+            outln!("\ninterrupted");
+            Ok(ExitCode::FAILURE)
+        }
+    };
+    if let Some(load) = running.load.take() {
+        load.abort();
+    }
+    if let Some((stop, server)) = running.server.take() {
+        let _ = stop.send(());
+        let _ = server.await;
+    }
+    // The server has stopped, so nothing writes into the state directory any more.
+    let path = dir.path().to_path_buf();
+    if let Err(e) = dir.close() {
+        errln!("canary demo: cannot remove {}: {e}", path.display());
+    }
+    result
+}
+
+async fn demo(
+    a: &DemoArgs,
+    dir: &std::path::Path,
+    running: &mut Running,
+    mut interrupted: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<ExitCode> {
+    let listen = pick_addr("--listen", a.listen, DEFAULT_LISTEN)?;
+    let admin = pick_addr("--admin", a.admin, DEFAULT_ADMIN)?;
     let v2_failing = Arc::new(AtomicBool::new(false));
     let v1 = upstream(
         "v1",
@@ -216,41 +302,52 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         Duration::from_millis(1)
     };
     let v2 = upstream("v2", v2_failing.clone(), v2_delay).await?;
-    let dir = std::env::temp_dir().join(format!("canary-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
     let path = dir.join("canary.yaml");
-    std::fs::write(&path, config_yaml(&a, v1, v2, &dir.join("state")))?;
+    std::fs::write(
+        &path,
+        config_yaml(listen, admin, v1, v2, &dir.join("state")),
+    )?;
     let cfg = canary_config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn({
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn({
         let path = path.clone();
         async move {
-            crate::serve::run(&path, cfg, async {
-                let _ = stop_rx.await;
-            })
+            crate::serve::run(
+                &path,
+                cfg,
+                async {
+                    let _ = stop_rx.await;
+                },
+                Some(bound_tx),
+            )
             .await
         }
     });
-    let api = Api::new(&Conn::to(&format!("http://{}", a.admin)));
-    // Wait for the admin API (bounded).
-    let up = Instant::now();
-    while api.call(Method::GET, "/readyz", None).await.is_err() {
-        if server.is_finished() || up.elapsed() > Duration::from_secs(10) {
-            let _ = stop_tx.send(());
-            return match server.await {
-                Ok(Err(e)) => Err(e),
-                _ => Err(anyhow::anyhow!("the proxy did not start")),
-            };
+    // Go on only once this process has bound both addresses: an answer from whatever
+    // else listens there must never be taken for the demo's own.
+    tokio::select! {
+        b = bound_rx => {
+            if b.is_err() {
+                // The server ended before binding: its error says why.
+                return Err(match (&mut server).await {
+                    Ok(Err(e)) => e,
+                    _ => anyhow::anyhow!("the proxy did not start"),
+                });
+            }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        r = &mut server => {
+            return Err(match r {
+                Ok(Err(e)) => e,
+                _ => anyhow::anyhow!("the proxy did not start"),
+            });
+        }
     }
+    running.server = Some((stop_tx, server));
+    let api = Api::new(&Conn::to(&format!("http://{admin}")));
 
-    outln!(
-        "canary demo: v1 on {v1}, v2 on {v2}, proxy on {}, admin on {}",
-        a.listen,
-        a.admin
-    );
+    outln!("canary demo: v1 on {v1}, v2 on {v2}, proxy on {listen}, admin on {admin}");
     outln!("config: {}", path.display());
     outln!("rollout of v2: 10% → 25% → 50% → 100%, 8 s per step, analysis every 2 s against v1");
     if a.faulty_canary {
@@ -263,20 +360,20 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     outln!("try, in another terminal:");
     outln!(
         "  curl -si http://{}/ | grep -i x-canary-version          # which version served you",
-        a.listen
+        listen
     );
-    outln!("  curl -s -H 'x-user-id: alice' http://{}/                # the same user always gets the same version", a.listen);
+    outln!("  curl -s -H 'x-user-id: alice' http://{}/                # the same user always gets the same version", listen);
     outln!(
         "  curl -s -H 'x-canary: always' http://{}/                # a rule: straight to v2",
-        a.listen
+        listen
     );
     outln!(
         "  curl -s http://{}/metrics | grep canary_requests_total",
-        a.admin
+        admin
     );
     outln!(
         "  cargo run --release -- status web --admin http://{}",
-        a.admin
+        admin
     );
     outln!();
 
@@ -288,13 +385,24 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         last_v2_error: Default::default(),
     });
     let fault_at: Arc<std::sync::Mutex<Option<Instant>>> = Default::default();
-    let load = tokio::spawn(traffic(a.listen, stats.clone(), fault_at.clone()));
+    running.load = Some(tokio::spawn(traffic(
+        listen,
+        stats.clone(),
+        fault_at.clone(),
+    )));
     let start = Instant::now();
     let mut last_line = String::new();
     let mut outcome = None;
     let mut aborted_at = None;
     while start.elapsed() < Duration::from_secs(180) {
         tokio::time::sleep(Duration::from_millis(500)).await;
+        if running
+            .server
+            .as_ref()
+            .is_some_and(|(_, s)| s.is_finished())
+        {
+            anyhow::bail!("the proxy stopped during the demo");
+        }
         let Ok((StatusCode::OK, r)) = api.call(Method::GET, "/api/v1/routes/web", None).await
         else {
             continue;
@@ -336,19 +444,21 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     // Let in-flight requests land before counting what users saw.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    load.abort();
+    if let Some(load) = running.load.take() {
+        load.abort();
+    }
     outln!();
     match &outcome {
         Some(r) if r["phase"] == "promoted" => {
             outln!(
                 "v2 promoted: all users on v2. {}",
-                r["message"].as_str().unwrap_or("")
+                printable(r["message"].as_str().unwrap_or(""))
             );
         }
         Some(r) => {
             outln!(
                 "v2 rolled back: {}",
-                r["abort_reason"].as_str().unwrap_or("?")
+                printable(r["abort_reason"].as_str().unwrap_or("?"))
             );
             let first_err = stats.first_v2_error.lock().ok().and_then(|f| *f);
             let last_err = stats.last_v2_error.lock().ok().and_then(|l| *l);
@@ -363,11 +473,7 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         None => outln!("the rollout did not finish within 3 minutes"),
     }
-    outln!(
-        "{} synthetic requests sent. Journal: cargo run --release -- events web --admin http://{}",
-        stats.sent.load(Relaxed),
-        a.admin
-    );
+    outln!("{} synthetic requests sent.", stats.sent.load(Relaxed));
     // The exit code says whether the demo showed what it set out to show: a rollback
     // for the wrong reason (say, latency noise before the fault) is not a success.
     let reason = outcome
@@ -382,20 +488,55 @@ async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         promoted
     };
-    if !a.exit {
+    if a.exit {
+        // The admin API stops with the demo, so its journal is shown here rather than
+        // pointed at.
+        if let Ok((StatusCode::OK, events)) = api
+            .call(Method::GET, "/api/v1/routes/web/events", None)
+            .await
+        {
+            outln!("\nThe journal (canary events web):");
+            for e in events.as_array().into_iter().flatten() {
+                outln!("  {}", event_line(e));
+            }
+        }
+    } else {
         outln!(
-            "\nThe proxy keeps serving on {} (admin {}). Ctrl-C to stop.",
-            a.listen,
-            a.admin
+            "\nThe rollout is over; the proxy keeps serving on {listen} (admin {admin}) so you \
+             can look around:\n  cargo run --release -- events web --admin http://{admin}\n\
+             Ctrl-C to stop (`--exit` stops right after the rollout)."
         );
-        crate::serve::shutdown_signal().await;
+        let _ = interrupted.wait_for(|s| *s).await;
     }
-    let _ = stop_tx.send(());
-    let _ = server.await;
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(if expected {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_default_port_is_replaced_and_a_taken_chosen_one_is_an_error() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let picked = pick_addr("--listen", None, addr).expect("a free port instead");
+        assert_ne!(picked.port(), addr.port());
+        assert_ne!(picked.port(), 0);
+        let e = pick_addr("--listen", Some(addr), DEFAULT_LISTEN).expect_err("taken");
+        assert!(
+            e.to_string().starts_with(&format!("--listen {addr}: ")),
+            "{e}"
+        );
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        assert_ne!(
+            pick_addr("--admin", Some(any), DEFAULT_ADMIN)
+                .expect("free")
+                .port(),
+            0
+        );
+    }
 }

@@ -9,6 +9,7 @@
 //! code into an error. (The workspace forbids `unsafe`, so SIGPIPE stays ignored, as
 //! Rust sets it, and the error arrives here as `EPIPE`.)
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -21,11 +22,21 @@ static STDOUT: AtomicU8 = AtomicU8::new(OPEN);
 
 /// Writes one line to stdout (see the module docs for what happens on an error).
 pub fn line(args: fmt::Arguments<'_>) {
+    write(format_args!("{args}\n"));
+}
+
+/// Writes `text` to stdout as it is, without a newline: the live line of `wait` and
+/// `status --watch` redraws itself in place.
+pub fn raw(text: &str) {
+    write(format_args!("{text}"));
+}
+
+fn write(args: fmt::Arguments<'_>) {
     if STDOUT.load(Ordering::Relaxed) != OPEN {
         return;
     }
     let mut out = io::stdout().lock();
-    if let Err(e) = writeln!(out, "{args}").and_then(|()| out.flush()) {
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
         if e.kind() == io::ErrorKind::BrokenPipe {
             STDOUT.store(CLOSED, Ordering::Relaxed);
         } else {
@@ -39,6 +50,29 @@ pub fn line(args: fmt::Arguments<'_>) {
 /// nowhere left to report it).
 pub fn err_line(args: fmt::Arguments<'_>) {
     let _ = writeln!(io::stderr().lock(), "{args}");
+}
+
+/// `s` with every control character, and the bidirectional controls that reorder what
+/// a terminal shows, escaped as in Rust source (`\n`, `\u{1b}`, `\u{202e}`): text that
+/// came through the API (an abort reason) can neither forge a line of `canary events`
+/// nor drive the terminal. Backslashes stay as they are, so ordinary text prints as is.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(unsafe_char) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Whether some output could not be written for another reason than a closed pipe.
@@ -61,4 +95,21 @@ macro_rules! errln {
     ($($arg:tt)*) => {
         $crate::output::err_line(format_args!($($arg)*))
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn a_newline_or_escape_sequence_in_api_text_cannot_forge_a_line_or_reach_the_terminal() {
+        assert_eq!(printable("deploy 42 broke"), "deploy 42 broke");
+        assert_eq!(
+            printable("x\n2026-01-01T00:00:00Z  promote  forged"),
+            "x\\n2026-01-01T00:00:00Z  promote  forged"
+        );
+        assert_eq!(printable("\u{1b}[2J\r\t"), "\\u{1b}[2J\\r\\t");
+        assert_eq!(printable("abc\u{202e}fed"), "abc\\u{202e}fed");
+        assert_eq!(printable("naïve C:\\path"), "naïve C:\\path");
+    }
 }

@@ -422,6 +422,8 @@ async fn every_cli_verb_and_its_exit_codes() {
         out.contains("steps: *10% (3600s) → 50% (manual) → 100% (3600s)"),
         "{out}"
     );
+    let url = format!("dashboard: http://{}/ui/routes/web", c.admin);
+    assert!(out.lines().any(|l| l == url), "{out}");
     let out = ok(c.cli(&["status", "web", "--json"]).await);
     let v: Value = serde_json::from_str(&out).expect("status --json is JSON");
     assert_eq!(v["name"], "web");
@@ -890,28 +892,110 @@ async fn serve_refuses_a_non_loopback_admin_listener_without_a_token() {
     assert_eq!(r.unwrap().status, 200);
 }
 
-/// Runs `canary demo --exit` on free loopback ports: (exit code, stdout, stderr,
+/// Runs `canary demo --exit` on free loopback ports (port 0: the demo binds them
+/// itself, so no other test can take them in between): (exit code, stdout, stderr,
 /// seconds).
-///
-/// A port picked free can be taken before the demo binds it (the demos run side by
-/// side, each binding its own upstreams on port 0): that start-up failure is not
-/// what is tested, so it is retried on new ports, at most three times.
 async fn demo(extra: &[&str]) -> (i32, String, String, f64) {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let listen = format!("127.0.0.1:{}", free_port());
-        let admin = format!("127.0.0.1:{}", free_port());
-        let mut args = vec!["demo", "--exit", "--listen", &listen, "--admin", &admin];
-        args.extend_from_slice(extra);
-        let t = Instant::now();
-        let (code, out, err) = run_canary(&args, &[], None).await;
-        if code != 0 && err.contains("Address already in use") && attempt < 3 {
-            eprintln!("demo {extra:?}: a port was taken before it bound; retrying");
-            continue;
-        }
-        return (code, out, err, t.elapsed().as_secs_f64());
+    let mut args = vec![
+        "demo",
+        "--exit",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let t = Instant::now();
+    let (code, out, err) = run_canary(&args, &[], None).await;
+    (code, out, err, t.elapsed().as_secs_f64())
+}
+
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("read tmp")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_demo_whose_port_is_taken_fails_clearly_and_leaves_no_temp_dir() {
+    // Someone else (here a plain listener, in the report a `canary serve`) has the port.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tmp_s = tmp.path().to_string_lossy().into_owned();
+    for flag in ["--listen", "--admin"] {
+        let other = if flag == "--listen" {
+            "--admin"
+        } else {
+            "--listen"
+        };
+        let args = ["demo", "--exit", flag, &addr, other, "127.0.0.1:0"];
+        let (code, out, err) = run_canary(&args, &[("TMPDIR", &tmp_s)], None).await;
+        assert_eq!(code, 1, "{flag}: {out}\n{err}");
+        assert!(err.contains(&format!("{flag} {addr}")), "{flag}: {err}");
+        assert!(err.contains("in use"), "{flag}: {err}");
+        assert!(!out.contains("proxy on"), "{flag}: {out}");
+        assert_eq!(entries(tmp.path()), Vec::<String>::new(), "{flag}");
     }
+}
+
+/// Kills the child if the test fails before it exits.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn an_interrupted_demo_stops_and_removes_its_temp_dir() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_canary"))
+            .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .env("TMPDIR", tmp.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn canary demo"),
+    );
+    let stdout = child.0.stdout.take().expect("stdout");
+    let started = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.starts_with("canary demo: v1 on"))
+    })
+    .await
+    .expect("reader");
+    assert!(started, "the demo did not start");
+    assert_eq!(entries(tmp.path()).len(), 1, "the demo's temp dir");
+    let pid = child.0.id().to_string();
+    let killed = Command::new("kill").args(["-INT", &pid]).status();
+    assert!(killed.is_ok_and(|s| s.success()), "kill -INT {pid}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the demo did not stop on SIGINT");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "interrupted before the end: {status}"
+    );
+    assert_eq!(
+        entries(tmp.path()),
+        Vec::<String>::new(),
+        "temp dir left behind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -944,4 +1028,23 @@ async fn demo_promotes_v2_and_rolls_back_a_faulty_or_slow_canary_for_the_right_r
     assert_eq!(code, 0, "slow demo failed:\n{out}\n{err}");
     assert!(out.contains("v2 rolled back: analysis"), "{out}");
     assert!(out.contains("max_latency_increase"), "{out}");
+}
+
+#[tokio::test]
+async fn a_state_dir_deleted_while_serving_is_recreated_and_pause_tells_the_truth() {
+    let (_v1, _v2, mut c) = start().await;
+    let state = c.dir.path().join("state");
+    std::fs::remove_dir_all(&state).expect("rm -rf state_dir");
+    let (code, v) = post(&c, "/api/v1/routes/web/pause", "").await;
+    assert_eq!((code, v["phase"].as_str()), (200, Some("paused")), "{v}");
+    assert_eq!(v["unsaved"], Value::Null, "{v}");
+    assert!(
+        state.join("web.state.json").exists(),
+        "state_dir not recreated"
+    );
+    assert!(c.log().contains("recreated"), "{}", c.log());
+    // After a restart the pause is still there.
+    c.kill9();
+    c.restart().await;
+    assert_eq!(c.status("web").await["phase"], "paused");
 }

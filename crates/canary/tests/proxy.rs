@@ -1470,7 +1470,7 @@ async fn failing_instance_is_ejected_and_returns_after_the_back_off() {
     let a = Upstream::start("v1").await;
     let b = Upstream::start("v1").await;
     let body = format!(
-        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n    ejection: {{consecutive_failures: 3, base: 5s, max: 10s}}\n",
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n    ejection: {{consecutive_failures: 3, base: 5s, max: 10s, min_clients: 1}}\n",
         addrs(&[&a, &b])
     );
     let c = Canary::start(&body).await;
@@ -1685,11 +1685,11 @@ async fn canary_down_falls_back_to_stable_and_stable_down_is_a_short_502() {
     stable: {{version: v1, upstreams: {v1}}}
     canary: {{version: v2, upstreams: [\"{dead}\"]}}
     weight: 100
-    ejection: {{consecutive_failures: 2, base: 1m, max: 1m}}
+    ejection: {{consecutive_failures: 2, base: 1m, max: 1m, min_clients: 1}}
   - name: nostable
     path_prefix: /nostable
     stable: {{version: v1, upstreams: [\"{dead}\"]}}
-    ejection: {{consecutive_failures: 2, base: 1m, max: 1m}}
+    ejection: {{consecutive_failures: 2, base: 1m, max: 1m, min_clients: 1}}
 ",
         v1 = addrs(&[&v1]),
         v2 = addrs(&[&v2]),
@@ -2143,7 +2143,7 @@ async fn a_client_that_hangs_up_is_not_blamed_on_the_version() {
     let slow = Upstream::start("v1").await;
     slow.set_delay_ms(2_000);
     let body = format!(
-        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n    ejection: {{consecutive_failures: 1}}\n    timeouts: {{request: 1s}}\n",
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n    ejection: {{consecutive_failures: 1, min_clients: 1}}\n    timeouts: {{request: 1s}}\n",
         addrs(&[&slow])
     );
     let c = Canary::start(&body).await;
@@ -2186,7 +2186,7 @@ async fn a_client_that_hangs_up_is_not_blamed_on_the_version() {
 async fn a_client_that_sends_a_truncated_body_is_not_blamed_on_the_version() {
     let up = StreamUpstream::start().await;
     let body = format!(
-        "routes:\n  - name: h2\n    path_prefix: /h2\n    stable: {{version: v1, upstreams: [\"{a}\"], http2: true}}\n    ejection: {{consecutive_failures: 2, base: 1m, max: 1m}}\n  - name: web\n    stable: {{version: v1, upstreams: [\"{a}\"]}}\n    ejection: {{consecutive_failures: 2, base: 1m, max: 1m}}\n",
+        "routes:\n  - name: h2\n    path_prefix: /h2\n    stable: {{version: v1, upstreams: [\"{a}\"], http2: true}}\n    ejection: {{consecutive_failures: 2, base: 1m, max: 1m, min_clients: 1}}\n  - name: web\n    stable: {{version: v1, upstreams: [\"{a}\"]}}\n    ejection: {{consecutive_failures: 2, base: 1m, max: 1m, min_clients: 1}}\n",
         a = up.addr
     );
     let c = Canary::start(&body).await;
@@ -2244,7 +2244,7 @@ async fn a_client_that_sends_a_truncated_body_is_not_blamed_on_the_version() {
 async fn a_slow_upload_is_not_an_upstream_timeout() {
     let up = StreamUpstream::start().await;
     let body = format!(
-        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: [\"{}\"]}}\n    timeouts: {{request: 1s}}\n    ejection: {{consecutive_failures: 1, base: 1m, max: 1m}}\n",
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: [\"{}\"]}}\n    timeouts: {{request: 1s}}\n    ejection: {{consecutive_failures: 1, base: 1m, max: 1m, min_clients: 1}}\n",
         up.addr
     );
     let c = Canary::start(&body).await;
@@ -2871,6 +2871,16 @@ async fn metrics_pass_promtool_and_have_the_required_families() {
         );
     }
     assert_eq!(v("canary_fallbacks_total", &[web]), 0.0);
+    // Dashboards tell canary from stable by this join.
+    for (version, role) in [("v1", "stable"), ("v2", "canary")] {
+        assert_eq!(
+            v(
+                "canary_route_version_info",
+                &[web, ("version", version), ("role", role)]
+            ),
+            1.0
+        );
+    }
     assert_eq!(
         v("canary_config_reloads_total", &[("result", "success")]),
         0.0
@@ -2892,4 +2902,27 @@ async fn metrics_pass_promtool_and_have_the_required_families() {
             "no TYPE line for {family}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_nothing_says_so_instead_of_an_empty_changes_list() {
+    let a = Upstream::start("v1").await;
+    let body = format!(
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n",
+        addrs(&[&a])
+    );
+    let c = Canary::start(&body).await;
+    c.write_config(&body);
+    assert!(
+        c.wait_log("config reloaded: nothing changed", EVENTUALLY)
+            .await,
+        "{}",
+        c.log()
+    );
+    let log = c.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.ends_with("changes=") || l.contains("changes= ")),
+        "{log}"
+    );
 }

@@ -35,7 +35,7 @@ fn rollout_config(
     extra: &str,
 ) -> String {
     format!(
-        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n    canary: {{version: v2, upstreams: {}}}\n    sticky: {{header: x-user-id}}\n{extra}    rollout:\n      steps: {steps}\n      analysis: {analysis}\n      breaker: {{consecutive_failures: {breaker}}}\n",
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n    canary: {{version: v2, upstreams: {}}}\n    sticky: {{header: x-user-id}}\n{extra}    rollout:\n      steps: {steps}\n      analysis: {analysis}\n      breaker: {{consecutive_failures: {breaker}, min_clients: 1}}\n",
         addrs(&[v1]),
         addrs(&[v2]),
     )
@@ -706,7 +706,7 @@ async fn a_canary_pool_fully_ejected_aborts_as_canary_unhealthy_without_a_breake
         "[{weight: 50, pause: 1h}]",
         NO_ANALYSIS,
         0,
-        "    ejection: {consecutive_failures: 3, base: 30s, max: 1m}\n",
+        "    ejection: {consecutive_failures: 3, base: 30s, max: 1m, min_clients: 1}\n",
     );
     let c = Canary::start(&body).await;
     v2.set_status(502);
@@ -1019,4 +1019,79 @@ async fn a_manual_weight_survives_kill_9_until_the_file_weight_changes_or_the_ca
     c.wait_weight("web", 25.0).await;
     assert_last_weight_entry(&c, 100.0, 25.0, "canary version changed from v2 to v3").await;
     assert!(!weight_file.exists());
+}
+
+/// One GET to the proxy from the local address `from` (any 127.0.0.0/8 address is this
+/// host's on Linux), with sticky key `user` and the tester header: the status code.
+async fn get_from(c: &Canary, from: [u8; 4], user: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from((from, 0)))
+        .expect("bind a loopback address");
+    let mut s = socket.connect(c.listen).await.expect("connect");
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: web\r\nx-user-id: {user}\r\nx-canary: always\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("an answer")
+        .expect("read");
+    let head = String::from_utf8_lossy(&buf);
+    head.get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {head:?}"))
+}
+
+#[tokio::test]
+async fn one_client_with_many_sticky_keys_cannot_trip_the_breaker_or_eject_the_canary() {
+    let v1 = Upstream::start("v1").await;
+    let v2 = Upstream::start("v2").await;
+    // The defaults: breaker at 5 failures from 3 clients, ejection likewise.
+    let c = Canary::start(&format!(
+        "routes:\n  - name: web\n    stable: {{version: v1, upstreams: {}}}\n    canary: {{version: v2, upstreams: {}}}\n    sticky: {{header: x-user-id}}\n{TESTER_RULE}    rollout:\n      steps: [{{weight: 10, pause: 1h}}]\n      analysis: {NO_ANALYSIS}\n",
+        addrs(&[&v1]),
+        addrs(&[&v2]),
+    ))
+    .await;
+    // An endpoint that answers 500 to this client's input, whatever key it claims.
+    v2.set_status(500);
+    for i in 0..20 {
+        assert_eq!(
+            get_from(&c, [127, 0, 0, 1], &format!("attacker-{i}")).await,
+            500
+        );
+    }
+    let s = c.status("web").await;
+    assert_eq!(
+        s["phase"], "progressing",
+        "one client aborted the rollout: {s:#}"
+    );
+    assert_eq!(
+        s["canary_available"], true,
+        "one client ejected the canary: {s:#}"
+    );
+    assert!(
+        c.wait_log("breaker held", Duration::from_secs(10)).await,
+        "{}",
+        c.log()
+    );
+    // Two more clients (own address, own key) see it fail in the same run: that is
+    // the canary, and the breaker cuts it.
+    assert_eq!(get_from(&c, [127, 0, 0, 2], "bob").await, 500);
+    assert_eq!(get_from(&c, [127, 0, 0, 3], "carol").await, 500);
+    let s = c
+        .wait_status(
+            "web",
+            "aborted by the breaker",
+            Duration::from_secs(10),
+            |s| s["phase"] == "aborted",
+        )
+        .await;
+    assert_eq!(
+        s["abort_reason"], "breaker: 22 consecutive canary failures from 3 clients",
+        "{s:#}"
+    );
 }

@@ -9,7 +9,7 @@ use crate::model::{Config, PoolConfig, RouteConfig};
 
 /// A human summary of what changed from `old` to `new`, one entry per change.
 ///
-/// Changes to `listen`, `admin`, `workers`, `limits`, `state_dir` and
+/// Changes to `listen`, `admin`, `workers`, `limits`, `dashboard`, `state_dir` and
 /// `admin_token_env` are marked "(needs a restart)": they are only read when the
 /// process starts.
 pub fn diff(old: &Config, new: &Config) -> Vec<String> {
@@ -41,6 +41,9 @@ pub fn diff(old: &Config, new: &Config) -> Vec<String> {
     }
     if old.limits != new.limits {
         out.push(format!("limits changed {RESTART}"));
+    }
+    if old.dashboard != new.dashboard {
+        out.push(format!("dashboard changed {RESTART}"));
     }
 
     for r in &old.routes {

@@ -59,12 +59,49 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// `file:line:column: message` line).
 fn yaml_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
     let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+    if let serde_saphyr::Error::Budget { breach, .. } = e.without_snippet() {
+        return ConfigError::single(file, line, column, budget_text(breach));
+    }
     let message = UserMessageFormatter.format_message(e.without_snippet());
     let message: String = message
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     ConfigError::single(file, line, column, friendly(message.trim()))
+}
+
+/// A parser limit in words: serde-saphyr's own message ends in the breach's Rust debug
+/// form (`limits breached: Nodes { nodes: 250001 }`). The limits are serde-saphyr's
+/// defaults, far beyond any real config; they stop a hostile file from taking the
+/// process's memory or stack.
+fn budget_text(breach: &serde_saphyr::budget::BudgetBreach) -> String {
+    use serde_saphyr::budget::BudgetBreach as B;
+    let what = match breach {
+        B::Nodes { .. } => "more than 250000 YAML nodes (values, lists and mappings)".to_string(),
+        B::Events { .. } => "more than 1000000 YAML parser events".to_string(),
+        B::Depth { .. } => "lists or mappings nested more than 64 deep".to_string(),
+        B::Aliases { .. } => "more than 50000 aliases (`*name`)".to_string(),
+        B::Anchors { .. } => "more than 50000 anchors (`&name`)".to_string(),
+        B::Documents { .. } => "more than 1024 YAML documents".to_string(),
+        B::MergeKeys { .. } => "more than 10000 merge keys (`<<`)".to_string(),
+        B::AliasAnchorRatio { aliases, anchors } => {
+            format!("{aliases} aliases of only {anchors} anchors (an alias bomb?)")
+        }
+        B::ScalarBytes { .. } => "more than 64 MiB of text in values".to_string(),
+        B::InputBytes { .. } => "more than 256 MiB".to_string(),
+        _ => "a structure the YAML parser refuses as too large or too complex".to_string(),
+    };
+    format!("the file is too large or too complex for a config: {what}")
+}
+
+/// A number as an error message echoes it: as written for ordinary values, in
+/// exponent form from a billion on, so `1e308` is not echoed as its 309 digits.
+pub fn number_text(x: f64) -> String {
+    if x.abs() < 1e9 || !x.is_finite() {
+        x.to_string()
+    } else {
+        format!("{x:e}")
+    }
 }
 
 /// Says what was expected for serde-saphyr's terse number errors.

@@ -26,6 +26,8 @@ pub struct Config {
     pub workers: Option<usize>,
     /// Client-side limits (`limits`).
     pub limits: Limits,
+    /// The built-in dashboard and the admin listener's browser rules (`dashboard`).
+    pub dashboard: Dashboard,
     /// Routes in file order; the first match wins.
     pub routes: Vec<RouteConfig>,
 }
@@ -39,6 +41,32 @@ pub struct Limits {
     pub header_timeout_ms: u64,
     /// Most concurrent client connections (`max_connections`, default 10 000).
     pub max_connections: usize,
+    /// Longest wait for the next bytes of a request body a client is sending
+    /// (`body_timeout`, default 60 s, nginx's `client_body_timeout`).
+    pub body_timeout_ms: u64,
+    /// Longest wait for a client to take more of a response (`send_timeout`, default
+    /// 60 s, nginx's `send_timeout`).
+    pub send_timeout_ms: u64,
+    /// An HTTP/2 client connection with no open stream for this long is closed with
+    /// GOAWAY (`http2_idle_timeout`, default 60 s).
+    pub http2_idle_timeout_ms: u64,
+    /// What happens to a request field whose name holds `_`
+    /// (`headers_with_underscores`, default `drop`).
+    pub headers_with_underscores: Underscores,
+}
+
+/// What the proxy does with a request field whose name holds an underscore
+/// (`X_Forwarded_For`): CGI/WSGI-style backends fold `_` and `-` into one, so such a
+/// field could stand in for one the proxy sets or checks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Underscores {
+    /// Leave the field out of the upstream request (nginx's default).
+    #[default]
+    Drop,
+    /// Answer `400` (Envoy's edge setting).
+    Reject,
+    /// Pass it on (for backends that need such names and do not fold them).
+    Allow,
 }
 
 impl Default for Limits {
@@ -47,6 +75,36 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             header_timeout_ms: 10_000,
             max_connections: 10_000,
+            body_timeout_ms: 60_000,
+            send_timeout_ms: 60_000,
+            http2_idle_timeout_ms: 60_000,
+            headers_with_underscores: Underscores::Drop,
+        }
+    }
+}
+
+/// The dashboard on the admin listener, and which `Host` names that listener answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dashboard {
+    /// Serve the dashboard at `/ui/` (`enabled`, default true). The API is unchanged.
+    pub enabled: bool,
+    /// Show no mutation control in the page (`read_only`, default false). The API still
+    /// takes commands (with the token, when one is set).
+    pub read_only: bool,
+    /// Host names the admin listener answers besides `localhost`, `*.localhost` and IP
+    /// addresses (`allowed_hosts`): lower case, without port or trailing dot.
+    pub allowed_hosts: Vec<String>,
+    /// How far back the charts' history reaches (`history`, default 1 h, 1 m to 24 h).
+    pub history_ms: u64,
+}
+
+impl Default for Dashboard {
+    fn default() -> Self {
+        Dashboard {
+            enabled: true,
+            read_only: false,
+            allowed_hosts: Vec::new(),
+            history_ms: 3_600_000,
         }
     }
 }
@@ -103,6 +161,9 @@ pub struct Timeouts {
     pub connect_ms: u64,
     /// From sending the request to the response headers (`request`, default 30 s) → 504.
     pub request_ms: u64,
+    /// Longest wait for the next bytes of a response body the upstream is sending
+    /// (`idle`, default 60 s, nginx's `proxy_read_timeout`): the response is cut.
+    pub idle_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -110,6 +171,7 @@ impl Default for Timeouts {
         Timeouts {
             connect_ms: 1_000,
             request_ms: 30_000,
+            idle_ms: 60_000,
         }
     }
 }
@@ -124,6 +186,9 @@ pub struct Ejection {
     pub base_ms: u64,
     /// Longest ejection period (`max`, default 5 min).
     pub max_ms: u64,
+    /// Distinct clients the failures must come from (`min_clients`, default 3, at
+    /// most `consecutive_failures`); failures to connect count regardless.
+    pub min_clients: u32,
 }
 
 impl Default for Ejection {
@@ -132,6 +197,7 @@ impl Default for Ejection {
             consecutive_failures: 5,
             base_ms: 10_000,
             max_ms: 300_000,
+            min_clients: 3,
         }
     }
 }

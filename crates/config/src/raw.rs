@@ -163,13 +163,25 @@ raw_structs! {
         admin_token_env: S<String>,
         workers: S<i64>,
         limits: S<RawLimits>,
+        dashboard: S<RawDashboard>,
         routes: List<RawRoute>,
+    }
+
+    RawDashboard {
+        enabled: bool,
+        read_only: bool,
+        allowed_hosts: List<String>,
+        history: S<String>,
     }
 
     RawLimits {
         max_header_bytes: S<i64>,
         header_timeout: S<String>,
         max_connections: S<i64>,
+        headers_with_underscores: S<String>,
+        body_timeout: S<String>,
+        send_timeout: S<String>,
+        http2_idle_timeout: S<String>,
     }
 
     RawRoute {
@@ -236,12 +248,14 @@ raw_structs! {
     RawTimeouts {
         connect: S<String>,
         request: S<String>,
+        idle: S<String>,
     }
 
     RawEjection {
         consecutive_failures: S<i64>,
         base: S<String>,
         max: S<String>,
+        min_clients: S<i64>,
     }
 
     RawRollout {
@@ -269,6 +283,7 @@ raw_structs! {
 
     RawBreaker {
         consecutive_failures: S<i64>,
+        min_clients: S<i64>,
     }
 }
 

@@ -11,20 +11,24 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use canary_core::analysis::AnalysisSpec;
-use canary_core::rollout::{Pause, RolloutSpec, Step};
+use canary_core::rollout::{BreakerSpec, Pause, RolloutSpec, Step, MAX_MIN_CLIENTS};
 use canary_core::{Route, Rule, RuleMatch, Sticky, Target, Weight};
 use ipnet::IpNet;
 use serde_saphyr::Location;
 
 use crate::syntax::{
-    host_pattern, is_env_name, is_route_name, is_token, is_version, network, upstream,
+    host_pattern, is_dns_name, is_env_name, is_route_name, is_token, is_version, network, upstream,
 };
 
 use crate::error::{ConfigError, Diagnostic};
-use crate::model::{Config, Ejection, HealthCheck, Limits, PoolConfig, RouteConfig, Timeouts};
+use crate::model::{
+    Config, Dashboard, Ejection, HealthCheck, Limits, PoolConfig, RouteConfig, Timeouts,
+    Underscores,
+};
 use crate::raw::{
-    List, RawAnalysis, RawConfig, RawEjection, RawHealthCheck, RawLimits, RawPool, RawRollout,
-    RawRoute, RawRule, RawStep, RawSticky, RawTimeouts, StringList, UnknownKey, UnknownKeys, S,
+    List, RawAnalysis, RawConfig, RawDashboard, RawEjection, RawHealthCheck, RawLimits, RawPool,
+    RawRollout, RawRoute, RawRule, RawStep, RawSticky, RawTimeouts, StringList, UnknownKey,
+    UnknownKeys, S,
 };
 
 /// Default admin address (`admin`).
@@ -34,6 +38,11 @@ pub(crate) const DEFAULT_ADMIN: SocketAddr =
 pub(crate) const DEFAULT_STATE_DIR: &str = "./canary-state";
 /// Default rollout breaker (`rollout.breaker.consecutive_failures`).
 pub(crate) const DEFAULT_BREAKER_FAILURES: u32 = 5;
+/// Default distinct clients a failure run needs (`breaker.min_clients`,
+/// `ejection.min_clients`): more than one, so no single client trips the breaker or
+/// ejects an instance on purpose; few enough that a real outage on a quiet service
+/// still trips it within a handful of requests.
+pub(crate) const DEFAULT_MIN_CLIENTS: u32 = 3;
 /// Default analysis interval and window.
 pub(crate) const DEFAULT_ANALYSIS_INTERVAL_MS: u64 = 10_000;
 pub(crate) const DEFAULT_ANALYSIS_WINDOW_MS: u64 = 60_000;
@@ -42,6 +51,10 @@ pub(crate) const MIN_HEADER_BYTES: i64 = 1024;
 /// Largest accepted `limits.max_header_bytes` (1 GiB): the proxy keeps where a head's
 /// fields are as 32-bit offsets, and no head needs more.
 pub(crate) const MAX_HEADER_BYTES: i64 = 1 << 30;
+
+/// Bounds of `dashboard.history`.
+pub(crate) const MIN_HISTORY_MS: u64 = 60_000;
+pub(crate) const MAX_HISTORY_MS: u64 = 24 * 3_600_000;
 
 const DURATION_HINT: &str = "use e.g. 500ms, 30s, 1m or 1h 30m";
 
@@ -59,6 +72,7 @@ pub(crate) fn validate(file: &str, root: S<RawConfig>) -> Result<Config, ConfigE
         && raw.admin_token_env.is_none()
         && raw.workers.is_none()
         && raw.limits.is_none()
+        && raw.dashboard.is_none()
         && raw.routes.is_none()
         && raw.unknown.is_empty();
     if empty {
@@ -187,6 +201,11 @@ impl Checker {
             None => Limits::default(),
         };
 
+        let dashboard = match raw.dashboard {
+            Some(d) => self.dashboard(d.value),
+            None => Dashboard::default(),
+        };
+
         let routes = match raw.routes {
             None => {
                 self.err(
@@ -212,7 +231,50 @@ impl Checker {
             admin_token_env,
             workers,
             limits,
+            dashboard,
             routes,
+        }
+    }
+
+    fn dashboard(&mut self, raw: RawDashboard) -> Dashboard {
+        let d = Dashboard::default();
+        let mut allowed_hosts = Vec::new();
+        for (i, h) in raw
+            .allowed_hosts
+            .iter()
+            .flat_map(|l| l.value.iter())
+            .enumerate()
+        {
+            match allowed_host(&h.value) {
+                Ok(name) => allowed_hosts.push(name),
+                Err(why) => self.err(
+                    h.referenced,
+                    format!("dashboard.allowed_hosts[{i}]: {:?} {why}", h.value),
+                ),
+            }
+        }
+        let history_ms = match &raw.history {
+            Some(v) => {
+                let ms = self.duration("dashboard.history", v, false);
+                if ms != 0 && !(MIN_HISTORY_MS..=MAX_HISTORY_MS).contains(&ms) {
+                    self.err(
+                        v.referenced,
+                        format!(
+                            "dashboard.history: {:?} is out of range (from 1m to 24h; \
+                             memory grows with it, about 80 KB per canary route per hour)",
+                            v.value
+                        ),
+                    );
+                }
+                ms.clamp(MIN_HISTORY_MS, MAX_HISTORY_MS)
+            }
+            None => d.history_ms,
+        };
+        Dashboard {
+            enabled: raw.enabled.unwrap_or(d.enabled),
+            read_only: raw.read_only.unwrap_or(d.read_only),
+            allowed_hosts,
+            history_ms,
         }
     }
 
@@ -237,6 +299,24 @@ impl Checker {
                 d.header_timeout_ms,
                 false,
             ),
+            body_timeout_ms: self.duration_or(
+                "limits.body_timeout",
+                raw.body_timeout.as_ref(),
+                d.body_timeout_ms,
+                false,
+            ),
+            send_timeout_ms: self.duration_or(
+                "limits.send_timeout",
+                raw.send_timeout.as_ref(),
+                d.send_timeout_ms,
+                false,
+            ),
+            http2_idle_timeout_ms: self.duration_or(
+                "limits.http2_idle_timeout",
+                raw.http2_idle_timeout.as_ref(),
+                d.http2_idle_timeout_ms,
+                false,
+            ),
             max_connections: match &raw.max_connections {
                 Some(v) => self
                     .int(
@@ -248,6 +328,24 @@ impl Checker {
                     )
                     .map_or(d.max_connections, |n| n as usize),
                 None => d.max_connections,
+            },
+            headers_with_underscores: match &raw.headers_with_underscores {
+                Some(v) => match v.value.as_str() {
+                    "drop" => Underscores::Drop,
+                    "reject" => Underscores::Reject,
+                    "allow" => Underscores::Allow,
+                    other => {
+                        self.err(
+                            v.referenced,
+                            format!(
+                                "limits.headers_with_underscores: {other:?} is not one of \
+                                 drop, reject, allow"
+                            ),
+                        );
+                        d.headers_with_underscores
+                    }
+                },
+                None => d.headers_with_underscores,
             },
         }
     }
@@ -561,7 +659,7 @@ impl Checker {
                     v.referenced,
                     format!(
                         "{p}: {} is out of range (0–100, at most two decimals)",
-                        v.value
+                        crate::number_text(v.value)
                     ),
                 );
                 Weight::ZERO
@@ -861,6 +959,12 @@ impl Checker {
                 d.request_ms,
                 false,
             ),
+            idle_ms: self.duration_or(
+                &format!("{p}.timeouts.idle"),
+                r.idle.as_ref(),
+                d.idle_ms,
+                false,
+            ),
         }
     }
 
@@ -903,10 +1007,16 @@ impl Checker {
                 );
             }
         }
+        let min_clients = self.min_clients(
+            &format!("{p}.ejection"),
+            r.min_clients,
+            (consecutive_failures > 0).then_some(consecutive_failures),
+        );
         Ejection {
             consecutive_failures,
             base_ms,
             max_ms,
+            min_clients,
         }
     }
 
@@ -962,7 +1072,11 @@ impl Checker {
             ),
         };
 
-        let breaker_failures = match r.breaker.and_then(|b| b.value.consecutive_failures) {
+        let (failures, min_clients) = r
+            .breaker
+            .map(|b| (b.value.consecutive_failures, b.value.min_clients))
+            .unwrap_or_default();
+        let breaker_failures = match failures {
             Some(v) => self
                 .int(
                     &format!("{p}.breaker.consecutive_failures"),
@@ -974,14 +1088,47 @@ impl Checker {
                 .and_then(|n| (n > 0).then_some(n as u32)),
             None => Some(DEFAULT_BREAKER_FAILURES),
         };
+        let min_clients = self.min_clients(&format!("{p}.breaker"), min_clients, breaker_failures);
+        let breaker = breaker_failures.map(|consecutive_failures| BreakerSpec {
+            consecutive_failures,
+            min_clients,
+        });
 
         RolloutSpec {
             steps,
             analysis,
             interval_ms,
             window_ms,
-            breaker_failures,
+            breaker,
         }
+    }
+
+    /// `{p}.min_clients`: 1 to [`MAX_MIN_CLIENTS`], and no more than the failures of
+    /// the run (`failures`; `None` when the mechanism is off, then anything valid goes).
+    fn min_clients(&mut self, p: &str, v: Option<S<i64>>, failures: Option<u32>) -> u32 {
+        let Some(v) = v else {
+            return DEFAULT_MIN_CLIENTS.min(failures.unwrap_or(u32::MAX));
+        };
+        let Some(n) = self.int(
+            &format!("{p}.min_clients"),
+            &v,
+            1,
+            i64::from(MAX_MIN_CLIENTS),
+            "1 to 16 distinct clients; 1 lets a single client trip it",
+        ) else {
+            return DEFAULT_MIN_CLIENTS;
+        };
+        let n = n as u32;
+        if let Some(f) = failures.filter(|f| n > *f) {
+            self.err(
+                v.referenced,
+                format!(
+                    "{p}.min_clients: {n} is more than consecutive_failures ({f}); a run of {f} \
+                     failures cannot come from {n} clients"
+                ),
+            );
+        }
+        n
     }
 
     /// One rollout step, and whether its weight is valid (for the order check).
@@ -1085,7 +1232,7 @@ impl Checker {
                     format!(
                         "{p}.max_latency_increase: {} is out of range (a factor of at least \
                          1, e.g. 1.5 = canary p99 at most 50 % above stable's)",
-                        v.value
+                        crate::number_text(v.value)
                     ),
                 );
                 None
@@ -1168,7 +1315,7 @@ impl Checker {
                 v.referenced,
                 format!(
                     "{p}: {} is out of range (a fraction from 0 to 1, e.g. 0.01 = 1 %)",
-                    v.value
+                    crate::number_text(v.value)
                 ),
             );
             None
@@ -1237,6 +1384,34 @@ impl Checker {
             None => default_ms,
         }
     }
+}
+
+/// A `dashboard.allowed_hosts` entry: a DNS name, stored lower case without a trailing
+/// dot (the admin listener compares the `Host` header's name the same way).
+fn allowed_host(s: &str) -> Result<String, &'static str> {
+    if s.contains("://") || s.contains('/') {
+        return Err(
+            "is not a host name: give the name alone, without scheme or path \
+                    (e.g. canary.example.com)",
+        );
+    }
+    if s.contains(':') || s.contains('[') {
+        return Err(
+            "is not a host name: give the name without a port (any port is \
+                    accepted; IP addresses are always allowed)",
+        );
+    }
+    if s.starts_with("*.") {
+        return Err("is a wildcard; list each name the admin listener is reached by");
+    }
+    if s.parse::<IpAddr>().is_ok() {
+        return Err("is an IP address; IP addresses are always allowed, list names only");
+    }
+    if !is_dns_name(s) {
+        return Err("is not a host name (letters, digits, '-' and '.', e.g. \
+                    canary.example.com)");
+    }
+    Ok(s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase())
 }
 
 /// The allowed key nearest to a mistyped one, if it is near enough to be the intended

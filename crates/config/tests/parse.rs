@@ -4,10 +4,10 @@
 use std::net::SocketAddr;
 
 use canary_config::{
-    diff, load, parse, Config, ConfigError, Diagnostic, Ejection, Limits, Timeouts,
+    diff, load, parse, Config, ConfigError, Diagnostic, Ejection, Limits, Timeouts, Underscores,
 };
 use canary_core::analysis::AnalysisSpec;
-use canary_core::rollout::{Pause, Step};
+use canary_core::rollout::{BreakerSpec, Pause, Step};
 use canary_core::routing::HostMatch;
 use canary_core::{RuleMatch, Target, Weight};
 
@@ -63,7 +63,11 @@ fn full_example_parses_into_the_expected_values() {
         Limits {
             max_header_bytes: 16384,
             header_timeout_ms: 10_000,
-            max_connections: 10_000
+            max_connections: 10_000,
+            headers_with_underscores: Underscores::Drop,
+            body_timeout_ms: 20_000,
+            send_timeout_ms: 30_000,
+            http2_idle_timeout_ms: 300_000,
         }
     );
     assert_eq!(c.routes.len(), 2);
@@ -132,7 +136,8 @@ fn full_example_parses_into_the_expected_values() {
         web.timeouts,
         Timeouts {
             connect_ms: 1_000,
-            request_ms: 30_000
+            request_ms: 30_000,
+            idle_ms: 45_000
         }
     );
     assert_eq!(
@@ -140,7 +145,8 @@ fn full_example_parses_into_the_expected_values() {
         Ejection {
             consecutive_failures: 5,
             base_ms: 10_000,
-            max_ms: 300_000
+            max_ms: 300_000,
+            min_clients: 3
         }
     );
 
@@ -180,7 +186,13 @@ fn full_example_parses_into_the_expected_values() {
             failure_limit: 2,
         }
     );
-    assert_eq!(ro.breaker_failures, Some(5));
+    assert_eq!(
+        ro.breaker,
+        Some(BreakerSpec {
+            consecutive_failures: 5,
+            min_clients: 3
+        })
+    );
 
     let api = &c.routes[1];
     assert_eq!(api.route.name, "api");
@@ -219,7 +231,50 @@ fn rollout_defaults_and_disabled_breaker() {
     assert_eq!(ro.steps[0].pause, Pause::For(0));
     assert_eq!(ro.analysis, AnalysisSpec::default());
     assert_eq!((ro.interval_ms, ro.window_ms), (10_000, 60_000));
-    assert_eq!(ro.breaker_failures, None);
+    assert_eq!(ro.breaker, None);
+}
+
+#[test]
+fn one_client_cannot_trip_the_default_breaker_and_min_clients_is_checked() {
+    let rollout = |breaker: &str| {
+        format!("{BASE}    rollout:\n      steps: [{{weight: 10, pause: 0}}]\n      breaker: {breaker}\n")
+    };
+    let spec = |breaker: &str| {
+        ok(&rollout(breaker)).routes[0]
+            .rollout
+            .clone()
+            .unwrap()
+            .breaker
+    };
+    let b = |consecutive_failures, min_clients| {
+        Some(BreakerSpec {
+            consecutive_failures,
+            min_clients,
+        })
+    };
+    assert_eq!(spec("{}"), b(5, 3));
+    assert_eq!(spec("{consecutive_failures: 10, min_clients: 1}"), b(10, 1));
+    // Fewer failures than the default minimum: each may come from another client.
+    assert_eq!(spec("{consecutive_failures: 2}"), b(2, 2));
+    assert_eq!(spec("{consecutive_failures: 0, min_clients: 16}"), None);
+    for (bad, why) in [
+        ("{min_clients: 0}", "out of range (1 to 16 distinct clients"),
+        (
+            "{min_clients: 17}",
+            "out of range (1 to 16 distinct clients",
+        ),
+        (
+            "{consecutive_failures: 4, min_clients: 5}",
+            "min_clients: 5 is more than consecutive_failures (4)",
+        ),
+    ] {
+        let e = errors(&rollout(bad));
+        assert_eq!(e.len(), 1, "{bad}: {e:?}");
+        assert!(
+            e[0].contains("routes[0].rollout.breaker.min_clients") && e[0].contains(why),
+            "{bad}: {e:?}"
+        );
+    }
 }
 
 #[test]
@@ -378,6 +433,22 @@ fn bad_duration_points_at_the_value() {
         "7:16",
         "must be greater than 0",
     );
+    one_error(
+        &format!("{BASE}    timeouts: {{idle: 0s}}\n"),
+        "6:22",
+        "routes[0].timeouts.idle: must be greater than 0",
+    );
+    for (key, col) in [
+        ("body_timeout", "24"),
+        ("send_timeout", "24"),
+        ("http2_idle_timeout", "30"),
+    ] {
+        one_error(
+            &format!("limits: {{{key}: soon}}\n{BASE}"),
+            &format!("1:{col}"),
+            &format!("limits.{key}: \"soon\" is not a duration"),
+        );
+    }
 }
 
 #[test]
@@ -645,4 +716,101 @@ fn header_limit_is_between_1_kib_and_1_gib() {
     for n in [1023, (1 << 30) + 1, i64::from(u32::MAX)] {
         one_error(&limit(n), "2:21", "limits.max_header_bytes");
     }
+}
+
+#[test]
+fn dashboard_defaults_and_values() {
+    let d = ok(BASE).dashboard;
+    assert_eq!(d, canary_config::Dashboard::default());
+    assert!(d.enabled && !d.read_only && d.allowed_hosts.is_empty());
+    assert_eq!(d.history_ms, 3_600_000);
+    let c = ok(&format!(
+        "dashboard:\n  enabled: false\n  read_only: true\n  allowed_hosts: [Canary.Example.com, \"ops.internal.\"]\n  history: 15m\n{BASE}"
+    ));
+    assert!(!c.dashboard.enabled && c.dashboard.read_only);
+    assert_eq!(
+        c.dashboard.allowed_hosts,
+        ["canary.example.com", "ops.internal"]
+    );
+    assert_eq!(c.dashboard.history_ms, 900_000);
+}
+
+#[test]
+fn bad_allowed_hosts_point_at_the_entry() {
+    let hosts = |h: &str| format!("dashboard:\n  allowed_hosts: [ok.example, {h}]\n{BASE}");
+    one_error(
+        &hosts("\"https://canary.example\""),
+        "2:31",
+        "without scheme",
+    );
+    one_error(&hosts("\"canary.example:9901\""), "2:31", "without a port");
+    one_error(&hosts("\"*.example.com\""), "2:31", "wildcard");
+    one_error(
+        &hosts("10.0.0.1"),
+        "2:31",
+        "IP addresses are always allowed",
+    );
+    one_error(&hosts("\"bad name\""), "2:31", "dashboard.allowed_hosts[1]");
+    let history = |h: &str| format!("dashboard:\n  history: {h}\n{BASE}");
+    one_error(&history("10s"), "2:12", "from 1m to 24h");
+    one_error(&history("25h"), "2:12", "dashboard.history");
+    one_error(&history("soon"), "2:12", "not a duration");
+    one_error(
+        &format!("dashboard:\n  read_onyl: true\n{BASE}"),
+        "2:3",
+        "did you mean `read_only`?",
+    );
+}
+
+#[test]
+fn a_yaml_over_the_parser_budget_is_named_in_words_not_rust_debug() {
+    // Nesting is the cheapest limit to reach (250000 nodes take seconds in a debug
+    // build); every limit goes through the same words (`budget_text`).
+    let yaml = format!(
+        "listen: 127.0.0.1:8080\nx: {}1{}\n",
+        "[".repeat(70),
+        "]".repeat(70)
+    );
+    let e = errors(&yaml);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(!e[0].contains('{') && !e[0].contains("Depth"), "{}", e[0]);
+    assert!(
+        e[0].contains(
+            "too large or too complex for a config: lists or mappings nested more than 64 deep"
+        ),
+        "{}",
+        e[0]
+    );
+}
+
+#[test]
+fn diff_reports_a_dashboard_change_as_needing_a_restart() {
+    let old = ok(BASE);
+    let new = ok(&format!("dashboard: {{read_only: true}}\n{BASE}"));
+    assert_eq!(diff(&old, &new), ["dashboard changed (needs a restart)"]);
+}
+
+#[test]
+fn a_huge_number_is_echoed_in_exponent_form_not_309_digits() {
+    let e = errors(&format!("{BASE}    weight: 1e308\n"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("routes[0].weight: 1e308 is out of range"),
+        "{}",
+        e[0]
+    );
+}
+
+#[test]
+fn headers_with_underscores_is_drop_reject_or_allow() {
+    let limit = |v: &str| format!("limits:\n  headers_with_underscores: {v}\n{BASE}");
+    assert_eq!(ok(BASE).limits.headers_with_underscores, Underscores::Drop);
+    for (v, want) in [
+        ("drop", Underscores::Drop),
+        ("reject", Underscores::Reject),
+        ("allow", Underscores::Allow),
+    ] {
+        assert_eq!(ok(&limit(v)).limits.headers_with_underscores, want);
+    }
+    one_error(&limit("ignore"), "2:29", "drop, reject, allow");
 }

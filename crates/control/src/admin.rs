@@ -21,12 +21,42 @@ use serde_json::json;
 
 use crate::controller::{Command, ControlError, Controller};
 
+#[cfg(test)]
+mod dashboard_tests;
+pub mod guard;
+mod series;
+pub mod stream;
+pub mod ui;
+
 /// Shared state of the admin handlers.
 #[derive(Clone)]
 pub struct Admin {
     pub controller: Arc<Controller>,
     /// The bearer token mutating calls need; `None` = no token required.
     pub token: Option<Arc<str>>,
+    /// The `Host` names answered besides localhost and IP addresses ([`guard`]).
+    pub hosts: Arc<guard::HostPolicy>,
+    /// The dashboard's settings (`dashboard` in the config).
+    pub dashboard: canary_config::Dashboard,
+    /// Set to true when `serve` stops: every open [`stream`] ends.
+    pub stop: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Open streams, at most [`stream::MAX_STREAMS`].
+    pub streams: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Admin {
+    /// The admin state with the defaults: no token, no extra host names, the dashboard
+    /// on, its own stop signal.
+    pub fn new(controller: Arc<Controller>) -> Admin {
+        Admin {
+            controller,
+            token: None,
+            hosts: Arc::default(),
+            dashboard: canary_config::Dashboard::default(),
+            stop: Arc::new(tokio::sync::watch::channel(false).0),
+            streams: Arc::default(),
+        }
+    }
 }
 
 /// An API error: a status and a message, sent as `{"error": "..."}`.
@@ -45,6 +75,7 @@ impl From<ControlError> for ApiError {
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
             ControlError::Conflict(_) => StatusCode::CONFLICT,
             ControlError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::NotSaved(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, e.to_string())
     }
@@ -53,6 +84,10 @@ impl From<ControlError> for ApiError {
 /// The largest request body the admin API reads (axum's default, made explicit so the
 /// error message and the docs can name it). Command bodies are a few bytes.
 pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// The longest abort reason accepted, in characters: it is stored in the state file,
+/// journaled and printed on one line, and a reason is a sentence, not a document.
+pub const MAX_REASON_CHARS: usize = 256;
 
 /// Builds the admin router.
 pub fn router(admin: Admin) -> Router {
@@ -69,6 +104,10 @@ pub fn router(admin: Admin) -> Router {
         .route("/api/v1/routes/{name}/pause", post(pause))
         .route("/api/v1/routes/{name}/resume", post(resume))
         .route("/api/v1/routes/{name}/retry", post(retry))
+        .route("/api/v1/routes/{name}/series", get(series::series))
+        .route("/api/v1/stream", get(stream::stream))
+        .route("/api/v1/info", get(ui::info))
+        .merge(ui::routes(admin.dashboard.enabled))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError(
@@ -77,6 +116,11 @@ pub fn router(admin: Admin) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // Outermost: no route, fallback included, is reached without the browser rules.
+        .layer(axum::middleware::from_fn_with_state(
+            admin.hosts.clone(),
+            guard::guard,
+        ))
         .with_state(admin)
 }
 
@@ -221,7 +265,10 @@ async fn set_weight(
     let w = Weight::from_percent(w).ok_or_else(|| {
         ApiError(
             StatusCode::BAD_REQUEST,
-            format!("weight {w} is out of range (0–100, at most two decimals)"),
+            format!(
+                "weight {} is out of range (0–100, at most two decimals)",
+                canary_config::number_text(w)
+            ),
         )
     })?;
     run(&a, &headers, &name, Command::SetWeight(w)).await
@@ -260,6 +307,13 @@ async fn abort(
 ) -> Result<Response, ApiError> {
     authorize(&a, &headers)?;
     let AbortBody { reason } = body(b)?;
+    let n = reason.chars().count();
+    if n > MAX_REASON_CHARS {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("abort reason is {n} characters long; at most {MAX_REASON_CHARS} are accepted"),
+        ));
+    }
     let reason = if reason.trim().is_empty() {
         "aborted by user".to_string()
     } else {
@@ -334,8 +388,8 @@ routes:
         let cfg = canary_config::parse("test.yaml", CONFIG).expect("config");
         c.apply(&cfg).expect("apply");
         let a = Admin {
-            controller: Arc::new(c),
             token: token.map(Arc::from),
+            ..Admin::new(Arc::new(c))
         };
         (dir, router(a))
     }
@@ -354,7 +408,10 @@ routes:
     }
 
     fn req(method: &str, path: &str, body: Vec<u8>, token: Option<&str>) -> Request<Body> {
-        let mut b = Request::builder().method(method).uri(path);
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "127.0.0.1:9901");
         if let Some(t) = token {
             b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -449,6 +506,44 @@ routes:
         );
     }
 
+    #[tokio::test]
+    async fn an_abort_reason_over_256_characters_is_a_400_and_aborts_nothing() {
+        let (_dir, r) = admin(None);
+        let path = "/api/v1/routes/web/abort";
+        let long = serde_json::to_vec(&json!({ "reason": "é".repeat(257) })).expect("json");
+        let (status, v) = call(&r, req("POST", path, long, None)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(
+            v["error"],
+            "abort reason is 257 characters long; at most 256 are accepted"
+        );
+        let (_, v) = call(&r, req("GET", "/api/v1/routes/web", vec![], None)).await;
+        assert_eq!(v["phase"], "progressing", "{v}");
+        // 256 characters (512 bytes) are accepted, kept whole and stored as sent.
+        let reason = format!("{}\n", "é".repeat(255));
+        let ok = serde_json::to_vec(&json!({ "reason": reason })).expect("json");
+        let (status, v) = call(&r, req("POST", path, ok, None)).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["abort_reason"], format!("user: {reason}"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn a_huge_weight_is_echoed_in_exponent_form_not_309_digits() {
+        let (_dir, r) = admin(None);
+        let path = "/api/v1/routes/web/weight";
+        let (status, v) = call(&r, req("PUT", path, br#"{"weight": 1e308}"#.to_vec(), None)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(
+            v["error"],
+            "weight 1e308 is out of range (0–100, at most two decimals)"
+        );
+        let (_, v) = call(&r, req("PUT", path, br#"{"weight": 150}"#.to_vec(), None)).await;
+        assert_eq!(
+            v["error"],
+            "weight 150 is out of range (0–100, at most two decimals)"
+        );
+    }
+
     /// Regression: serde reads a struct from a JSON array, so `[30]` set the weight.
     #[tokio::test]
     async fn a_json_array_is_not_a_body() {
@@ -482,6 +577,54 @@ routes:
                     .as_str()
                     .unwrap_or_default()
                     .contains("unknown field"),
+                "{v}"
+            );
+        }
+    }
+
+    /// Regression (issue 14): a page on another origin aborted a rollout with a
+    /// `no-cors` text/plain POST, and a rebound host name read the route list.
+    #[tokio::test]
+    async fn a_cross_site_abort_and_a_rebound_read_are_refused_token_or_not() {
+        for token in [None, Some("t0ken")] {
+            let (_dir, r) = admin(token);
+            for (name, value) in [
+                ("origin", "http://evil.example:18000"),
+                ("sec-fetch-site", "cross-site"),
+            ] {
+                let mut q = req(
+                    "POST",
+                    "/api/v1/routes/web/abort",
+                    br#"{"reason":"x"}"#.to_vec(),
+                    token,
+                );
+                q.headers_mut()
+                    .insert(name, value.parse().expect("header value"));
+                q.headers_mut()
+                    .insert(header::CONTENT_TYPE, "text/plain".parse().expect("value"));
+                let (status, v) = call(&r, q).await;
+                assert_eq!(status, StatusCode::FORBIDDEN, "{token:?} {name}: {v}");
+            }
+            let mut q = req("GET", "/api/v1/routes", vec![], None);
+            q.headers_mut()
+                .insert(header::HOST, "rebind.example:9901".parse().expect("value"));
+            let (status, v) = call(&r, q).await;
+            assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{v}");
+            assert!(v["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("rebind.example"));
+            // Nothing changed, and the CLI's own request still works.
+            let (status, v) = call(&r, req("GET", "/api/v1/routes/web", vec![], None)).await;
+            assert_eq!(
+                (status, v["phase"].as_str()),
+                (StatusCode::OK, Some("progressing"))
+            );
+            let (status, v) =
+                call(&r, req("POST", "/api/v1/routes/web/pause", vec![], token)).await;
+            assert_eq!(
+                (status, v["phase"].as_str()),
+                (StatusCode::OK, Some("paused")),
                 "{v}"
             );
         }

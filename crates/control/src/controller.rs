@@ -8,17 +8,22 @@
 //! The lock here is never taken on the request path.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use canary_config::{Config, RouteConfig};
-use canary_core::analysis::{judge, Verdict, VerdictResult, VersionWindow};
+use canary_core::analysis::{
+    checks, judge, AnalysisSpec, Check, Verdict, VerdictResult, VersionWindow,
+};
 use canary_core::rollout::{self, Event, Input, Pause, Phase, Position, RolloutSpec, RolloutState};
 use canary_core::Weight;
 use canary_proxy::expo::{Exposition, Kind};
 use canary_proxy::{DataPlaneEvent, RouteRuntime};
 use serde::Serialize;
 
+use crate::history::{self, History, PointView};
+use crate::live::{Live, Update};
 use crate::plane::DataPlane;
 use crate::store::{ManualWeight, Store, StoreError};
 
@@ -62,8 +67,19 @@ pub enum ControlError {
     #[error("{0}")]
     Conflict(String),
     /// The state directory could not be read or written (500).
+    // No `#[from]`: that would make the store error this one's `source()` too, and a
+    // chain printer (anyhow's `{:#}`) would print it twice.
     #[error("state store: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
+    /// A change that could not be saved was not made (see `Controller::commit`).
+    #[error("nothing changed: the new state could not be saved: {0}")]
+    NotSaved(StoreError),
+}
+
+impl From<StoreError> for ControlError {
+    fn from(e: StoreError) -> Self {
+        ControlError::Store(e)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -84,7 +100,18 @@ struct RouteCtl {
     last_verdict_ms: u64,
     verdicts: [u64; 3],
     aborts: BTreeMap<&'static str, u64>,
+    /// The state in memory is not the one on disk: the error of the last attempt to
+    /// save it and when that was (wall ms). The controller tries again every
+    /// [`SAVE_RETRY_MS`] until it is saved.
+    unsaved: Option<(String, u64)>,
+    /// The dashboard's chart points (routes with a canary).
+    history: History,
+    /// What live viewers last saw of the status, to send only changes.
+    seen: Option<String>,
 }
+
+/// How often an unsaved rollout state is written again.
+const SAVE_RETRY_MS: u64 = 5_000;
 
 #[derive(Default)]
 struct Inner {
@@ -92,6 +119,8 @@ struct Inner {
     applied: bool,
     reloads_ok: u64,
     reloads_failed: u64,
+    /// `dashboard.history` of the applied config.
+    history_ms: u64,
 }
 
 /// The controller; cheap to share behind an `Arc`.
@@ -100,6 +129,9 @@ pub struct Controller {
     proxy: Arc<dyn DataPlane>,
     store: Store,
     inner: Mutex<Inner>,
+    /// Writes to the state directory that failed (state files and journal).
+    write_failures: AtomicU64,
+    live: Live,
 }
 
 /// One step of a plan, as the API shows it.
@@ -140,6 +172,9 @@ pub struct RouteStatus {
     pub abort_reason: Option<String>,
     /// Whether the breaker holds canary traffic at 0 now.
     pub breaker_tripped: bool,
+    /// Why the route's current state is not saved in `state_dir` (it holds in memory
+    /// and is written again every few seconds); `None` when it is saved.
+    pub unsaved: Option<String>,
     /// Whether the canary can take requests; `None` without a canary.
     pub canary_available: Option<bool>,
     /// Canary-bound requests sent to stable for lack of an available canary.
@@ -148,6 +183,127 @@ pub struct RouteStatus {
     pub make_stable: Option<String>,
     /// What the route is doing and what to do next, in a sentence.
     pub message: String,
+    /// The commands the API accepts now (`promote`, `promote_full`, `pause`, `resume`,
+    /// `abort`, `retry`, `weight`): each is one the rollout's state machine would not
+    /// refuse with 409, so the dashboard never copies the rules.
+    pub actions: Vec<&'static str>,
+    /// The rollout's analysis settings (`null` without a rollout).
+    pub analysis: Option<AnalysisView>,
+    /// Every check of `last_verdict`, with canary value, stable value, limit and result.
+    pub last_verdict_checks: Vec<Check>,
+    /// Each instance of each pool.
+    pub pools: Pools,
+}
+
+/// A rollout's analysis settings, as the API shows them.
+#[derive(Clone, Debug, Serialize)]
+pub struct AnalysisView {
+    pub interval_ms: u64,
+    pub window_ms: u64,
+    pub min_requests: u64,
+    pub max_error_rate: Option<f64>,
+    pub max_p99_latency_ms: Option<f64>,
+    pub max_error_rate_increase: Option<f64>,
+    pub max_latency_increase: Option<f64>,
+    pub latency_noise_floor_ms: f64,
+    pub failure_limit: u32,
+    /// `breaker.consecutive_failures`; `null` when the breaker is off.
+    pub breaker_failures: Option<u32>,
+    /// `breaker.min_clients`; `null` when the breaker is off.
+    pub breaker_min_clients: Option<u32>,
+}
+
+impl AnalysisView {
+    fn of(r: &RolloutSpec) -> AnalysisView {
+        let a: &AnalysisSpec = &r.analysis;
+        AnalysisView {
+            interval_ms: r.interval_ms,
+            window_ms: r.window_ms,
+            min_requests: a.min_requests,
+            max_error_rate: a.max_error_rate,
+            max_p99_latency_ms: a.max_p99_latency_ms,
+            max_error_rate_increase: a.max_error_rate_increase,
+            max_latency_increase: a.max_latency_increase,
+            latency_noise_floor_ms: a.latency_noise_floor_ms,
+            failure_limit: a.failure_limit,
+            breaker_failures: r.breaker.map(|b| b.consecutive_failures),
+            breaker_min_clients: r.breaker.map(|b| b.min_clients),
+        }
+    }
+}
+
+/// The instances of a route's pools.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Pools {
+    pub stable: Vec<InstanceView>,
+    pub canary: Vec<InstanceView>,
+}
+
+/// One instance: whether it takes requests, and why not.
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceView {
+    pub upstream: String,
+    /// Takes requests now (not ejected, health check passing).
+    pub available: bool,
+    /// Held out by passive ejection.
+    pub ejected: bool,
+    /// The active health check's view (true without a health check).
+    pub check_healthy: bool,
+    pub ejections: u64,
+}
+
+pub(crate) fn instances(pool: Option<&canary_proxy::pool::Pool>, mono: u64) -> Vec<InstanceView> {
+    pool.map(|p| {
+        p.instances
+            .iter()
+            .map(|i| InstanceView {
+                upstream: i.addr.clone(),
+                available: i.available(mono),
+                ejected: i.ejected(mono),
+                check_healthy: i.check_healthy(),
+                ejections: i.ejections_total(),
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// A route's chart data, as `GET /api/v1/routes/{name}/series` sends it.
+#[derive(Debug, Serialize)]
+pub struct Series {
+    pub route: String,
+    pub step_ms: u64,
+    /// The trailing window of `error_rate` and `p*_ms`.
+    pub analysis_window_ms: u64,
+    /// How far back the ring reaches (`dashboard.history`).
+    pub history_ms: u64,
+    #[serde(flatten)]
+    pub columns: history::Columns,
+    pub verdicts: Vec<history::VerdictMark>,
+}
+
+/// The commands the state machine accepts for this rollout now: tried on the pure
+/// `rollout::step`, which is where the 409 rules live.
+fn rollout_actions(s: &RolloutState, spec: &RolloutSpec, now: u64) -> Vec<&'static str> {
+    let tries: [(&'static str, Input); 7] = [
+        ("promote", Input::Promote { full: false }),
+        ("promote_full", Input::Promote { full: true }),
+        ("pause", Input::Pause),
+        ("resume", Input::Resume),
+        (
+            "abort",
+            Input::Abort {
+                reason: String::new(),
+            },
+        ),
+        ("retry", Input::Retry),
+        ("weight", Input::SetWeight(Weight::ZERO)),
+    ];
+    tries
+        .into_iter()
+        .filter(|(_, input)| rollout::step(s, spec, input.clone(), now).is_ok())
+        .map(|(name, _)| name)
+        .collect()
 }
 
 fn abort_category(reason: &str) -> &'static str {
@@ -186,6 +342,8 @@ impl Controller {
             proxy,
             store,
             inner: Mutex::new(Inner::default()),
+            write_failures: AtomicU64::new(0),
+            live: Live::default(),
         }
     }
 
@@ -196,6 +354,23 @@ impl Controller {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// A new live viewer of status changes, chart points and journal entries.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Update> {
+        self.live.subscribe()
+    }
+
+    /// Appends to a route's journal and tells live viewers.
+    /// Live viewers hear of the entries even when the disk fails: the change they
+    /// describe stands (the failed write is logged and counted by the caller).
+    fn journal(&self, route: &str, events: &[Event]) -> Result<(), StoreError> {
+        let written = self.store.append(route, events);
+        for e in events {
+            self.live
+                .send(Update::Event(route.to_string(), Arc::new(e.clone())));
+        }
+        written
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -219,6 +394,8 @@ impl Controller {
         self.proxy.apply(config);
         let mut inner = self.lock();
         let first = !inner.applied;
+        inner.history_ms = config.dashboard.history_ms;
+        let history_ms = inner.history_ms;
         let mut old: Vec<RouteCtl> = std::mem::take(&mut inner.routes);
         let mut routes = Vec::with_capacity(config.routes.len());
         // The first error; every route is applied regardless.
@@ -241,6 +418,7 @@ impl Controller {
                             == rc.canary.as_ref().map(|c| &c.version);
                     if !same_versions {
                         p.samples.clear();
+                        p.history.clear();
                     }
                     p.cfg = rc.clone();
                     p.runtime = runtime;
@@ -250,7 +428,11 @@ impl Controller {
                     let loaded = self
                         .store
                         .load_manual(&name)
-                        .and_then(|m| Ok((m, self.store.load(&name)?)));
+                        .and_then(|m| Ok((m, self.store.load(&name)?)))
+                        .and_then(|(m, s)| {
+                            self.check_loaded(rc, s.as_ref(), now)?;
+                            Ok((m, s))
+                        });
                     let (manual, rollout) = match loaded {
                         Ok(l) => l,
                         Err(e) => {
@@ -276,6 +458,9 @@ impl Controller {
                         last_verdict_ms: 0,
                         verdicts: [0; 3],
                         aborts: BTreeMap::new(),
+                        unsaved: None,
+                        history: History::new(history_ms),
+                        seen: None,
                     };
                     (ctl, before)
                 }
@@ -359,14 +544,8 @@ impl Controller {
                         tracing::info!(route = %name, phase = s.phase.as_str(), step = s.step, weight = %s.weight(), "resuming persisted rollout");
                     }
                     // A breaker trip not yet seen by the event loop must not be undone.
-                    if ctl.runtime.tripped() && s.phase.is_active() {
-                        let failures = ctl
-                            .cfg
-                            .rollout
-                            .as_ref()
-                            .and_then(|r| r.breaker_failures)
-                            .unwrap_or(0);
-                        let out = rollout::step(s, spec, Input::Breaker { failures }, now)
+                    if let Some(trip) = pending_trip(ctl) {
+                        let out = rollout::step(s, spec, trip, now)
                             .map_err(|e| ControlError::Conflict(e.0))?;
                         events.extend(out.events);
                         ctl.rollout = Some(out.state);
@@ -461,10 +640,67 @@ impl Controller {
         // The data plane first, as in `commit`: a failing disk must not leave the
         // weight of the old config in place.
         sync_runtime(ctl, fresh || first);
-        persisted
-            .and(self.store.append(&name, &events))
-            .and(self.store.save(&name, ctl.rollout.as_ref()))?;
+        let journaled = self.wrote(persisted.and(self.journal(&name, &events)));
+        let saved = self.save_state(ctl, now);
+        journaled.and(saved)?;
         Ok(())
+    }
+
+    /// Refuses a persisted rollout that is about to be resumed but cannot be true (a
+    /// step beyond the plan, a step that starts in the future), like a corrupt file.
+    /// A state for another canary version is not resumed (a new rollout replaces it),
+    /// so its step is not held against the new plan.
+    fn check_loaded(
+        &self,
+        rc: &RouteConfig,
+        s: Option<&RolloutState>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let (Some(s), Some(spec), Some(canary)) = (s, &rc.rollout, &rc.canary) else {
+            return Ok(());
+        };
+        if s.canary_version != canary.version {
+            return Ok(());
+        }
+        s.check(spec, now).map_err(|reason| StoreError::Invalid {
+            path: self.store.state_path(&rc.route.name),
+            reason,
+        })
+    }
+
+    /// Counts and logs a failed write to the state directory, and passes it on.
+    fn wrote(&self, r: Result<(), StoreError>) -> Result<(), StoreError> {
+        if let Err(e) = &r {
+            self.write_failures.fetch_add(1, Relaxed);
+            tracing::error!(error = %e, "cannot write to the state directory");
+        }
+        r
+    }
+
+    /// Saves the route's rollout state; on failure the route is marked unsaved (status,
+    /// `canary_state_unsaved`) and [`tick`](Self::tick) tries again.
+    fn save_state(&self, ctl: &mut RouteCtl, now: u64) -> Result<(), StoreError> {
+        let r = self.wrote(self.store.save(&ctl.cfg.route.name, ctl.rollout.as_ref()));
+        match &r {
+            Ok(()) => {
+                if ctl.unsaved.take().is_some() {
+                    tracing::info!(route = %ctl.cfg.route.name, "rollout state saved again");
+                }
+            }
+            Err(e) => ctl.unsaved = Some((e.to_string(), now)),
+        }
+        r
+    }
+
+    /// Writes an unsaved state again, at most every [`SAVE_RETRY_MS`].
+    fn retry_save(&self, ctl: &mut RouteCtl, now: u64) {
+        if ctl
+            .unsaved
+            .as_ref()
+            .is_some_and(|(_, at)| now >= at.saturating_add(SAVE_RETRY_MS))
+        {
+            let _ = self.save_state(ctl, now);
+        }
     }
 
     /// One controller tick: sample counters, take due verdicts, check canary health,
@@ -473,6 +709,8 @@ impl Controller {
         let now = wall_ms();
         let mut inner = self.lock();
         for ctl in inner.routes.iter_mut() {
+            self.retry_save(ctl, now);
+            self.chart(ctl, now);
             let (Some(spec), Some(state)) = (ctl.cfg.rollout.clone(), ctl.rollout.clone()) else {
                 continue;
             };
@@ -511,6 +749,7 @@ impl Controller {
                     VerdictResult::Inconclusive => 2,
                 }] += 1;
                 ctl.last_verdict_ms = now;
+                ctl.history.verdict(&v);
                 verdict = Some(v);
             }
             let input = if let Some(trip) = pending_trip(ctl) {
@@ -526,6 +765,59 @@ impl Controller {
             };
             self.apply_input(ctl, &spec, input, now);
         }
+        for ctl in inner.routes.iter_mut() {
+            self.tell_status(ctl);
+        }
+    }
+
+    /// Takes the dashboard's chart sample of a route with a canary (every route, with
+    /// or without a rollout) and sends a new point to live viewers.
+    fn chart(&self, ctl: &mut RouteCtl, now: u64) {
+        let Some((canary, stable)) = self.proxy.counts(&ctl.cfg.route.name) else {
+            return;
+        };
+        let window = ctl
+            .cfg
+            .rollout
+            .as_ref()
+            .map_or(history::DEFAULT_WINDOW_MS, |r| r.window_ms);
+        let point = ctl
+            .history
+            .record(now, canary, stable, ctl.runtime.weight().percent(), window);
+        if let Some(p) = point {
+            self.live.send(Update::Point(Arc::new(PointView::new(
+                &ctl.cfg.route.name,
+                &p,
+            ))));
+        }
+    }
+
+    /// Tells live viewers when what a route's status shows has changed.
+    fn tell_status(&self, ctl: &mut RouteCtl) {
+        let now = serde_json::to_string(&self.status_of(ctl)).ok();
+        if now != ctl.seen {
+            ctl.seen = now;
+            self.live.send(Update::Status(ctl.cfg.route.name.clone()));
+        }
+    }
+
+    /// A route's chart points and verdict markers of the last `window_ms`.
+    pub fn series(&self, route: &str, window_ms: u64) -> Option<Series> {
+        let inner = self.lock();
+        let ctl = inner.routes.iter().find(|c| c.cfg.route.name == route)?;
+        let (points, verdicts) = ctl.history.since(wall_ms().saturating_sub(window_ms));
+        Some(Series {
+            route: route.to_string(),
+            step_ms: history::STEP_MS,
+            analysis_window_ms: ctl
+                .cfg
+                .rollout
+                .as_ref()
+                .map_or(history::DEFAULT_WINDOW_MS, |r| r.window_ms),
+            history_ms: inner.history_ms,
+            columns: history::Columns::of(&points),
+            verdicts,
+        })
     }
 
     fn apply_input(&self, ctl: &mut RouteCtl, spec: &RolloutSpec, input: Input, now: u64) {
@@ -533,21 +825,47 @@ impl Controller {
         let Ok(out) = rollout::step(state, spec, input, now) else {
             return;
         };
-        if let Err(e) = self.commit(ctl, out) {
-            tracing::error!(route = %ctl.cfg.route.name, error = %e, "could not persist rollout state");
-        }
+        // A failure is logged where it happens; an unsaved raise is simply tried again
+        // at the next tick.
+        let _ = self.commit(ctl, out, now);
     }
 
     /// Persists a step's outcome, journals it, and applies it to the data plane.
-    fn commit(&self, ctl: &mut RouteCtl, out: rollout::Outcome) -> Result<(), StoreError> {
+    ///
+    /// Fails only when nothing changed, so an answer never denies a change that was
+    /// made. A change that gives the canary more (a higher weight, promotion, a retry)
+    /// is saved first and made only once saved: made but unsaved, a restart would take
+    /// it back and move users from the canary to stable. Any other change (an abort, a
+    /// pause, a failed verdict) is made first and saved after, so a failing disk cannot
+    /// keep a broken canary serving; if that save fails the change holds, the route is
+    /// marked unsaved and the save is tried again (see [`save_state`](Self::save_state)).
+    fn commit(
+        &self,
+        ctl: &mut RouteCtl,
+        out: rollout::Outcome,
+        now: u64,
+    ) -> Result<(), ControlError> {
         let name = ctl.cfg.route.name.clone();
+        let changed = ctl.rollout.as_ref() != Some(&out.state);
+        let first = changed
+            && ctl
+                .rollout
+                .as_ref()
+                .is_some_and(|old| gives_canary_more(old, &out.state));
+        if first {
+            if let Err(e) = self.wrote(self.store.save(&name, Some(&out.state))) {
+                return Err(ControlError::NotSaved(e));
+            }
+        }
         let was_active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
         for ev in &out.events {
             if ev.kind == "abort" {
                 *ctl.aborts.entry(abort_category(&ev.reason)).or_default() += 1;
-                tracing::warn!(route = %name, reason = %ev.reason, "rollout aborted");
+                // `?`: quoted and escaped, so a reason sent through the API cannot forge
+                // a log line.
+                tracing::warn!(route = %name, reason = ?ev.reason, "rollout aborted");
             } else {
-                tracing::info!(route = %name, kind = %ev.kind, weight = ev.to.weight, phase = ev.to.phase.map_or("-", Phase::as_str), reason = %ev.reason, "rollout");
+                tracing::info!(route = %name, kind = %ev.kind, weight = ev.to.weight, phase = ev.to.phase.map_or("-", Phase::as_str), reason = ?ev.reason, "rollout");
             }
         }
         let changed = ctl.rollout.as_ref() != Some(&out.state);
@@ -555,13 +873,22 @@ impl Controller {
         // Apply to the data plane first: an abort must cut traffic even if the disk fails.
         let now_active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
         if now_active && !was_active {
+            // A retried rollout is judged on fresh evidence only, as a new version is:
+            // the samples from before the abort hold the failures that caused it.
+            ctl.samples.clear();
+            ctl.last_verdict_ms = 0;
             self.clear_canary_ejections(&name);
         }
         sync_runtime(ctl, now_active && !was_active);
-        self.store.append(&name, &out.events)?;
-        if changed {
-            self.store.save(&name, ctl.rollout.as_ref())?;
+        if first {
+            if ctl.unsaved.take().is_some() {
+                tracing::info!(route = %name, "rollout state saved again");
+            }
+        } else if changed {
+            let _ = self.save_state(ctl, now);
         }
+        // A lost journal entry is logged and counted; the change it describes stands.
+        let _ = self.wrote(self.journal(&name, &out.events));
         Ok(())
     }
 
@@ -578,9 +905,11 @@ impl Controller {
         let now = wall_ms();
         let mut inner = self.lock();
         let (route, input) = match ev {
-            DataPlaneEvent::BreakerTripped { route, failures } => {
-                (route, Input::Breaker { failures })
-            }
+            DataPlaneEvent::BreakerTripped {
+                route,
+                failures,
+                clients,
+            } => (route, Input::Breaker { failures, clients }),
             DataPlaneEvent::CanaryUnavailable { route } => {
                 // The failures that tripped the breaker may also have ejected the last
                 // canary instance: the breaker is the cause to report.
@@ -635,7 +964,7 @@ impl Controller {
                 };
                 let out = rollout::step(state, &spec, input, now)
                     .map_err(|e| ControlError::Conflict(e.0))?;
-                self.commit(ctl, out)?;
+                self.commit(ctl, out, now)?;
             }
             (_, _, Some(canary)) => match cmd {
                 Command::SetWeight(w) => {
@@ -643,6 +972,10 @@ impl Controller {
                         .manual
                         .as_ref()
                         .map_or(ctl.cfg.weight, |m| bp_weight(m.weight_bp));
+                    if from == w {
+                        // The split is already this: nothing to save or journal.
+                        return Ok(self.status_of(ctl));
+                    }
                     let m = ManualWeight {
                         weight_bp: w.basis_points(),
                         config_weight_bp: ctl.cfg.weight.basis_points(),
@@ -650,7 +983,8 @@ impl Controller {
                         set_ms: now,
                     };
                     // Persisted first: a weight the API confirmed must survive a restart.
-                    self.store.save_manual(route, Some(&m))?;
+                    self.wrote(self.store.save_manual(route, Some(&m)))
+                        .map_err(ControlError::NotSaved)?;
                     let ev = Event::manual_weight(
                         now,
                         &canary.version,
@@ -663,7 +997,7 @@ impl Controller {
                     ctl.manual = Some(m);
                     ctl.runtime.set_weight(w);
                     tracing::info!(route, weight = %w, "weight set by user");
-                    self.store.append(route, &[ev])?;
+                    let _ = self.wrote(self.journal(route, &[ev]));
                 }
                 _ => {
                     return Err(ControlError::Conflict(format!(
@@ -703,6 +1037,20 @@ impl Controller {
 
     fn status_of(&self, c: &RouteCtl) -> RouteStatus {
         let canary_available = self.proxy.canary_available(&c.cfg.route.name);
+        let pools = self.proxy.pools(&c.cfg.route.name);
+        let actions = match (&c.cfg.canary, &c.rollout, &c.cfg.rollout) {
+            (None, _, _) => Vec::new(),
+            (Some(_), Some(s), Some(spec)) => rollout_actions(s, spec, wall_ms()),
+            (Some(_), _, _) => vec!["weight"],
+        };
+        let analysis = c.cfg.rollout.as_ref().map(AnalysisView::of);
+        let last_verdict_checks = match (
+            &c.cfg.rollout,
+            c.rollout.as_ref().and_then(|s| s.last_verdict.as_ref()),
+        ) {
+            (Some(r), Some(v)) => checks(&r.analysis, &v.canary, &v.stable),
+            _ => Vec::new(),
+        };
         let s = c.rollout.as_ref();
         let mode = match (&c.cfg.canary, s) {
             (None, _) => "stable",
@@ -764,10 +1112,15 @@ impl Controller {
             last_verdict: s.and_then(|s| s.last_verdict.clone()),
             abort_reason: s.and_then(|s| s.abort_reason.clone()),
             breaker_tripped: c.runtime.tripped(),
+            unsaved: c.unsaved.as_ref().map(|(e, _)| e.clone()),
             canary_available,
             fallbacks: c.runtime.fallbacks(),
             make_stable,
             message,
+            actions,
+            analysis,
+            last_verdict_checks,
+            pools,
         }
     }
 
@@ -842,6 +1195,28 @@ impl Controller {
             }
         }
         e.family(
+            "canary_state_write_failures_total",
+            "Writes to state_dir (state files, journal) that failed.",
+            Kind::Counter,
+        );
+        e.sample(
+            "canary_state_write_failures_total",
+            &[],
+            self.write_failures.load(Relaxed) as f64,
+        );
+        e.family(
+            "canary_state_unsaved",
+            "1 while a route's state in memory could not be saved to state_dir.",
+            Kind::Gauge,
+        );
+        for c in &inner.routes {
+            e.sample(
+                "canary_state_unsaved",
+                &[("route", c.cfg.route.name.as_str())],
+                u8::from(c.unsaved.is_some()),
+            );
+        }
+        e.family(
             "canary_config_reloads_total",
             "Config reloads by result.",
             Kind::Counter,
@@ -859,18 +1234,30 @@ impl Controller {
     }
 }
 
+/// Whether going from `old` to `new` gives the canary more than it had: more traffic,
+/// the end of its trial (promotion), or a new trial (retry).
+fn gives_canary_more(old: &RolloutState, new: &RolloutState) -> bool {
+    new.weight_bp > old.weight_bp
+        || (new.phase == Phase::Promoted && old.phase != Phase::Promoted)
+        || (new.phase.is_active() && !old.phase.is_active())
+}
+
 /// The breaker input for a trip the data plane has made but the controller has not
 /// handled yet (its event is still queued), if the rollout is still on trial.
 fn pending_trip(ctl: &RouteCtl) -> Option<Input> {
     let active = ctl.rollout.as_ref().is_some_and(|s| s.phase.is_active());
-    (active && ctl.runtime.tripped()).then(|| Input::Breaker {
-        failures: ctl
-            .cfg
-            .rollout
-            .as_ref()
-            .and_then(|r| r.breaker_failures)
-            .unwrap_or(0),
-    })
+    let (failures, clients) = ctl.runtime.trip().filter(|_| active)?;
+    Some(Input::Breaker { failures, clients })
+}
+
+/// The route's breaker as the data plane takes it: (consecutive failures, 0 = off;
+/// distinct clients).
+fn breaker_limit(ctl: &RouteCtl) -> (u32, u32) {
+    ctl.cfg
+        .rollout
+        .as_ref()
+        .and_then(|r| r.breaker)
+        .map_or((0, 1), |b| (b.consecutive_failures, b.min_clients))
 }
 
 fn bp_weight(bp: u16) -> Weight {
@@ -913,27 +1300,24 @@ fn manual_split(ctl: &RouteCtl) -> Option<(String, Weight)> {
 fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
     match (&ctl.rollout, &ctl.cfg.canary) {
         (Some(s), Some(_)) => {
-            let limit = ctl
-                .cfg
-                .rollout
-                .as_ref()
-                .and_then(|r| r.breaker_failures)
-                .unwrap_or(0);
+            let (limit, min_clients) = breaker_limit(ctl);
             if !s.phase.is_active() {
-                ctl.runtime.arm_breaker(0);
-            } else if rearm || !ctl.runtime.tripped() && ctl.runtime.breaker_limit() != limit {
+                ctl.runtime.arm_breaker(0, 1);
+            } else if rearm
+                || !ctl.runtime.tripped() && ctl.runtime.breaker_limit() != (limit, min_clients)
+            {
                 // Also when a reload changed the limit: the new one applies at once.
-                ctl.runtime.arm_breaker(limit);
+                ctl.runtime.arm_breaker(limit, min_clients);
             }
             ctl.runtime.set_weight(s.weight());
         }
         (None, Some(_)) => {
-            ctl.runtime.arm_breaker(0);
+            ctl.runtime.arm_breaker(0, 1);
             ctl.runtime
                 .set_weight(manual_split(ctl).map_or(ctl.cfg.weight, |(_, w)| w));
         }
         (_, None) => {
-            ctl.runtime.arm_breaker(0);
+            ctl.runtime.arm_breaker(0, 1);
             ctl.runtime.set_weight(Weight::ZERO);
         }
     }
@@ -942,6 +1326,7 @@ fn sync_runtime(ctl: &RouteCtl, rearm: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use canary_proxy::Proxy;
 
     /// One step at 50 % that passes at once (no pause, no minimum sample), breaker at 3.
     const CONFIG: &str = r#"listen: 127.0.0.1:1
@@ -956,20 +1341,29 @@ routes:
 "#;
 
     fn controller() -> (tempfile::TempDir, Controller) {
+        let (dir, c, _) = controller_and_proxy();
+        (dir, c)
+    }
+
+    /// A controller over a proxy the test can also reach directly.
+    fn controller_and_proxy() -> (tempfile::TempDir, Controller, Arc<Proxy>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
-        let c = Controller::new(Arc::new(canary_proxy::Proxy::new()), store);
+        let proxy = Arc::new(Proxy::new());
+        let c = Controller::new(proxy.clone(), store);
         let cfg = canary_config::parse("test.yaml", CONFIG).expect("config");
         c.apply(&cfg).expect("apply");
-        (dir, c)
+        (dir, c, proxy)
     }
 
     /// Trips the breaker in the data plane. No controller loop runs in these tests, so
     /// the trip's event stays queued, as in the instant before the loop handles it.
     fn trip(c: &Controller) {
         let rt = c.proxy().runtime("web").expect("runtime");
-        for _ in 0..3 {
-            rt.canary_failure();
+        // Three clients (the default `min_clients`), each with its own address and key.
+        for i in 1..=3u8 {
+            let id = canary_proxy::witness::ClientId::new([192, 0, 2, i].into(), Some(&[i]));
+            rt.canary_failure(canary_proxy::witness::Witness::Client(id));
         }
         assert!(rt.tripped());
         assert_eq!(rt.weight(), Weight::ZERO);
@@ -994,10 +1388,11 @@ routes:
             (Some(Phase::Progressing), 50.0),
             "{s:?}"
         );
-        // Commands still reach it.
-        c.command("web", Command::Pause)
-            .expect_err("journal still unwritable");
-        assert_eq!(c.status("web").expect("status").phase, Some(Phase::Paused));
+        // Commands still reach it, and a pause that was made is answered as made: only
+        // its journal entry is lost (logged and counted).
+        let s = c.command("web", Command::Pause).expect("pause");
+        assert_eq!(s.phase, Some(Phase::Paused));
+        assert!(c.write_failures.load(Relaxed) >= 2);
     }
 
     #[tokio::test]
@@ -1010,11 +1405,9 @@ routes:
         c.tick();
         let s = c.status("web").expect("status");
         assert_eq!(s.phase, Some(Phase::Aborted), "{s:?}");
-        assert!(
-            s.abort_reason
-                .as_deref()
-                .unwrap_or("")
-                .starts_with("breaker"),
+        assert_eq!(
+            s.abort_reason.as_deref(),
+            Some("breaker: 3 consecutive canary failures from 3 clients"),
             "{s:?}"
         );
         assert_eq!(s.weight, 0.0, "{s:?}");
@@ -1124,6 +1517,163 @@ routes:
         );
         assert_eq!(start.from, Position::no_canary(), "{start:?}");
         assert!(!start.reason.contains("replaces"), "{start:?}");
+    }
+
+    /// Records `n` canary answers with `status` in the data plane's counters.
+    fn canary_answers(proxy: &Proxy, n: usize, status: u16) {
+        let snap = proxy.snapshot();
+        let (_, entry) = snap.route("web").expect("route");
+        let pool = entry.canary.as_ref().expect("canary pool");
+        for _ in 0..n {
+            pool.stats.record(status, 1_000);
+        }
+    }
+
+    /// Takes a verdict at the next tick, whatever the interval.
+    fn verdict_due(c: &Controller) {
+        c.lock().routes[0].last_verdict_ms = 0;
+        c.tick();
+    }
+
+    #[tokio::test]
+    async fn a_retried_rollout_is_not_judged_on_the_failures_that_aborted_it() {
+        let analysis = "      steps: [{weight: 50, pause: 1h}]
+      analysis: {min_requests: 5, max_error_rate: 0.01, failure_limit: 1}
+";
+        let text = CONFIG.replace(
+            "      steps: [{weight: 50, pause: 0}]\n      analysis: {min_requests: 0}\n",
+            analysis,
+        );
+        assert!(text.contains("pause: 1h"), "{text}");
+        let (_dir, c, proxy) = controller_and_proxy();
+        apply(&c, &text);
+        verdict_due(&c);
+        canary_answers(&proxy, 10, 500);
+        verdict_due(&c);
+        let s = c.status("web").expect("status");
+        assert_eq!(s.phase, Some(Phase::Aborted), "{s:?}");
+        c.command("web", Command::Retry).expect("retry");
+        // The fixed canary answers every request after the retry.
+        verdict_due(&c);
+        canary_answers(&proxy, 10, 200);
+        verdict_due(&c);
+        let s = c.status("web").expect("status");
+        assert_eq!(s.phase, Some(Phase::Progressing), "{s:?}");
+        let v = s.last_verdict.expect("a verdict after the retry");
+        assert_eq!(v.result, VerdictResult::Pass, "{v:?}");
+        assert_eq!((v.canary.requests, v.canary.failures), (10, 0), "{v:?}");
+    }
+
+    #[tokio::test]
+    async fn a_deleted_state_dir_is_recreated_and_a_pause_answers_what_happened() {
+        let (dir, c) = controller();
+        std::fs::remove_dir_all(dir.path()).expect("rm -rf state_dir");
+        let s = c.command("web", Command::Pause).expect("pause");
+        assert_eq!((s.phase, s.unsaved), (Some(Phase::Paused), None));
+        let on_disk = c.store().load("web").expect("load").expect("state");
+        assert_eq!(on_disk.phase, Phase::Paused);
+        assert_eq!(last_event(&c).kind, "pause");
+    }
+
+    fn metrics(c: &Controller) -> String {
+        let mut e = Exposition::new();
+        c.encode_metrics(&mut e);
+        e.finish()
+    }
+
+    #[tokio::test]
+    async fn a_change_that_cannot_be_saved_is_refused_or_reported_never_half_made() {
+        let (dir, c) = controller();
+        // The state file cannot be replaced: its path is a non-empty directory.
+        let state = dir.path().join("web.state.json");
+        std::fs::remove_file(&state).expect("state file");
+        std::fs::create_dir_all(state.join("x")).expect("mkdir");
+        // Promoting gives the canary more: refused, and nothing changed.
+        let err = c
+            .command("web", Command::Promote { full: true })
+            .expect_err("promote cannot be saved");
+        assert!(matches!(err, ControlError::NotSaved(_)), "{err}");
+        assert!(err.to_string().starts_with("nothing changed"), "{err}");
+        let s = c.status("web").expect("status");
+        assert_eq!((s.phase, s.weight), (Some(Phase::Progressing), 50.0));
+        assert_eq!(
+            c.proxy().runtime("web").expect("rt").weight().percent(),
+            50.0
+        );
+        // Aborting takes the canary out: made, answered as made, marked unsaved.
+        let s = c
+            .command(
+                "web",
+                Command::Abort {
+                    reason: "bad".into(),
+                },
+            )
+            .expect("abort is made");
+        assert_eq!((s.phase, s.weight), (Some(Phase::Aborted), 0.0));
+        assert!(s.unsaved.is_some(), "{s:?}");
+        assert_eq!(c.proxy().runtime("web").expect("rt").weight(), Weight::ZERO);
+        let m = metrics(&c);
+        assert!(m.contains("canary_state_unsaved{route=\"web\"} 1"), "{m}");
+        assert!(m.contains("canary_state_write_failures_total 2"), "{m}");
+        // The disk is back: the next retry saves the abort.
+        std::fs::remove_dir_all(&state).expect("rmdir");
+        c.tick();
+        assert!(
+            c.status("web").expect("status").unsaved.is_some(),
+            "not yet due"
+        );
+        c.lock().routes[0].unsaved.as_mut().expect("unsaved").1 = 0;
+        c.tick();
+        assert_eq!(c.status("web").expect("status").unsaved, None);
+        let on_disk = c.store().load("web").expect("load").expect("state");
+        assert_eq!(on_disk.phase, Phase::Aborted);
+        assert!(metrics(&c).contains("canary_state_unsaved{route=\"web\"} 0"));
+    }
+
+    #[tokio::test]
+    async fn a_state_file_beyond_the_plan_or_from_the_future_is_refused_at_load() {
+        let (dir, c) = controller();
+        let mut s = c.store().load("web").expect("load").expect("state");
+        drop(c);
+        let cfg = canary_config::parse("test.yaml", CONFIG).expect("config");
+        for (field, bad) in [("step", 7u64), ("step_started_ms", u64::MAX / 2)] {
+            let mut forged = s.clone();
+            match field {
+                "step" => forged.step = bad as usize,
+                _ => forged.step_started_ms = bad,
+            }
+            let store = Store::open(dir.path()).expect("store");
+            store.save("web", Some(&forged)).expect("save");
+            let c = Controller::new(Arc::new(Proxy::new()), store);
+            let err = c.apply(&cfg).expect_err("forged state");
+            let msg = err.to_string();
+            assert!(msg.contains("invalid state file"), "{field}: {msg}");
+            assert!(!c.has_route("web"), "{field}: the route is not guessed at");
+        }
+        // The same file for another canary version is replaced, not judged.
+        s.canary_version = "v0".into();
+        s.step = 7;
+        let store = Store::open(dir.path()).expect("store");
+        store.save("web", Some(&s)).expect("save");
+        let c = Controller::new(Arc::new(Proxy::new()), store);
+        c.apply(&cfg)
+            .expect("a new rollout replaces the old version's");
+        assert_eq!(c.status("web").expect("status").step, Some(0));
+    }
+
+    #[tokio::test]
+    async fn setting_the_same_manual_weight_twice_journals_it_once() {
+        let (_dir, c) = controller();
+        let (head, _) = CONFIG.split_once("    rollout:").expect("rollout section");
+        apply(&c, &format!("{head}    weight: 20\n"));
+        let n = c.events("web", 1000).expect("events").len();
+        let w = Weight::from_percent(35.0).expect("weight");
+        c.command("web", Command::SetWeight(w)).expect("weight");
+        c.command("web", Command::SetWeight(w))
+            .expect("same weight");
+        let events = c.events("web", 1000).expect("events");
+        assert_eq!(events.len(), n + 1, "{events:?}");
+        assert_eq!(c.status("web").expect("status").weight, 35.0);
     }
 
     #[tokio::test]

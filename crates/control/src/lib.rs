@@ -8,12 +8,21 @@
 //!   application's tower layer (`canary-tower`).
 //! - [`store`]: atomic state files and the append-only journal in `state_dir`.
 //! - [`admin`]: the axum router for `/api/v1`, `/metrics`, `/healthz`, `/readyz`.
+//! - [`listener`]: the admin listener's accept loop, with its own connection budget
+//!   and header timeout so it can never starve the data plane.
+//! - [`history`]: the dashboard's bounded time series per route, filled by the
+//!   controller's tick with the analysis' own functions.
+//! - [`live`]: the broadcast of status changes, points and journal entries that the
+//!   admin API's stream (`GET /api/v1/stream`) forwards.
 //! - [`source`]: the config file source: reload on file change (watching the
 //!   directories of the file and of the symlinks leading to it, since editors
 //!   replace files and ConfigMaps swap links) and on SIGHUP.
 
 pub mod admin;
 pub mod controller;
+pub mod history;
+pub mod listener;
+pub mod live;
 pub mod plane;
 pub mod source;
 pub mod store;

@@ -10,6 +10,8 @@
 use std::sync::Arc;
 
 use canary_config::Config;
+
+use crate::controller::{instances, Pools};
 use canary_core::analysis::VersionWindow;
 use canary_proxy::expo::Exposition;
 use canary_proxy::pool::now_ms;
@@ -43,6 +45,12 @@ pub trait DataPlane: Send + Sync + 'static {
 
     /// Writes the data plane's metric families.
     fn encode_metrics(&self, e: &mut Exposition);
+
+    /// Each instance of the route's stable and canary pools, as the dashboard shows
+    /// them; empty for a data plane without instances (an embedded layer).
+    fn pools(&self, _route: &str) -> Pools {
+        Pools::default()
+    }
 }
 
 impl DataPlane for Proxy {
@@ -59,6 +67,16 @@ impl DataPlane for Proxy {
         let (_, entry) = snap.route(route)?;
         let canary = entry.canary.as_ref()?;
         Some((canary.stats.counts(), entry.stable.stats.counts()))
+    }
+
+    fn pools(&self, route: &str) -> Pools {
+        let snap = self.snapshot();
+        let mono = now_ms();
+        let entry = snap.route(route).map(|(_, e)| e);
+        Pools {
+            stable: instances(entry.map(|e| &*e.stable), mono),
+            canary: instances(entry.and_then(|e| e.canary.as_deref()), mono),
+        }
     }
 
     fn canary_available(&self, route: &str) -> Option<bool> {

@@ -49,7 +49,11 @@ fn apply(
                     tracing::warn!("listen, admin, limits and workers changes take effect only after a restart");
                 }
                 let changes = canary_config::diff(prev, &cfg);
-                tracing::info!(file = %path.display(), changes = %changes.join("; "), "config reloaded");
+                if changes.is_empty() {
+                    tracing::info!(file = %path.display(), "config reloaded: nothing changed");
+                } else {
+                    tracing::info!(file = %path.display(), changes = %changes.join("; "), "config reloaded");
+                }
             }
             if let Err(e) = controller.apply(&cfg) {
                 tracing::error!(error = %e, "config applied to the data plane, but the state directory failed (routes whose state could not be read are left out until it is fixed and the config reloaded)");

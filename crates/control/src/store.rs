@@ -32,21 +32,26 @@ pub struct ManualWeight {
 }
 
 /// Errors reading or writing the state directory.
+// Each message says everything, its cause included, and exposes no `source()`: a
+// chain printer (anyhow's `{:#}`) would otherwise print the cause twice.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("{path}: corrupt state file: {source}")]
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
+    #[error("{path}: corrupt state file: {error}")]
     Corrupt {
         path: PathBuf,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
+    /// A well-formed state file that cannot be true (see `RolloutState::check`).
+    #[error("{path}: invalid state file: {reason}; fix or remove the file")]
+    Invalid { path: PathBuf, reason: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
+    move |error| StoreError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -69,7 +74,7 @@ impl Store {
         &self.dir
     }
 
-    fn state_path(&self, route: &str) -> PathBuf {
+    pub(crate) fn state_path(&self, route: &str) -> PathBuf {
         self.dir.join(format!("{route}.state.json"))
     }
 
@@ -108,7 +113,7 @@ impl Store {
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
-                .map_err(|source| StoreError::Corrupt { path, source }),
+                .map_err(|error| StoreError::Corrupt { path, error }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(&path)(e)),
         }
@@ -130,12 +135,14 @@ impl Store {
             };
         };
         let tmp = self.dir.join(format!(".{route}.{suffix}.tmp"));
-        let bytes = serde_json::to_vec_pretty(value).map_err(|source| StoreError::Corrupt {
+        let bytes = serde_json::to_vec_pretty(value).map_err(|error| StoreError::Corrupt {
             path: path.clone(),
-            source,
+            error,
         })?;
         {
-            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+            let mut f = self
+                .recreating(|| File::create(&tmp))
+                .map_err(io_err(&tmp))?;
             f.write_all(&bytes).map_err(io_err(&tmp))?;
             f.sync_all().map_err(io_err(&tmp))?;
         }
@@ -146,16 +153,28 @@ impl Store {
         Ok(())
     }
 
+    /// Runs `op`, which creates a file in the state directory; when that fails because
+    /// the directory is gone (deleted under a running `canary`), recreates it and runs
+    /// `op` once more, so the state written from then on is not lost.
+    fn recreating<T>(&self, op: impl Fn() -> io::Result<T>) -> io::Result<T> {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !self.dir.is_dir() => {
+                fs::create_dir_all(&self.dir)?;
+                tracing::warn!(dir = %self.dir.display(), "the state directory was missing: recreated it");
+                op()
+            }
+            r => r,
+        }
+    }
+
     /// Appends journal events of a route.
     pub fn append(&self, route: &str, events: &[Event]) -> Result<(), StoreError> {
         if events.is_empty() {
             return Ok(());
         }
         let path = self.journal_path(route);
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
+        let mut f = self
+            .recreating(|| OpenOptions::new().create(true).append(true).open(&path))
             .map_err(io_err(&path))?;
         let mut buf = Vec::new();
         if ends_torn(&path) {
@@ -163,9 +182,9 @@ impl Store {
             buf.push(b'\n');
         }
         for ev in events {
-            serde_json::to_writer(&mut buf, ev).map_err(|source| StoreError::Corrupt {
+            serde_json::to_writer(&mut buf, ev).map_err(|error| StoreError::Corrupt {
                 path: path.clone(),
-                source,
+                error,
             })?;
             buf.push(b'\n');
         }
@@ -267,6 +286,38 @@ mod tests {
             store.load_manual("plain"),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_deleted_state_dir_is_recreated_on_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s")).unwrap();
+        store.save("web", Some(&state())).unwrap();
+        fs::remove_dir_all(store.dir()).unwrap();
+        store.save("web", Some(&state())).unwrap();
+        assert_eq!(store.load("web").unwrap(), Some(state()));
+        fs::remove_dir_all(store.dir()).unwrap();
+        let ev = Event {
+            at_ms: 1,
+            canary_version: "v2".into(),
+            kind: "pause".into(),
+            from: Position::manual(canary_core::Weight::ZERO),
+            to: Position::manual(canary_core::Weight::ZERO),
+            reason: "r".into(),
+            verdict: None,
+        };
+        store.append("web", &[ev]).unwrap();
+        assert_eq!(store.events("web", 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_store_error_prints_its_cause_once_through_a_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        fs::write(dir.path().join("web.state.json"), b"{").unwrap();
+        let e = store.load("web").unwrap_err();
+        assert!(std::error::Error::source(&e).is_none(), "{e}");
+        assert_eq!(e.to_string().matches("EOF").count(), 1, "{e}");
     }
 
     #[test]

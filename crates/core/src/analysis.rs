@@ -123,10 +123,149 @@ pub struct Verdict {
     pub reasons: Vec<String>,
 }
 
+/// The result of one check of a verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckResult {
+    Pass,
+    Fail,
+    /// Not judged: the limit is not configured, there is no stable baseline, no
+    /// latency was measured, or too few canary requests made the verdict inconclusive.
+    Skipped,
+}
+
+/// One limit of the analysis, as a verdict report lists it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Check {
+    /// The setting checked: `min_requests`, `max_error_rate`, `max_p99_latency`,
+    /// `max_error_rate_increase`, `max_latency_increase`.
+    pub name: &'static str,
+    /// The canary's value (requests, error rate as a fraction, or p99 in ms).
+    pub canary: Option<f64>,
+    /// Stable's value, where the check compares with it.
+    pub stable: Option<f64>,
+    /// The limit the canary's value was held to: the setting, or for the relative
+    /// checks the limit it works out to against stable's value.
+    pub limit: Option<f64>,
+    pub result: CheckResult,
+    /// For a failure the verdict's reason; for a skipped check, why.
+    pub note: String,
+}
+
+/// Every check of the analysis for these two summaries, in a fixed order. [`judge`]
+/// decides with exactly these checks (a verdict fails when one of them fails), so a
+/// report built from a verdict's numbers shows what decided it.
+pub fn checks(spec: &AnalysisSpec, c: &Summary, s: &Summary) -> Vec<Check> {
+    use CheckResult::{Fail, Pass, Skipped};
+    let check = |name, canary, stable, limit, failed: Option<String>| Check {
+        name,
+        canary,
+        stable,
+        limit,
+        result: if failed.is_some() { Fail } else { Pass },
+        note: failed.unwrap_or_default(),
+    };
+    let skipped = |name, canary, stable, limit, why: &str| Check {
+        name,
+        canary,
+        stable,
+        limit,
+        result: Skipped,
+        note: why.to_string(),
+    };
+    let enough = c.requests >= spec.min_requests;
+    let mut out = vec![check(
+        "min_requests",
+        Some(c.requests as f64),
+        None,
+        Some(spec.min_requests as f64),
+        (!enough).then(|| {
+            format!(
+                "{} canary requests < min_requests {}",
+                c.requests, spec.min_requests
+            )
+        }),
+    )];
+    let baseline = s.requests >= spec.min_requests;
+    let not_judged = "not judged: too few canary requests";
+    let no_baseline = "no stable baseline (fewer than min_requests stable requests)";
+    let not_set = "not configured";
+
+    let (name, cv) = ("max_error_rate", Some(c.error_rate));
+    out.push(match spec.max_error_rate {
+        None => skipped(name, cv, None, None, not_set),
+        Some(max) if !enough => skipped(name, cv, None, Some(max), not_judged),
+        Some(max) => check(
+            name,
+            cv,
+            None,
+            Some(max),
+            (c.error_rate > max)
+                .then(|| format!("error rate {:.4} > max_error_rate {max:.4}", c.error_rate)),
+        ),
+    });
+
+    let name = "max_p99_latency";
+    out.push(match (spec.max_p99_latency_ms, c.p99_ms) {
+        (None, _) => skipped(name, c.p99_ms, None, None, not_set),
+        (Some(max), _) if !enough => skipped(name, c.p99_ms, None, Some(max), not_judged),
+        (Some(max), None) => skipped(name, None, None, Some(max), "no latency measured"),
+        (Some(max), Some(p99)) => check(
+            name,
+            Some(p99),
+            None,
+            Some(max),
+            (p99 > max).then(|| format!("p99 {p99:.1}ms > max_p99_latency {max:.1}ms")),
+        ),
+    });
+
+    let (name, sv) = ("max_error_rate_increase", Some(s.error_rate));
+    out.push(match spec.max_error_rate_increase {
+        None => skipped(name, cv, sv, None, not_set),
+        Some(inc) if !enough => skipped(name, cv, sv, Some(s.error_rate + inc), not_judged),
+        Some(_) if !baseline => skipped(name, cv, sv, None, no_baseline),
+        Some(inc) => check(
+            name,
+            cv,
+            sv,
+            Some(s.error_rate + inc),
+            (c.error_rate > s.error_rate + inc).then(|| {
+                format!(
+                    "error rate {:.4} > stable {:.4} + max_error_rate_increase {inc:.4}",
+                    c.error_rate, s.error_rate
+                )
+            }),
+        ),
+    });
+
+    let name = "max_latency_increase";
+    // The relative limit never fails a difference within the noise floor.
+    let limit = |sp: f64, factor: f64| (sp * factor).max(sp + spec.latency_noise_floor_ms);
+    out.push(match (spec.max_latency_increase, c.p99_ms, s.p99_ms) {
+        (None, cp, sp) => skipped(name, cp, sp, None, not_set),
+        (Some(f), cp, sp) if !enough => {
+            skipped(name, cp, sp, sp.map(|sp| limit(sp, f)), not_judged)
+        }
+        (Some(_), cp, sp) if !baseline => skipped(name, cp, sp, None, no_baseline),
+        (Some(f), Some(cp), Some(sp)) => check(
+            name,
+            Some(cp),
+            Some(sp),
+            Some(limit(sp, f)),
+            (cp > sp * f && cp - sp > spec.latency_noise_floor_ms).then(|| {
+                format!("p99 {cp:.1}ms > stable p99 {sp:.1}ms × max_latency_increase {f}")
+            }),
+        ),
+        (Some(_), cp, sp) => skipped(name, cp, sp, None, "no latency measured"),
+    });
+    out
+}
+
 /// Judges the canary window against the stable window.
 ///
 /// Relative limits need a stable baseline: when stable has fewer than `min_requests`
-/// in the window (e.g. at 100 % canary), only the absolute limits are checked.
+/// in the window (e.g. at 100 % canary), only the absolute limits are checked. The
+/// checks themselves are [`checks`].
 pub fn judge(
     spec: &AnalysisSpec,
     canary: &VersionWindow,
@@ -135,56 +274,23 @@ pub fn judge(
 ) -> Verdict {
     let c = Summary::of(canary);
     let s = Summary::of(stable);
-    let mut reasons = Vec::new();
-    if canary.requests < spec.min_requests {
-        reasons.push(format!(
-            "{} canary requests < min_requests {}",
-            canary.requests, spec.min_requests
-        ));
-        return Verdict {
-            result: VerdictResult::Inconclusive,
-            at_ms,
-            canary: c,
-            stable: s,
-            reasons,
-        };
-    }
-    if let Some(max) = spec.max_error_rate {
-        if c.error_rate > max {
-            reasons.push(format!(
-                "error rate {:.4} > max_error_rate {max:.4}",
-                c.error_rate
-            ));
-        }
-    }
-    if let (Some(max), Some(p99)) = (spec.max_p99_latency_ms, c.p99_ms) {
-        if p99 > max {
-            reasons.push(format!("p99 {p99:.1}ms > max_p99_latency {max:.1}ms"));
-        }
-    }
-    let baseline = stable.requests >= spec.min_requests;
-    if let (Some(inc), true) = (spec.max_error_rate_increase, baseline) {
-        if c.error_rate > s.error_rate + inc {
-            reasons.push(format!(
-                "error rate {:.4} > stable {:.4} + max_error_rate_increase {inc:.4}",
-                c.error_rate, s.error_rate
-            ));
-        }
-    }
-    if let (Some(factor), true, Some(cp), Some(sp)) =
-        (spec.max_latency_increase, baseline, c.p99_ms, s.p99_ms)
-    {
-        if cp > sp * factor && cp - sp > spec.latency_noise_floor_ms {
-            reasons.push(format!(
-                "p99 {cp:.1}ms > stable p99 {sp:.1}ms × max_latency_increase {factor}"
-            ));
-        }
-    }
-    let result = if reasons.is_empty() {
-        VerdictResult::Pass
-    } else {
-        VerdictResult::Fail
+    let all = checks(spec, &c, &s);
+    let failed = |name: &str| {
+        all.iter()
+            .any(|k| k.name == name && k.result == CheckResult::Fail)
     };
+    let result = if failed("min_requests") {
+        VerdictResult::Inconclusive
+    } else if all.iter().any(|k| k.result == CheckResult::Fail) {
+        VerdictResult::Fail
+    } else {
+        VerdictResult::Pass
+    };
+    let reasons = all
+        .into_iter()
+        .filter(|k| k.result == CheckResult::Fail)
+        .map(|k| k.note)
+        .collect();
     Verdict {
         result,
         at_ms,
@@ -330,5 +436,64 @@ mod tests {
         // One request: itself.
         assert_eq!(Summary::of(&window(1, 0, 70_000)).p99_ms, Some(75.0));
         assert_eq!(Summary::of(&window(0, 0, 0)).p99_ms, None);
+    }
+
+    #[test]
+    fn checks_list_every_limit_with_values_and_agree_with_the_verdict() {
+        let v = judge(
+            &spec(),
+            &window(100, 5, 100_000),
+            &window(1000, 0, 20_000),
+            0,
+        );
+        let all = checks(&spec(), &v.canary, &v.stable);
+        let names: Vec<&str> = all.iter().map(|k| k.name).collect();
+        assert_eq!(
+            names,
+            [
+                "min_requests",
+                "max_error_rate",
+                "max_p99_latency",
+                "max_error_rate_increase",
+                "max_latency_increase"
+            ]
+        );
+        let failed: Vec<&str> = all
+            .iter()
+            .filter(|k| k.result == CheckResult::Fail)
+            .map(|k| k.note.as_str())
+            .collect();
+        assert_eq!(failed, v.reasons);
+        assert_eq!(all[1].canary, Some(0.05));
+        assert_eq!(all[1].limit, Some(0.01));
+        assert_eq!(all[3].stable, Some(0.0));
+        assert!((all[3].limit.unwrap() - 0.005).abs() < 1e-12);
+        // p99 100 ms vs stable 20 ms × 1.5 = 30 ms (above the 5 ms floor).
+        assert!((all[4].limit.unwrap() - all[4].stable.unwrap() * 1.5).abs() < 1e-9);
+        assert_eq!(all[0].result, CheckResult::Pass);
+    }
+
+    #[test]
+    fn checks_skip_what_was_not_judged() {
+        let v = judge(&spec(), &window(10, 0, 1_000), &window(1000, 0, 1_000), 0);
+        let all = checks(&spec(), &v.canary, &v.stable);
+        assert_eq!(all[0].result, CheckResult::Fail);
+        assert!(all[1..].iter().all(|k| k.result == CheckResult::Skipped));
+        assert_eq!(v.result, VerdictResult::Inconclusive);
+        // No baseline: the relative checks are skipped, the absolute ones judged.
+        let v = judge(&spec(), &window(100, 0, 1_000), &window(3, 0, 1_000), 0);
+        let all = checks(&spec(), &v.canary, &v.stable);
+        let res: Vec<CheckResult> = all.iter().map(|k| k.result).collect();
+        use CheckResult::{Pass, Skipped};
+        assert_eq!(res, [Pass, Pass, Pass, Skipped, Skipped]);
+        assert!(all[3].note.contains("no stable baseline"));
+        let bare = AnalysisSpec {
+            max_error_rate: None,
+            ..AnalysisSpec::default()
+        };
+        assert_eq!(
+            checks(&bare, &v.canary, &v.stable)[1].note,
+            "not configured"
+        );
     }
 }

@@ -39,8 +39,23 @@ pub struct RolloutSpec {
     pub interval_ms: u64,
     /// The sliding window the verdict looks at, ms.
     pub window_ms: u64,
-    /// Consecutive canary failures in the data path that abort at once; `None` = off.
-    pub breaker_failures: Option<u32>,
+    /// The data-path breaker; `None` = off.
+    pub breaker: Option<BreakerSpec>,
+}
+
+/// The most distinct clients a failure run is tracked for (`min_clients` at most): the
+/// data plane keeps that many client fingerprints per route and instance.
+pub const MAX_MIN_CLIENTS: u32 = 16;
+
+/// The data-path breaker (`breaker`): aborts at once on a run of canary failures that
+/// more than one client saw, so that no single client can end a rollout on purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerSpec {
+    /// Canary failures in a row that trip it (at least 1).
+    pub consecutive_failures: u32,
+    /// Distinct clients the failures of the run must come from (1 = any); see
+    /// `docs/rollouts.md` for what counts as a client.
+    pub min_clients: u32,
 }
 
 /// Where a rollout is.
@@ -125,9 +140,12 @@ pub enum Input {
     Retry,
     /// Set the weight by hand; holds automatic progress until `resume`.
     SetWeight(Weight),
-    /// The data-path breaker saw this many consecutive canary failures.
+    /// The data-path breaker saw this many consecutive canary failures, from this many
+    /// distinct clients (`None`: a failure to connect to the canary was among them,
+    /// which no client can cause, so the number of clients did not matter).
     Breaker {
         failures: u32,
+        clients: Option<u32>,
     },
     /// No healthy canary instance while the rollout needs canary traffic.
     CanaryUnhealthy,
@@ -269,6 +287,34 @@ impl RolloutState {
             None,
         );
         (s, ev)
+    }
+
+    /// How far in the future a persisted step start may lie and still be believed: a
+    /// clock stepped back a little (NTP after a reboot) is not a forged file.
+    pub const CLOCK_SLACK_MS: u64 = 60_000;
+
+    /// Checks a persisted state before it is resumed under `spec` at `now_ms`: a file
+    /// that parses but cannot be true (edited by hand or by an attacker) is refused
+    /// like a corrupt one rather than guessed at. Returns why it cannot be true.
+    pub fn check(&self, spec: &RolloutSpec, now_ms: u64) -> Result<(), String> {
+        if self.step >= spec.steps.len() {
+            return Err(format!(
+                "step {} is beyond the plan, which has {} step{}",
+                self.step + 1,
+                spec.steps.len(),
+                if spec.steps.len() == 1 { "" } else { "s" }
+            ));
+        }
+        if Weight::from_basis_points(self.weight_bp).is_none() {
+            return Err(format!("weight_bp {} is over 10000 (100%)", self.weight_bp));
+        }
+        if self.step_started_ms > now_ms.saturating_add(Self::CLOCK_SLACK_MS) {
+            return Err(format!(
+                "the step began {} s in the future",
+                (self.step_started_ms - now_ms) / 1000
+            ));
+        }
+        Ok(())
     }
 
     /// The current weight.
@@ -469,9 +515,17 @@ pub fn step(
             s.abort(reason.clone());
             events.push(s.event(now_ms, kind, from, reason, None));
         }
-        Input::Breaker { failures } => {
+        Input::Breaker { failures, clients } => {
             if phase.is_active() {
-                let reason = format!("breaker: {failures} consecutive canary failures");
+                let reason = match clients {
+                    Some(1) => format!("breaker: {failures} consecutive canary failures"),
+                    Some(n) => {
+                        format!("breaker: {failures} consecutive canary failures from {n} clients")
+                    }
+                    None => format!(
+                        "breaker: {failures} consecutive canary failures, connection failures among them"
+                    ),
+                };
                 s.abort(reason.clone());
                 events.push(s.event(now_ms, "abort", from, reason, None));
             }
@@ -528,6 +582,11 @@ pub fn step(
         Input::SetWeight(w) => {
             if !phase.is_active() {
                 return reject("set the weight");
+            }
+            if phase == Phase::Paused && s.weight_bp == w.basis_points() {
+                // Already paused at this weight: nothing changes, nothing to journal
+                // (it used to write `paused 35% → paused 35%`).
+                return Ok(Outcome { state: s, events });
             }
             s.weight_bp = w.basis_points();
             s.phase = Phase::Paused;

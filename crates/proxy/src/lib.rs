@@ -9,24 +9,50 @@
 //! swap, and the data plane never waits on the controller.
 //!
 //! # Layout
+//! - [`server`]: workers, `SO_REUSEPORT` listeners, the accept loop, connection limits,
+//!   graceful shutdown.
+//! - `connection`: one client connection: the own HTTP/1.1 reader, else a hand-over
+//!   to hyper.
+//! - [`forward`]: the per-request handler: route → decide → pick → send → classify →
+//!   record → answer.
+//! - `request`: the request as read (its body, fields, host, the core's facts).
+//! - `headers`: the proxy's header policy: the fields it sets, drops and generates.
+//! - [`body`]: [`ProxyBody`], the body of every answer.
+//! - `upstream`: the seam over the upstream protocols (`enum Upstream`).
+//! - `http2`: HTTP/2 upstreams through hyper's client.
+//!
+//! HTTP/1.1 on the wire (RFC 9112: the request-head reader, the upstream exchange,
+//! body framing, idle connections) is the crate `canary_http1`, which knows nothing of
+//! routes, versions, `X-Canary-*` fields or the config; Cargo keeps it that way.
+//! - [`pool`]: instances, balancing, ejection, health checks.
 //! - [`snapshot`]: building a snapshot from a validated config, reusing instances,
 //!   clients and counters by name across reloads.
-//! - [`forward`]: the per-request handler.
-//! - [`pool`]: instances, balancing, ejection, health checks.
-//! - [`upstream`]: pooled HTTP/1.1 connections to the instances, per worker.
 //! - [`runtime`]: per-route weight, breaker and events to the controller.
+//! - [`witness`]: the distinct clients behind a run of failures, so that one client
+//!   alone can neither trip the breaker nor eject an instance.
+//! - `worker`: which worker a thread is, the data plane's clock.
 //! - [`metrics`], [`expo`]: lock-free counters and their Prometheus text encoding.
-//! - [`server`]: the accept loop, connection limits, graceful shutdown.
+//! - [`timers`]: the timers on waits a slow peer could make endless (body, send,
+//!   upstream idle, HTTP/2 idle), counted by kind.
 
+pub mod body;
+mod connection;
 pub mod expo;
 pub mod forward;
-mod h1;
+mod headers;
+mod http2;
 pub mod metrics;
 pub mod pool;
+mod request;
 pub mod runtime;
 pub mod server;
 pub mod snapshot;
-pub mod upstream;
+pub mod timers;
+mod upstream;
+pub mod witness;
+mod worker;
 
+pub use body::ProxyBody;
+pub use request::{ClientBody, ConnInfo};
 pub use runtime::{DataPlaneEvent, RouteRuntime};
 pub use snapshot::{Proxy, Snapshot};

@@ -50,6 +50,8 @@ pub struct VersionStats {
     upstream_errors: [AtomicU64; 3],
     /// Clients that went away before the answer: never blamed on the version.
     client_aborts: AtomicU64,
+    /// Requests sent to a second instance after the first could not be connected to.
+    retries: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
     latency_sum_us: AtomicU64,
 }
@@ -63,6 +65,7 @@ impl VersionStats {
             failures: AtomicU64::new(0),
             upstream_errors: Default::default(),
             client_aborts: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_sum_us: AtomicU64::new(0),
         }
@@ -88,6 +91,10 @@ impl VersionStats {
 
     pub fn record_client_abort(&self) {
         self.client_aborts.fetch_add(1, Relaxed);
+    }
+
+    pub fn record_retry(&self) {
+        self.retries.fetch_add(1, Relaxed);
     }
 
     /// The cumulative counts, for the analysis window.
@@ -165,6 +172,19 @@ pub fn encode_versions(e: &mut Exposition, stats: &[std::sync::Arc<VersionStats>
             "canary_client_aborts_total",
             &labels,
             s.client_aborts.load(Relaxed) as f64,
+        );
+    }
+    e.family(
+        "canary_retries_total",
+        "Requests sent to a second instance of the same version after the first could not be connected to.",
+        Kind::Counter,
+    );
+    for s in stats {
+        let labels = [("route", s.route.as_str()), ("version", s.version.as_str())];
+        e.sample(
+            "canary_retries_total",
+            &labels,
+            s.retries.load(Relaxed) as f64,
         );
     }
     e.family(

@@ -5,8 +5,8 @@
 //! own traffic and checks. Everything on the request path is atomics.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use canary_config::{Ejection, HealthCheck};
@@ -17,17 +17,19 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::forward::{
-    UpstreamBody, PROTO_HTTP, X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_PROTO,
-};
-use crate::metrics::VersionStats;
-use crate::upstream::{self, IdleList};
+use tokio::net::TcpStream;
 
-/// Milliseconds since the process started: a monotonic clock for ejection deadlines.
-pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
+use crate::headers::{PROTO_HTTP, X_CANARY_ROUTE, X_CANARY_VERSION, X_FORWARDED_PROTO};
+use crate::http2::WorkerClients;
+use crate::metrics::VersionStats;
+use crate::upstream::Upstream;
+use crate::witness::{Spread, Witness};
+use crate::worker::this_worker;
+use canary_http1::conn::IdleList;
+use canary_http1::fields::write_field;
+
+/// The data plane's monotonic clock (the controller reads it from here).
+pub use crate::worker::now_ms;
 
 /// One upstream instance (`host:port`).
 #[derive(Debug)]
@@ -38,6 +40,8 @@ pub struct Instance {
     pub addr: String,
     pub authority: Authority,
     consecutive_failures: AtomicU32,
+    /// The clients behind the current run of failures.
+    spread: Spread,
     ejected_until_ms: AtomicU64,
     /// Ejections in a row without a success in between: the back-off exponent.
     ejection_streak: AtomicU32,
@@ -48,7 +52,7 @@ pub struct Instance {
     /// `Host` for a request that came without one.
     pub host_header: HeaderValue,
     /// Idle HTTP/1.1 connections, one list per data-plane worker.
-    idle: Box<[Arc<IdleList>]>,
+    idle: Box<[Arc<IdleList<TcpStream>>]>,
 }
 
 impl Instance {
@@ -63,6 +67,7 @@ impl Instance {
             host_header: HeaderValue::from_str(addr).ok()?,
             idle: (0..workers.max(1)).map(|_| Arc::default()).collect(),
             consecutive_failures: AtomicU32::new(0),
+            spread: Spread::default(),
             ejected_until_ms: AtomicU64::new(0),
             ejection_streak: AtomicU32::new(0),
             ejections_total: AtomicU64::new(0),
@@ -73,7 +78,7 @@ impl Instance {
 
     /// The current worker's idle HTTP/1.1 connections to this instance.
     #[inline]
-    pub fn idle(&self) -> &Arc<IdleList> {
+    pub fn idle(&self) -> &Arc<IdleList<TcpStream>> {
         this_worker(&self.idle)
     }
 
@@ -100,6 +105,7 @@ impl Instance {
     pub fn record_success(&self) {
         if self.consecutive_failures.load(Relaxed) != 0 {
             self.consecutive_failures.store(0, Relaxed);
+            self.spread.clear();
         }
         if self.ejection_streak.load(Relaxed) != 0 {
             self.ejection_streak.store(0, Relaxed);
@@ -110,21 +116,28 @@ impl Instance {
     /// the canary gets a fresh chance). Active health checks still apply.
     pub fn clear_ejection(&self) {
         self.consecutive_failures.store(0, Relaxed);
+        self.spread.clear();
         self.ejection_streak.store(0, Relaxed);
         self.ejected_until_ms.store(0, Relaxed);
     }
 
-    /// Counts a failure; ejects after `spec.consecutive_failures` in a row, for
+    /// Counts a failure seen by `witness`; ejects after `spec.consecutive_failures` in
+    /// a row from at least `spec.min_clients` distinct clients (see [`Spread`]), for
     /// `base × 2^streak` capped at `max`. Returns whether this call ejected it.
-    pub fn record_failure(&self, spec: &Ejection, now_ms: u64) -> bool {
+    pub fn record_failure(&self, spec: &Ejection, now_ms: u64, witness: Witness) -> bool {
         if spec.consecutive_failures == 0 {
             return false;
         }
         let n = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
-        if n < spec.consecutive_failures || self.ejected(now_ms) {
+        let clients = self.spread.note(witness);
+        if n < spec.consecutive_failures
+            || self.ejected(now_ms)
+            || !Spread::enough(clients, spec.min_clients)
+        {
             return false;
         }
         self.consecutive_failures.store(0, Relaxed);
+        self.spread.clear();
         let streak = self.ejection_streak.fetch_add(1, Relaxed).min(16);
         let period = spec
             .base_ms
@@ -176,72 +189,6 @@ impl Instance {
     }
 }
 
-/// The HTTP client that forwards to HTTP/2 pools; one per connect timeout and
-/// data-plane worker, reused across reloads so its connections survive them.
-/// HTTP/1.1 pools use [`crate::upstream`] instead.
-pub type ProxyClient = Client<HttpConnector, UpstreamBody>;
-
-thread_local! {
-    /// The data-plane worker this thread runs (see `server::spawn_workers`); 0 elsewhere.
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Marks the current thread as data-plane worker `i`.
-pub fn set_worker_index(i: usize) {
-    WORKER.with(|w| w.set(i));
-}
-
-/// The current worker's item of a per-worker slice (worker 0's on any other thread).
-#[inline]
-fn this_worker<T>(per_worker: &[T]) -> &T {
-    let i = WORKER.with(std::cell::Cell::get);
-    &per_worker[if i < per_worker.len() { i } else { 0 }]
-}
-
-/// One HTTP/2 forwarding client per data-plane worker.
-///
-/// hyper-util's `Client` spawns each upstream connection's task on the runtime of the
-/// thread that opened it. With one current-thread runtime per worker, a client (and
-/// its pool) per worker keeps every upstream connection on the thread that uses it:
-/// the pool's mutex is never contended and no request crosses threads. Our own
-/// exchange would also drop the pool's checkout machinery and the connection tasks,
-/// but would have to re-implement HTTP/2 (multiplexing, flow control); HTTP/1.1 pools,
-/// which need none of it, use it ([`crate::upstream`]).
-#[derive(Clone, Debug)]
-pub struct WorkerClients(Arc<[ProxyClient]>);
-
-impl WorkerClients {
-    pub fn new(workers: usize, connect_ms: u64) -> WorkerClients {
-        WorkerClients(
-            (0..workers.max(1))
-                .map(|_| build_h2_client(connect_ms))
-                .collect(),
-        )
-    }
-
-    /// The current worker's client (worker 0's on any other thread).
-    #[inline]
-    pub fn get(&self) -> &ProxyClient {
-        this_worker(&self.0)
-    }
-}
-
-/// Builds an HTTP/2 (h2c, prior knowledge) forwarding client.
-fn build_h2_client(connect_ms: u64) -> ProxyClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_millis(connect_ms)));
-    // The same keep-alive settings as the HTTP/1.1 pools.
-    connector.set_keepalive(Some(upstream::TCP_KEEPALIVE));
-    let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(Duration::from_millis(upstream::IDLE_TIMEOUT_MS))
-        .pool_max_idle_per_host(upstream::MAX_IDLE);
-    b.timer(hyper_util::rt::TokioTimer::new())
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .http2_only(true);
-    b.build(connector)
-}
-
 /// One version's instances on one route.
 #[derive(Debug)]
 pub struct Pool {
@@ -283,7 +230,7 @@ impl Pool {
             (&X_CANARY_VERSION, &version_header),
             (&X_CANARY_ROUTE, &route_header),
         ] {
-            upstream::write_field(&mut lines, name.as_str().as_bytes(), value.as_bytes());
+            write_field(&mut lines, name.as_str().as_bytes(), value.as_bytes());
         }
         Pool {
             version: version.to_string(),
@@ -305,6 +252,20 @@ impl Pool {
         self.h2_client.is_some()
     }
 
+    /// How a request reaches `instance` of this pool (connecting within `connect_ms`
+    /// when a new HTTP/1.1 connection is needed).
+    #[inline]
+    pub(crate) fn upstream<'a>(&'a self, instance: &'a Instance, connect_ms: u64) -> Upstream<'a> {
+        match &self.h2_client {
+            Some(h2) => Upstream::Http2(h2.get()),
+            None => Upstream::Http1 {
+                idle: instance.idle(),
+                addr: &instance.addr,
+                connect_ms,
+            },
+        }
+    }
+
     /// The next available instance, round robin; `None` when none is available.
     #[inline]
     pub fn pick(&self, now_ms: u64) -> Option<&Arc<Instance>> {
@@ -313,6 +274,16 @@ impl Pool {
         (0..n)
             .map(|i| &self.instances[(start + i) % n])
             .find(|inst| inst.available(now_ms))
+    }
+
+    /// The next available instance other than `not`, round robin (where a request
+    /// goes when `not` failed it).
+    pub fn pick_other(&self, now_ms: u64, not: &Instance) -> Option<&Arc<Instance>> {
+        let n = self.instances.len();
+        let start = self.next.fetch_add(1, Relaxed);
+        (0..n)
+            .map(|i| &self.instances[(start + i) % n])
+            .find(|inst| !std::ptr::eq(Arc::as_ptr(inst), not) && inst.available(now_ms))
     }
 
     /// Whether at least one instance is available.
@@ -355,37 +326,68 @@ pub async fn health_check_loop(instances: Vec<Arc<Instance>>, spec: HealthCheck,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::witness::ClientId;
 
     fn ejection() -> Ejection {
         Ejection {
             consecutive_failures: 3,
             base_ms: 1_000,
             max_ms: 3_000,
+            min_clients: 1,
         }
+    }
+
+    /// A failure seen by client `i` (its own address and key).
+    fn client(i: u8) -> Witness {
+        Witness::Client(ClientId::new([192, 0, 2, i].into(), Some(&[i])))
     }
 
     #[test]
     fn ejects_after_consecutive_failures_with_backoff() {
         let i = Instance::new("r", "v1", "127.0.0.1:1", 1).unwrap();
         let spec = ejection();
-        assert!(!i.record_failure(&spec, 0));
+        let c = client(1);
+        assert!(!i.record_failure(&spec, 0, c));
         i.record_success();
-        assert!(!i.record_failure(&spec, 0));
-        assert!(!i.record_failure(&spec, 0));
-        assert!(i.record_failure(&spec, 0));
+        assert!(!i.record_failure(&spec, 0, c));
+        assert!(!i.record_failure(&spec, 0, c));
+        assert!(i.record_failure(&spec, 0, c));
         assert!(!i.available(999));
         assert!(i.available(1_000));
         // Fails again after returning: twice as long.
         for _ in 0..3 {
-            i.record_failure(&spec, 1_000);
+            i.record_failure(&spec, 1_000, c);
         }
         assert!(!i.available(2_999));
         assert!(i.available(3_000));
         // Capped at max.
         for _ in 0..3 {
-            i.record_failure(&spec, 3_000);
+            i.record_failure(&spec, 3_000, c);
         }
         assert!(i.available(6_000));
+    }
+
+    #[test]
+    fn one_client_cannot_eject_an_instance_but_an_unreachable_one_is_ejected() {
+        let spec = Ejection {
+            min_clients: 3,
+            ..ejection()
+        };
+        let i = Instance::new("r", "v1", "127.0.0.1:1", 1).unwrap();
+        for _ in 0..50 {
+            assert!(!i.record_failure(&spec, 0, client(1)));
+        }
+        assert!(i.available(0));
+        assert!(!i.record_failure(&spec, 0, client(2)));
+        assert!(
+            i.record_failure(&spec, 0, client(3)),
+            "three clients saw it fail"
+        );
+        // The next run starts afresh: its clients are counted again.
+        assert!(!i.record_failure(&spec, 1_000, client(1)));
+        assert!(!i.record_failure(&spec, 1_000, client(1)));
+        assert!(!i.record_failure(&spec, 1_000, client(1)));
+        assert!(i.record_failure(&spec, 1_000, Witness::Unreachable));
     }
 
     #[test]
@@ -414,8 +416,9 @@ mod tests {
             consecutive_failures: 1,
             base_ms: 10_000,
             max_ms: 10_000,
+            min_clients: 1,
         };
-        a.record_failure(&spec, 0);
+        a.record_failure(&spec, 0, client(1));
         let pool = Pool::new(
             ("r", "v1"),
             vec![a, b],
@@ -427,7 +430,7 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(pool.pick(1).unwrap().addr, "127.0.0.1:2");
         }
-        pool.instances[1].record_failure(&spec, 1);
+        pool.instances[1].record_failure(&spec, 1, client(1));
         assert!(pool.pick(2).is_none());
         assert!(!pool.any_available(2));
     }

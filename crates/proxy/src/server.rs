@@ -20,13 +20,23 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::forward::ConnInfo;
-use crate::h1::{self, Settings};
-use crate::pool::set_worker_index;
+use crate::connection::{self, Settings};
+use crate::request::ConnInfo;
 use crate::snapshot::Proxy;
+use crate::worker::set_worker_index;
 
 /// How long in-flight requests get to finish after a stop signal.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent streams per HTTP/2 client connection (Envoy's edge default).
+pub const H2_MAX_STREAMS: u32 = 100;
+/// Streams an HTTP/2 client may reset before the proxy accepted them, at once.
+pub const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams the proxy may have to reset for an HTTP/2 client's protocol errors.
+pub const H2_MAX_LOCAL_RESETS: usize = 256;
+/// Keep-alive pings on HTTP/2 client connections: sent this often…
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// …and the connection closed when one is not answered within this.
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serves the proxy on `listener` until `shutdown` resolves, then drains connections
 /// for up to [`DRAIN_TIMEOUT`].
@@ -51,6 +61,14 @@ pub async fn serve_with(
     // the most the own reader reads of a head before handing it to hyper. The exact
     // configured limit is enforced per request in `forward`.
     let max_head = limits.max_header_bytes.max(8192) + 1024;
+    // The same HTTP/1.1 settings for a connection handed over after requests the own
+    // reader served (HTTP/1.1 only: see `connection::Settings`).
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(max_head)
+        .keep_alive(true);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -58,28 +76,54 @@ pub async fn serve_with(
         .header_read_timeout(header_timeout)
         .max_buf_size(max_head)
         .keep_alive(true);
+    // HTTP/2 abuse limits, after Envoy's edge defaults: 100 streams, 64 KiB stream and
+    // 1 MiB connection windows. Streams a client resets before they were accepted
+    // (rapid reset, CVE-2023-44487) and streams the proxy itself has to reset for a
+    // client's errors (MadeYouReset, CVE-2025-8671) are bounded per connection; over
+    // either the connection gets GOAWAY (ENHANCE_YOUR_CALM). A header block over
+    // `limits.max_header_bytes`, also when it arrives as a flood of CONTINUATION
+    // frames, ends the stream (h2 counts the block as it arrives). Pings find dead
+    // peers: no answer within 20 s closes the connection.
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(1024 * 1024)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     let settings = Arc::new(Settings {
         proxy,
+        hyper_http1: Arc::new(http1),
         hyper: Arc::new(builder),
         header_timeout,
         max_head,
+        body_timeout: Duration::from_millis(limits.body_timeout_ms),
+        send_timeout: Duration::from_millis(limits.send_timeout_ms),
+        http2_idle_timeout: Duration::from_millis(limits.http2_idle_timeout_ms),
     });
     // Every connection holds a receiver: `true` asks it to finish, and the sender's
     // `closed()` is the moment the last one has.
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
+    let (mut accept_errors, mut last_warned) = (0u64, None::<std::time::Instant>);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // EMFILE and friends: back off instead of spinning (the connection
+                    // waits in the queue and is taken once a descriptor frees up), and
+                    // say so once a second, not 20 times.
+                    accept_errors += 1;
+                    if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(error = %e, failures = accept_errors, "accept failed; retrying every 50 ms");
+                        last_warned = Some(std::time::Instant::now());
+                        accept_errors = 0;
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -95,7 +139,7 @@ pub async fn serve_with(
         let conn_info = Arc::new(ConnInfo::new(peer));
         let (settings, stop) = (settings.clone(), stop_rx.clone());
         tokio::spawn(async move {
-            h1::serve(stream, conn_info, settings, stop).await;
+            connection::serve(stream, conn_info, settings, stop).await;
             drop(permit);
         });
     }

@@ -13,9 +13,11 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
 use crate::expo::{Exposition, Kind};
+use crate::http2::WorkerClients;
 use crate::metrics::{encode_versions, VersionStats};
-use crate::pool::{health_check_loop, now_ms, Instance, Pool, WorkerClients};
+use crate::pool::{health_check_loop, Instance, Pool};
 use crate::runtime::{DataPlaneEvent, RouteRuntime};
+use crate::worker::now_ms;
 
 /// One route as the data plane serves it.
 #[derive(Debug)]
@@ -274,6 +276,37 @@ impl Proxy {
             &[],
             self.unrouted.load(std::sync::atomic::Ordering::Relaxed) as f64,
         );
+        // Which version of a route is stable and which is the canary: the per-version
+        // families carry only the version's name, and dashboards and alerts join on
+        // this (`* on (route, version) group_left (role) canary_route_version_info`).
+        e.family(
+            "canary_route_version_info",
+            "1 for each version a route serves now, with its role: stable or canary.",
+            Kind::Gauge,
+        );
+        for (r, entry) in snap.table.routes.iter().zip(&snap.entries) {
+            let canary = entry.canary.iter().map(|p| (p, "canary"));
+            for (pool, role) in std::iter::once((&entry.stable, "stable")).chain(canary) {
+                let labels = [
+                    ("route", r.name.as_str()),
+                    ("version", pool.version.as_str()),
+                    ("role", role),
+                ];
+                e.sample("canary_route_version_info", &labels, 1u8);
+            }
+        }
+        e.family(
+            "canary_timeouts_total",
+            "Connections or answers cut by a timer, by kind: header (a request head not complete in time, on the proxy's own reader), body (limits.body_timeout), send (limits.send_timeout), upstream_idle (timeouts.idle), http2_idle (limits.http2_idle_timeout).",
+            Kind::Counter,
+        );
+        for kind in crate::timers::Kind::ALL {
+            e.sample(
+                "canary_timeouts_total",
+                &[("kind", kind.label())],
+                crate::timers::TIMEOUTS.get(kind) as f64,
+            );
+        }
     }
 }
 

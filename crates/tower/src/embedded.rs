@@ -170,9 +170,11 @@ impl Canary {
     /// work against the application. Serve it on a loopback address, or set an
     /// [`admin_token`](CanaryBuilder::admin_token).
     pub fn admin_router(&self) -> Router {
+        // The binary's Host and Origin rules (docs/admin-api.md): localhost,
+        // `*.localhost` and literal addresses; no extra names.
         router(Admin {
-            controller: self.inner.controller.clone(),
             token: self.inner.token.clone(),
+            ..Admin::new(self.inner.controller.clone())
         })
     }
 

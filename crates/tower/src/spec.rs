@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use canary_config::{Config, RouteConfig};
 use canary_core::analysis::AnalysisSpec;
-use canary_core::rollout::{Pause, RolloutSpec, Step};
+use canary_core::rollout::{BreakerSpec, Pause, RolloutSpec, Step, MAX_MIN_CLIENTS};
 use canary_core::{Route, Rule, RuleMatch, Target, Weight};
 
 use crate::error::Error;
@@ -206,6 +206,7 @@ pub struct Rollout {
     interval: Option<Duration>,
     window: Option<Duration>,
     breaker: Option<Option<u32>>,
+    min_clients: Option<u32>,
 }
 
 impl Default for Rollout {
@@ -223,6 +224,7 @@ impl Rollout {
             interval: None,
             window: None,
             breaker: None,
+            min_clients: None,
         }
     }
 
@@ -243,6 +245,16 @@ impl Rollout {
     /// service error); 0 turns the breaker off.
     pub fn breaker(mut self, failures: u32) -> Rollout {
         self.breaker = Some((failures > 0).then_some(failures));
+        self
+    }
+
+    /// The distinct clients a breaker run must come from before it trips (default 1
+    /// here, 3 in the binary's config). Clients are told apart by peer address and
+    /// sticky key; the address is known only when the application is served with
+    /// `into_make_service_with_connect_info::<SocketAddr>()`, so an embedding that
+    /// cannot tell its clients apart keeps the default (docs/embedding.md).
+    pub fn breaker_min_clients(mut self, clients: u32) -> Rollout {
+        self.min_clients = Some(clients);
         self
     }
 
@@ -304,7 +316,22 @@ impl Rollout {
             analysis: self.analysis.clone().unwrap_or(defaults.analysis),
             interval_ms,
             window_ms,
-            breaker_failures: self.breaker.unwrap_or(defaults.breaker_failures),
+            breaker: match self.breaker {
+                Some(failures) => failures.map(|consecutive_failures| BreakerSpec {
+                    consecutive_failures,
+                    min_clients: self
+                        .min_clients
+                        .unwrap_or(1)
+                        .clamp(1, consecutive_failures.min(MAX_MIN_CLIENTS)),
+                }),
+                None => defaults.breaker.map(|b| BreakerSpec {
+                    min_clients: self
+                        .min_clients
+                        .unwrap_or(1)
+                        .clamp(1, b.consecutive_failures.min(MAX_MIN_CLIENTS)),
+                    ..b
+                }),
+            },
         })
     }
 }
@@ -345,7 +372,7 @@ mod tests {
         let t = template();
         let r = &t.routes[0];
         let spec = r.rollout.clone().expect("rollout");
-        assert_eq!(spec.breaker_failures, Some(5));
+        assert_eq!(spec.breaker.map(|b| b.consecutive_failures), Some(5));
         assert_eq!((spec.interval_ms, spec.window_ms), (10_000, 60_000));
         let rc = RouteSpec::new("web", "v1", "v2")
             .rollout(Rollout::new().manual_step(10.0))
@@ -353,7 +380,7 @@ mod tests {
             .expect("valid");
         let got = rc.rollout.expect("rollout");
         assert_eq!(got.analysis, spec.analysis);
-        assert_eq!(got.breaker_failures, Some(5));
+        assert_eq!(got.breaker.map(|b| b.consecutive_failures), Some(5));
         assert_eq!(rc.route.sticky.header.as_deref(), Some("x-user-id"));
         assert_eq!(rc.route.sticky.cookie, "canary_id");
     }

@@ -9,14 +9,17 @@
 //! Nothing is boxed: the future is an enum of the two services' futures.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
+use axum::extract::ConnectInfo;
 use bytes::{BufMut, BytesMut};
 use canary_core::sticky_id::{IdSource, COOKIE_ATTRIBUTES};
 use canary_core::Target;
+use canary_proxy::witness::{ClientId, Witness};
 use http::header::{HeaderName, HeaderValue, SET_COOKIE};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -151,6 +154,13 @@ where
             .route
             .decide(state.runtime.weight(), &facts, key)
             .target;
+        // Who would be blamed for a failure (`canary_proxy::witness`): the peer address
+        // when the application serves with `into_make_service_with_connect_info`, and
+        // the sticky key. Without an address, only the key tells clients apart.
+        let client = match req.extensions().get::<ConnectInfo<SocketAddr>>() {
+            Some(ConnectInfo(peer)) => ClientId::new(peer.ip(), key),
+            None => ClientId::without_address(key),
+        };
         let started = Instant::now();
         let kind = match target {
             Target::Stable => Kind::Stable {
@@ -166,6 +176,7 @@ where
             target,
             started,
             generated,
+            client,
         }
     }
 }
@@ -192,6 +203,7 @@ pin_project! {
         target: Target,
         started: Instant,
         generated: Option<[u8; 32]>,
+        client: ClientId,
     }
 
     impl<FS, FC> PinnedDrop for ResponseFuture<FS, FC> {
@@ -237,7 +249,7 @@ where
         stats.record(status, elapsed_us);
         if *this.target == Target::Canary {
             if status >= 500 {
-                route.runtime.canary_failure();
+                route.runtime.canary_failure(Witness::Client(*this.client));
             } else {
                 route.runtime.canary_success();
             }

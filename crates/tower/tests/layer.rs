@@ -74,6 +74,8 @@ async fn call(router: &Router, method: &str, uri: &str) -> (StatusCode, String, 
     let req = Request::builder()
         .method(method)
         .uri(uri)
+        // The admin listener's Host rule (docs/admin-api.md) applies here too.
+        .header("host", "127.0.0.1:3001")
         .body(Body::empty())
         .expect("request");
     let resp = router.clone().oneshot(req).await.expect("infallible");

@@ -7,6 +7,9 @@
 //! `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod fault;
+pub mod strict;
+
 use std::convert::Infallible;
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
@@ -86,6 +89,8 @@ struct UpState {
 /// - any path: `hello from <version>` with the configured status and delay;
 /// - `…/echo`: a JSON object of what it received (method, uri, version, headers);
 /// - `…/ws`: a WebSocket echo server;
+/// - `…/bytes/N`: `N` bytes of [`pattern_body`] with a `Content-Length`;
+/// - `…/sink`: reads the whole request body, then answers with its length;
 /// - `/healthz`: 200, or 503 after `set_healthy(false)` (not counted in `requests`).
 ///
 /// Dropping it closes the listener and every open connection.
@@ -207,6 +212,18 @@ async fn serve_upstream(
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
+    if path.ends_with("/sink") {
+        return Ok(match req.into_body().collect().await {
+            Ok(b) => text_response(200, format!("{}\n", b.to_bytes().len())),
+            Err(e) => text_response(400, format!("body: {e}\n")),
+        });
+    }
+    if let Some(n) = path
+        .rsplit_once("/bytes/")
+        .and_then(|(_, n)| n.parse().ok())
+    {
+        return Ok(text_response(200, pattern_body(n)));
+    }
     if path.ends_with("/echo") {
         let mut headers = serde_json::Map::new();
         for (k, v) in req.headers() {
@@ -241,6 +258,15 @@ async fn serve_upstream(
         status,
         format!("hello from {}\n", st.version),
     ))
+}
+
+/// `n` bytes of a repeating alphabet whose period (23) is prime to every buffer
+/// size, so a body cut, shifted or spliced anywhere never equals it.
+pub fn pattern_body(n: usize) -> String {
+    // By whole periods (a copy each), not byte by byte: bodies of tens of MiB.
+    let mut s = "abcdefghijklmnopqrstuvw".repeat(n / 23 + 1);
+    s.truncate(n);
+    s
 }
 
 /// Accepts a WebSocket handshake and echoes every text or binary message.
@@ -431,6 +457,9 @@ pub struct Canary {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     env: Vec<(String, String)>,
+    /// A program (and its arguments) that runs `canary serve`, `{listen}` replaced
+    /// by the proxy address: e.g. `systemd-socket-activate -l {listen}`.
+    wrapper: Vec<String>,
     child: Option<Child>,
     client: HttpClient,
 }
@@ -444,6 +473,12 @@ impl Canary {
 
     /// Like [`Canary::start`] with extra environment variables for the child.
     pub async fn start_with(body: &str, env: &[(&str, &str)]) -> Canary {
+        Canary::start_wrapped(body, env, &[]).await
+    }
+
+    /// Like [`Canary::start_with`], `canary serve` run by `wrapper` (see
+    /// [`Canary::wrapper`]'s field doc).
+    pub async fn start_wrapped(body: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Canary {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("canary.yaml");
         let log_path = dir.path().join("canary.log");
@@ -457,6 +492,7 @@ impl Canary {
             config_path,
             log_path,
             env,
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             child: None,
             client: client(),
             dir,
@@ -509,13 +545,28 @@ impl Canary {
     }
 
     fn spawn(&mut self) {
+        self.child = Some(self.command().spawn().expect("spawn canary serve"));
+    }
+
+    /// The `canary serve` command line, output to the log files.
+    fn command(&self) -> Command {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_path)
             .expect("open log");
         let out = File::create(self.dir.path().join("canary.stdout")).expect("stdout file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_canary"));
+        let bin = env!("CARGO_BIN_EXE_canary");
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                let listen = self.listen.to_string();
+                cmd.args(args.iter().map(|a| a.replace("{listen}", &listen)));
+                cmd.arg(bin);
+                cmd
+            }
+            None => Command::new(bin),
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&self.config_path)
@@ -528,7 +579,48 @@ impl Canary {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        self.child = Some(cmd.spawn().expect("spawn canary serve"));
+        cmd
+    }
+
+    /// Replaces the running child by a new `canary serve --takeover`, which takes its
+    /// listening sockets; waits (bounded) until the old one has drained and exited
+    /// and the new one is ready. Panics (both killed) if either does not.
+    pub async fn takeover(&mut self) {
+        let mut old = self
+            .child
+            .take()
+            .expect("a running canary to take over from");
+        let mut cmd = self.command();
+        cmd.arg("--takeover");
+        self.child = Some(cmd.spawn().expect("spawn canary serve --takeover"));
+        let deadline = Instant::now() + READY_TIMEOUT + Duration::from_secs(15);
+        loop {
+            match old.try_wait() {
+                Ok(Some(status)) => {
+                    assert!(
+                        status.success(),
+                        "the old canary exited with {status}:\n{}",
+                        self.log()
+                    );
+                    break;
+                }
+                _ if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ => {
+                    let _ = old.kill();
+                    let _ = old.wait();
+                    self.kill9();
+                    panic!(
+                        "the old canary did not exit after a takeover:\n{}",
+                        self.log()
+                    );
+                }
+            }
+        }
+        if let Err(log) = self.wait_ready().await {
+            panic!("the new canary is not ready after a takeover:\n{log}");
+        }
     }
 
     /// Waits (bounded) until `/readyz` answers 200; `Err(log)` if the child exits or
@@ -541,6 +633,14 @@ impl Canary {
                 if let Ok(Some(status)) = child.try_wait() {
                     return Err(format!("canary exited with {status}:\n{}", self.log()));
                 }
+            }
+            if !self.wrapper.is_empty() {
+                // A socket-activating wrapper starts canary at the first connection.
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    tokio::net::TcpStream::connect(self.listen),
+                )
+                .await;
             }
             let fut = send(&self.client, Method::GET, &url, &[], "");
             if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(500), fut).await {

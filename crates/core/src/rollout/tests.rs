@@ -34,7 +34,10 @@ fn spec() -> RolloutSpec {
         },
         interval_ms: 10 * S,
         window_ms: 60 * S,
-        breaker_failures: Some(5),
+        breaker: Some(BreakerSpec {
+            consecutive_failures: 5,
+            min_clients: 3,
+        }),
     }
 }
 
@@ -149,11 +152,33 @@ fn failure_limit_consecutive_fails_abort() {
 fn breaker_and_unhealthy_abort_with_their_reason() {
     let sp = spec();
     let (s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
-    let b = step(&s, &sp, Input::Breaker { failures: 5 }, 1)
+    let trip = |clients| {
+        step(
+            &s,
+            &sp,
+            Input::Breaker {
+                failures: 5,
+                clients,
+            },
+            1,
+        )
         .unwrap()
-        .state;
+        .state
+    };
+    let b = trip(Some(3));
     assert_eq!(b.phase, Phase::Aborted);
-    assert!(b.abort_reason.unwrap().starts_with("breaker"));
+    assert_eq!(
+        b.abort_reason.as_deref(),
+        Some("breaker: 5 consecutive canary failures from 3 clients")
+    );
+    assert_eq!(
+        trip(None).abort_reason.as_deref(),
+        Some("breaker: 5 consecutive canary failures, connection failures among them")
+    );
+    assert_eq!(
+        trip(Some(1)).abort_reason.as_deref(),
+        Some("breaker: 5 consecutive canary failures")
+    );
     let u = step(&s, &sp, Input::CanaryUnhealthy, 1).unwrap().state;
     assert!(u.abort_reason.unwrap().starts_with("canary unhealthy"));
 }
@@ -320,7 +345,7 @@ fn any_input() -> impl Strategy<Value = Input> {
         1 => Just(Input::Resume),
         1 => Just(Input::Retry),
         1 => (0u16..=10_000).prop_map(|bp| Input::SetWeight(Weight::from_basis_points(bp).unwrap())),
-        1 => Just(Input::Breaker { failures: 5 }),
+        1 => Just(Input::Breaker { failures: 5, clients: Some(3) }),
         1 => Just(Input::CanaryUnhealthy),
     ]
 }
@@ -438,4 +463,66 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_persisted_state_beyond_the_plan_or_starting_in_the_future_is_refused() {
+    let sp = spec();
+    let now = 1_000_000 * S;
+    let (s, _) = RolloutState::start(&sp, "v2", now, Position::no_canary());
+    assert_eq!(s.check(&sp, now), Ok(()));
+    // The last step is fine; one past it is not.
+    let last = RolloutState {
+        step: 3,
+        ..s.clone()
+    };
+    assert_eq!(last.check(&sp, now), Ok(()));
+    let beyond = RolloutState {
+        step: 4,
+        ..s.clone()
+    };
+    let e = beyond.check(&sp, now).unwrap_err();
+    assert!(
+        e.contains("step 5 is beyond the plan, which has 4 steps"),
+        "{e}"
+    );
+    // A clock stepped back a little is believed; a start in a year is not.
+    let skewed = RolloutState {
+        step_started_ms: now + 30 * S,
+        ..s.clone()
+    };
+    assert_eq!(skewed.check(&sp, now), Ok(()));
+    let future = RolloutState {
+        step_started_ms: now + 365 * 86_400 * S,
+        ..s.clone()
+    };
+    let e = future.check(&sp, now).unwrap_err();
+    assert!(e.contains("in the future"), "{e}");
+    let heavy = RolloutState {
+        weight_bp: 10_001,
+        ..s
+    };
+    assert!(heavy.check(&sp, now).is_err());
+}
+
+#[test]
+fn setting_the_same_weight_twice_journals_it_once() {
+    let sp = spec();
+    let (s, _) = RolloutState::start(&sp, "v2", 0, Position::no_canary());
+    let w = Weight::from_percent(35.0).unwrap();
+    let first = step(&s, &sp, Input::SetWeight(w), 1).unwrap();
+    assert_eq!(first.events.len(), 1);
+    assert_eq!(first.state.phase, Phase::Paused);
+    let again = step(&first.state, &sp, Input::SetWeight(w), 2).unwrap();
+    assert!(again.events.is_empty(), "{:?}", again.events);
+    assert_eq!(again.state, first.state);
+    // Another weight while paused is a change again.
+    let other = Weight::from_percent(40.0).unwrap();
+    assert_eq!(
+        step(&first.state, &sp, Input::SetWeight(other), 3)
+            .unwrap()
+            .events
+            .len(),
+        1
+    );
 }

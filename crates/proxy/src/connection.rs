@@ -1,0 +1,339 @@
+//! One client connection: the proxy's own HTTP/1.1 reader for the requests that are
+//! most of the traffic, and a hand-over to hyper for all others.
+//!
+//! Why the proxy reads requests itself rather than leaving it to hyper's server:
+//! profiled, hyper's per-request machinery around the proxy's own work (its
+//! dispatcher, buffered IO, version detection, header-read timer, message types in and
+//! out) was ~10 k of the ~24 k user-space instructions per proxied request
+//! (`docs/performance.md`), and the kernel's share of a request is the same for every
+//! proxy. The reader (`http1::server::parse`) takes only requests whose framing leaves
+//! nothing to decide (see its docs); such a request cannot be smuggled.
+//!
+//! Every other request, and anything that does not parse (an HTTP/2 preface, a
+//! malformed head, one over the size limit or with over 100 fields), goes to hyper
+//! together with the bytes read so far, and hyper serves the rest of that connection
+//! exactly as it serves every connection it is given: same answers (`400`, `431`,
+//! `505`), same body handling, upgrades and h2c. So the reader decides only *whether*
+//! to handle a request, never how an unusual one is answered.
+//!
+//! What it does with a request it takes is what hyper did: the same [`Proxy::handle`],
+//! the answer written by `http1::server::write_response`, the client's hang-up noticed
+//! while the upstream works (the handler is dropped, which counts a client abort),
+//! `limits.header_timeout` from the end of one response to the end of the next request
+//! head (the slow-header guard and the keep-alive idle timeout), and pipelined
+//! requests answered in order.
+
+use std::future::{poll_fn, Future as _};
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use http::{Method, Request, Response, Uri};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::body::ProxyBody;
+use crate::request::{ClientBody, ConnInfo};
+use crate::snapshot::Proxy;
+use crate::timers::{InFlight, Kind, SendTimed, Tracked, TIMEOUTS};
+use canary_http1::fields::{RawFields, RawHead};
+use canary_http1::server::{parse, write_response, Message, Parsed, Rewound};
+use canary_http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
+
+/// What a connection needs from the listener.
+pub(crate) struct Settings {
+    pub proxy: Arc<Proxy>,
+    /// Serves a connection handed over (see the module docs) at its first request:
+    /// HTTP/1.1, or HTTP/2 with prior knowledge (the preface).
+    pub hyper: Arc<auto::Builder<TokioExecutor>>,
+    /// Serves a connection handed over after the reader has served requests on it:
+    /// HTTP/1.1 only, as a connection does not switch to HTTP/2 midway (RFC 9113 §3.4:
+    /// the preface starts a connection), so a preface there is a bad request.
+    /// (hyper-util's `auto` cannot be told so for a connection with upgrades.)
+    pub hyper_http1: Arc<http1::Builder>,
+    /// From the end of a response to the end of the next request head.
+    pub header_timeout: Duration,
+    /// Bytes a request head may take before it is hyper's to refuse; hyper's own
+    /// read-buffer limit, so that hyper sees what it would have seen.
+    pub max_head: usize,
+    /// `limits.body_timeout`: the longest wait for the next bytes of a request body.
+    pub body_timeout: Duration,
+    /// `limits.send_timeout`: the longest a write to the client may make no progress.
+    pub send_timeout: Duration,
+    /// `limits.http2_idle_timeout`: a connection hyper serves with no request in
+    /// flight for this long is closed (GOAWAY on HTTP/2).
+    pub http2_idle_timeout: Duration,
+}
+
+/// For an answer with no upstream head of its own (the proxy's, an HTTP/2 upstream's).
+static NO_FIELDS: RawFields = RawFields::EMPTY;
+
+/// The request for the handler: its fields stay in `raw` (the head, as read), its
+/// `HeaderMap` is empty. `None` for a target `http` refuses (rare: `httparse` checks
+/// nearly the same characters).
+fn request(p: &Parsed, raw: Box<RawHead>) -> Option<Request<ClientBody>> {
+    let uri = Uri::from_maybe_shared(p.target(&raw)).ok()?;
+    let mut req = Request::new(ClientBody::Read(raw));
+    *req.method_mut() = p.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = p.version;
+    Some(req)
+}
+
+/// Serves one client connection until it closes, `stop` turns true (after the
+/// response in progress), or a request is handed to hyper (which then serves it).
+pub(crate) async fn serve(
+    mut io: TcpStream,
+    conn: Arc<ConnInfo>,
+    settings: Arc<Settings>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut out = Vec::with_capacity(1024);
+    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(IDLE_TIMER));
+    // One wait for the whole connection (one made per request cost ~1.5% of a
+    // request, in its registration with the channel).
+    let stopping = stopped(stop.clone());
+    tokio::pin!(stopping);
+    let mut armed = false;
+    // Whether a request has been served here: from then on the connection is HTTP/1.1.
+    let mut served = false;
+    loop {
+        // The next request head.
+        let deadline = Instant::now() + settings.header_timeout;
+        let mut raw = Box::new(RawHead::EMPTY);
+        let parsed = loop {
+            if !buf.is_empty() {
+                match parse(&buf, &mut raw) {
+                    Ok(Some(p)) => break p,
+                    Ok(None) if buf.len() < settings.max_head => {}
+                    _ => {
+                        let hyper = if served {
+                            Hyper::Http1(&settings.hyper_http1)
+                        } else {
+                            Hyper::Auto(&settings.hyper)
+                        };
+                        return hand_over(io, buf, conn, (&settings, hyper), stop).await;
+                    }
+                }
+            }
+            let mut woken = false;
+            let waited = poll_fn(|cx| {
+                if let Poll::Ready(r) = fill(Pin::new(&mut io), &mut buf, cx) {
+                    return Poll::Ready(r.ok().filter(|&n| n > 0).is_some());
+                }
+                // The timer and the stop were polled with this task's waker at an
+                // earlier wait and are unchanged since (the timer is only ever moved
+                // on, here): they will wake the task when they go off. So a wait
+                // that starts polls them only if they may have gone off unseen (the
+                // task was polled for other reasons since); once woken, it polls all.
+                let stop_seen = !matches!(stop.has_changed(), Ok(false));
+                if woken || !armed || timer.is_elapsed() || stop_seen {
+                    if poll_until(&mut timer, deadline, cx).is_ready() {
+                        if !buf.is_empty() {
+                            // A head begun and not finished (an idle keep-alive
+                            // connection closing is no timeout).
+                            TIMEOUTS.record(Kind::Header);
+                        }
+                        return Poll::Ready(false);
+                    }
+                    if buf.is_empty() && stopping.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(false);
+                    }
+                    armed = true;
+                }
+                woken = true;
+                Poll::Pending
+            });
+            if !waited.await {
+                return;
+            }
+        };
+        parsed.split_head(&mut buf, &mut raw);
+        let Some(req) = request(&parsed, raw) else {
+            let _ = io.write_all(BAD_REQUEST).await;
+            return;
+        };
+        let is_head = parsed.method == Method::HEAD;
+        let version = parsed.version;
+
+        // The answer, while watching for the client hanging up (or pipelining).
+        let resp = {
+            let handling = settings.proxy.handle(req, &conn);
+            tokio::pin!(handling);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut handling => break r,
+                    r = io.readable(), if buf.len() < settings.max_head => {
+                        if r.is_err() {
+                            return;
+                        }
+                        buf.reserve(READ_CHUNK);
+                        match io.try_read_buf(&mut buf) {
+                            // Gone: dropping `handling` records the abort.
+                            Ok(0) => return,
+                            Ok(_) => {}
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(_) => return,
+                        }
+                    }
+                }
+            }
+        };
+        let keep = !parsed.close && !*stop.borrow();
+        // Borrowed out of the boxed answer, not moved: a move of the whole answer cost
+        // a `memcpy` of ~300 bytes per request.
+        let mut resp = resp;
+        let headers = std::mem::take(resp.headers_mut());
+        let status = resp.status();
+        let (body, fields, added_fields) = resp.body_mut().for_writing();
+        let msg = Message {
+            status,
+            headers: &headers,
+            fields: fields.unwrap_or(&NO_FIELDS),
+            is_head,
+            version,
+            keep,
+        };
+        let added = |out: &mut Vec<u8>| {
+            for field in added_fields.iter().flatten() {
+                field.write(out);
+            }
+        };
+        served = true;
+        let mut timed = SendTimed::new(&mut io, settings.send_timeout);
+        let written = write_response(&mut timed, &mut out, msg, added, body).await;
+        drop(resp);
+        match written {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                let _ = io.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad request\n";
+
+/// Gives the connection to hyper, with what has been read of it.
+/// Which of hyper's servers takes a connection over.
+enum Hyper<'a> {
+    /// HTTP/1.1, or HTTP/2 when the connection starts with its preface.
+    Auto(&'a auto::Builder<TokioExecutor>),
+    /// HTTP/1.1 only.
+    Http1(&'a http1::Builder),
+}
+
+async fn hand_over(
+    io: TcpStream,
+    read: BytesMut,
+    conn: Arc<ConnInfo>,
+    (settings, hyper): (&Settings, Hyper<'_>),
+    stop: watch::Receiver<bool>,
+) {
+    let proxy = settings.proxy.clone();
+    let body_timeout = settings.body_timeout;
+    // Requests in flight, each until its answer has been sent: none for
+    // `http2_idle_timeout` closes the connection.
+    let in_flight = Arc::new(InFlight::default());
+    let service = service_fn({
+        let in_flight = in_flight.clone();
+        move |req: Request<hyper::body::Incoming>| {
+            let proxy = proxy.clone();
+            let conn = conn.clone();
+            let guard = in_flight.enter();
+            async move {
+                let req = req.map(|b| ClientBody::hyper(b, body_timeout));
+                let resp = proxy.handle(req, &conn).await;
+                let resp = with_fields_in_map(*resp).map(|b| Tracked::new(b, guard));
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        }
+    });
+    let io = SendTimed::new(io, settings.send_timeout);
+    let io = TokioIo::new(Rewound::new(read.freeze(), io));
+    // The same wait in both arms: each connection type has its own future.
+    macro_rules! serve_until_stopped {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stopped(stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                () = in_flight.idle_for(settings.http2_idle_timeout) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }};
+    }
+    match hyper {
+        Hyper::Auto(b) => serve_until_stopped!(b.serve_connection_with_upgrades(io, service)),
+        Hyper::Http1(b) => serve_until_stopped!(b.serve_connection(io, service).with_upgrades()),
+    }
+}
+
+/// hyper writes a response from its `HeaderMap` alone: the upstream's fields go in
+/// first, then what the proxy added.
+fn with_fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let Some(fields) = resp.body_mut().take_fields() else {
+        return resp;
+    };
+    let mut map = fields.to_map();
+    for field in resp.body().added() {
+        map.append(field.name().clone(), field.value());
+    }
+    let added = std::mem::replace(resp.headers_mut(), map);
+    for (name, value) in &added {
+        resp.headers_mut().append(name, value.clone());
+    }
+    resp
+}
+
+/// Until the listener asks connections to finish.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_read_here_keeps_its_fields_in_its_head() {
+        let raw = "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nX-One: 1\r\n\r\n";
+        let mut head = Box::new(RawHead::EMPTY);
+        let p = parse(raw.as_bytes(), &mut head).unwrap().unwrap();
+        p.split_head(&mut BytesMut::from(raw), &mut head);
+        let req = request(&p, head).unwrap();
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.version(), http::Version::HTTP_11);
+        assert!(req.headers().is_empty(), "the fields stay in the head");
+        let ClientBody::Read(head) = req.body() else {
+            panic!("not the head as read");
+        };
+        // `Connection` is read, not passed on; every other field is, as it came.
+        let names: Vec<_> = head.iter().map(|(n, _)| n.to_vec()).collect();
+        assert_eq!(names, [b"Host".to_vec(), b"X-One".to_vec()]);
+        assert_eq!(head.get("x-one"), Some(&b"1"[..]));
+        assert_eq!(head.values("HOST").collect::<Vec<_>>(), [&b"x"[..]]);
+    }
+}
