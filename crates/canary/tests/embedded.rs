@@ -27,9 +27,11 @@ async fn embedded(dir: &std::path::Path) -> (Canary, String, tokio::task::JoinHa
         .await
         .expect("bind");
     let addr = format!("http://{}", listener.local_addr().expect("addr"));
-    let router = canary.admin_router();
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+    let server = tokio::spawn({
+        let canary = canary.clone();
+        async move {
+            let _ = canary.serve_admin(listener).await;
+        }
     });
     (canary, addr, server)
 }

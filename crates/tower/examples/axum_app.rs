@@ -78,10 +78,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let admin_listener = tokio::net::TcpListener::bind(admin).await?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, %admin, weight, canary_fails = fail, state_dir = %state_dir.display(), "axum_app serving");
-    let admin_router = canary.admin_router();
+    let admin_canary = canary.clone();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(admin_listener, admin_router).await {
-            tracing::error!(error = %e, "admin listener failed");
+        if let Err(e) = admin_canary.serve_admin(admin_listener).await {
+            tracing::error!(error = %e, "admin API not served");
         }
     });
     axum::serve(

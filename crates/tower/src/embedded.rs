@@ -26,8 +26,10 @@ pub const DEFAULT_STATE_DIR: &str = "./canary-state";
 ///
 /// Build one with [`Canary::builder`], then put its layers on the application's
 /// routes ([`Canary::layer`]) and serve its [`admin_router`](Canary::admin_router)
-/// on a loopback address. It is cheap to clone; the controller task stops when the
-/// last clone is dropped or on [`stop`](Canary::stop).
+/// on a loopback address. It is cheap to clone. The controller task runs until
+/// [`stop`](Canary::stop) or until the runtime shuts down, whether or not a `Canary`
+/// is still held: the layers and the admin router keep working after the `Canary`
+/// that made them is dropped.
 #[derive(Clone)]
 pub struct Canary {
     inner: Arc<Inner>,
@@ -45,7 +47,8 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.stop.notify_one();
+        // Open dashboard streams end with the last handle; the controller task keeps
+        // running (it holds its own references) until `stop()`.
         self.streams_stop.send_replace(true);
     }
 }
@@ -187,6 +190,32 @@ impl Canary {
             stop: self.inner.streams_stop.clone(),
             ..Admin::new(self.inner.controller.clone())
         })
+    }
+
+    /// Serves [`admin_router`](Self::admin_router) on `listener` until the returned
+    /// future is dropped or the listener fails, as `canary serve` serves its admin
+    /// API: a listener off loopback is refused unless an
+    /// [`admin_token`](CanaryBuilder::admin_token) is set.
+    ///
+    /// ```no_run
+    /// # async fn doc(canary: canary_tower::Canary) -> Result<(), canary_tower::Error> {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3001").await?;
+    /// tokio::spawn(async move { canary.serve_admin(listener).await });
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnprotectedAdmin`] before serving anything, or [`Error::Io`] when the
+    /// listener fails.
+    pub async fn serve_admin(&self, listener: tokio::net::TcpListener) -> Result<(), Error> {
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() && self.inner.token.is_none() {
+            return Err(Error::UnprotectedAdmin(addr));
+        }
+        axum::serve(listener, self.admin_router()).await?;
+        Ok(())
     }
 
     /// The metrics handle: the same families and names as the binary's `/metrics`.

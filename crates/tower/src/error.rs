@@ -28,6 +28,14 @@ pub enum Error {
     /// or cannot be written).
     #[error("controller: {0}")]
     Control(#[from] ControlError),
+    /// [`Canary::serve_admin`](crate::Canary::serve_admin) was given a listener off
+    /// loopback and no admin token is set: anyone who can reach it could abort or
+    /// promote.
+    #[error("the admin listener {0} is not on loopback and no admin token is set: set one with CanaryBuilder::admin_token, or listen on 127.0.0.1")]
+    UnprotectedAdmin(std::net::SocketAddr),
+    /// The admin listener failed.
+    #[error("admin listener: {0}")]
+    Io(#[from] std::io::Error),
     /// `start` was called outside a tokio runtime, which the controller task needs.
     #[error("CanaryBuilder::start must be called within a tokio runtime (the controller runs as a tokio task)")]
     NoRuntime,

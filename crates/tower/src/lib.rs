@@ -40,7 +40,7 @@
 //!
 //!     // The admin API (`canary status --admin http://127.0.0.1:3001`) and /metrics.
 //!     let admin = tokio::net::TcpListener::bind("127.0.0.1:3001").await?;
-//!     tokio::spawn(async move { axum::serve(admin, canary.admin_router()).await });
+//!     tokio::spawn(async move { canary.serve_admin(admin).await });
 //!
 //!     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //!     axum::serve(listener, app).await?;

@@ -69,6 +69,35 @@ async fn send(app: &Router, headers: &[(&str, &str)]) -> Reply {
     }
 }
 
+/// `method uri` on a router (the admin or metrics one): status, content type, body.
+async fn call(router: &Router, method: &str, uri: &str) -> (StatusCode, String, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        // The admin listener's Host rule (docs/admin-api.md) applies here too.
+        .header("host", "127.0.0.1:3001")
+        .body(Body::empty())
+        .expect("request");
+    let resp = router.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .map_or(String::new(), |v| v.to_str().expect("ascii").to_string());
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        ctype,
+        String::from_utf8(body.to_vec()).expect("utf-8"),
+    )
+}
+
+/// A JSON answer of the admin router, with its status.
+async fn call_json(router: &Router, method: &str, uri: &str) -> (StatusCode, serde_json::Value) {
+    let (status, _, body) = call(router, method, uri).await;
+    (status, serde_json::from_str(&body).expect("json"))
+}
+
 /// The request as the core sees it, from plain lists: the reference decision.
 #[derive(Default)]
 struct Facts {
@@ -296,30 +325,9 @@ async fn metrics_have_the_proxys_names_and_pass_promtool() {
         send(&app, &[("x-user-id", &format!("m{i}"))]).await;
     }
     // Mounted as the application would, on its own router.
-    let metrics_app = canary.metrics().router();
-    let resp = metrics_app
-        .oneshot(
-            Request::builder()
-                .uri("/metrics")
-                .body(Body::empty())
-                .expect("request"),
-        )
-        .await
-        .expect("infallible");
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(
-        resp.headers()["content-type"],
-        "text/plain; version=0.0.4; charset=utf-8"
-    );
-    let text = String::from_utf8(
-        resp.into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes()
-            .to_vec(),
-    )
-    .expect("utf-8");
+    let (status, ctype, text) = call(&canary.metrics().router(), "GET", "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ctype, "text/plain; version=0.0.4; charset=utf-8");
     let value = |line_start: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(line_start))
@@ -411,47 +419,19 @@ async fn the_admin_router_is_the_binarys_api() {
         .rollout(Rollout::new().manual_step(10.0).step(50.0, Duration::ZERO));
     let (_dir, canary, _app) = app(spec, StatusCode::OK);
     let admin = canary.admin_router();
-    let call = |method: &str, uri: &str| {
-        Request::builder()
-            .method(method)
-            .uri(uri)
-            // The admin listener's Host rule (docs/admin-api.md) applies here too.
-            .header("host", "127.0.0.1:3001")
-            .body(Body::empty())
-            .expect("request")
-    };
-    let json = |resp: axum::response::Response| async move {
-        let b = resp.into_body().collect().await.expect("body").to_bytes();
-        serde_json::from_slice::<serde_json::Value>(&b).expect("json")
-    };
-    let resp = admin
-        .clone()
-        .oneshot(call("GET", "/api/v1/routes"))
-        .await
-        .expect("infallible");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let list = json(resp).await;
+    let (status, list) = call_json(&admin, "GET", "/api/v1/routes").await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(list[0]["name"], "web", "{list}");
     assert_eq!(list[0]["phase"], "waiting", "{list}");
     assert_eq!(list[0]["weight"], 10.0, "{list}");
-    let resp = admin
-        .clone()
-        .oneshot(call("POST", "/api/v1/routes/web/promote"))
-        .await
-        .expect("infallible");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let s = json(resp).await;
+    let (status, s) = call_json(&admin, "POST", "/api/v1/routes/web/promote").await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(
         (s["step"].as_u64(), s["weight"].as_f64()),
         (Some(1), Some(50.0)),
         "{s}"
     );
-    let resp = admin
-        .clone()
-        .oneshot(call("GET", "/api/v1/routes/web/events"))
-        .await
-        .expect("infallible");
-    let events = json(resp).await;
+    let (_, events) = call_json(&admin, "GET", "/api/v1/routes/web/events").await;
     let kinds: Vec<&str> = events
         .as_array()
         .expect("list")
@@ -463,11 +443,8 @@ async fn the_admin_router_is_the_binarys_api() {
         kinds.contains(&"promote") || kinds.contains(&"advance"),
         "{events}"
     );
-    let resp = admin
-        .oneshot(call("GET", "/api/v1/routes/nope"))
-        .await
-        .expect("infallible");
-    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let (status, _) = call_json(&admin, "GET", "/api/v1/routes/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
@@ -494,6 +471,52 @@ async fn the_rollout_resumes_from_the_state_dir_after_a_restart() {
         .expect("restart");
     let s = second.status("web").expect("route");
     assert_eq!((s.step, s.weight), (Some(1), 30.0), "{s:?}");
+}
+
+#[tokio::test]
+async fn serve_admin_refuses_a_listener_off_loopback_without_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let canary = Canary::builder()
+        .state_dir(dir.path())
+        .route(RouteSpec::new("web", "v1", "v2"))
+        .start()
+        .expect("start");
+    // The unspecified address listens on every interface: not loopback. Nothing is
+    // connected to it; the refusal comes before serving.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
+        .await
+        .expect("bind");
+    let err = canary
+        .serve_admin(listener)
+        .await
+        .expect_err("refused without a token");
+    assert!(err.to_string().contains("not on loopback"), "{err}");
+    // On loopback it serves.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let serving = tokio::spawn({
+        let canary = canary.clone();
+        async move { canary.serve_admin(listener).await }
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri("/healthz")
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = tokio::time::timeout(EVENTUALLY, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    serving.abort();
 }
 
 #[tokio::test]
@@ -588,4 +611,28 @@ async fn a_plain_hyper_server_serves_the_split() {
     }
     assert_eq!(versions.len(), 2, "both versions at 50%: {versions:?}");
     server.abort();
+}
+
+#[tokio::test]
+async fn the_controller_keeps_running_when_the_canary_handle_is_dropped() {
+    let spec =
+        RouteSpec::new("web", "v1", "v2").rollout(Rollout::new().manual_step(100.0).breaker(3));
+    let (_dir, canary, app) = app(spec, StatusCode::INTERNAL_SERVER_ERROR);
+    let admin = canary.admin_router();
+    drop(canary);
+    for i in 0..3 {
+        send(&app, &[("x-user-id", &format!("d{i}"))]).await;
+    }
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        let (_, s) = call_json(&admin, "GET", "/api/v1/routes/web").await;
+        if s["phase"] == "aborted" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abort was not recorded: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -7,56 +7,23 @@
 //! test binary only. Futures are polled with a no-op waker (the services answer at
 //! once), so no runtime allocates inside the measured region.
 
+mod support;
+
 use std::alloc::System;
-use std::convert::Infallible;
-use std::future::Future;
-use std::task::{Context, Poll, Waker};
 
 use axum::body::Body;
 use axum::handler::HandlerWithoutStateExt;
-use axum::http::{header, HeaderValue, Request, Response};
+use axum::http::{HeaderValue, Request, Response};
 use axum::routing::get;
 use axum::Router;
-use canary_tower::{Canary, RouteSpec};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+use support::{once, version, version_of};
 use tower::Service;
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 const REQUESTS: usize = 1_000;
-
-/// Polls a future that needs no IO to completion.
-fn run<F: Future>(fut: F) -> F::Output {
-    let mut fut = std::pin::pin!(fut);
-    let mut cx = Context::from_waker(Waker::noop());
-    loop {
-        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
-            return v;
-        }
-    }
-}
-
-/// A service as an application writes one: a response with a content type.
-fn version(
-    v: &'static str,
-) -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send> + Clone
-{
-    tower::service_fn(move |_req: Request<Body>| async move {
-        let mut r = Response::new(Body::from(v));
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        Ok::<_, Infallible>(r)
-    })
-}
-
-fn request(user: Option<&'static str>) -> Request<Body> {
-    let mut r = Request::builder().uri("/");
-    if let Some(u) = user {
-        r = r.header("x-user-id", u);
-    }
-    r.body(Body::empty()).expect("request")
-}
 
 /// Allocations of `REQUESTS` calls of `svc`, the fewest of three rounds: the counter
 /// is process-wide, so another harness thread allocating shows up too, while an
@@ -69,13 +36,10 @@ where
     let mut rounds = Vec::new();
     for _ in 0..3 {
         // Warm up outside the region (first-use initialisation, shared header values).
-        run(std::future::poll_fn(|cx| svc.poll_ready(cx))).expect("ready");
-        drop(run(svc.call(request(user))).expect("response"));
+        once(&mut svc, user);
         let region = Region::new(GLOBAL);
         for _ in 0..REQUESTS {
-            run(std::future::poll_fn(|cx| svc.poll_ready(cx))).expect("ready");
-            let resp = run(svc.call(request(user))).expect("response");
-            drop(resp);
+            once(&mut svc, user);
         }
         let s = region.change();
         rounds.push(s.allocations + s.reallocations);
@@ -85,18 +49,7 @@ where
 
 #[test]
 fn the_layer_allocates_nothing_per_request_beyond_the_services() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let canary = rt.block_on(async {
-        Canary::builder()
-            .state_dir(dir.path())
-            .route(RouteSpec::new("web", "v1", "v2").weight(50.0))
-            .start()
-            .expect("start")
-    });
+    let (rt, _dir, canary) = support::started();
     // Users on both sides of the 50 % split (checked below), with a sticky key.
     for user in ["alice", "bob", "carol"] {
         let direct = allocations(version("v1"), Some(user));
@@ -112,12 +65,7 @@ fn the_layer_allocates_nothing_per_request_beyond_the_services() {
     let mut split = canary.split("web", version("v1"), version("v2"));
     let versions: std::collections::HashSet<_> = ["alice", "bob", "carol"]
         .into_iter()
-        .map(|u| {
-            run(split.call(request(Some(u))))
-                .expect("response")
-                .headers()["x-canary-version"]
-                .clone()
-        })
+        .map(|u| version_of(&mut split, u))
         .collect();
     assert_eq!(
         versions.len(),
@@ -163,8 +111,7 @@ fn the_layer_allocates_nothing_per_request_beyond_the_services() {
         .layer(canary.layer("web", (|| async { "v2" }).into_service()));
     let mut stable_users = 0;
     for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
-        let to = run(split.call(request(Some(user)))).expect("response");
-        if to.headers()["x-canary-version"] != "v1" {
+        if version_of(&mut split, user) != "v1" {
             continue;
         }
         stable_users += 1;
