@@ -1155,3 +1155,139 @@ async fn h2_cookie_crumbs_reach_an_http1_upstream_as_one_line() {
     assert_eq!(seen[0].values("cookie"), ["a=1; b=2"]);
     assert!(up.violations().is_empty(), "{:?}", up.violations());
 }
+
+/// An upstream that mis-frames some answers: to a target holding `twice` it answers,
+/// then sends a second, unasked-for answer (`intruder`); to one holding `long` it sends
+/// more body bytes than its `Content-Length` says. Every proper answer's body is its
+/// request's target.
+async fn misframing_upstream() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let target = head.split(' ').nth(1).unwrap_or("").to_string();
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{target}",
+                            target.len()
+                        );
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        let extra: &[u8] = if target.contains("twice") || target.contains("late") {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nintruder"
+                        } else if target.contains("long") {
+                            b"EXTRA-BYTES"
+                        } else {
+                            b""
+                        };
+                        if target.contains("late") {
+                            // The second answer a moment later: the race a pooled
+                            // connection cannot see coming.
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        if !extra.is_empty() && s.write_all(extra).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&b[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends 4 clients × 150 keep-alive requests of `kinds` (in turn) through a proxy in
+/// front of [`misframing_upstream`]; returns the answers that were not the request's
+/// own (a `502` would be fine).
+async fn misframing_load(kinds: &'static [&'static str]) -> Vec<String> {
+    let up = misframing_upstream().await;
+    let c = Canary::start(&format!(
+        "workers: 1\nroutes:\n  - name: m\n    stable: {{version: v1, upstreams: [\"{up}\"]}}\n"
+    ))
+    .await;
+    let listen = c.listen;
+    let mut clients = Vec::new();
+    for client in 0..4 {
+        clients.push(tokio::spawn(async move {
+            let (mut wrong, mut ok) = (Vec::new(), 0);
+            let mut s = TcpStream::connect(listen).await.unwrap();
+            let mut buf = Vec::new();
+            for n in 0..150 {
+                let target = format!("/{}/{client}/{n}", kinds[n % kinds.len()]);
+                let req = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+                if s.write_all(req.as_bytes()).await.is_err() {
+                    s = TcpStream::connect(listen).await.unwrap();
+                    buf.clear();
+                    s.write_all(req.as_bytes()).await.unwrap();
+                }
+                let (a, closed) = read_answer(&mut s, &mut buf, ANSWER_WAIT).await;
+                match a {
+                    Some(a) if a.status == 200 && a.body == target.as_bytes() => ok += 1,
+                    Some(a) if a.status == 502 => {}
+                    Some(a) => wrong.push(format!(
+                        "{target} got {} {:?}",
+                        a.status,
+                        String::from_utf8_lossy(&a.body)
+                    )),
+                    None => wrong.push(format!("{target} got no answer")),
+                }
+                if closed {
+                    s = TcpStream::connect(listen).await.unwrap();
+                    buf.clear();
+                }
+            }
+            (wrong, ok)
+        }));
+    }
+    let (mut wrong, mut ok) = (Vec::new(), 0);
+    for t in clients {
+        let (w, o) = t.await.unwrap();
+        wrong.extend(w);
+        ok += o;
+    }
+    eprintln!("{ok} of 600 answered right, {} wrong", wrong.len());
+    wrong
+}
+
+/// Under load, an upstream that answers twice or sends more body than its length says
+/// never gets an answer delivered to the wrong client: every answer a client gets is
+/// its own request's (or a `502`). The connection with bytes past an answer is never
+/// reused. Bounded: 4 clients × 150 keep-alive requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misframing_upstream_never_answers_the_wrong_client_under_load() {
+    let wrong = misframing_load(&["plain", "twice", "long"]).await;
+    assert!(
+        wrong.is_empty(),
+        "answers to the wrong request:\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// KNOWN GAP, not fixed: a second answer that arrives a moment *after* the first (2 ms
+/// here) finds its connection already back in the idle list, or already carrying the
+/// next request, and is taken for that request's answer (about 1 in 5 answers in
+/// this test; HTTP/1.1 framing cannot tell them apart). nginx pools the same way. The
+/// fix to make: stop reusing an upstream's connections for a while once it has been
+/// seen to send unasked-for bytes. Run with `--ignored` to see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known gap: a late second answer poisons the next request on its pooled connection"]
+async fn a_late_second_answer_poisons_the_next_request_on_its_pooled_connection() {
+    let wrong = misframing_load(&["plain", "late"]).await;
+    assert!(
+        wrong.is_empty(),
+        "answers to the wrong request:\n{}",
+        wrong.join("\n")
+    );
+}
