@@ -141,7 +141,7 @@ try:
     # Breaker across the fleet.
     push(f"routes:\n  - name: web\n    stable: {{version: v1, upstreams: [\"{s_addr}\"]}}\n"
          f"    canary: {{version: v3, upstreams: [\"{c_addr}\"]}}\n    rollout:\n"
-         f"      steps: [{{weight: 50, pause: 1h}}]\n      breaker: {{consecutive_failures: 3}}\n")
+         f"      steps: [{{weight: 50, pause: 1h}}]\n      breaker: {{consecutive_failures: 3, min_clients: 1}}\n")
     until(lambda: all(jget(m["admin"], "/api/v1/routes/web")["phase"] == "progressing" for m in survivors), 10, 0.01)
     canary.status = 500
     a = survivors[0]

@@ -180,7 +180,7 @@ fn document(stable: &Upstream, canary: &Upstream, version: &str) -> String {
     rollout:
       steps: [{{weight: 10, pause: 1h}}, {{weight: 50, pause: 1h}}]
       analysis: {{interval: 500ms, window: 5s, min_requests: 0}}
-      breaker: {{consecutive_failures: 3}}
+      breaker: {{consecutive_failures: 3, min_clients: 1}}   # all test traffic is from 127.0.0.1
 ",
         stable.addr, canary.addr
     )
