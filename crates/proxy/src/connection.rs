@@ -133,12 +133,13 @@ pub(crate) async fn serve(
         let now = Instant::now();
         let deadline = now + settings.header_timeout;
         let release_at = now + IDLE_RELEASE;
-        // Made when the first bytes of a head are in (an idle connection holds none).
-        let mut raw: Option<Box<RawHead>> = None;
+        // Made here, not when a head's first bytes are in (which would spare an idle
+        // connection these ~320 bytes): made later it cost ~190 instructions per
+        // request, in `malloc`'s slow path (callgrind; docs/performance.md).
+        let mut raw = Box::new(RawHead::EMPTY);
         let parsed = loop {
             if !buf.is_empty() {
-                let head = raw.get_or_insert_with(|| Box::new(RawHead::EMPTY));
-                match parse(&buf, head) {
+                match parse(&buf, &mut raw) {
                     Ok(Some(p)) => break p,
                     Ok(None) if buf.len() < settings.max_head => {}
                     _ => {
@@ -203,7 +204,6 @@ pub(crate) async fn serve(
                 return;
             }
         };
-        let mut raw = raw.unwrap_or_else(|| Box::new(RawHead::EMPTY));
         parsed.split_head(&mut buf, &mut raw);
         let Some(req) = request(&parsed, raw) else {
             let _ = io.write_all(BAD_REQUEST).await;
