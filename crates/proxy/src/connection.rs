@@ -22,6 +22,14 @@
 //! `limits.header_timeout` from the end of one response to the end of the next request
 //! head (the slow-header guard and the keep-alive idle timeout), and pipelined
 //! requests answered in order.
+//!
+//! An idle keep-alive connection holds no read or write buffer (issue 16: they were
+//! 9 of the ~11 KiB an idle connection cost, against nginx's ~0.6 KiB): once it has
+//! waited [`IDLE_RELEASE`] for its next request with nothing read, both are dropped,
+//! and they are allocated again only when the socket is readable. The release rides
+//! on the connection's one timer, which a busy connection re-arms about once per
+//! [`IDLE_RELEASE`], so a connection under load neither allocates per request nor
+//! moves its timer per request.
 
 use std::future::{poll_fn, Future as _};
 use std::io;
@@ -49,6 +57,19 @@ use crate::tls::ListenerTls;
 use canary_http1::fields::{RawFields, RawHead};
 use canary_http1::server::{parse, write_response, Message, Parsed, Rewound};
 use canary_http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
+
+/// How long a connection waits for its next request, with nothing of it read, before
+/// it gives back its read and write buffers. Long against the gap between requests of
+/// a busy keep-alive connection (so one under load keeps its buffers, and its timer
+/// goes off only 4 times a second), short against a keep-alive timeout. Short also
+/// because the allocator keeps freed memory: what counts is how many connections hold
+/// buffers at once, and a burst of new connections that each send one request held
+/// this long's worth of them (the bench's `idle` scenario: 7.4 KiB per idle
+/// connection with 1 s, 6.3 with 250 ms; docs/performance.md).
+pub(crate) const IDLE_RELEASE: Duration = Duration::from_millis(250);
+
+/// Room reserved for a response head.
+const OUT_CHUNK: usize = 1024;
 
 /// What a connection needs from the listener.
 pub(crate) struct Settings {
@@ -99,7 +120,7 @@ pub(crate) async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut out = Vec::with_capacity(1024);
+    let mut out = Vec::with_capacity(OUT_CHUNK);
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(IDLE_TIMER));
     // One wait for the whole connection (one made per request cost ~1.5% of a
     // request, in its registration with the channel).
@@ -110,7 +131,12 @@ pub(crate) async fn serve(
     let mut served = false;
     loop {
         // The next request head.
-        let deadline = Instant::now() + settings.header_timeout;
+        let now = Instant::now();
+        let deadline = now + settings.header_timeout;
+        let release_at = now + IDLE_RELEASE;
+        // Made here, not when a head's first bytes are in (which would spare an idle
+        // connection these ~320 bytes): made later it cost ~190 instructions per
+        // request, in `malloc`'s slow path (callgrind; docs/performance.md).
         let mut raw = Box::new(RawHead::EMPTY);
         let parsed = loop {
             if !buf.is_empty() {
@@ -123,14 +149,27 @@ pub(crate) async fn serve(
                         } else {
                             Hyper::Auto(&settings.hyper)
                         };
-                        return hand_over(io, buf, conn, (&settings, hyper), stop).await;
+                        // Boxed: hyper's connection future is the largest state
+                        // here, and unboxed it would be part of every connection's
+                        // task, idle ones included.
+                        let handed = hand_over(io, buf, conn, (&settings, hyper), stop);
+                        return Box::pin(handed).await;
                     }
                 }
             }
             let mut woken = false;
             let waited = poll_fn(|cx| {
-                if let Poll::Ready(r) = fill(Pin::new(&mut io), &mut buf, cx) {
-                    return Poll::Ready(r.ok().filter(|&n| n > 0).is_some());
+                // Released buffers come back only once there is something to read
+                // (`fill` would reserve a read buffer before asking).
+                let idle = buf.capacity() == 0 && io.poll_read_ready(cx).is_pending();
+                if !idle {
+                    #[cfg(test)]
+                    if buf.capacity() == 0 {
+                        tests::count(&tests::REFILLED);
+                    }
+                    if let Poll::Ready(r) = fill(Pin::new(&mut io), &mut buf, cx) {
+                        return Poll::Ready(r.ok().filter(|&n| n > 0).is_some());
+                    }
                 }
                 // The timer and the stop were polled with this task's waker at an
                 // earlier wait and are unchanged since (the timer is only ever moved
@@ -138,7 +177,14 @@ pub(crate) async fn serve(
                 // that starts polls them only if they may have gone off unseen (the
                 // task was polled for other reasons since); once woken, it polls all.
                 let stop_seen = !matches!(stop.has_changed(), Ok(false));
-                if woken || !armed || timer.is_elapsed() || stop_seen {
+                let releasable = buf.is_empty() && buf.capacity() > 0 && release_at < deadline;
+                // A timer moved on past `release_at` (by an earlier release) is polled
+                // to bring it back, or this wait would never release.
+                let early = releasable && timer.deadline() > release_at;
+                if woken || !armed || timer.is_elapsed() || stop_seen || early {
+                    if releasable && poll_until(&mut timer, release_at, cx).is_ready() {
+                        release(&mut buf, &mut out);
+                    }
                     if poll_until(&mut timer, deadline, cx).is_ready() {
                         if !buf.is_empty() {
                             // A head begun and not finished (an idle keep-alive
@@ -212,6 +258,10 @@ pub(crate) async fn serve(
             }
         };
         served = true;
+        if out.capacity() == 0 {
+            // Released while idle: one allocation rather than several as it grows.
+            out.reserve(OUT_CHUNK);
+        }
         let mut timed = SendTimed::new(&mut io, settings.send_timeout);
         let written = write_response(&mut timed, &mut out, msg, added, body).await;
         drop(resp);
@@ -223,6 +273,14 @@ pub(crate) async fn serve(
             }
         }
     }
+}
+
+/// Gives back an idle connection's buffers (both empty: nothing is lost).
+fn release(buf: &mut BytesMut, out: &mut Vec<u8>) {
+    #[cfg(test)]
+    tests::count(&tests::RELEASED);
+    *buf = BytesMut::new();
+    *out = Vec::new();
 }
 
 const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad request\n";
@@ -342,6 +400,89 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+    use std::thread::LocalKey;
+    use tokio::io::AsyncReadExt as _;
+
+    // Per thread: a current-thread test runtime runs the connection tasks on the
+    // test's own thread, so tests running in parallel do not see each other's counts.
+    thread_local! {
+        /// Buffers given back by an idle connection.
+        pub(super) static RELEASED: Cell<u32> = const { Cell::new(0) };
+        /// Buffers taken again by a connection that had given them back.
+        pub(super) static REFILLED: Cell<u32> = const { Cell::new(0) };
+    }
+
+    pub(super) fn count(counter: &'static LocalKey<Cell<u32>>) {
+        counter.with(|c| c.set(c.get() + 1));
+    }
+
+    fn counts() -> (u32, u32) {
+        (RELEASED.with(Cell::get), REFILLED.with(Cell::get))
+    }
+
+    /// Sends one request and reads its whole answer (a head and a
+    /// `content-length` body).
+    async fn exchange(client: &mut TcpStream) {
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        loop {
+            assert!(
+                client.read_buf(&mut got).await.unwrap() > 0,
+                "connection closed"
+            );
+            let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = std::str::from_utf8(&got[..end])
+                .unwrap()
+                .to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + len {
+                assert!(!head.contains("connection: close"), "{head}");
+                return;
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_keep_alive_connection_gives_back_its_buffers_until_readable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let proxy = Arc::new(Proxy::new());
+        tokio::spawn(crate::server::serve(
+            proxy,
+            listener,
+            std::future::pending(),
+        ));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+
+        // Busy: requests closer together than `IDLE_RELEASE` keep the buffers.
+        for _ in 0..5 {
+            exchange(&mut client).await;
+            tokio::time::sleep(IDLE_RELEASE / 2).await;
+        }
+        assert_eq!(counts(), (0, 0));
+
+        // Idle: given back once, and not taken again while nothing arrives.
+        tokio::time::sleep(IDLE_RELEASE * 3).await;
+        assert_eq!(counts(), (1, 0));
+
+        // The next request takes them again, and the next idle spell gives them back
+        // again (the timer, moved on after the first release, is brought back).
+        exchange(&mut client).await;
+        assert_eq!(counts(), (1, 1));
+        tokio::time::sleep(IDLE_RELEASE * 3).await;
+        assert_eq!(counts(), (2, 1));
+        exchange(&mut client).await;
+        assert_eq!(counts(), (2, 2));
+    }
 
     #[test]
     fn a_request_read_here_keeps_its_fields_in_its_head() {
