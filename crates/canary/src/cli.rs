@@ -429,16 +429,21 @@ pub(crate) fn fmt_time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-pub fn main(cmd: AdminCmd) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
+/// The one-thread runtime the admin-API verbs run on; the error is already printed.
+pub(crate) fn client_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             errln!("canary: {e}");
-            return ExitCode::from(EXIT_ERROR);
-        }
+            ExitCode::from(EXIT_ERROR)
+        })
+}
+
+pub fn main(cmd: AdminCmd) -> ExitCode {
+    let rt = match client_runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
     };
     match rt.block_on(run(cmd)) {
         Ok(code) => ExitCode::from(code),

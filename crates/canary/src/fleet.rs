@@ -46,15 +46,9 @@ pub enum FleetCmd {
 }
 
 pub fn main(cmd: FleetCmd) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::cli::client_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            errln!("canary: {e}");
-            return ExitCode::from(EXIT_ERROR);
-        }
+        Err(code) => return code,
     };
     rt.block_on(async {
         match cmd {

@@ -82,15 +82,7 @@ const DURATION_HINT: &str = "use e.g. 500ms, 30s, 1m or 1h 30m";
 /// Validates a parsed file. `root` is the whole document (its location is where
 /// missing top-level keys are reported).
 pub(crate) fn validate(file: &str, root: S<RawConfig>) -> Result<Config, ConfigError> {
-    let mut c = Checker {
-        file: file.to_string(),
-        base: Path::new(file)
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default(),
-        now: SystemTime::now(),
-        diagnostics: Vec::new(),
-    };
+    let mut c = Checker::new(file);
     let raw = &root.value;
     let empty = raw.listen.is_none()
         && raw.admin.is_none()
@@ -135,15 +127,7 @@ pub(crate) fn validate_document(
     file: &str,
     root: S<RawConfig>,
 ) -> Result<Vec<RouteConfig>, ConfigError> {
-    let mut c = Checker {
-        file: file.to_string(),
-        base: Path::new(file)
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default(),
-        now: SystemTime::now(),
-        diagnostics: Vec::new(),
-    };
+    let mut c = Checker::new(file);
     let at = root.referenced;
     let raw = root.value;
     let mut unknown = Vec::new();
@@ -231,6 +215,20 @@ struct Checker {
 }
 
 impl Checker {
+    /// A checker for `file`: relative paths in it start at its directory, and
+    /// certificates are judged against the time now.
+    fn new(file: &str) -> Checker {
+        Checker {
+            file: file.to_string(),
+            base: Path::new(file)
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            now: SystemTime::now(),
+            diagnostics: Vec::new(),
+        }
+    }
+
     fn err(&mut self, at: Location, message: String) {
         self.diagnostics.push(Diagnostic {
             file: self.file.clone(),
