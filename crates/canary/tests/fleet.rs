@@ -149,6 +149,17 @@ impl Etcd {
         }
     }
 
+    /// Sends `sig` (`STOP`, `CONT`) to node `i`: a frozen node keeps its sockets open
+    /// and answers nothing, the way a stalled disk or a paused VM looks to clients.
+    fn signal(&self, i: usize, sig: &str) {
+        let pid = self.members[i].as_ref().expect("node running").id();
+        let ok = Command::new("kill")
+            .args(["-s", sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -s {sig} {pid}");
+    }
+
     fn restart(&mut self, i: usize) {
         self.stop(i);
         self.members[i] = Some(self.spawn(i));
@@ -208,9 +219,25 @@ async fn wait_all(members: &[&Canary], what: &str, pred: impl Fn(&Value, &Value)
             return;
         }
         if Instant::now() > deadline {
+            // The essentials first: CI output is cut after a few kilobytes.
+            let brief: Vec<String> = views
+                .iter()
+                .map(|(f, s)| {
+                    format!(
+                        "{} leader={} connected={} applied={} weight={} phase={}",
+                        f["member"],
+                        f["leader"],
+                        f["connected"],
+                        f["applied_revision"],
+                        s["weight"],
+                        s["phase"]
+                    )
+                })
+                .collect();
             let logs: Vec<String> = members.iter().map(|m| m.log()).collect();
             panic!(
-                "not {what} within 15s: {views:#?}\nlogs:\n{}",
+                "not {what} within 15s:\n{}\nlogs:\n{}\nviews: {views:#?}",
+                brief.join("\n"),
                 logs.join("\n----\n")
             );
         }
@@ -568,6 +595,63 @@ async fn a_three_node_etcd_losing_a_node_keeps_the_fleet_in_step() {
     }
     wait_all(&all, "at 70 %", |f, s| {
         f["connected"] == true && s["weight"] == 70.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_etcd_never_confirmed_is_not_answered_as_done_and_the_fleet_stays_in_step() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let (stable, canary) = (Upstream::start("v1").await, Upstream::start("v2").await);
+    let members = bootstrap(&etcd, 2, &stable, &canary).await;
+    let mut leader = None;
+    for m in &members {
+        if fleet(m).await["leading"] == true {
+            leader = Some(m);
+        }
+    }
+    let leader = leader.expect("a leader");
+    // Frozen etcd: the leader still leads (its lease has not run out yet), runs the
+    // command and cannot store it.
+    etcd.signal(0, "STOP");
+    let (code, out, err) = leader.cli(&["weight", "web", "40"]).await;
+    etcd.signal(0, "CONT");
+    assert_ne!(code, 0, "answered as done though etcd was frozen: {out}");
+    assert!(err.contains("etcd"), "{err}");
+    // Whatever etcd ended up with, every member follows it.
+    let all: Vec<&Canary> = members.iter().collect();
+    wait_all(&all, "reconnected under a leader", |f, _| {
+        f["connected"] == true && f["leader"].is_string()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut weights = Vec::new();
+        for m in &members {
+            weights.push(m.status("web").await["weight"].clone());
+        }
+        let same = weights.iter().all(|w| *w == weights[0]);
+        if same && (weights[0] == 10.0 || weights[0] == 40.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "members disagree: {weights:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And the fleet takes commands again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, _, err) = leader.cli(&["weight", "web", "30"]).await;
+        if code == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "weight never accepted: {err}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_all(&all, "at 30 %", |f, s| {
+        f["connected"] == true && s["weight"] == 30.0
     })
     .await;
 }

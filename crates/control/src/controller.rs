@@ -78,6 +78,18 @@ pub enum ControlError {
     NotSaved(StoreError),
 }
 
+impl ControlError {
+    /// The HTTP status the admin API answers this error with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ControlError::NotFound(_) => 404,
+            ControlError::Conflict(_) => 409,
+            ControlError::Store(_) => 500,
+            ControlError::NotSaved(_) => 503,
+        }
+    }
+}
+
 impl From<StoreError> for ControlError {
     fn from(e: StoreError) -> Self {
         ControlError::Store(e)

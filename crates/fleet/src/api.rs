@@ -3,8 +3,9 @@
 //! - `GET /api/v1/fleet`: this member's view (leader, connection, applied revision,
 //!   config error, members); answered from memory, so it works while etcd is down.
 //! - `GET /api/v1/fleet/sample`: this member's cumulative counters, for the leader.
-//! - The [`CommandGate`]: commands run here when this member leads; a follower
-//!   forwards them to the leader; with no leader reachable only `abort` acts, locally.
+//! - The [`CommandGate`]: commands run here when this member leads, and are answered
+//!   once etcd took their writes; a follower forwards them to the leader; with no
+//!   leader reachable only `abort` acts, locally.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -93,7 +94,17 @@ impl CommandGate for Gate {
     fn command(&self, route: &str, cmd: &Command, auth: Option<&str>) -> Option<GateFuture> {
         let sh = self.0.clone();
         if sh.acting_leader() {
-            return None;
+            // Run here, and answer once etcd took the writes (see `Shared::confirm`).
+            let ctl = sh.controller()?.clone();
+            let (route, cmd) = (route.to_string(), cmd.clone());
+            return Some(Box::pin(async move {
+                let since = sh.queued();
+                let status = ctl
+                    .command(&route, cmd)
+                    .map_err(|e| (e.http_status(), e.to_string()))?;
+                sh.confirm(since).await?;
+                Ok(serde_json::to_value(status).unwrap_or_default())
+            }));
         }
         let leader = sh
             .leader()

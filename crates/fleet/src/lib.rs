@@ -56,10 +56,10 @@ pub enum FleetError {
 /// One member of a fleet.
 pub struct Fleet {
     shared: Arc<Shared>,
-    writes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Write>>>,
+    writes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Queued>>>,
 }
 
-use node::Write;
+use node::Queued;
 
 /// How long a starting member waits for etcd before it serves from its cache.
 const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(2);

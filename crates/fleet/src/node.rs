@@ -39,6 +39,35 @@ pub enum Write {
     DeleteBreaker(String, String),
 }
 
+/// A queued write: its sequence number, the leader term (fencing revision) it was
+/// decided in, and the write.
+pub(crate) type Queued = (u64, i64, Write);
+
+/// What the writer has done: the highest sequence number it finished with, the highest
+/// one etcd surely did not take, and the highest one whose fate is unknown (sent, no
+/// answer, then leadership lost); 0: none.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Stored {
+    done: u64,
+    refused: u64,
+    unknown: u64,
+}
+
+/// How one write ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Stored,
+    /// Not in etcd: never sent, or the fence refused it.
+    Refused,
+    /// Sent without an answer, then this term ended: etcd may still apply it.
+    Unknown,
+}
+
+/// How long the leader waits for etcd to take a command's writes before it answers.
+/// Below the follower's 5 s forwarding timeout, so a forwarded command gets this
+/// answer rather than a timeout.
+const CONFIRM_WAIT: Duration = Duration::from_secs(4);
+
 /// An abort made on this member while no leader was reachable: the canary stays at 0
 /// here until the fleet's state shows the rollout no longer active.
 #[derive(Clone, Debug)]
@@ -66,7 +95,11 @@ pub struct Shared {
     pub last_event_ms: AtomicU64,
     pub config_error: Mutex<Option<String>>,
     pub config_rev: AtomicI64,
-    writes: mpsc::UnboundedSender<Write>,
+    writes: mpsc::UnboundedSender<Queued>,
+    /// The last sequence number given to a write; held while sending, so the writer
+    /// receives them in order.
+    queued: Mutex<u64>,
+    stored: tokio::sync::watch::Sender<Stored>,
     pub holds: Mutex<BTreeMap<String, Hold>>,
     pending_breakers: Mutex<Vec<(String, BreakerReport)>>,
     pub metrics: Metrics,
@@ -118,7 +151,7 @@ impl Shared {
         lease_ttl: Duration,
         local: Config,
         client: Client,
-        writes: mpsc::UnboundedSender<Write>,
+        writes: mpsc::UnboundedSender<Queued>,
     ) -> Shared {
         Shared {
             keys,
@@ -138,6 +171,8 @@ impl Shared {
             config_error: Mutex::new(None),
             config_rev: AtomicI64::new(0),
             writes,
+            queued: Mutex::new(0),
+            stored: tokio::sync::watch::Sender::new(Stored::default()),
             holds: Mutex::new(BTreeMap::new()),
             pending_breakers: Mutex::new(Vec::new()),
             metrics: Metrics::default(),
@@ -162,7 +197,47 @@ impl Shared {
 
     pub(crate) fn write(&self, w: Write) {
         if self.leading.load(Relaxed) {
-            let _ = self.writes.send(w);
+            let mut q = lock(&self.queued);
+            *q += 1;
+            let _ = self.writes.send((*q, self.leader_rev.load(Relaxed), w));
+        }
+    }
+
+    /// The sequence number of the last write queued.
+    pub(crate) fn queued(&self) -> u64 {
+        *lock(&self.queued)
+    }
+
+    /// Waits until etcd took every write queued so far, and answers an error if one
+    /// queued after `since` was not taken (leadership lost first) or etcd did not
+    /// confirm within [`CONFIRM_WAIT`]. A leader answers a command only after this:
+    /// "accepted" means stored, so the fleet cannot silently lose it.
+    pub(crate) async fn confirm(&self, since: u64) -> Result<(), (u16, String)> {
+        let target = self.queued();
+        let mut rx = self.stored.subscribe();
+        let got = tokio::time::timeout(CONFIRM_WAIT, rx.wait_for(|s| s.done >= target)).await;
+        match got.map(|r| r.map(|s| *s)) {
+            Ok(Ok(s)) if s.unknown <= since && s.refused <= since => Ok(()),
+            Ok(Ok(s)) if s.unknown > since => Err((
+                504,
+                "etcd did not confirm the change before this member stopped leading: it may \
+                 or may not be stored; check `canary status` and send it again if needed"
+                    .to_string(),
+            )),
+            Ok(_) => Err((
+                503,
+                "not stored: this member stopped leading before etcd took the change, so \
+                 the fleet keeps its stored state; retry the command"
+                    .to_string(),
+            )),
+            Err(_) => Err((
+                504,
+                format!(
+                    "etcd has not confirmed the change within {CONFIRM_WAIT:?}: it is made on \
+                     the leader and is stored if etcd answers while this member leads; \
+                     check `canary status` and retry if it is not there"
+                ),
+            )),
         }
     }
 
@@ -586,7 +661,10 @@ pub(crate) async fn watch_loop(sh: Arc<Shared>, first: tokio::sync::watch::Sende
         // Jitter from the clock's low bits: members do not reconnect in lockstep.
         let jitter = Duration::from_millis(u64::from(std::process::id() % 50));
         tokio::time::sleep(backoff + jitter).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        // At most a second: with one etcd node of several down the client's balancer
+        // still sends some requests to it, so a reconnect may take a few tries, and a
+        // member should follow the store again soon after a good node answers.
+        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -754,90 +832,126 @@ async fn campaign(sh: &Arc<Shared>, lease: i64) -> Result<(), String> {
 }
 
 /// Sends the leader's writes, each fenced by the leader key's create revision.
-pub(crate) async fn writer_loop(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Write>) {
+pub(crate) async fn writer_loop(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let mut term = 0;
     let mut next_seq: BTreeMap<String, u64> = BTreeMap::new();
-    while let Some(w) = rx.recv().await {
-        if !sh.leading.load(Relaxed) {
-            continue;
-        }
-        let fence = sh.leader_rev.load(Relaxed);
-        if fence != term {
-            next_seq.clear();
-            term = fence;
-        }
-        let now = wall_ms();
-        let k = &sh.keys;
-        let json = |v: &dyn erased::Json| v.json();
-        let ops: Vec<TxnOp> = match &w {
-            Write::State(r, Some(s)) => vec![TxnOp::put(
-                k.state(r),
-                json(&StateDoc {
-                    state: s.clone(),
-                    written_ms: now,
-                }),
-                None,
-            )],
-            Write::State(r, None) => vec![TxnOp::delete(k.state(r), None)],
-            Write::Manual(r, Some(m)) => vec![TxnOp::put(
-                k.manual(r),
-                json(&ManualDoc {
-                    manual: m.clone(),
-                    written_ms: now,
-                }),
-                None,
-            )],
-            Write::Manual(r, None) => vec![TxnOp::delete(k.manual(r), None)],
-            Write::Journal(r, evs) => {
-                let seq = next_seq
-                    .entry(r.clone())
-                    .or_insert_with(|| sh.mirror().next_seq(r));
-                let mut ops: Vec<TxnOp> = evs
-                    .iter()
-                    .map(|e| {
-                        let op = TxnOp::put(k.journal(r, *seq), json(e), None);
-                        *seq += 1;
-                        op
-                    })
-                    .collect();
-                // Keep the newest JOURNAL_KEEP entries of the route: one range delete
-                // in the same fenced txn.
-                if *seq > JOURNAL_KEEP + 1 {
-                    let end = k.journal(r, *seq - JOURNAL_KEEP);
-                    ops.push(TxnOp::delete(
-                        k.journal(r, 0),
-                        Some(DeleteOptions::new().with_range(end)),
-                    ));
-                }
-                ops
-            }
-            Write::DeleteBreaker(r, m) => vec![TxnOp::delete(k.breaker(r, m), None)],
+    while let Some((seq, fence, w)) = rx.recv().await {
+        let outcome = if sh.leading.load(Relaxed) && sh.leader_rev.load(Relaxed) == fence {
+            store_one(&sh, fence, &w, &mut term, &mut next_seq).await
+        } else {
+            Outcome::Refused
         };
-        // Puts of whole values are idempotent, so a write whose outcome is unknown (a
-        // timeout) is simply sent again, still fenced.
-        for attempt in 0u32..5 {
-            let txn = Txn::new()
-                .when([Compare::create_revision(
-                    k.leader(),
-                    CompareOp::Equal,
-                    fence,
-                )])
-                .and_then(ops.clone());
-            let mut c = sh.client.clone();
-            match timed(c.txn(txn)).await {
-                Ok(r) if r.succeeded() => break,
-                Ok(_) => {
-                    sh.metrics.fenced.fetch_add(1, Relaxed);
-                    sh.demote("a write was fenced: another member leads");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, attempt, "fleet: write failed; retrying");
-                    if !sh.leading.load(Relaxed) {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
-                }
+        sh.stored.send_modify(|s| {
+            s.done = seq;
+            match outcome {
+                Outcome::Stored => {}
+                Outcome::Refused => s.refused = seq,
+                Outcome::Unknown => s.unknown = seq,
+            }
+        });
+    }
+}
+
+/// Sends one write, fenced by `fence`; retries while this member still leads in that
+/// term.
+async fn store_one(
+    sh: &Arc<Shared>,
+    fence: i64,
+    w: &Write,
+    term: &mut i64,
+    next_seq: &mut BTreeMap<String, u64>,
+) -> Outcome {
+    if fence != *term {
+        next_seq.clear();
+        *term = fence;
+    }
+    let now = wall_ms();
+    let k = &sh.keys;
+    let json = |v: &dyn erased::Json| v.json();
+    let ops: Vec<TxnOp> = match w {
+        Write::State(r, Some(s)) => vec![TxnOp::put(
+            k.state(r),
+            json(&StateDoc {
+                state: s.clone(),
+                written_ms: now,
+            }),
+            None,
+        )],
+        Write::State(r, None) => vec![TxnOp::delete(k.state(r), None)],
+        Write::Manual(r, Some(m)) => vec![TxnOp::put(
+            k.manual(r),
+            json(&ManualDoc {
+                manual: m.clone(),
+                written_ms: now,
+            }),
+            None,
+        )],
+        Write::Manual(r, None) => vec![TxnOp::delete(k.manual(r), None)],
+        Write::Journal(r, evs) => {
+            let seq = next_seq
+                .entry(r.clone())
+                .or_insert_with(|| sh.mirror().next_seq(r));
+            let mut ops: Vec<TxnOp> = evs
+                .iter()
+                .map(|e| {
+                    let op = TxnOp::put(k.journal(r, *seq), json(e), None);
+                    *seq += 1;
+                    op
+                })
+                .collect();
+            // Keep the newest JOURNAL_KEEP entries of the route: one range delete
+            // in the same fenced txn.
+            if *seq > JOURNAL_KEEP + 1 {
+                let end = k.journal(r, *seq - JOURNAL_KEEP);
+                ops.push(TxnOp::delete(
+                    k.journal(r, 0),
+                    Some(DeleteOptions::new().with_range(end)),
+                ));
+            }
+            ops
+        }
+        Write::DeleteBreaker(r, m) => vec![TxnOp::delete(k.breaker(r, m), None)],
+    };
+    // Puts of whole values are idempotent, so a write whose outcome is unknown (a
+    // timeout) is simply sent again, still fenced. There is no attempt limit: a
+    // leader reaches etcd (its lease is renewed there), so failures are an election
+    // or a lost node, which pass; an unreachable etcd ends the lease and with it
+    // this term, and a demoted member adopts what etcd holds.
+    let mut attempt = 0u32;
+    loop {
+        if !sh.leading.load(Relaxed) || sh.leader_rev.load(Relaxed) != fence {
+            return if attempt == 0 {
+                Outcome::Refused
+            } else {
+                Outcome::Unknown
+            };
+        }
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                k.leader(),
+                CompareOp::Equal,
+                fence,
+            )])
+            .and_then(ops.clone());
+        let mut c = sh.client.clone();
+        match timed(c.txn(txn)).await {
+            Ok(r) if r.succeeded() => return Outcome::Stored,
+            Ok(_) => {
+                sh.metrics.fenced.fetch_add(1, Relaxed);
+                sh.demote("a write was fenced: another member leads");
+                // An earlier attempt without an answer may have landed before the fence.
+                return if attempt == 0 {
+                    Outcome::Refused
+                } else {
+                    Outcome::Unknown
+                };
+            }
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "fleet: write failed; retrying");
+                let pause =
+                    Duration::from_millis(200 * u64::from(attempt)).min(Duration::from_secs(1));
+                tokio::time::sleep(pause).await;
             }
         }
     }
