@@ -1212,12 +1212,29 @@ async fn misframing_upstream() -> std::net::SocketAddr {
 /// front of [`misframing_upstream`]; returns the answers that were not the request's
 /// own (a `502` would be fine).
 async fn misframing_load(kinds: &'static [&'static str]) -> Vec<String> {
+    let (c, _) = misframing_proxy().await;
+    misframing_clients(c.listen, kinds, None).await.0
+}
+
+/// `canary serve` (one worker) in front of a [`misframing_upstream`], and that
+/// upstream's address.
+async fn misframing_proxy() -> (Canary, std::net::SocketAddr) {
     let up = misframing_upstream().await;
     let c = Canary::start(&format!(
         "workers: 1\nroutes:\n  - name: m\n    stable: {{version: v1, upstreams: [\"{up}\"]}}\n"
     ))
     .await;
-    let listen = c.listen;
+    (c, up)
+}
+
+/// 4 clients × 150 keep-alive requests of `kinds` (in turn) to `listen`, each client
+/// stopping early at `until`; returns the answers that were not the request's own
+/// and how many were.
+async fn misframing_clients(
+    listen: std::net::SocketAddr,
+    kinds: &'static [&'static str],
+    until: Option<tokio::time::Instant>,
+) -> (Vec<String>, usize) {
     let mut clients = Vec::new();
     for client in 0..4 {
         clients.push(tokio::spawn(async move {
@@ -1225,6 +1242,9 @@ async fn misframing_load(kinds: &'static [&'static str]) -> Vec<String> {
             let mut s = TcpStream::connect(listen).await.unwrap();
             let mut buf = Vec::new();
             for n in 0..150 {
+                if until.is_some_and(|u| tokio::time::Instant::now() >= u) {
+                    break;
+                }
                 let target = format!("/{}/{client}/{n}", kinds[n % kinds.len()]);
                 let req = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
                 if s.write_all(req.as_bytes()).await.is_err() {
@@ -1257,8 +1277,8 @@ async fn misframing_load(kinds: &'static [&'static str]) -> Vec<String> {
         wrong.extend(w);
         ok += o;
     }
-    eprintln!("{ok} of 600 answered right, {} wrong", wrong.len());
-    wrong
+    eprintln!("{ok} answered right, {} wrong", wrong.len());
+    (wrong, ok)
 }
 
 /// Under load, an upstream that answers twice or sends more body than its length says
@@ -1275,19 +1295,55 @@ async fn a_misframing_upstream_never_answers_the_wrong_client_under_load() {
     );
 }
 
-/// KNOWN GAP, not fixed: a second answer that arrives a moment *after* the first (2 ms
-/// here) finds its connection already back in the idle list, or already carrying the
-/// next request, and is taken for that request's answer (about 1 in 5 answers in
-/// this test; HTTP/1.1 framing cannot tell them apart). nginx pools the same way. The
-/// fix to make: stop reusing an upstream's connections for a while once it has been
-/// seen to send unasked-for bytes. Run with `--ignored` to see it.
+/// Regression: a second answer that arrives a moment *after* the first (2 ms here)
+/// found its connection back in the idle list, or already carrying the next request,
+/// and was taken for that request's answer (about 1 in 5 answers in this load).
+/// HTTP/1.1 framing cannot tell the two apart once the next request is written, so
+/// the fix is in reuse (`canary_http1::reuse`): a connection taken from the idle list
+/// with bytes waiting is closed, bytes past a complete answer close theirs, and
+/// either holds the instance's connection reuse off (10 s, doubling while it goes
+/// on). Here the upstream is first caught at it on an idle connection (a late answer,
+/// then a pause, then a request that must get its own answer on a new connection);
+/// then, within the hold-off, the load gets every answer right, and the sighting is
+/// counted in `canary_upstream_unasked_bytes_total`. What stays possible, and is
+/// documented (docs/http1.md): the answers a late-answering upstream poisons *before*
+/// it is first caught, when the late bytes land on a connection already carrying a
+/// request (without the warm-up, 2–4 of this load's 600 answers: one per connection
+/// in flight at the first sighting).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: a late second answer poisons the next request on its pooled connection"]
 async fn a_late_second_answer_poisons_the_next_request_on_its_pooled_connection() {
-    let wrong = misframing_load(&["plain", "late"]).await;
+    let (c, up) = misframing_proxy().await;
+    let mut s = TcpStream::connect(c.listen).await.unwrap();
+    let mut buf = Vec::new();
+    for (target, pause) in [("/late/w/0", 300), ("/plain/w/1", 0)] {
+        s.write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (a, _) = read_answer(&mut s, &mut buf, ANSWER_WAIT).await;
+        let a = a.expect("an answer");
+        assert_eq!(
+            (a.status, String::from_utf8_lossy(&a.body).into_owned()),
+            (200, target.to_string()),
+            "answer to {target}"
+        );
+        // The late answer lands while the connection is idle.
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    let up = up.to_string();
+    let labels = [("route", "m"), ("version", "v1"), ("upstream", up.as_str())];
+    let caught = common::metric_value(
+        &c.metrics().await,
+        "canary_upstream_unasked_bytes_total",
+        &labels,
+    );
+    assert_eq!(caught, Some(1.0), "the sighting is counted");
+    // Well within the 10 s hold-off, however slow the machine: the clients stop there.
+    let until = tokio::time::Instant::now() + Duration::from_secs(7);
+    let (wrong, ok) = misframing_clients(c.listen, &["plain", "late"], Some(until)).await;
     assert!(
         wrong.is_empty(),
         "answers to the wrong request:\n{}",
         wrong.join("\n")
     );
+    assert!(ok >= 40, "too few requests made it to test anything: {ok}");
 }

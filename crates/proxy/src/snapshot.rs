@@ -268,6 +268,23 @@ impl Proxy {
             );
         }
         e.family(
+            "canary_upstream_unasked_bytes_total",
+            "Times an HTTP/1.1 upstream instance sent bytes nobody asked for (a late or second answer, more body than its framing said); its connections are then not reused for a while.",
+            Kind::Counter,
+        );
+        for (route, version, inst) in &instances {
+            let labels = [
+                ("route", *route),
+                ("version", *version),
+                ("upstream", inst.addr.as_str()),
+            ];
+            e.sample(
+                "canary_upstream_unasked_bytes_total",
+                &labels,
+                inst.unasked_bytes_total() as f64,
+            );
+        }
+        e.family(
             "canary_unrouted_requests_total",
             "Requests that matched no route (answered 404).",
             Kind::Counter,
