@@ -29,8 +29,8 @@ use crate::http2::UpstreamBody;
 use crate::metrics::UpstreamError;
 use crate::pool::{Instance, Pool};
 use crate::request::{
-    is_upgrade, request_host, routable_path, target_bytes, unsupported_coding, BodyProgress,
-    ClientBody, ConnInfo, Facts, Host, RequestFields,
+    asterisk_form_ok, is_upgrade, request_host, routable_path, target_bytes, unsupported_coding,
+    BodyProgress, ClientBody, ConnInfo, Facts, Host, RequestFields,
 };
 use crate::snapshot::{Proxy, RouteEntry};
 use crate::upstream::{self, Outgoing, SendError};
@@ -110,7 +110,7 @@ impl Proxy {
             Ok(h) => h,
             Err(why) => return error_response(StatusCode::BAD_REQUEST, why),
         };
-        if !routable_path(req.uri().path()) {
+        if !routable_path(req.uri().path()) || !asterisk_form_ok(req.method(), req.uri().path()) {
             return error_response(StatusCode::BAD_REQUEST, "invalid request path\n");
         }
         // Only hyper's requests can have a body, and so a transfer coding; the own
