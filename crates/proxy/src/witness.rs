@@ -53,7 +53,8 @@ impl ClientId {
 /// key is hashed at once.
 #[derive(Clone, Copy, Debug)]
 pub struct LazyClient {
-    ip: IpAddr,
+    /// `None`: unknown (see [`ClientId::without_address`]).
+    ip: Option<IpAddr>,
     key: LazyKey,
 }
 
@@ -72,7 +73,49 @@ impl LazyClient {
     /// The client at `ip` with sticky key (or generated id) `key`; see [`ClientId::new`].
     #[inline]
     pub fn new(ip: IpAddr, key: Option<&[u8]>) -> LazyClient {
-        let key = match key {
+        LazyClient {
+            ip: Some(ip),
+            key: LazyKey::of(key),
+        }
+    }
+
+    /// A client whose address is unknown; see [`ClientId::without_address`].
+    #[inline]
+    pub fn without_address(key: Option<&[u8]>) -> LazyClient {
+        LazyClient {
+            ip: None,
+            key: LazyKey::of(key),
+        }
+    }
+
+    /// The fingerprint, equal to `ClientId::new` (or `ClientId::without_address`) of
+    /// the same address and key.
+    pub fn id(&self) -> ClientId {
+        let key = match &self.key {
+            LazyKey::None => None,
+            LazyKey::Inline { len, bytes } => Some(hash(&[0], &bytes[..usize::from(*len)])),
+            LazyKey::Hashed(h) => Some(*h),
+        };
+        match self.ip {
+            Some(ip) => {
+                let id = ClientId::new(ip, None);
+                ClientId {
+                    key: key.unwrap_or(id.addr),
+                    ..id
+                }
+            }
+            None => {
+                let key = key.unwrap_or(0);
+                ClientId { addr: key, key }
+            }
+        }
+    }
+}
+
+impl LazyKey {
+    #[inline]
+    fn of(key: Option<&[u8]>) -> LazyKey {
+        match key {
             None => LazyKey::None,
             Some(k) if k.len() <= INLINE_KEY => {
                 let mut bytes = [0u8; INLINE_KEY];
@@ -83,19 +126,7 @@ impl LazyClient {
                 }
             }
             Some(k) => LazyKey::Hashed(hash(&[0], k)),
-        };
-        LazyClient { ip, key }
-    }
-
-    /// The fingerprint, equal to `ClientId::new` of the same address and key.
-    pub fn id(&self) -> ClientId {
-        let id = ClientId::new(self.ip, None);
-        let key = match &self.key {
-            LazyKey::None => return id,
-            LazyKey::Inline { len, bytes } => hash(&[0], &bytes[..usize::from(*len)]),
-            LazyKey::Hashed(h) => *h,
-        };
-        ClientId { key, ..id }
+        }
     }
 }
 
@@ -279,6 +310,12 @@ mod tests {
                     "{ip} {key:?}"
                 );
             }
+        }
+        for key in [None, Some(&b"user-1"[..]), Some(long.as_bytes())] {
+            assert_eq!(
+                LazyClient::without_address(key).id(),
+                ClientId::without_address(key)
+            );
         }
         assert_ne!(
             LazyClient::new([192, 0, 2, 1].into(), Some(b"a")).id(),
