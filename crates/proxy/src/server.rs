@@ -21,7 +21,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::connection::{self, Settings};
+use crate::connection::{self, Resume, Settings};
 use crate::request::ConnInfo;
 use crate::snapshot::Proxy;
 use crate::tls::ListenerTls;
@@ -144,10 +144,7 @@ pub async fn serve_with(
         match &tls {
             None => {
                 let conn_info = Arc::new(ConnInfo::new(peer));
-                tokio::spawn(async move {
-                    connection::serve(stream, conn_info, settings, stop).await;
-                    drop(permit);
-                });
+                connection::spawn(stream, conn_info, settings, stop, permit, Resume::NEW);
             }
             Some(tls) => {
                 let tls = tls.clone();
