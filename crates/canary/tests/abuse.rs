@@ -1,6 +1,6 @@
 //! Hostile HTTP/2 clients, driven with the `h2` crate as a raw client: the limits
 //! the proxy announces, and floods that end with GOAWAY for the abuser while another
-//! client is served as usual.
+//! client is served as usual. CONTINUATION and empty-DATA floods are raw frames.
 
 mod common;
 
@@ -11,6 +11,7 @@ use common::{addrs, h2c_client, send, Canary, Upstream};
 use h2::client::SendRequest;
 use h2::Reason;
 use http::{Method, Request};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
@@ -100,5 +101,161 @@ async fn a_rapid_reset_flood_gets_goaway_and_other_clients_are_served() {
     );
     assert!(sent < 20_000, "{sent}");
     // And the proxy still serves.
+    bystander(&c).await;
+}
+
+// ---------------------------------------------------------------------------------
+// Raw frames: the floods a well-behaved client library cannot send.
+// ---------------------------------------------------------------------------------
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_HEADERS: u8 = 0x4;
+
+/// One HTTP/2 frame (RFC 9113 §4.1).
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len())
+        .expect("frame length")
+        .to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK field "literal without indexing" with an indexed name (`index`) or, with
+/// `index` 0, a new `name` (both short: one-byte lengths).
+fn literal(index: u8, name: &str, value: &str) -> Vec<u8> {
+    let mut b = vec![index];
+    if index == 0 {
+        b.push(u8::try_from(name.len()).expect("short name"));
+        b.extend_from_slice(name.as_bytes());
+    }
+    b.push(u8::try_from(value.len()).expect("short value"));
+    b.extend_from_slice(value.as_bytes());
+    b
+}
+
+/// A request head's header block: `method` is an HPACK static index (0x82 GET,
+/// 0x83 POST), then `:scheme: http`, `:path`, `:authority`.
+fn request_block(c: &Canary, method: u8, path: &str) -> Vec<u8> {
+    let mut b = vec![method, 0x86];
+    b.extend(literal(0x04, "", path));
+    b.extend(literal(0x01, "", &c.listen.to_string()));
+    b
+}
+
+/// A raw h2c connection: the preface and an empty SETTINGS are sent; a task reads all
+/// the server sends until it closes the connection (EOF or an error).
+struct Raw {
+    write: tokio::net::tcp::OwnedWriteHalf,
+    read: JoinHandle<Vec<u8>>,
+}
+
+impl Raw {
+    async fn open(c: &Canary) -> Raw {
+        let tcp = TcpStream::connect(c.listen).await.expect("connect");
+        let (mut read, mut write) = tcp.into_split();
+        let mut hello = PREFACE.to_vec();
+        hello.extend(frame(SETTINGS, 0, 0, &[]));
+        write.write_all(&hello).await.expect("preface");
+        let read = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match read.read(&mut buf).await {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        Raw { write, read }
+    }
+
+    /// Writes `first`, then `frame` up to `count` times in batches of `batch`, until
+    /// a write fails (the server closed). Returns how many of `frame` went out.
+    async fn flood(&mut self, first: &[u8], frame: &[u8], count: usize, batch: usize) -> usize {
+        if self.write.write_all(first).await.is_err() {
+            return 0;
+        }
+        let chunk = frame.repeat(batch);
+        let mut sent = 0;
+        while sent < count {
+            if self.write.write_all(&chunk).await.is_err() {
+                break;
+            }
+            sent += batch;
+        }
+        sent
+    }
+
+    /// Waits (bounded: 10 s) until the server has closed the connection; returns the
+    /// GOAWAY that came before the close: its error code and debug data.
+    async fn closed(self, what: &str) -> Option<(u32, String)> {
+        let got = tokio::time::timeout(Duration::from_secs(10), self.read)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the connection is still open 10 s later"))
+            .expect("reader task");
+        let mut rest = &got[..];
+        while rest.len() >= 9 {
+            let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+            let end = (9 + len).min(rest.len());
+            if rest[3] == GOAWAY && end >= 17 {
+                let code = u32::from_be_bytes([rest[13], rest[14], rest[15], rest[16]]);
+                return Some((code, String::from_utf8_lossy(&rest[17..end]).into_owned()));
+            }
+            rest = &rest[end..];
+        }
+        None
+    }
+}
+
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_flood_is_closed_and_other_clients_are_served() {
+    let (_v1, c) = web().await;
+    let mut raw = Raw::open(&c).await;
+    // HEADERS without END_HEADERS, then CONTINUATION frames that never end the block
+    // (each with a field, so the block also grows): bounded at 10,000 frames, ~1.2 MB.
+    let first = frame(HEADERS, 0, 1, &request_block(&c, 0x82, "/"));
+    let cont = frame(CONTINUATION, 0, 1, &literal(0, "x-flood", &"a".repeat(100)));
+    let flood = raw.flood(&first, &cont, 10_000, 100);
+    let (sent, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(30), flood),
+        bystander(&c)
+    );
+    let sent = sent.expect("writing the flood did not end within 30 s");
+    let goaway = raw.closed("CONTINUATION flood").await;
+    eprintln!("CONTINUATION flood: {sent} frames written; GOAWAY {goaway:?}");
+    // h2 counts the CONTINUATION frames of a header block (RUSTSEC-2024-0332).
+    let (code, _) = goaway.expect("closed without GOAWAY");
+    assert_eq!(code, ENHANCE_YOUR_CALM, "GOAWAY code");
+    bystander(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_data_flood_is_closed_and_other_clients_are_served() {
+    let (_v1, c) = web().await;
+    let mut raw = Raw::open(&c).await;
+    // A request whose body is a stream of DATA frames that carry nothing and never
+    // end it: bounded at 100,000 frames (900 KB).
+    let first = frame(HEADERS, END_HEADERS, 1, &request_block(&c, 0x83, "/sink"));
+    let empty = frame(DATA, 0, 1, &[]);
+    let flood = raw.flood(&first, &empty, 100_000, 1_000);
+    let (sent, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(30), flood),
+        bystander(&c)
+    );
+    let sent = sent.expect("writing the flood did not end within 30 s");
+    let goaway = raw.closed("empty DATA flood").await;
+    eprintln!("empty DATA flood: {sent} frames written; GOAWAY {goaway:?}");
+    // h2 (0.4.16 on) allows 100 empty DATA frames without END_STREAM per connection.
+    let (code, _) = goaway.expect("closed without GOAWAY");
+    assert_eq!(code, ENHANCE_YOUR_CALM, "GOAWAY code");
     bystander(&c).await;
 }
