@@ -193,24 +193,50 @@ impl Raw {
         sent
     }
 
-    /// Waits (bounded: 10 s) until the server has closed the connection; returns the
-    /// GOAWAY that came before the close: its error code and debug data.
-    async fn closed(self, what: &str) -> Option<(u32, String)> {
+    /// Waits (bounded: 10 s) until the server has closed the connection; returns
+    /// what it sent before the close.
+    async fn closed(self, what: &str) -> Closed {
         let got = tokio::time::timeout(Duration::from_secs(10), self.read)
             .await
             .unwrap_or_else(|_| panic!("{what}: the connection is still open 10 s later"))
             .expect("reader task");
+        let mut out = Closed::default();
         let mut rest = &got[..];
         while rest.len() >= 9 {
             let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
             let end = (9 + len).min(rest.len());
-            if rest[3] == GOAWAY && end >= 17 {
+            if rest[3] == GOAWAY && end >= 17 && out.goaway.is_none() {
                 let code = u32::from_be_bytes([rest[13], rest[14], rest[15], rest[16]]);
-                return Some((code, String::from_utf8_lossy(&rest[17..end]).into_owned()));
+                let debug = String::from_utf8_lossy(&rest[17..end]).into_owned();
+                out.goaway = Some((code, debug));
             }
             rest = &rest[end..];
         }
-        None
+        out
+    }
+}
+
+/// What a server sent on a raw connection before closing it.
+#[derive(Debug, Default)]
+struct Closed {
+    /// The first GOAWAY: error code and debug data.
+    goaway: Option<(u32, String)>,
+}
+
+impl Closed {
+    /// Asserts the GOAWAY was `ENHANCE_YOUR_CALM` with `debug` as its debug data:
+    /// h2 names the limit that ended the connection there, so the test knows it was
+    /// the limit it floods and not another.
+    fn assert_calm(&self, debug: &str) {
+        let got = self
+            .goaway
+            .as_ref()
+            .unwrap_or_else(|| panic!("closed without GOAWAY: {self:?}"));
+        assert_eq!(
+            (got.0, got.1.as_str()),
+            (ENHANCE_YOUR_CALM, debug),
+            "GOAWAY"
+        );
     }
 }
 
@@ -230,11 +256,10 @@ async fn a_continuation_flood_is_closed_and_other_clients_are_served() {
         bystander(&c)
     );
     let sent = sent.expect("writing the flood did not end within 30 s");
-    let goaway = raw.closed("CONTINUATION flood").await;
-    eprintln!("CONTINUATION flood: {sent} frames written; GOAWAY {goaway:?}");
+    let closed = raw.closed("CONTINUATION flood").await;
+    eprintln!("CONTINUATION flood: {sent} frames written; {closed:?}");
     // h2 counts the CONTINUATION frames of a header block (RUSTSEC-2024-0332).
-    let (code, _) = goaway.expect("closed without GOAWAY");
-    assert_eq!(code, ENHANCE_YOUR_CALM, "GOAWAY code");
+    closed.assert_calm("too_many_continuations");
     bystander(&c).await;
 }
 
@@ -252,10 +277,45 @@ async fn an_empty_data_flood_is_closed_and_other_clients_are_served() {
         bystander(&c)
     );
     let sent = sent.expect("writing the flood did not end within 30 s");
-    let goaway = raw.closed("empty DATA flood").await;
-    eprintln!("empty DATA flood: {sent} frames written; GOAWAY {goaway:?}");
+    let closed = raw.closed("empty DATA flood").await;
+    eprintln!("empty DATA flood: {sent} frames written; {closed:?}");
     // h2 (0.4.16 on) allows 100 empty DATA frames without END_STREAM per connection.
-    let (code, _) = goaway.expect("closed without GOAWAY");
-    assert_eq!(code, ENHANCE_YOUR_CALM, "GOAWAY code");
+    closed.assert_calm("too_many_data_frames");
+    bystander(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_you_reset_is_closed_and_other_clients_are_served() {
+    let (_v1, c) = web().await;
+    let mut raw = Raw::open(&c).await;
+    // CVE-2025-8671: requests the server itself must reset. Each is a malformed
+    // request (a connection-specific field, `connection`, RFC 9113 §8.2.2) on a new
+    // stream: h2 resets it with PROTOCOL_ERROR. Bounded at 2,000 streams.
+    let mut flood = Vec::new();
+    for i in 0..2_000u32 {
+        let mut block = request_block(&c, 0x82, "/");
+        block.extend(literal(0, "connection", "close"));
+        flood.extend(frame(HEADERS, END_HEADERS | 0x1, 1 + 2 * i, &block));
+    }
+    let flood = async {
+        let mut sent = 0;
+        for batch in flood.chunks(64 * 1024) {
+            if raw.write.write_all(batch).await.is_err() {
+                break;
+            }
+            sent += batch.len();
+        }
+        sent
+    };
+    let (sent, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(30), flood),
+        bystander(&c)
+    );
+    let sent = sent.expect("writing the flood did not end within 30 s");
+    let closed = raw.closed("MadeYouReset").await;
+    eprintln!("MadeYouReset: {sent} bytes written; {closed:?}");
+    // The proxy resets at most 256 of a connection's streams for its errors
+    // (`H2_MAX_LOCAL_RESETS` in `server.rs`), then sends GOAWAY.
+    closed.assert_calm("too_many_internal_resets");
     bystander(&c).await;
 }
