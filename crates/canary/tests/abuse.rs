@@ -1,6 +1,7 @@
-//! Hostile HTTP/2 clients, driven with the `h2` crate as a raw client: the limits
-//! the proxy announces, and floods that end with GOAWAY for the abuser while another
-//! client is served as usual. CONTINUATION and empty-DATA floods are raw frames.
+//! Hostile HTTP/2 clients: the limits the proxy announces (seen by the `h2` crate's
+//! client), and floods written as raw frames (rapid reset, MadeYouReset,
+//! CONTINUATION, empty DATA) that end with GOAWAY for the abuser while another client
+//! is served as usual.
 
 mod common;
 
@@ -9,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{addrs, h2c_client, send, Canary, Upstream};
 use h2::client::SendRequest;
-use h2::Reason;
 use http::{Method, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -65,41 +65,32 @@ async fn http2_clients_are_told_the_limits_and_served_within_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rapid_reset_flood_gets_goaway_and_other_clients_are_served() {
     let (_v1, c) = web().await;
-    let (send, conn) = h2_connect(&c).await;
-    // CVE-2023-44487: open a stream and cancel it at once, as fast as possible.
-    let flood = async {
-        let mut sent = 0u32;
-        for _ in 0..20_000 {
-            let Ok(mut s) = send.clone().ready().await else {
-                break;
-            };
-            match s.send_request(get(&c), false) {
-                Ok((_resp, mut stream)) => stream.send_reset(Reason::CANCEL),
-                Err(_) => break,
-            }
-            sent += 1;
-            // Let the connection task write now and then.
-            if sent.is_multiple_of(64) {
-                tokio::task::yield_now().await;
-            }
-        }
-        sent
-    };
+    let mut raw = Raw::open(&c).await;
+    // CVE-2023-44487: open a stream and cancel it at once, as fast as possible:
+    // HEADERS then RST_STREAM (CANCEL) on streams 1, 3, 5 …, bounded at 20,000.
+    // Raw frames rather than h2's client: a client still writing when the server
+    // closes may end with a broken pipe before it reads the GOAWAY (it did, under
+    // load); the reader here sees what the server sent either way.
+    let mut flood = Vec::new();
+    for i in 0..20_000u32 {
+        let stream = 1 + 2 * i;
+        flood.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            stream,
+            &request_block(&c, 0x82, "/"),
+        ));
+        flood.extend(frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
+    }
     let (sent, ()) = tokio::join!(
-        tokio::time::timeout(Duration::from_secs(30), flood),
+        tokio::time::timeout(Duration::from_secs(30), raw.write_all(&flood)),
         bystander(&c)
     );
-    let sent = sent.expect("the flood was not stopped within 30 s");
-    let end = tokio::time::timeout(Duration::from_secs(10), conn)
-        .await
-        .expect("the abusive connection stayed open")
-        .expect("connection task");
-    let err = end.expect_err("the abusive connection ended without an error");
-    assert!(
-        err.is_go_away() && err.reason() == Some(Reason::ENHANCE_YOUR_CALM),
-        "after {sent} resets: {err:?}"
-    );
-    assert!(sent < 20_000, "{sent}");
+    let sent = sent.expect("writing the flood did not end within 30 s");
+    let closed = raw.closed("rapid reset").await;
+    eprintln!("rapid reset: {sent} bytes written; {closed:?}");
+    // More than 20 streams reset before they were accepted (`server.rs`).
+    closed.assert_calm("too_many_resets");
     // And the proxy still serves.
     bystander(&c).await;
 }
@@ -112,6 +103,7 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const SETTINGS: u8 = 0x4;
+const RST_STREAM: u8 = 0x3;
 const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
 const END_HEADERS: u8 = 0x4;
@@ -174,6 +166,19 @@ impl Raw {
             }
         });
         Raw { write, read }
+    }
+
+    /// Writes `bytes` in 64 KiB batches until done or a write fails (the server
+    /// closed). Returns how many bytes went out.
+    async fn write_all(&mut self, bytes: &[u8]) -> usize {
+        let mut sent = 0;
+        for batch in bytes.chunks(64 * 1024) {
+            if self.write.write_all(batch).await.is_err() {
+                break;
+            }
+            sent += batch.len();
+        }
+        sent
     }
 
     /// Writes `first`, then `frame` up to `count` times in batches of `batch`, until
@@ -241,6 +246,7 @@ impl Closed {
 }
 
 const ENHANCE_YOUR_CALM: u32 = 0xb;
+const CANCEL: u32 = 0x8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_continuation_flood_is_closed_and_other_clients_are_served() {
@@ -297,18 +303,8 @@ async fn made_you_reset_is_closed_and_other_clients_are_served() {
         block.extend(literal(0, "connection", "close"));
         flood.extend(frame(HEADERS, END_HEADERS | 0x1, 1 + 2 * i, &block));
     }
-    let flood = async {
-        let mut sent = 0;
-        for batch in flood.chunks(64 * 1024) {
-            if raw.write.write_all(batch).await.is_err() {
-                break;
-            }
-            sent += batch.len();
-        }
-        sent
-    };
     let (sent, ()) = tokio::join!(
-        tokio::time::timeout(Duration::from_secs(30), flood),
+        tokio::time::timeout(Duration::from_secs(30), raw.write_all(&flood)),
         bystander(&c)
     );
     let sent = sent.expect("writing the flood did not end within 30 s");
