@@ -14,6 +14,7 @@
 #
 #   scripts/fleet-cpu.sh                       # builds the release binary
 #   CANARY_BIN=target/release/canary REPS=3 scripts/fleet-cpu.sh
+#   SETUPS="file follower" scripts/fleet-cpu.sh   # a subset of the set-ups
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REPS="${REPS:-2}"
@@ -96,7 +97,7 @@ measure() {   # measure SETUP CONFIG: prints "SETUP REQUESTS IR IR_PER_REQ"
 
 leader_pid=""
 for rep in $(seq "$REPS"); do
-  for setup in file leader follower; do
+  for setup in ${SETUPS:-file leader follower}; do
     case "$setup" in
       file) cfg="$TMP/file.yaml" ;;
       leader) cfg="$TMP/meas.yaml" ;;
