@@ -6,12 +6,13 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{free_port, run_canary, Canary, Upstream};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// An etcd cluster of one or more members on loopback; killed on drop.
 struct Etcd {
@@ -152,12 +153,59 @@ impl Etcd {
     /// Sends `sig` (`STOP`, `CONT`) to node `i`: a frozen node keeps its sockets open
     /// and answers nothing, the way a stalled disk or a paused VM looks to clients.
     fn signal(&self, i: usize, sig: &str) {
-        let pid = self.members[i].as_ref().expect("node running").id();
-        let ok = Command::new("kill")
-            .args(["-s", sig, &pid.to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill -s {sig} {pid}");
+        signal(self.members[i].as_ref().expect("node running").id(), sig);
+    }
+
+    /// `etcdctl` with `input` on its standard input (`put KEY` reads the value there:
+    /// a value of a megabyte does not fit in one command-line argument).
+    fn ctl_stdin(&self, args: &[&str], input: &[u8]) -> (bool, String) {
+        use std::io::Write;
+        let mut child = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoints())
+            .arg("--command-timeout=5s")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("etcdctl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("etcdctl stdin");
+        let out = child.wait_with_output().expect("etcdctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    /// The store's current revision (from a read's header).
+    fn revision(&self) -> i64 {
+        let (ok, out) = self.ctl(&["get", "/health-probe", "-w", "json"]);
+        assert!(ok, "{out}");
+        let v: Value = serde_json::from_str(out.trim()).expect("etcdctl json");
+        v["header"]["revision"].as_i64().expect("a revision")
+    }
+
+    /// Puts `n` small values through etcd's JSON gateway (one revision, so one watch
+    /// response, each; a hundred etcdctl processes would take seconds).
+    async fn small_puts(&self, key: &str, n: usize) {
+        let client = common::client();
+        let url = format!("http://{}/v3/kv/put", self.clients[0]);
+        let b64 = |s: &str| data_encoding::BASE64.encode(s.as_bytes());
+        for i in 0..n {
+            let body = serde_json::json!({"key": b64(key), "value": b64(&i.to_string())});
+            let r = common::send(&client, http::Method::POST, &url, &[], &body.to_string())
+                .await
+                .expect("etcd gateway put");
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
     }
 
     fn restart(&mut self, i: usize) {
@@ -174,22 +222,46 @@ impl Drop for Etcd {
     }
 }
 
+/// `kill -s SIG PID`: `STOP` freezes a process with its sockets open (a paused VM, a
+/// long GC pause, a swapped-out host), `CONT` wakes it.
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args(["-s", sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -s {sig} {pid}");
+}
+
 fn member_config(etcd: &Etcd, prefix: &str, name: &str) -> String {
+    member_config_ttl(etcd, prefix, name, 2)
+}
+
+fn member_config_ttl(etcd: &Etcd, prefix: &str, name: &str, ttl_s: u32) -> String {
     let list: Vec<String> = etcd.clients.iter().map(|c| format!("\"{c}\"")).collect();
     format!(
-        "fleet:\n  etcd: [{}]\n  prefix: {prefix}\n  member: {name}\n  lease_ttl: 2s\n",
+        "fleet:\n  etcd: [{}]\n  prefix: {prefix}\n  member: {name}\n  lease_ttl: {ttl_s}s\n",
         list.join(", ")
     )
 }
 
 fn document(stable: &Upstream, canary: &Upstream, version: &str) -> String {
+    document_paused(stable, canary, version, "1h")
+}
+
+/// [`document`] with `first_pause` as the first step's pause.
+fn document_paused(
+    stable: &Upstream,
+    canary: &Upstream,
+    version: &str,
+    first_pause: &str,
+) -> String {
     format!(
         "routes:
   - name: web
     stable: {{version: v1, upstreams: [\"{}\"]}}
     canary: {{version: {version}, upstreams: [\"{}\"]}}
     rollout:
-      steps: [{{weight: 10, pause: 1h}}, {{weight: 50, pause: 1h}}]
+      steps: [{{weight: 10, pause: {first_pause}}}, {{weight: 50, pause: 1h}}]
       analysis: {{interval: 500ms, window: 5s, min_requests: 0}}
       breaker: {{consecutive_failures: 3, min_clients: 1}}   # all test traffic is from 127.0.0.1
 ",
@@ -491,13 +563,18 @@ async fn three_members_follow_etcd_forward_commands_and_fail_over_on_the_same_st
 /// Starts `n` members on `etcd`, pushes the document and waits until every member
 /// serves it under one leader.
 async fn bootstrap(etcd: &Etcd, n: usize, stable: &Upstream, canary: &Upstream) -> Vec<Canary> {
+    bootstrap_with(etcd, n, 2, &document(stable, canary, "v2")).await
+}
+
+/// [`bootstrap`] with the members' lease TTL and the document given.
+async fn bootstrap_with(etcd: &Etcd, n: usize, ttl_s: u32, doc: &str) -> Vec<Canary> {
     let mut members = Vec::new();
     for i in 0..n {
-        members
-            .push(Canary::start_unready(&member_config(etcd, "/canary/t", &format!("p{i}"))).await);
+        let cfg = member_config_ttl(etcd, "/canary/t", &format!("p{i}"), ttl_s);
+        members.push(Canary::start_unready(&cfg).await);
     }
     let docs = tempfile::tempdir().expect("tempdir");
-    let (code, out, err) = push(etcd, docs.path(), &document(stable, canary, "v2")).await;
+    let (code, out, err) = push(etcd, docs.path(), doc).await;
     assert_eq!(code, 0, "{out}{err}");
     for m in members.iter_mut() {
         m.wait_until_ready().await;
@@ -654,4 +731,308 @@ async fn a_command_etcd_never_confirmed_is_not_answered_as_done_and_the_fleet_st
         f["connected"] == true && s["weight"] == 30.0
     })
     .await;
+}
+
+/// The full reloads a member counted, by reason, from its `/metrics`.
+fn reloads(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("canary_fleet_reloads_total{reason=\"")?;
+            let (reason, v) = rest.split_once("\"} ")?;
+            Some((reason.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn fenced_writes(text: &str) -> f64 {
+    common::metric_value(text, "canary_fleet_fenced_writes_total", &[]).expect("fenced writes")
+}
+
+async fn leader_index(members: &[Canary]) -> usize {
+    for (i, m) in members.iter().enumerate() {
+        if fleet(m).await["leading"] == true {
+            return i;
+        }
+    }
+    panic!("no member leads");
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The rollout state etcd holds for `web`.
+fn stored_state(etcd: &Etcd) -> Value {
+    let (ok, out) = etcd.ctl(&["get", "/canary/t/routes/web/state", "--print-value-only"]);
+    assert!(ok, "{out}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["state"].clone()
+}
+
+/// Megabyte values under the prefix, in keys no member reads: `n` of them, then they
+/// are deleted (a reload reads the whole prefix, and stays small).
+fn filler(etcd: &Etcd, n: usize) {
+    let mb = vec![b'x'; 1 << 20];
+    for _ in 0..n {
+        let (ok, out) = etcd.ctl_stdin(&["put", "/canary/t/filler"], &mb);
+        assert!(ok, "{out}");
+    }
+}
+
+fn drop_filler(etcd: &Etcd) {
+    let (ok, out) = etcd.ctl(&["del", "--prefix", "/canary/t/filler"]);
+    assert!(ok, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_frozen_during_a_compaction_reloads_and_catches_up() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let (stable, canary) = (Upstream::start("v1").await, Upstream::start("v2").await);
+    let members = bootstrap(&etcd, 3, &stable, &canary).await;
+    let leader = leader_index(&members).await;
+    // A follower freezes; another follower takes the commands (forwarded to the leader).
+    let (frozen, actor) = (&members[(leader + 1) % 3], &members[(leader + 2) % 3]);
+    let before = reloads(&frozen.metrics().await);
+    let pid = frozen.pid().expect("running");
+    signal(pid, "STOP");
+    // Busy writes while it is frozen: 3 MB (more than the 2 MB HTTP/2 stream window its
+    // etcd client grants) and then 150 more watch responses (more than etcd queues per
+    // watch stream, 128). etcd then drops its watcher out of the live set, to catch it
+    // up from history later, and the compaction below removes that history: it must
+    // reload, not resume.
+    filler(&etcd, 3);
+    etcd.small_puts("/canary/t/filler-small", 150).await;
+    drop_filler(&etcd);
+    for w in [20, 60, 100] {
+        let (code, v) = actor
+            .admin_put("/api/v1/routes/web/weight", &format!("{{\"weight\": {w}}}"))
+            .await;
+        assert_eq!(code, 200, "{v}");
+    }
+    let rev = etcd.revision();
+    let (ok, out) = etcd.ctl(&["compact", &rev.to_string()]);
+    assert!(ok, "{out}");
+    signal(pid, "CONT");
+
+    // Every member at 100 % on one applied revision (at least the compacted one).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut views = Vec::new();
+        for m in &members {
+            views.push((fleet(m).await, m.status("web").await));
+        }
+        let first = views[0].0["applied_revision"].as_i64();
+        let same = views.iter().all(|(f, s)| {
+            f["connected"] == true
+                && s["weight"] == 100.0
+                && f["applied_revision"].as_i64() == first
+        });
+        if same && first >= Some(rev) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not caught up within 15s (compacted at {rev}):\n{views:#?}\nlog of the frozen member:\n{}",
+            frozen.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..10 {
+        assert_eq!(frozen.get("/", &[]).await.version(), Some("v2"));
+    }
+    let after = reloads(&frozen.metrics().await);
+    let grew: Vec<(&String, &f64)> = after
+        .iter()
+        .filter(|(r, n)| r.as_str() != "start" && **n > before.get(*r).copied().unwrap_or(0.0))
+        .collect();
+    assert!(
+        !grew.is_empty(),
+        "the frozen member never reloaded: before {before:?}, after {after:?}"
+    );
+    eprintln!("the frozen member reloaded: {grew:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_wakes_deposed_and_does_not_move_the_rollout() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let (stable, canary) = (Upstream::start("v1").await, Upstream::start("v2").await);
+    // The first step's pause runs out while the leader is frozen: when it wakes, its
+    // own (stale) view says "promote to 50 %" at once.
+    let pause_ms = 6000;
+    let doc = document_paused(&stable, &canary, "v2", "6s");
+    let members = bootstrap_with(&etcd, 3, 2, &doc).await;
+    let old_i = leader_index(&members).await;
+    let old = &members[old_i];
+    let old_name = format!("p{old_i}");
+    let s = old.status("web").await;
+    assert_eq!(
+        s["step"], 0,
+        "promoted before the test froze the leader: {s:#}"
+    );
+    let started = s["step_started_ms"].as_u64().expect("step_started_ms");
+    let fenced_before = fenced_writes(&old.metrics().await);
+    let pid = old.pid().expect("running");
+    signal(pid, "STOP");
+
+    // Past its lease another member leads, and the fleet moves on without the old
+    // one: the weight is set to 30 % (which pauses the rollout).
+    let others: Vec<&Canary> = (0..3)
+        .filter(|i| *i != old_i)
+        .map(|i| &members[i])
+        .collect();
+    wait_all(&others, "under a new leader", |f, _| {
+        leader_of(f).is_some_and(|l| l != old_name)
+    })
+    .await;
+    let new_leader = leader_of(&fleet(others[0]).await).expect("a leader");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, v) = others[0]
+            .admin_put("/api/v1/routes/web/weight", "{\"weight\": 30}")
+            .await;
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "weight never accepted: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_all(&others, "paused at 30 %", |_, s| {
+        s["weight"] == 30.0 && s["phase"] == "paused"
+    })
+    .await;
+    assert!(
+        wall_ms() < started + pause_ms,
+        "the pause ran out before the new leader held the rollout: the test proves nothing"
+    );
+    // Wake the old leader only once the pause it knows of has run out.
+    while wall_ms() < started + pause_ms + 500 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal(pid, "CONT");
+
+    let all: Vec<&Canary> = members.iter().collect();
+    let held = |f: &Value, s: &Value| {
+        leader_of(f).as_deref() == Some(new_leader.as_str())
+            && f["connected"] == true
+            && s["phase"] == "paused"
+            && s["weight"] == 30.0
+            && s["step"] == 0
+    };
+    wait_all(&all, "following the new leader at 30 %", held).await;
+    assert_eq!(fleet(old).await["leading"], false);
+    // And later: a write the old leader got through would show by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_all(&all, "still at 30 % under the new leader", held).await;
+    let stored = stored_state(&etcd);
+    assert_eq!(
+        (&stored["phase"], &stored["step"], &stored["weight_bp"]),
+        (&json!("paused"), &json!(0), &json!(3000)),
+        "{stored:#}"
+    );
+    let (_, events) = members[0].admin_get("/api/v1/routes/web/events").await;
+    assert!(
+        !events.to_string().contains("\"step\":1"),
+        "a promotion reached the journal: {events:#}"
+    );
+    let text = old.metrics().await;
+    let fenced = fenced_writes(&text) - fenced_before;
+    let changes =
+        common::metric_value(&text, "canary_fleet_leader_changes_total", &[]).unwrap_or(0.0);
+    assert!(changes >= 2.0, "led and stopped leading: {changes}\n{text}");
+    assert!(
+        old.log().contains("no longer leading"),
+        "the old leader never said it stopped:\n{}",
+        old.log()
+    );
+    eprintln!("the old leader: {fenced} fenced write(s), {changes} leader changes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_key_was_replaced_has_its_next_write_fenced_and_demotes() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let (stable, canary) = (Upstream::start("v1").await, Upstream::start("v2").await);
+    // One member, with a lease long enough that a short freeze does not end it: only
+    // the fence can stop its write.
+    let members = bootstrap_with(&etcd, 1, 6, &document(&stable, &canary, "v2")).await;
+    let m = &members[0];
+    let fake = r#"{"member":"fake","admin":"http://127.0.0.1:9","boot_id":"fake"}"#;
+    let mut hit = false;
+    for attempt in 0..3 {
+        wait_all(&[m], "leading", |f, _| {
+            f["leading"] == true && f["connected"] == true
+        })
+        .await;
+        let fenced_before = fenced_writes(&m.metrics().await);
+        let pid = m.pid().expect("running");
+        signal(pid, "STOP");
+        // Megabytes first, so its watch reaches the new leader key well after the
+        // command below has run; then the leader key is replaced: a new create
+        // revision, as if another member had won an election.
+        filler(&etcd, 4);
+        let (ok, out) = etcd.ctl(&["del", "/canary/t/leader"]);
+        assert!(ok, "{out}");
+        let (ok, out) = etcd.ctl(&["put", "/canary/t/leader", fake]);
+        assert!(ok, "{out}");
+        // A command waits in the frozen member's socket and runs when it wakes.
+        let url = format!("http://{}/api/v1/routes/web/weight", m.admin);
+        let cmd = tokio::spawn(async move {
+            common::send(
+                &common::client(),
+                http::Method::PUT,
+                &url,
+                &[],
+                "{\"weight\": 40}",
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        signal(pid, "CONT");
+        let answer = cmd.await.expect("join").expect("an answer");
+
+        wait_all(&[m], "following the fake leader", |f, _| {
+            f["leader"] == "fake" && f["leading"] == false
+        })
+        .await;
+        // Nothing it decided reached etcd or stays in its data plane.
+        let stored = stored_state(&etcd);
+        assert_eq!(stored["weight_bp"], 1000, "{stored:#}");
+        m.wait_weight("web", 10.0).await;
+        assert_ne!(answer.status, 200, "{answer:?}");
+        drop_filler(&etcd);
+        let fenced = fenced_writes(&m.metrics().await) - fenced_before;
+        if fenced >= 1.0 {
+            assert_eq!(answer.status, 503, "{answer:?}");
+            assert!(answer.body.contains("not stored"), "{answer:?}");
+            assert!(m.log().contains("a write was fenced"), "{}", m.log());
+            hit = true;
+            break;
+        }
+        // Its watch showed the new key first: it stepped down without writing and
+        // sent the command to the (unreachable) fake leader. Try again.
+        eprintln!("attempt {attempt}: demoted before writing; the command got {answer:?}");
+        let (ok, out) = etcd.ctl(&["del", "/canary/t/leader"]);
+        assert!(ok, "{out}");
+    }
+    assert!(hit, "no write reached the fence in 3 attempts");
+
+    // With the fake key gone the member leads again, and its writes land.
+    let (ok, out) = etcd.ctl(&["del", "/canary/t/leader"]);
+    assert!(ok, "{out}");
+    wait_all(&[m], "leading again", |f, _| f["leading"] == true).await;
+    let (code, v) = m
+        .admin_put("/api/v1/routes/web/weight", "{\"weight\": 40}")
+        .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(stored_state(&etcd)["weight_bp"], 4000);
 }
