@@ -245,25 +245,29 @@ fn member_config_ttl(etcd: &Etcd, prefix: &str, name: &str, ttl_s: u32) -> Strin
 }
 
 fn document(stable: &Upstream, canary: &Upstream, version: &str) -> String {
-    document_paused(stable, canary, version, "1h")
-}
-
-/// [`document`] with `first_pause` as the first step's pause.
-fn document_paused(
-    stable: &Upstream,
-    canary: &Upstream,
-    version: &str,
-    first_pause: &str,
-) -> String {
     format!(
         "routes:
   - name: web
     stable: {{version: v1, upstreams: [\"{}\"]}}
     canary: {{version: {version}, upstreams: [\"{}\"]}}
     rollout:
-      steps: [{{weight: 10, pause: {first_pause}}}, {{weight: 50, pause: 1h}}]
+      steps: [{{weight: 10, pause: 1h}}, {{weight: 50, pause: 1h}}]
       analysis: {{interval: 500ms, window: 5s, min_requests: 0}}
       breaker: {{consecutive_failures: 3, min_clients: 1}}   # all test traffic is from 127.0.0.1
+",
+        stable.addr, canary.addr
+    )
+}
+
+/// A route with a canary and no rollout: only a `weight` command writes its state, so
+/// nothing but what the test does moves it.
+fn document_manual(stable: &Upstream, canary: &Upstream) -> String {
+    format!(
+        "routes:
+  - name: web
+    stable: {{version: v1, upstreams: [\"{}\"]}}
+    canary: {{version: v2, upstreams: [\"{}\"]}}
+    weight: 10
 ",
         stable.addr, canary.addr
     )
@@ -793,7 +797,9 @@ async fn a_member_frozen_during_a_compaction_reloads_and_catches_up() {
     }
     let etcd = Etcd::start(1);
     let (stable, canary) = (Upstream::start("v1").await, Upstream::start("v2").await);
-    let members = bootstrap(&etcd, 3, &stable, &canary).await;
+    // No rollout: the leader writes nothing on its own, so the frozen member can only
+    // learn the weights below by reloading.
+    let members = bootstrap_with(&etcd, 3, 2, &document_manual(&stable, &canary)).await;
     let leader = leader_index(&members).await;
     // A follower freezes; another follower takes the commands (forwarded to the leader).
     let (frozen, actor) = (&members[(leader + 1) % 3], &members[(leader + 2) % 3]);
@@ -864,26 +870,16 @@ async fn a_frozen_leader_wakes_deposed_and_does_not_move_the_rollout() {
     }
     let etcd = Etcd::start(1);
     let (stable, canary) = (Upstream::start("v1").await, Upstream::start("v2").await);
-    // The first step's pause runs out while the leader is frozen: when it wakes, its
-    // own (stale) view says "promote to 50 %" at once.
-    let pause_ms = 6000;
-    let doc = document_paused(&stable, &canary, "v2", "6s");
-    let members = bootstrap_with(&etcd, 3, 2, &doc).await;
+    let members = bootstrap(&etcd, 3, &stable, &canary).await;
     let old_i = leader_index(&members).await;
     let old = &members[old_i];
     let old_name = format!("p{old_i}");
-    let s = old.status("web").await;
-    assert_eq!(
-        s["step"], 0,
-        "promoted before the test froze the leader: {s:#}"
-    );
-    let started = s["step_started_ms"].as_u64().expect("step_started_ms");
     let fenced_before = fenced_writes(&old.metrics().await);
     let pid = old.pid().expect("running");
     signal(pid, "STOP");
 
     // Past its lease another member leads, and the fleet moves on without the old
-    // one: the weight is set to 30 % (which pauses the rollout).
+    // one: the rollout is aborted.
     let others: Vec<&Canary> = (0..3)
         .filter(|i| *i != old_i)
         .map(|i| &members[i])
@@ -896,45 +892,49 @@ async fn a_frozen_leader_wakes_deposed_and_does_not_move_the_rollout() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (code, v) = others[0]
-            .admin_put("/api/v1/routes/web/weight", "{\"weight\": 30}")
+            .admin_post("/api/v1/routes/web/abort", "{\"reason\": \"held\"}")
             .await;
         if code == 200 {
             break;
         }
-        assert!(Instant::now() < deadline, "weight never accepted: {v}");
+        assert!(Instant::now() < deadline, "abort never accepted: {v}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    wait_all(&others, "paused at 30 %", |_, s| {
-        s["weight"] == 30.0 && s["phase"] == "paused"
-    })
-    .await;
-    assert!(
-        wall_ms() < started + pause_ms,
-        "the pause ran out before the new leader held the rollout: the test proves nothing"
-    );
-    // Wake the old leader only once the pause it knows of has run out.
-    while wall_ms() < started + pause_ms + 500 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let aborted = |s: &Value| s["phase"] == "aborted" && s["weight"] == 0.0;
+    wait_all(&others, "aborted", |_, s| aborted(s)).await;
+
+    // The old leader still believes the rollout runs and that it leads: a promote
+    // waits in its socket and runs the moment it wakes, before it can learn
+    // otherwise. The new leader would refuse it (409: aborted); the old one accepts
+    // it, and only the fence keeps its write out of etcd.
+    let url = format!("http://{}/api/v1/routes/web/promote", old.admin);
+    let cmd = tokio::spawn(async move {
+        common::send(&common::client(), http::Method::POST, &url, &[], "{}").await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     signal(pid, "CONT");
+    let answer = cmd.await.expect("join").expect("an answer");
+    assert_ne!(
+        answer.status, 200,
+        "the deposed leader moved the rollout: {answer:?}"
+    );
 
     let all: Vec<&Canary> = members.iter().collect();
     let held = |f: &Value, s: &Value| {
         leader_of(f).as_deref() == Some(new_leader.as_str())
             && f["connected"] == true
-            && s["phase"] == "paused"
-            && s["weight"] == 30.0
+            && aborted(s)
             && s["step"] == 0
     };
-    wait_all(&all, "following the new leader at 30 %", held).await;
+    wait_all(&all, "following the new leader, aborted", held).await;
     assert_eq!(fleet(old).await["leading"], false);
     // And later: a write the old leader got through would show by now.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    wait_all(&all, "still at 30 % under the new leader", held).await;
+    wait_all(&all, "still aborted under the new leader", held).await;
     let stored = stored_state(&etcd);
     assert_eq!(
         (&stored["phase"], &stored["step"], &stored["weight_bp"]),
-        (&json!("paused"), &json!(0), &json!(3000)),
+        (&json!("aborted"), &json!(0), &json!(0)),
         "{stored:#}"
     );
     let (_, events) = members[0].admin_get("/api/v1/routes/web/events").await;
@@ -952,7 +952,10 @@ async fn a_frozen_leader_wakes_deposed_and_does_not_move_the_rollout() {
         "the old leader never said it stopped:\n{}",
         old.log()
     );
-    eprintln!("the old leader: {fenced} fenced write(s), {changes} leader changes");
+    eprintln!(
+        "the old leader: promote answered {} {:?}; {fenced} fenced write(s)",
+        answer.status, answer.body
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
