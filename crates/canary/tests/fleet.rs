@@ -761,12 +761,6 @@ async fn leader_index(members: &[Canary]) -> usize {
     panic!("no member leads");
 }
 
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// The rollout state etcd holds for `web`.
 fn stored_state(etcd: &Etcd) -> Value {
     let (ok, out) = etcd.ctl(&["get", "/canary/t/routes/web/state", "--print-value-only"]);
@@ -1038,4 +1032,92 @@ async fn a_leader_whose_key_was_replaced_has_its_next_write_fenced_and_demotes()
         .await;
     assert_eq!(code, 200, "{v}");
     assert_eq!(stored_state(&etcd)["weight_bp"], 4000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_shows_every_members_applied_revision_and_who_does_not_answer() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let (stable, canary) = (Upstream::start("v1").await, Upstream::start("v2").await);
+    // No rollout, so no verdict writes move the revision while the views are compared;
+    // a lease long enough that a frozen member stays listed.
+    let members = bootstrap_with(&etcd, 3, 5, &document_manual(&stable, &canary)).await;
+    let leader = leader_index(&members).await;
+    let (follower, frozen) = (&members[(leader + 1) % 3], &members[(leader + 2) % 3]);
+    let (code, v) = follower
+        .admin_put("/api/v1/routes/web/weight", "{\"weight\": 30}")
+        .await;
+    assert_eq!(code, 200, "{v}");
+
+    // The follower lists every member at the revision that member reports itself.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let own: BTreeMap<String, Value> = loop {
+        let mut own = BTreeMap::new();
+        for m in &members {
+            let f = fleet(m).await;
+            own.insert(
+                f["member"].as_str().expect("name").to_string(),
+                f["applied_revision"].clone(),
+            );
+        }
+        let view = fleet(follower).await;
+        let listed: BTreeMap<String, Value> = view["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .map(|m| {
+                (
+                    m["member"].as_str().expect("name").to_string(),
+                    m["applied_revision"].clone(),
+                )
+            })
+            .collect();
+        if listed == own && own.values().all(Value::is_i64) {
+            break own;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower's table {listed:?} is not what the members say: {own:?}\n{view:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (code, out, err) = follower.cli(&["fleet", "status"]).await;
+    assert_eq!(code, 0, "{err}");
+    for (name, rev) in &own {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(name.as_str()) && l.contains(&rev.to_string())),
+            "{name} at {rev} missing:\n{out}"
+        );
+    }
+
+    // A member that does not answer: still listed (its lease runs), no revision, and why.
+    let pid = frozen.pid().expect("running");
+    signal(pid, "STOP");
+    let view = fleet(follower).await;
+    signal(pid, "CONT");
+    let name = format!("p{}", (leader + 2) % 3);
+    let row = view["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["member"] == name.as_str())
+        .unwrap_or_else(|| panic!("{name} not listed: {view:#}"))
+        .clone();
+    assert!(row["applied_revision"].is_null(), "{row:#}");
+    assert!(
+        row["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no answer within")),
+        "{row:#}"
+    );
+    let answered = view["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter(|m| m["applied_revision"].is_i64())
+        .count();
+    assert_eq!(answered, 2, "{view:#}");
 }

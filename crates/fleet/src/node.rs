@@ -104,8 +104,6 @@ pub struct Shared {
     pending_breakers: Mutex<Vec<(String, BreakerReport)>>,
     pub metrics: Metrics,
     pub evidence: Arc<Aggregator>,
-    /// Applied revisions of the other members, from the leader's scrapes.
-    pub peers: Mutex<BTreeMap<String, i64>>,
     controller: OnceLock<Arc<Controller>>,
     pub(crate) http: crate::forward::Http,
 }
@@ -177,7 +175,6 @@ impl Shared {
             pending_breakers: Mutex::new(Vec::new()),
             metrics: Metrics::default(),
             evidence: Arc::new(Aggregator::default()),
-            peers: Mutex::new(BTreeMap::new()),
             controller: OnceLock::new(),
             http: crate::forward::http(),
         }
