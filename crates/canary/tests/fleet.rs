@@ -185,6 +185,24 @@ impl Etcd {
         )
     }
 
+    /// Puts `kvs` through etcd's JSON gateway, `per_txn` keys per transaction.
+    async fn bulk_put(&self, kvs: &[(String, String)], per_txn: usize) {
+        let client = common::client();
+        let url = format!("http://{}/v3/kv/txn", self.clients[0]);
+        let b64 = |s: &str| data_encoding::BASE64.encode(s.as_bytes());
+        for chunk in kvs.chunks(per_txn) {
+            let ops: Vec<Value> = chunk
+                .iter()
+                .map(|(k, v)| json!({"requestPut": {"key": b64(k), "value": b64(v)}}))
+                .collect();
+            let body = json!({ "success": ops }).to_string();
+            let r = common::send(&client, http::Method::POST, &url, &[], &body)
+                .await
+                .expect("etcd gateway txn");
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+    }
+
     /// The store's current revision (from a read's header).
     fn revision(&self) -> i64 {
         let (ok, out) = self.ctl(&["get", "/health-probe", "-w", "json"]);
@@ -1120,4 +1138,52 @@ async fn a_follower_shows_every_members_applied_revision_and_who_does_not_answer
         .filter(|m| m["applied_revision"].is_i64())
         .count();
     assert_eq!(answered, 2, "{view:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_loads_a_prefix_larger_than_the_grpc_default_of_4_mb() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let (stable, canary) = (Upstream::start("v1").await, Upstream::start("v2").await);
+    let mut members = bootstrap_with(&etcd, 2, 2, &document_manual(&stable, &canary)).await;
+    let (code, v) = members[0]
+        .admin_put("/api/v1/routes/web/weight", "{\"weight\": 30}")
+        .await;
+    assert_eq!(code, 200, "{v}");
+    // A long journal (etcd keeps up to 10 000 events per route, with verdicts and
+    // reasons of a kilobyte and more): 5000 events of about 1.2 KB, 6 MB in all.
+    let (ok, out) = etcd.ctl(&[
+        "get",
+        "--prefix",
+        "/canary/t/journal/web/",
+        "--print-value-only",
+    ]);
+    assert!(ok, "{out}");
+    let mut event: Value =
+        serde_json::from_str(out.lines().next().expect("an event")).expect("json");
+    event["reason"] = json!("r".repeat(1200));
+    let text = event.to_string();
+    let kvs: Vec<(String, String)> = (1000..6000)
+        .map(|seq| (format!("/canary/t/journal/web/{seq:020}"), text.clone()))
+        .collect();
+    etcd.bulk_put(&kvs, 100).await;
+
+    // A member started now reads it all in its first snapshot, and then follows.
+    members[1].restart().await;
+    let (code, v) = members[0]
+        .admin_put("/api/v1/routes/web/weight", "{\"weight\": 70}")
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let all: Vec<&Canary> = members.iter().collect();
+    wait_all(&all, "connected at 70 %", |f, s| {
+        f["connected"] == true && s["weight"] == 70.0
+    })
+    .await;
+    let (code, events) = members[1]
+        .admin_get("/api/v1/routes/web/events?limit=3")
+        .await;
+    assert_eq!(code, 200, "{events}");
+    assert!(events.to_string().contains("rrrr"), "{events}");
 }

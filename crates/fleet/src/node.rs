@@ -126,6 +126,13 @@ fn entry(kv: &KeyValue) -> (String, Entry) {
 /// Journal entries kept per route in etcd; older ones are deleted by the leader.
 pub(crate) const JOURNAL_KEEP: u64 = 10_000;
 
+/// The largest etcd answer a member decodes: a reload reads the whole prefix in one
+/// answer, and a watch that catches up sends up to 1000 revisions in one. gRPC's
+/// default of 4 MB is less than one route's full journal can take (10 000 events of
+/// half a kilobyte and more), and a member that cannot decode its snapshot can never
+/// reload again.
+const MAX_MESSAGE: usize = 256 << 20;
+
 /// How long one etcd request may take before it counts as failed.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -649,7 +656,7 @@ pub(crate) async fn watch_loop(sh: Arc<Shared>, first: tokio::sync::watch::Sende
             }
             Err(e) => {
                 if sh.connected.swap(false, Relaxed) || reason == "start" {
-                    tracing::warn!(error = %e, "fleet: etcd unreachable; serving the last config");
+                    tracing::warn!(error = %e, "fleet: cannot read from etcd; serving the last config");
                 }
                 reason = "reconnect";
             }
@@ -670,8 +677,9 @@ async fn sync_once(
     reason: &'static str,
     first: &tokio::sync::watch::Sender<bool>,
 ) -> Result<&'static str, String> {
-    let mut c = sh.client.clone();
-    let resp = timed(c.get(sh.keys.range(), Some(GetOptions::new().with_prefix()))).await?;
+    let c = sh.client.clone();
+    let mut kv = c.kv_client().max_decoding_message_size(MAX_MESSAGE);
+    let resp = timed(kv.get(sh.keys.range(), Some(GetOptions::new().with_prefix()))).await?;
     let rev = resp.header().map_or(0, |h| h.revision());
     let reason = if rev < sh.mirror().revision {
         "revision_back"
@@ -690,7 +698,8 @@ async fn sync_once(
         .with_prefix()
         .with_start_revision(rev + 1)
         .with_progress_notify();
-    let stream = timed(c.watch(sh.keys.range(), Some(opts))).await?;
+    let mut watch = c.watch_client().max_decoding_message_size(MAX_MESSAGE);
+    let stream = timed(watch.watch(sh.keys.range(), Some(opts))).await?;
     let (mut requests, mut responses) = stream.split();
     let mut last = rev;
     let mut progress = tokio::time::interval(Duration::from_secs(1));
