@@ -891,6 +891,14 @@ async fn a_member_frozen_during_a_compaction_reloads_and_catches_up() {
         !grew.is_empty(),
         "the frozen member never reloaded: before {before:?}, after {after:?}"
     );
+    // Not a wiped etcd: etcd 3.4 answers a progress request ahead of the events it
+    // still queues for a member that fell behind, which once looked like a revision
+    // going backwards.
+    assert!(
+        !after.contains_key("revision_back"),
+        "a frozen member's catch-up taken for a wiped etcd: {after:?}\n{}",
+        frozen.log()
+    );
     eprintln!("the frozen member reloaded: {grew:?}");
 }
 
