@@ -338,12 +338,16 @@ async fn hand_over(
             let proxy = proxy.clone();
             let conn = conn.clone();
             let guard = in_flight.enter();
-            async move {
+            // Boxed: hyper's HTTP/2 server moves each stream's future into a
+            // `H2Stream` and that into a spawned task, and the handler's future is
+            // large; unboxed, the copies of it were ~3 k instructions of an HTTP/2
+            // request (`memcpy`; docs/performance.md).
+            Box::pin(async move {
                 let req = req.map(|b| ClientBody::hyper(b, body_timeout));
                 let resp = proxy.handle(req, &conn).await;
                 let resp = with_fields_in_map(*resp).map(|b| Tracked::new(b, guard));
                 Ok::<_, std::convert::Infallible>(resp)
-            }
+            })
         }
     });
     let io = SendTimed::new(io, settings.send_timeout);
