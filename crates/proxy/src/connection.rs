@@ -385,7 +385,8 @@ fn with_fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let Some(fields) = resp.body_mut().take_fields() else {
         return resp;
     };
-    let mut map = fields.to_map();
+    let more = resp.body().added().count() + resp.headers().len();
+    let mut map = fields.to_map_with_room(more);
     for field in resp.body().added() {
         map.append(field.name().clone(), field.value());
     }
