@@ -22,6 +22,7 @@ use canary_http1::fields::RawHead;
 use canary_http1::BoxError;
 
 use crate::timers::{Kind, Stall};
+use crate::witness::ClientId;
 
 use crate::headers::upgrade_allowed;
 
@@ -32,6 +33,9 @@ pub struct ConnInfo {
     pub peer_header: HeaderValue,
     /// The connection is TLS (`X-Forwarded-Proto: https`, `Secure` sticky cookies).
     pub tls: bool,
+    /// The peer's address as the failure record tells clients apart
+    /// ([`ClientId::address`]).
+    pub client_addr: u64,
 }
 
 impl ConnInfo {
@@ -43,6 +47,7 @@ impl ConnInfo {
             peer,
             peer_header,
             tls: false,
+            client_addr: ClientId::address(peer.ip()),
         }
     }
 
