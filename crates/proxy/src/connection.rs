@@ -54,6 +54,7 @@ use crate::request::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
 use crate::timers::{InFlight, Kind, SendTimed, Tracked, TIMEOUTS};
 use crate::tls::ListenerTls;
+use crate::woken::Woken;
 use canary_http1::fields::{RawFields, RawHead};
 use canary_http1::server::{parse, write_response, Message, Parsed, Rewound};
 use canary_http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
@@ -357,13 +358,20 @@ async fn hand_over(
         ($conn:expr) => {{
             let conn = $conn;
             tokio::pin!(conn);
+            // The two waits are polled only when they woke the task (`woken`), not
+            // at each of the connection's wake-ups.
+            let stopping = stopped(stop);
+            tokio::pin!(stopping);
+            let idle = in_flight.idle_for(settings.http2_idle_timeout);
+            tokio::pin!(idle);
             let r = tokio::select! {
+                biased;
                 r = conn.as_mut() => r,
-                () = stopped(stop) => {
+                () = Woken::new(stopping.as_mut()) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
-                () = in_flight.idle_for(settings.http2_idle_timeout) => {
+                () = Woken::new(idle.as_mut()) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
