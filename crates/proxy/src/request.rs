@@ -108,11 +108,14 @@ impl BodyProgress {
 
 impl ClientBody {
     /// A body hyper reads, with `idle` as the longest wait between two frames.
+    /// A body that has already ended (a `GET`'s, `HEADERS` with `END_STREAM` on
+    /// HTTP/2) is `Empty`: the same framing upstream, without two allocations per
+    /// request (the box and the progress flag, ~400 instructions).
     pub fn hyper(inner: Incoming, idle: Duration) -> ClientBody {
-        let progress = BodyProgress::default();
         if inner.is_end_stream() {
-            progress.0.store(BODY_COMPLETE, Relaxed);
+            return ClientBody::Empty;
         }
+        let progress = BodyProgress::default();
         ClientBody::Hyper(Box::new(HyperBody {
             inner,
             stall: Stall::new(idle, Kind::Body),
