@@ -398,6 +398,16 @@ fn with_fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     // full map would grow again (~1.7 k instructions per request, callgrind).
     let more = resp.body().added().count() + resp.headers().len() + 1;
     let mut map = fields.to_map_with_room(more);
+    if fields.has_date {
+        // Never indexed in HTTP/2's header compression, as nginx sends it: a new
+        // value every second, and h2's encoder compares each request's `Date` with
+        // every one still in the connection's table (up to ~60 on a connection
+        // open a minute: ~2 k instructions per answer, against ~300 to send it
+        // whole; docs/performance.md).
+        if let Some(date) = map.get_mut(http::header::DATE) {
+            date.set_sensitive(true);
+        }
+    }
     for field in resp.body().added() {
         map.append(field.name().clone(), field.value());
     }
