@@ -592,4 +592,48 @@ mod tests {
             assert_eq!(host_name(bad.as_bytes()), None, "{bad}");
         }
     }
+
+    /// What `ClientBody::hyper` makes of the bodies hyper hands over: a `GET`'s, ended
+    /// at its head, is `Empty` (no box, timer or progress flag); a `POST`'s with bytes
+    /// to come stays hyper's and reads them.
+    #[tokio::test]
+    async fn an_ended_body_is_empty_and_one_with_bytes_is_read() {
+        use http_body_util::BodyExt as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let (server, mut client) = tokio::io::duplex(4096);
+        let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+            let body = ClientBody::hyper(req.into_body(), Duration::from_secs(10));
+            let kind = match &body {
+                ClientBody::Empty => "empty",
+                ClientBody::Hyper(_) => "hyper",
+                ClientBody::Read(_) => "read",
+            };
+            let bytes = body.collect().await.unwrap().to_bytes();
+            let text = format!("{kind}:{}", String::from_utf8_lossy(&bytes));
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                Bytes::from(text),
+            )))
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(server), service);
+        let served = tokio::spawn(conn);
+        client
+            .write_all(
+                b"GET / HTTP/1.1\r\nhost: x\r\n\r\n\
+                  POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc\
+                  POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        served.await.unwrap().unwrap();
+        let bodies: Vec<&str> = got
+            .split("HTTP/1.1 200 OK")
+            .skip(1)
+            .map(|a| a.rsplit("\r\n\r\n").next().unwrap())
+            .collect();
+        assert_eq!(bodies, ["empty:", "hyper:abc", "empty:"], "{got}");
+    }
 }
