@@ -57,6 +57,7 @@ use crate::request::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
 use crate::timers::{InFlight, Kind, SendTimed, Tracked, TIMEOUTS};
 use crate::tls::ListenerTls;
+use crate::woken::Woken;
 use canary_http1::fields::{RawFields, RawHead};
 use canary_http1::server::{parse, write_response, Message, Parsed, Rewound};
 use canary_http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
@@ -426,12 +427,16 @@ async fn hand_over(
             let proxy = proxy.clone();
             let conn = conn.clone();
             let guard = in_flight.enter();
-            async move {
+            // Boxed: hyper's HTTP/2 server moves each stream's future into a
+            // `H2Stream` and that into a spawned task, and the handler's future is
+            // large; unboxed, the copies of it were ~3 k instructions of an HTTP/2
+            // request (`memcpy`; docs/performance.md).
+            Box::pin(async move {
                 let req = req.map(|b| ClientBody::hyper(b, body_timeout));
                 let resp = proxy.handle(req, &conn).await;
                 let resp = with_fields_in_map(*resp).map(|b| Tracked::new(b, guard));
                 Ok::<_, std::convert::Infallible>(resp)
-            }
+            })
         }
     });
     let io = SendTimed::new(io, settings.send_timeout);
@@ -441,13 +446,20 @@ async fn hand_over(
         ($conn:expr) => {{
             let conn = $conn;
             tokio::pin!(conn);
+            // The two waits are polled only when they woke the task (`woken`), not
+            // at each of the connection's wake-ups.
+            let stopping = stopped(stop);
+            tokio::pin!(stopping);
+            let idle = in_flight.idle_for(settings.http2_idle_timeout);
+            tokio::pin!(idle);
             let r = tokio::select! {
+                biased;
                 r = conn.as_mut() => r,
-                () = stopped(stop) => {
+                () = Woken::new(stopping.as_mut()) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
-                () = in_flight.idle_for(settings.http2_idle_timeout) => {
+                () = Woken::new(idle.as_mut()) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -469,7 +481,21 @@ fn with_fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let Some(fields) = resp.body_mut().take_fields() else {
         return resp;
     };
-    let mut map = fields.to_map();
+    // One more than is added here: hyper's HTTP/2 server then asks for
+    // `entry(DATE)`, which reserves a slot even when the field is there, and a
+    // full map would grow again (~1.7 k instructions per request, callgrind).
+    let more = resp.body().added().count() + resp.headers().len() + 1;
+    let mut map = fields.to_map_with_room(more);
+    if fields.has_date {
+        // Never indexed in HTTP/2's header compression, as nginx sends it: a new
+        // value every second, and h2's encoder compares each request's `Date` with
+        // every one still in the connection's table (up to ~60 on a connection
+        // open a minute: ~2 k instructions per answer, against ~300 to send it
+        // whole; docs/performance.md).
+        if let Some(date) = map.get_mut(http::header::DATE) {
+            date.set_sensitive(true);
+        }
+    }
     for field in resp.body().added() {
         map.append(field.name().clone(), field.value());
     }
