@@ -63,13 +63,14 @@ use canary_http1::server::{parse, write_response, Message, Parsed, Rewound};
 use canary_http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
 
 /// How long a connection waits for its next request, with nothing of it read, before
-/// it gives back its read and write buffers. Long against the gap between requests of
-/// a busy keep-alive connection (so one under load keeps its buffers, and its timer
-/// goes off only 4 times a second), short against a keep-alive timeout. Short also
-/// because the allocator keeps freed memory: what counts is how many connections hold
-/// buffers at once, and a burst of new connections that each send one request held
-/// this long's worth of them (the bench's `idle` scenario: 7.4 KiB per idle
-/// connection with 1 s, 6.3 with 250 ms; docs/performance.md).
+/// it is parked (its serving task and buffers dropped). Long against the gap between
+/// requests of a busy keep-alive connection (so one under load never parks, and its
+/// timer goes off only 4 times a second), short against a keep-alive timeout. Short
+/// also because the allocator keeps freed memory: what counts is how many connections
+/// hold a serving task at once, and a burst of new connections that each send one
+/// request held this long's worth of them (the bench's `idle` scenario, when this only
+/// released the buffers: 7.4 KiB per idle connection with 1 s, 6.3 with 250 ms;
+/// docs/performance.md).
 pub(crate) const IDLE_RELEASE: Duration = Duration::from_millis(250);
 
 /// Room reserved for a response head.
