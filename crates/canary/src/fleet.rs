@@ -155,6 +155,11 @@ fn print_status(v: &Value) {
             if m["leader"] == true { "*" } else { "" }
         );
     }
+    for m in v["members"].as_array().into_iter().flatten() {
+        if let Some(e) = m["error"].as_str() {
+            outln!("{}: no applied revision: {e}", text(&m["member"]));
+        }
+    }
 }
 
 /// `serve` with a `fleet` block: routes and rollout state from etcd.

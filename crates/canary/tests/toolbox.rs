@@ -396,33 +396,40 @@ async fn dashboard_expressions_return_data_from_a_real_prometheus() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let (code, _, err) = c.cli(&["abort", "web", "--reason", "dashboard test"]).await;
     assert_eq!(code, 0, "{err}");
-    // The abort is scraped, and the canary keeps its rate over the window before it.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
-    let mut failures = Vec::new();
-    for e in &all {
-        let q = substitute(e);
-        match prom.query(&q).await {
-            Ok(r) if r.is_empty() => failures.push(format!("no data: {q}")),
-            Ok(_) => {}
-            Err(err) => failures.push(format!("{err}: {q}")),
+    // The abort is scraped (an `increase` needs two samples of the new series), and the
+    // canary keeps its rate over the window before it. Polled: on a loaded machine
+    // scrapes come late, so a fixed wait once missed the second sample.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let failures = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut failures = Vec::new();
+        for e in &all {
+            let q = substitute(e);
+            match prom.query(&q).await {
+                Ok(r) if r.is_empty() => failures.push(format!("no data: {q}")),
+                Ok(_) => {}
+                Err(err) => failures.push(format!("{err}: {q}")),
+            }
         }
-    }
-    // The route variable: label_values(metric, label).
-    for var in dashboard["templating"]["list"].as_array().unwrap() {
-        let Some(def) = var["definition"].as_str() else {
-            continue;
-        };
-        let inner = def
-            .strip_prefix("label_values(")
-            .and_then(|s| s.strip_suffix(')'))
-            .unwrap_or_else(|| panic!("unknown variable query {def}"));
-        let (metric, label) = inner.split_once(", ").expect("label_values(metric, label)");
-        let r = prom.query(metric).await.unwrap_or_default();
-        if !r.iter().any(|s| s["metric"][label] == "web") {
-            failures.push(format!("variable {def}: no route web"));
+        // The route variable: label_values(metric, label).
+        for var in dashboard["templating"]["list"].as_array().unwrap() {
+            let Some(def) = var["definition"].as_str() else {
+                continue;
+            };
+            let inner = def
+                .strip_prefix("label_values(")
+                .and_then(|s| s.strip_suffix(')'))
+                .unwrap_or_else(|| panic!("unknown variable query {def}"));
+            let (metric, label) = inner.split_once(", ").expect("label_values(metric, label)");
+            let r = prom.query(metric).await.unwrap_or_default();
+            if !r.iter().any(|s| s["metric"][label] == "web") {
+                failures.push(format!("variable {def}: no route web"));
+            }
         }
-    }
+        if failures.is_empty() || Instant::now() > deadline {
+            break failures;
+        }
+    };
     load.stop().await;
     assert!(
         failures.is_empty(),

@@ -1,12 +1,14 @@
 //! The fleet's admin endpoints and the command gate.
 //!
 //! - `GET /api/v1/fleet`: this member's view (leader, connection, applied revision,
-//!   config error, members); answered from memory, so it works while etcd is down.
+//!   config error, members); answered from memory, so it works while etcd is down,
+//!   plus each other member's applied revision, asked of that member as it answers.
 //! - `GET /api/v1/fleet/sample`: this member's cumulative counters, for the leader.
 //! - The [`CommandGate`]: commands run here when this member leads, and are answered
 //!   once etcd took their writes; a follower forwards them to the leader; with no
 //!   leader reachable only `abort` acts, locally.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -21,28 +23,32 @@ use serde_json::{json, Value};
 
 use crate::node::{local_sample, Shared};
 
-/// What `GET /api/v1/fleet` answers.
-pub fn status(sh: &Shared) -> Value {
+/// What `GET /api/v1/fleet` answers; `peers`: the other members' applied revisions as
+/// they answered just now (`Err`: why not), see [`crate::forward::applied_revisions`].
+pub fn status(sh: &Shared, peers: &BTreeMap<String, Result<i64, String>>) -> Value {
     let m = sh.mirror();
     let leader = m.leader(&sh.keys).map(|(l, _)| l);
-    let peers = sh.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let leading = sh.leading.load(Relaxed);
     let members: Vec<Value> = m
         .members(&sh.keys)
         .into_iter()
         .map(|(name, info)| {
-            let applied = if name == sh.member {
-                Some(sh.applied_rev.load(Relaxed))
-            } else if leading {
-                peers.get(&name).copied()
+            let (applied, error) = if name == sh.member {
+                (Some(sh.applied_rev.load(Relaxed)), None)
             } else {
-                None
+                match peers.get(&name) {
+                    Some(Ok(rev)) => (Some(*rev), None),
+                    Some(Err(e)) => (None, Some(e.clone())),
+                    // Listed since the member answered: it joined meanwhile.
+                    None => (None, Some("not asked yet".to_string())),
+                }
             };
             json!({
                 "member": name,
                 "admin": info.admin,
                 "boot_id": info.boot_id,
                 "applied_revision": applied,
+                "error": error,
                 "leader": leader.as_ref().is_some_and(|l| l.member == name),
             })
         })
@@ -78,7 +84,10 @@ pub fn router(sh: Arc<Shared>) -> Router {
     Router::new()
         .route(
             "/api/v1/fleet",
-            get(|State(sh): State<Arc<Shared>>| async move { Json(status(&sh)) }),
+            get(|State(sh): State<Arc<Shared>>| async move {
+                let peers = crate::forward::applied_revisions(&sh).await;
+                Json(status(&sh, &peers))
+            }),
         )
         .route(
             "/api/v1/fleet/sample",

@@ -1,5 +1,6 @@
-//! HTTP between members: a follower hands a command to the leader's admin API, and
-//! the leader pulls every member's counters (`/api/v1/fleet/sample`).
+//! HTTP between members: a follower hands a command to the leader's admin API, the
+//! leader pulls every member's counters (`/api/v1/fleet/sample`), and any member asks
+//! the others for their applied revisions when `/api/v1/fleet` is read.
 //!
 //! A command is forwarded rather than queued in etcd so the caller gets the leader's
 //! real answer (the new status, or the 409 of a refused promote) in one round trip.
@@ -100,8 +101,9 @@ pub(crate) async fn send(
     }
 }
 
-/// The leader's pull of every other member's counters (one second per member at most).
-pub(crate) async fn scrape(sh: std::sync::Arc<Shared>) {
+/// Every other member's `/api/v1/fleet/sample`, asked in parallel with `timeout`
+/// each: `Err` says why a member did not answer with its own sample.
+async fn samples(sh: &Shared, timeout: Duration) -> Vec<(String, Result<Sample, String>)> {
     let members = sh.mirror().members(&sh.keys);
     let mut tasks = tokio::task::JoinSet::new();
     for (name, info) in members {
@@ -111,30 +113,52 @@ pub(crate) async fn scrape(sh: std::sync::Arc<Shared>) {
         let http = sh.http.clone();
         tasks.spawn(async move {
             let url = format!("{}/api/v1/fleet/sample", info.admin.trim_end_matches('/'));
-            let got = call(
-                &http,
-                Method::GET,
-                &url,
-                None,
-                None,
-                Duration::from_millis(150),
-            )
-            .await;
+            let got = match call(&http, Method::GET, &url, None, None, timeout).await {
+                Ok((200, v)) => match serde_json::from_value::<Sample>(v) {
+                    Ok(s) if s.member == name => Ok(s),
+                    Ok(s) => Err(format!("{url} answers as member {:?}", s.member)),
+                    Err(e) => Err(format!("{url}: {e}")),
+                },
+                Ok((code, _)) => Err(format!("{url}: HTTP {code}")),
+                Err(e) => Err(e),
+            };
             (name, got)
         });
     }
-    while let Some(Ok((name, got))) = tasks.join_next().await {
-        match got.map(|(code, v)| (code, serde_json::from_value::<Sample>(v))) {
-            Ok((200, Ok(s))) if s.member == name => {
-                sh.evidence.record(&s);
-                sh.peers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(name, s.applied_revision);
-            }
-            _ => {
+    let mut out = Vec::new();
+    while let Some(Ok(answer)) = tasks.join_next().await {
+        out.push(answer);
+    }
+    out
+}
+
+/// The leader's pull of every other member's counters (150 ms per member at most).
+pub(crate) async fn scrape(sh: std::sync::Arc<Shared>) {
+    for (_, got) in samples(&sh, Duration::from_millis(150)).await {
+        match got {
+            Ok(s) => sh.evidence.record(&s),
+            Err(_) => {
                 sh.metrics.scrape_failures.fetch_add(1, Relaxed);
             }
         }
     }
+}
+
+/// How long `/api/v1/fleet` waits for one member's answer: a frozen or unreachable
+/// member costs a status read this much, never more (the members are asked together).
+const PEER_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Every other member's applied revision, asked now (in parallel, [`PEER_TIMEOUT`]
+/// each): `Err` says why a member did not answer.
+///
+/// Asked rather than published: a member that wrote its applied revision to etcd would
+/// create a revision that every member applies, and then publishes again.
+pub(crate) async fn applied_revisions(
+    sh: &Shared,
+) -> std::collections::BTreeMap<String, Result<i64, String>> {
+    samples(sh, PEER_TIMEOUT)
+        .await
+        .into_iter()
+        .map(|(name, got)| (name, got.map(|s| s.applied_revision)))
+        .collect()
 }

@@ -104,8 +104,6 @@ pub struct Shared {
     pending_breakers: Mutex<Vec<(String, BreakerReport)>>,
     pub metrics: Metrics,
     pub evidence: Arc<Aggregator>,
-    /// Applied revisions of the other members, from the leader's scrapes.
-    pub peers: Mutex<BTreeMap<String, i64>>,
     controller: OnceLock<Arc<Controller>>,
     pub(crate) http: crate::forward::Http,
 }
@@ -127,6 +125,13 @@ fn entry(kv: &KeyValue) -> (String, Entry) {
 
 /// Journal entries kept per route in etcd; older ones are deleted by the leader.
 pub(crate) const JOURNAL_KEEP: u64 = 10_000;
+
+/// The largest etcd answer a member decodes: a reload reads the whole prefix in one
+/// answer, and a watch that catches up sends up to 1000 revisions in one. gRPC's
+/// default of 4 MB is less than one route's full journal can take (10 000 events of
+/// half a kilobyte and more), and a member that cannot decode its snapshot can never
+/// reload again.
+const MAX_MESSAGE: usize = 256 << 20;
 
 /// How long one etcd request may take before it counts as failed.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
@@ -177,7 +182,6 @@ impl Shared {
             pending_breakers: Mutex::new(Vec::new()),
             metrics: Metrics::default(),
             evidence: Arc::new(Aggregator::default()),
-            peers: Mutex::new(BTreeMap::new()),
             controller: OnceLock::new(),
             http: crate::forward::http(),
         }
@@ -652,7 +656,7 @@ pub(crate) async fn watch_loop(sh: Arc<Shared>, first: tokio::sync::watch::Sende
             }
             Err(e) => {
                 if sh.connected.swap(false, Relaxed) || reason == "start" {
-                    tracing::warn!(error = %e, "fleet: etcd unreachable; serving the last config");
+                    tracing::warn!(error = %e, "fleet: cannot read from etcd; serving the last config");
                 }
                 reason = "reconnect";
             }
@@ -673,10 +677,17 @@ async fn sync_once(
     reason: &'static str,
     first: &tokio::sync::watch::Sender<bool>,
 ) -> Result<&'static str, String> {
-    let mut c = sh.client.clone();
-    let resp = timed(c.get(sh.keys.range(), Some(GetOptions::new().with_prefix()))).await?;
+    let c = sh.client.clone();
+    let mut kv = c.kv_client().max_decoding_message_size(MAX_MESSAGE);
+    let resp = timed(kv.get(sh.keys.range(), Some(GetOptions::new().with_prefix()))).await?;
     let rev = resp.header().map_or(0, |h| h.revision());
-    let reason = if rev < sh.mirror().revision {
+    let had = sh.mirror().revision;
+    let reason = if rev < had {
+        tracing::warn!(
+            had,
+            now = rev,
+            "fleet: etcd's revision went backwards (wiped or restored): full reload"
+        );
         "revision_back"
     } else {
         reason
@@ -693,7 +704,8 @@ async fn sync_once(
         .with_prefix()
         .with_start_revision(rev + 1)
         .with_progress_notify();
-    let stream = timed(c.watch(sh.keys.range(), Some(opts))).await?;
+    let mut watch = c.watch_client().max_decoding_message_size(MAX_MESSAGE);
+    let stream = timed(watch.watch(sh.keys.range(), Some(opts))).await?;
     let (mut requests, mut responses) = stream.split();
     let mut last = rev;
     let mut progress = tokio::time::interval(Duration::from_secs(1));
@@ -713,13 +725,25 @@ async fn sync_once(
                     return Err("the watch stream ended".into());
                 };
                 last_msg = Instant::now();
-                if resp.canceled() {
-                    return Ok(if resp.compact_revision() > 0 { "compacted" } else { "canceled" });
-                }
-                let hrev = resp.header().map_or(last, |h| h.revision());
-                if hrev < last {
-                    return Ok("revision_back");
-                }
+                sh.last_event_ms.store(wall_ms(), Relaxed);
+                let answer = Answer {
+                    canceled: resp.canceled(),
+                    created: resp.created(),
+                    compact_revision: resp.compact_revision(),
+                    watch_id: resp.watch_id(),
+                    events: resp.events().len(),
+                    revision: resp.header().map(|h| h.revision()),
+                };
+                let hrev = match answer.meaning(last) {
+                    Meaning::Alive => continue,
+                    Meaning::Reload(why) => {
+                        if why == "revision_back" {
+                            tracing::warn!(had = last, ?answer, "fleet: a watch answer's revision went backwards");
+                        }
+                        return Ok(why);
+                    }
+                    Meaning::Apply(rev) => rev,
+                };
                 let mut changed = Vec::new();
                 {
                     let mut m = sh.mirror();
@@ -738,12 +762,62 @@ async fn sync_once(
                 }
                 last = hrev;
                 sh.applied_rev.store(hrev, Relaxed);
-                sh.last_event_ms.store(wall_ms(), Relaxed);
                 if !changed.is_empty() {
                     sh.on_changes(changed, true);
                 }
             }
         }
+    }
+}
+
+/// One watch answer, as far as the watch loop looks at it.
+#[derive(Clone, Copy, Debug)]
+struct Answer {
+    canceled: bool,
+    /// The answer that confirms the watch: its revision is the store's at that moment,
+    /// not what the watch has delivered.
+    created: bool,
+    compact_revision: i64,
+    /// -1: the answer to a progress request (not tied to one watch).
+    watch_id: i64,
+    events: usize,
+    /// The header's revision.
+    revision: Option<i64>,
+}
+
+/// What the watch loop does with an [`Answer`].
+#[derive(Debug, PartialEq, Eq)]
+enum Meaning {
+    /// Proof the stream lives, nothing to apply.
+    Alive,
+    /// Apply the answer's events; the member has then seen the store up to this revision.
+    Apply(i64),
+    /// Give up the stream and read the whole prefix again, for this reason.
+    Reload(&'static str),
+}
+
+impl Answer {
+    /// `last`: the revision this member has applied so far.
+    fn meaning(&self, last: i64) -> Meaning {
+        if self.canceled {
+            return Meaning::Reload(if self.compact_revision > 0 {
+                "compacted"
+            } else {
+                "canceled"
+            });
+        }
+        // etcd 3.4 answers a progress request at once with its current revision, ahead
+        // of events still queued for a stream that fell behind (etcd-io/etcd#15220, fixed
+        // after 3.4.23). Taken as applied, it made a member that woke from a freeze claim
+        // a revision it had not applied, and then see its next event as going backwards.
+        if (self.watch_id == -1 || self.created) && self.events == 0 {
+            return Meaning::Alive;
+        }
+        let rev = self.revision.unwrap_or(last);
+        if rev < last {
+            return Meaning::Reload("revision_back");
+        }
+        Meaning::Apply(rev)
     }
 }
 
@@ -1027,5 +1101,54 @@ pub fn local_sample(sh: &Shared) -> Sample {
         boot_id: sh.boot_id.clone(),
         applied_revision: sh.applied_rev.load(Relaxed),
         routes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(watch_id: i64, events: usize, revision: i64) -> Answer {
+        Answer {
+            canceled: false,
+            created: false,
+            compact_revision: 0,
+            watch_id,
+            events,
+            revision: Some(revision),
+        }
+    }
+
+    #[test]
+    fn a_progress_answer_ahead_of_queued_events_is_not_an_applied_revision() {
+        // The member applied up to 17 and froze; etcd queued events 18..166 for it. On
+        // waking it asks for progress and etcd 3.4 answers 167 before those events.
+        assert_eq!(answer(-1, 0, 167).meaning(17), Meaning::Alive);
+        assert_eq!(answer(0, 1, 18).meaning(17), Meaning::Apply(18));
+        assert_eq!(answer(0, 2, 167).meaning(18), Meaning::Apply(167));
+    }
+
+    #[test]
+    fn a_watch_answer_that_goes_back_or_is_canceled_reloads() {
+        assert_eq!(answer(0, 1, 5).meaning(9), Meaning::Reload("revision_back"));
+        let compacted = Answer {
+            canceled: true,
+            compact_revision: 40,
+            ..answer(0, 0, 0)
+        };
+        assert_eq!(compacted.meaning(9), Meaning::Reload("compacted"));
+        let canceled = Answer {
+            compact_revision: 0,
+            ..compacted
+        };
+        assert_eq!(canceled.meaning(9), Meaning::Reload("canceled"));
+        // A watch created at 12 after a snapshot at 9: events 10..12 are still to come.
+        let created = Answer {
+            created: true,
+            ..answer(0, 0, 12)
+        };
+        assert_eq!(created.meaning(9), Meaning::Alive);
+        // etcd's own progress notice on a watch that is in sync: the store is at 14.
+        assert_eq!(answer(0, 0, 14).meaning(12), Meaning::Apply(14));
     }
 }

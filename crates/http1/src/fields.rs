@@ -64,7 +64,16 @@ impl RawFields {
     /// `httparse` checked them with the rules `http` has; one `http` refused anyway
     /// would be left out.
     pub fn to_map(&self) -> HeaderMap {
-        let mut map = self.raw.to_map();
+        self.to_map_with_room(0)
+    }
+
+    /// [`to_map`](Self::to_map), with room for `more` fields the caller adds after
+    /// (a map that grows moves every entry: ~1.2 k instructions of an HTTP/2 answer).
+    pub fn to_map_with_room(&self, more: usize) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(
+            self.raw.fields.places().len() + usize::from(self.length.is_some()) + more,
+        );
+        self.raw.append_to(&mut map);
         if let Some(n) = self.length {
             map.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
@@ -171,6 +180,12 @@ impl RawHead {
     /// side of the client); a field `http` refuses is left out.
     pub fn to_map(&self) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.fields.places().len());
+        self.append_to(&mut map);
+        map
+    }
+
+    /// Appends the fields to `map`; a field `http` refuses is left out.
+    fn append_to(&self, map: &mut HeaderMap) {
         for p in self.fields.places() {
             match (
                 HeaderName::from_bytes(&self.head[p.name()]),
@@ -182,7 +197,6 @@ impl RawHead {
                 _ => tracing::debug!("a field the http crate refuses was left out"),
             }
         }
-        map
     }
 }
 

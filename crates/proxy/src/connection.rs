@@ -23,13 +23,16 @@
 //! head (the slow-header guard and the keep-alive idle timeout), and pipelined
 //! requests answered in order.
 //!
-//! An idle keep-alive connection holds no read or write buffer (issue 16: they were
-//! 9 of the ~11 KiB an idle connection cost, against nginx's ~0.6 KiB): once it has
-//! waited [`IDLE_RELEASE`] for its next request with nothing read, both are dropped,
-//! and they are allocated again only when the socket is readable. The release rides
-//! on the connection's one timer, which a busy connection re-arms about once per
-//! [`IDLE_RELEASE`], so a connection under load neither allocates per request nor
-//! moves its timer per request.
+//! An idle keep-alive connection is *parked* (issue 16: an idle connection cost ~11 KiB,
+//! then 6.7 KiB with its buffers given back, against nginx's ~0.6 KiB): once it has
+//! waited [`IDLE_RELEASE`] for its next request with nothing read, its task ends —
+//! dropping the read and write buffers and the task's whole state, which is sized for
+//! a request in flight — and a small task of its own ([`Parked`]) waits for the socket
+//! to be readable, the keep-alive deadline or the stop, then starts a serving task
+//! again. The park rides on the connection's one timer, which a busy connection
+//! re-arms about once per [`IDLE_RELEASE`], so a connection under load neither
+//! allocates per request nor moves its timer per request; only an idle spell costs a
+//! task spawn.
 
 use std::future::{poll_fn, Future as _};
 use std::io;
@@ -46,7 +49,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 
 use crate::body::ProxyBody;
@@ -54,18 +57,20 @@ use crate::request::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
 use crate::timers::{InFlight, Kind, SendTimed, Tracked, TIMEOUTS};
 use crate::tls::ListenerTls;
+use crate::woken::Woken;
 use canary_http1::fields::{RawFields, RawHead};
 use canary_http1::server::{parse, write_response, Message, Parsed, Rewound};
 use canary_http1::{fill, poll_until, IDLE_TIMER, READ_CHUNK};
 
 /// How long a connection waits for its next request, with nothing of it read, before
-/// it gives back its read and write buffers. Long against the gap between requests of
-/// a busy keep-alive connection (so one under load keeps its buffers, and its timer
-/// goes off only 4 times a second), short against a keep-alive timeout. Short also
-/// because the allocator keeps freed memory: what counts is how many connections hold
-/// buffers at once, and a burst of new connections that each send one request held
-/// this long's worth of them (the bench's `idle` scenario: 7.4 KiB per idle
-/// connection with 1 s, 6.3 with 250 ms; docs/performance.md).
+/// it is parked (its serving task and buffers dropped). Long against the gap between
+/// requests of a busy keep-alive connection (so one under load never parks, and its
+/// timer goes off only 4 times a second), short against a keep-alive timeout. Short
+/// also because the allocator keeps freed memory: what counts is how many connections
+/// hold a serving task at once, and a burst of new connections that each send one
+/// request held this long's worth of them (the bench's `idle` scenario, when this only
+/// released the buffers: 7.4 KiB per idle connection with 1 s, 6.3 with 250 ms;
+/// docs/performance.md).
 pub(crate) const IDLE_RELEASE: Duration = Duration::from_millis(250);
 
 /// Room reserved for a response head.
@@ -111,14 +116,98 @@ fn request(p: &Parsed, raw: Box<RawHead>) -> Option<Request<ClientBody>> {
     Some(req)
 }
 
-/// Serves one client connection until it closes, `stop` turns true (after the
-/// response in progress), or a request is handed to hyper (which then serves it).
-pub(crate) async fn serve(
-    mut io: TcpStream,
+/// Where a serving task starts: a new connection, or one woken from [`Parked`].
+#[derive(Clone, Copy)]
+pub(crate) struct Resume {
+    /// Whether a request has been served on the connection: from then on it is
+    /// HTTP/1.1.
+    served: bool,
+    /// When the wait for the next request head ends; `None`: `header_timeout` from now.
+    deadline: Option<Instant>,
+}
+
+impl Resume {
+    pub(crate) const NEW: Resume = Resume {
+        served: false,
+        deadline: None,
+    };
+}
+
+/// Serves a plain-TCP client connection in a task of its own, parked in a small task
+/// while it is idle (see the module docs). `permit` is the connection's slot under
+/// `limits.max_connections`, held until it closes.
+pub(crate) fn spawn(
+    io: TcpStream,
     conn: Arc<ConnInfo>,
     settings: Arc<Settings>,
     stop: watch::Receiver<bool>,
+    permit: OwnedSemaphorePermit,
+    resume: Resume,
 ) {
+    tokio::spawn(async move {
+        if let Some(parked) = serve(io, conn, &settings, stop, resume).await {
+            tokio::spawn(parked.wait(settings, permit));
+        }
+    });
+}
+
+/// An idle keep-alive connection between two requests: what it needs to be served
+/// again, and nothing sized for a request.
+pub(crate) struct Parked {
+    io: TcpStream,
+    conn: Arc<ConnInfo>,
+    stop: watch::Receiver<bool>,
+    resume: Resume,
+}
+
+impl Parked {
+    /// Waits for the next request's first bytes (then serves it in a new task), the
+    /// keep-alive deadline or the stop (then closes).
+    async fn wait(self, settings: Arc<Settings>, permit: OwnedSemaphorePermit) {
+        let Parked {
+            io,
+            conn,
+            mut stop,
+            resume,
+        } = self;
+        let deadline = resume
+            .deadline
+            .unwrap_or_else(|| Instant::now() + settings.header_timeout);
+        // `poll_read_ready`, not `readable()`: it takes the socket's reader slot, which
+        // still holds the serving task's waker, and so drops that waker; kept, it would
+        // keep the ended serving task's memory (~4.8 KiB) alive as long as the park.
+        let readable = tokio::select! {
+            biased;
+            r = poll_fn(|cx| io.poll_read_ready(cx)) => r.is_ok(),
+            () = tokio::time::sleep_until(deadline) => false,
+            _ = stop.wait_for(|s| *s) => false,
+        };
+        if readable {
+            #[cfg(test)]
+            tests::count(&tests::REFILLED);
+            spawn(io, conn, settings, stop, permit, resume);
+        }
+    }
+}
+
+/// What a wait for the next bytes of a request head ended with.
+enum Waited {
+    Read,
+    Closed,
+    /// Idle for [`IDLE_RELEASE`] with nothing read: park the connection.
+    Idle,
+}
+
+/// Serves one client connection until it closes, `stop` turns true (after the
+/// response in progress), or a request is handed to hyper (which then serves it).
+/// Answers the connection to park when it has been idle for [`IDLE_RELEASE`].
+async fn serve(
+    mut io: TcpStream,
+    conn: Arc<ConnInfo>,
+    settings: &Settings,
+    stop: watch::Receiver<bool>,
+    resume: Resume,
+) -> Option<Parked> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(OUT_CHUNK);
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(IDLE_TIMER));
@@ -127,12 +216,14 @@ pub(crate) async fn serve(
     let stopping = stopped(stop.clone());
     tokio::pin!(stopping);
     let mut armed = false;
-    // Whether a request has been served here: from then on the connection is HTTP/1.1.
-    let mut served = false;
+    let mut served = resume.served;
+    let mut resumed_deadline = resume.deadline;
     loop {
         // The next request head.
         let now = Instant::now();
-        let deadline = now + settings.header_timeout;
+        let deadline = resumed_deadline
+            .take()
+            .unwrap_or(now + settings.header_timeout);
         let release_at = now + IDLE_RELEASE;
         // Made here, not when a head's first bytes are in (which would spare an idle
         // connection these ~320 bytes): made later it cost ~190 instructions per
@@ -152,24 +243,19 @@ pub(crate) async fn serve(
                         // Boxed: hyper's connection future is the largest state
                         // here, and unboxed it would be part of every connection's
                         // task, idle ones included.
-                        let handed = hand_over(io, buf, conn, (&settings, hyper), stop);
-                        return Box::pin(handed).await;
+                        let handed = hand_over(io, buf, conn, (settings, hyper), stop);
+                        Box::pin(handed).await;
+                        return None;
                     }
                 }
             }
             let mut woken = false;
             let waited = poll_fn(|cx| {
-                // Released buffers come back only once there is something to read
-                // (`fill` would reserve a read buffer before asking).
-                let idle = buf.capacity() == 0 && io.poll_read_ready(cx).is_pending();
-                if !idle {
-                    #[cfg(test)]
-                    if buf.capacity() == 0 {
-                        tests::count(&tests::REFILLED);
-                    }
-                    if let Poll::Ready(r) = fill(Pin::new(&mut io), &mut buf, cx) {
-                        return Poll::Ready(r.ok().filter(|&n| n > 0).is_some());
-                    }
+                if let Poll::Ready(r) = fill(Pin::new(&mut io), &mut buf, cx) {
+                    return Poll::Ready(match r {
+                        Ok(n) if n > 0 => Waited::Read,
+                        _ => Waited::Closed,
+                    });
                 }
                 // The timer and the stop were polled with this task's waker at an
                 // earlier wait and are unchanged since (the timer is only ever moved
@@ -177,13 +263,14 @@ pub(crate) async fn serve(
                 // that starts polls them only if they may have gone off unseen (the
                 // task was polled for other reasons since); once woken, it polls all.
                 let stop_seen = !matches!(stop.has_changed(), Ok(false));
-                let releasable = buf.is_empty() && buf.capacity() > 0 && release_at < deadline;
-                // A timer moved on past `release_at` (by an earlier release) is polled
-                // to bring it back, or this wait would never release.
-                let early = releasable && timer.deadline() > release_at;
+                let parkable = buf.is_empty() && release_at < deadline;
+                // A timer moved on past `release_at` (it went off at the deadline of
+                // an earlier wait) is polled to bring it back, or this wait would
+                // never park.
+                let early = parkable && timer.deadline() > release_at;
                 if woken || !armed || timer.is_elapsed() || stop_seen || early {
-                    if releasable && poll_until(&mut timer, release_at, cx).is_ready() {
-                        release(&mut buf, &mut out);
+                    if parkable && poll_until(&mut timer, release_at, cx).is_ready() {
+                        return Poll::Ready(Waited::Idle);
                     }
                     if poll_until(&mut timer, deadline, cx).is_ready() {
                         if !buf.is_empty() {
@@ -191,24 +278,39 @@ pub(crate) async fn serve(
                             // connection closing is no timeout).
                             TIMEOUTS.record(Kind::Header);
                         }
-                        return Poll::Ready(false);
+                        return Poll::Ready(Waited::Closed);
                     }
                     if buf.is_empty() && stopping.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(false);
+                        return Poll::Ready(Waited::Closed);
                     }
                     armed = true;
                 }
                 woken = true;
                 Poll::Pending
             });
-            if !waited.await {
-                return;
+            match waited.await {
+                Waited::Read => {}
+                Waited::Closed => return None,
+                Waited::Idle => {
+                    #[cfg(test)]
+                    tests::count(&tests::RELEASED);
+                    let resume = Resume {
+                        served,
+                        deadline: Some(deadline),
+                    };
+                    return Some(Parked {
+                        io,
+                        conn,
+                        stop,
+                        resume,
+                    });
+                }
             }
         };
         parsed.split_head(&mut buf, &mut raw);
         let Some(req) = request(&parsed, raw) else {
             let _ = io.write_all(BAD_REQUEST).await;
-            return;
+            return None;
         };
         let is_head = parsed.method == Method::HEAD;
         let version = parsed.version;
@@ -223,15 +325,15 @@ pub(crate) async fn serve(
                     r = &mut handling => break r,
                     r = io.readable(), if buf.len() < settings.max_head => {
                         if r.is_err() {
-                            return;
+                            return None;
                         }
                         buf.reserve(READ_CHUNK);
                         match io.try_read_buf(&mut buf) {
                             // Gone: dropping `handling` records the abort.
-                            Ok(0) => return,
+                            Ok(0) => return None,
                             Ok(_) => {}
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                            Err(_) => return,
+                            Err(_) => return None,
                         }
                     }
                 }
@@ -258,10 +360,6 @@ pub(crate) async fn serve(
             }
         };
         served = true;
-        if out.capacity() == 0 {
-            // Released while idle: one allocation rather than several as it grows.
-            out.reserve(OUT_CHUNK);
-        }
         let mut timed = SendTimed::new(&mut io, settings.send_timeout);
         let written = write_response(&mut timed, &mut out, msg, added, body).await;
         drop(resp);
@@ -269,18 +367,10 @@ pub(crate) async fn serve(
             Ok(true) => {}
             Ok(false) | Err(_) => {
                 let _ = io.shutdown().await;
-                return;
+                return None;
             }
         }
     }
-}
-
-/// Gives back an idle connection's buffers (both empty: nothing is lost).
-fn release(buf: &mut BytesMut, out: &mut Vec<u8>) {
-    #[cfg(test)]
-    tests::count(&tests::RELEASED);
-    *buf = BytesMut::new();
-    *out = Vec::new();
 }
 
 const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad request\n";
@@ -338,12 +428,16 @@ async fn hand_over(
             let proxy = proxy.clone();
             let conn = conn.clone();
             let guard = in_flight.enter();
-            async move {
+            // Boxed: hyper's HTTP/2 server moves each stream's future into a
+            // `H2Stream` and that into a spawned task, and the handler's future is
+            // large; unboxed, the copies of it were ~3 k instructions of an HTTP/2
+            // request (`memcpy`; docs/performance.md).
+            Box::pin(async move {
                 let req = req.map(|b| ClientBody::hyper(b, body_timeout));
                 let resp = proxy.handle(req, &conn).await;
                 let resp = with_fields_in_map(*resp).map(|b| Tracked::new(b, guard));
                 Ok::<_, std::convert::Infallible>(resp)
-            }
+            })
         }
     });
     let io = SendTimed::new(io, settings.send_timeout);
@@ -353,13 +447,20 @@ async fn hand_over(
         ($conn:expr) => {{
             let conn = $conn;
             tokio::pin!(conn);
+            // The two waits are polled only when they woke the task (`woken`), not
+            // at each of the connection's wake-ups.
+            let stopping = stopped(stop);
+            tokio::pin!(stopping);
+            let idle = in_flight.idle_for(settings.http2_idle_timeout);
+            tokio::pin!(idle);
             let r = tokio::select! {
+                biased;
                 r = conn.as_mut() => r,
-                () = stopped(stop) => {
+                () = Woken::new(stopping.as_mut()) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
-                () = in_flight.idle_for(settings.http2_idle_timeout) => {
+                () = Woken::new(idle.as_mut()) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -381,7 +482,21 @@ fn with_fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let Some(fields) = resp.body_mut().take_fields() else {
         return resp;
     };
-    let mut map = fields.to_map();
+    // One more than is added here: hyper's HTTP/2 server then asks for
+    // `entry(DATE)`, which reserves a slot even when the field is there, and a
+    // full map would grow again (~1.7 k instructions per request, callgrind).
+    let more = resp.body().added().count() + resp.headers().len() + 1;
+    let mut map = fields.to_map_with_room(more);
+    if fields.has_date {
+        // Never indexed in HTTP/2's header compression, as nginx sends it: a new
+        // value every second, and h2's encoder compares each request's `Date` with
+        // every one still in the connection's table (up to ~60 on a connection
+        // open a minute: ~2 k instructions per answer, against ~300 to send it
+        // whole; docs/performance.md).
+        if let Some(date) = map.get_mut(http::header::DATE) {
+            date.set_sensitive(true);
+        }
+    }
     for field in resp.body().added() {
         map.append(field.name().clone(), field.value());
     }
@@ -407,9 +522,9 @@ mod tests {
     // Per thread: a current-thread test runtime runs the connection tasks on the
     // test's own thread, so tests running in parallel do not see each other's counts.
     thread_local! {
-        /// Buffers given back by an idle connection.
+        /// Connections parked while idle (their buffers and serving task dropped).
         pub(super) static RELEASED: Cell<u32> = const { Cell::new(0) };
-        /// Buffers taken again by a connection that had given them back.
+        /// Parked connections woken by their next request.
         pub(super) static REFILLED: Cell<u32> = const { Cell::new(0) };
     }
 
@@ -452,7 +567,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_idle_keep_alive_connection_gives_back_its_buffers_until_readable() {
+    async fn an_idle_keep_alive_connection_is_parked_until_readable() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let proxy = Arc::new(Proxy::new());
@@ -482,6 +597,36 @@ mod tests {
         assert_eq!(counts(), (2, 1));
         exchange(&mut client).await;
         assert_eq!(counts(), (2, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_connection_still_closes_at_the_keep_alive_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let proxy = Arc::new(Proxy::new());
+        let timeout = Duration::from_millis(proxy.snapshot().limits.header_timeout_ms);
+        tokio::spawn(crate::server::serve(
+            proxy,
+            listener,
+            std::future::pending(),
+        ));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        exchange(&mut client).await;
+        // Parked, and still open just before the timeout, which counts from the end
+        // of the answer (not from the park)...
+        tokio::time::sleep(timeout - Duration::from_millis(100)).await;
+        assert_eq!(counts(), (1, 0));
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(50), client.read(&mut byte)).await;
+        assert!(
+            read.is_err(),
+            "closed before the keep-alive timeout: {read:?}"
+        );
+        // ...and closed at it, without being woken.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0))), "still open: {read:?}");
+        assert_eq!(counts(), (1, 0));
     }
 
     #[test]

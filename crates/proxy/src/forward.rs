@@ -176,7 +176,7 @@ impl Proxy {
         };
         // Who sees this request fail, should it: one client alone must not be able to
         // trip the breaker or eject an instance (see `witness`).
-        let client = LazyClient::new(conn.peer.ip(), key);
+        let client = LazyClient::at(conn.client_addr, key);
         let mut resp = forward(
             req,
             conn,

@@ -131,8 +131,15 @@ impl AddedField {
         match self {
             AddedField::Value(_, v) => v.clone(),
             AddedField::StickyCookie { prefix, id, secure } => {
-                let mut v = Vec::with_capacity(128);
+                // Exactly as long as the value: `Bytes` takes a full `Vec` as it is,
+                // and any other in a second allocation.
+                let len = prefix.len()
+                    + id.len()
+                    + STICKY_COOKIE_ATTRIBUTES.len()
+                    + if *secure { SECURE_ATTRIBUTE.len() } else { 0 };
+                let mut v = Vec::with_capacity(len);
                 write_cookie(&mut v, prefix, id, *secure);
+                debug_assert_eq!(v.len(), v.capacity());
                 HeaderValue::from_maybe_shared(Bytes::from(v))
                     .expect("a checked cookie name, hex digits and fixed attributes")
             }

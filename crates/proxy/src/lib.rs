@@ -36,6 +36,8 @@
 //! - [`metrics`], [`expo`]: lock-free counters and their Prometheus text encoding.
 //! - [`timers`]: the timers on waits a slow peer could make endless (body, send,
 //!   upstream idle, HTTP/2 idle), counted by kind.
+//! - `woken`: a wait polled only after it woke its task (a connection's stop and
+//!   idle waits beside hyper's connection).
 
 pub mod body;
 mod connection;
@@ -53,6 +55,7 @@ pub mod timers;
 pub mod tls;
 mod upstream;
 pub mod witness;
+mod woken;
 mod worker;
 
 pub use body::ProxyBody;

@@ -22,6 +22,7 @@ use canary_http1::fields::RawHead;
 use canary_http1::BoxError;
 
 use crate::timers::{Kind, Stall};
+use crate::witness::ClientId;
 
 use crate::headers::upgrade_allowed;
 
@@ -32,6 +33,9 @@ pub struct ConnInfo {
     pub peer_header: HeaderValue,
     /// The connection is TLS (`X-Forwarded-Proto: https`, `Secure` sticky cookies).
     pub tls: bool,
+    /// The peer's address as the failure record tells clients apart
+    /// ([`ClientId::address`]).
+    pub client_addr: u64,
 }
 
 impl ConnInfo {
@@ -43,6 +47,7 @@ impl ConnInfo {
             peer,
             peer_header,
             tls: false,
+            client_addr: ClientId::address(peer.ip()),
         }
     }
 
@@ -103,11 +108,14 @@ impl BodyProgress {
 
 impl ClientBody {
     /// A body hyper reads, with `idle` as the longest wait between two frames.
+    /// A body that has already ended (a `GET`'s, `HEADERS` with `END_STREAM` on
+    /// HTTP/2) is `Empty`: the same framing upstream, without two allocations per
+    /// request (the box and the progress flag, ~400 instructions).
     pub fn hyper(inner: Incoming, idle: Duration) -> ClientBody {
-        let progress = BodyProgress::default();
         if inner.is_end_stream() {
-            progress.0.store(BODY_COMPLETE, Relaxed);
+            return ClientBody::Empty;
         }
+        let progress = BodyProgress::default();
         ClientBody::Hyper(Box::new(HyperBody {
             inner,
             stall: Stall::new(idle, Kind::Body),
@@ -602,5 +610,49 @@ mod tests {
         ] {
             assert_eq!(host_name(bad.as_bytes()), None, "{bad}");
         }
+    }
+
+    /// What `ClientBody::hyper` makes of the bodies hyper hands over: a `GET`'s, ended
+    /// at its head, is `Empty` (no box, timer or progress flag); a `POST`'s with bytes
+    /// to come stays hyper's and reads them.
+    #[tokio::test]
+    async fn an_ended_body_is_empty_and_one_with_bytes_is_read() {
+        use http_body_util::BodyExt as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let (server, mut client) = tokio::io::duplex(4096);
+        let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+            let body = ClientBody::hyper(req.into_body(), Duration::from_secs(10));
+            let kind = match &body {
+                ClientBody::Empty => "empty",
+                ClientBody::Hyper(_) => "hyper",
+                ClientBody::Read(_) => "read",
+            };
+            let bytes = body.collect().await.unwrap().to_bytes();
+            let text = format!("{kind}:{}", String::from_utf8_lossy(&bytes));
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                Bytes::from(text),
+            )))
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(server), service);
+        let served = tokio::spawn(conn);
+        client
+            .write_all(
+                b"GET / HTTP/1.1\r\nhost: x\r\n\r\n\
+                  POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc\
+                  POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        served.await.unwrap().unwrap();
+        let bodies: Vec<&str> = got
+            .split("HTTP/1.1 200 OK")
+            .skip(1)
+            .map(|a| a.rsplit("\r\n\r\n").next().unwrap())
+            .collect();
+        assert_eq!(bodies, ["empty:", "hyper:abc", "empty:"], "{got}");
     }
 }

@@ -21,7 +21,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::connection::{self, Settings};
+use crate::connection::{self, Resume, Settings};
 use crate::request::ConnInfo;
 use crate::snapshot::Proxy;
 use crate::tls::ListenerTls;
@@ -86,8 +86,12 @@ pub async fn serve_with(
     // client's errors (MadeYouReset, CVE-2025-8671) are bounded per connection; over
     // either the connection gets GOAWAY (ENHANCE_YOUR_CALM). A header block over
     // `limits.max_header_bytes`, also when it arrives as a flood of CONTINUATION
-    // frames, ends the stream (h2 counts the block as it arrives). Pings find dead
-    // peers: no answer within 20 s closes the connection.
+    // frames, ends the stream (h2 counts the block as it arrives, and answers more
+    // CONTINUATION frames than such a block needs with GOAWAY). Floods of empty or
+    // tiny DATA frames are h2's own (since 0.4.16: over 100 empty DATA frames without
+    // END_STREAM on a connection, or a budget of small ones, get GOAWAY); both are
+    // tested in `tests/abuse.rs`. Pings find dead peers: no answer within 20 s closes
+    // the connection.
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -144,10 +148,7 @@ pub async fn serve_with(
         match &tls {
             None => {
                 let conn_info = Arc::new(ConnInfo::new(peer));
-                tokio::spawn(async move {
-                    connection::serve(stream, conn_info, settings, stop).await;
-                    drop(permit);
-                });
+                connection::spawn(stream, conn_info, settings, stop, permit, Resume::NEW);
             }
             Some(tls) => {
                 let tls = tls.clone();

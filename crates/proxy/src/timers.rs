@@ -22,7 +22,9 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,7 +32,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 /// Which wait timed out.
@@ -324,10 +325,31 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendTimed<S> {
 }
 
 /// Requests in flight on one connection, and a wait for a stretch without any.
-#[derive(Default)]
+///
+/// Why a clock reading and not a wake-up per request: the wait used to be woken (a
+/// `Notify`) whenever the count changed, and armed a fresh timer each time the count
+/// fell to zero: two wake-ups of the connection's task and a timer-wheel insert and
+/// removal for every request (~1.3 k instructions of an HTTP/2 request;
+/// docs/performance.md). Now the last request to finish notes the time, and the wait's
+/// one timer, when it goes off, either finds the connection idle long enough or is
+/// moved to the earliest moment it could be: about one wake-up per idle period,
+/// whatever the request rate.
 pub struct InFlight {
     count: AtomicUsize,
-    changed: Notify,
+    /// When the count last fell to zero (or the connection began), in nanoseconds
+    /// since `start`.
+    idle_since: AtomicU64,
+    start: Instant,
+}
+
+impl Default for InFlight {
+    fn default() -> InFlight {
+        InFlight {
+            count: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
 }
 
 /// One request in flight; dropped when its answer has been sent (or abandoned).
@@ -335,39 +357,40 @@ pub struct InFlightGuard(Arc<InFlight>);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Relaxed) == 1 {
-            self.0.changed.notify_waiters();
-        }
+        // Noted before the count falls, so a wait that sees no request in flight
+        // also sees when the last one ended (the latest, if two end at once).
+        let now = u64::try_from(self.0.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0.idle_since.fetch_max(now, Relaxed);
+        self.0.count.fetch_sub(1, Release);
     }
 }
 
 impl InFlight {
     pub fn enter(self: &Arc<Self>) -> InFlightGuard {
         self.count.fetch_add(1, Relaxed);
-        self.changed.notify_waiters();
         InFlightGuard(self.clone())
     }
 
     /// Resolves once no request has been in flight for `idle` (then counted as an
     /// [`Kind::Http2Idle`] timeout).
     pub async fn idle_for(&self, idle: Duration) {
+        let timer = tokio::time::sleep(idle);
+        tokio::pin!(timer);
         loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.count.load(Relaxed) == 0 {
-                tokio::select! {
-                    () = tokio::time::sleep(idle) => {
-                        if self.count.load(Relaxed) == 0 {
-                            TIMEOUTS.record(Kind::Http2Idle);
-                            return;
-                        }
-                    }
-                    () = &mut changed => {}
+            (&mut timer).await;
+            let now = Instant::now();
+            let next = if self.count.load(Acquire) == 0 {
+                let since = self.start + Duration::from_nanos(self.idle_since.load(Relaxed));
+                if now >= since + idle {
+                    TIMEOUTS.record(Kind::Http2Idle);
+                    return;
                 }
+                since + idle
             } else {
-                changed.await;
-            }
+                // Not idle before the requests in flight end, and then not for `idle`.
+                now + idle
+            };
+            timer.as_mut().reset(next);
         }
     }
 }
@@ -538,5 +561,30 @@ mod tests {
         drop(g);
         let took = waited.await.unwrap();
         assert!(took >= Duration::from_secs(40), "{took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_counts_from_the_end_of_the_last_request() {
+        let f = Arc::new(InFlight::default());
+        let start = Instant::now();
+        let waited = tokio::spawn({
+            let f = f.clone();
+            async move {
+                f.idle_for(Duration::from_secs(10)).await;
+                start.elapsed()
+            }
+        });
+        // Two short requests, the second ending at 7 s: idle from then on.
+        for at in [3, 6] {
+            tokio::time::sleep_until(start + Duration::from_secs(at)).await;
+            let g = f.enter();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(g);
+        }
+        let took = waited.await.unwrap();
+        assert!(
+            took >= Duration::from_secs(17) && took < Duration::from_secs(18),
+            "{took:?}"
+        );
     }
 }

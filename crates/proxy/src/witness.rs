@@ -34,11 +34,22 @@ pub struct ClientId {
 impl ClientId {
     /// The client at `ip` with sticky key (or generated id) `key`.
     pub fn new(ip: IpAddr, key: Option<&[u8]>) -> ClientId {
-        let addr = match ip.to_canonical() {
+        ClientId::at(ClientId::address(ip), key)
+    }
+
+    /// The hash of a client's address, made once per connection (`ConnInfo`) rather
+    /// than per request: a keyed hash is ~450 instructions.
+    pub fn address(ip: IpAddr) -> u64 {
+        match ip.to_canonical() {
             IpAddr::V4(v4) => hash(&[4], &v4.octets()),
             // The /64: one host is usually given a whole /64 and can use any address in it.
             IpAddr::V6(v6) => hash(&[6], &v6.octets()[..8]),
-        };
+        }
+    }
+
+    /// The client whose address hashed to `addr` ([`address`](Self::address)), with
+    /// sticky key (or generated id) `key`.
+    pub fn at(addr: u64, key: Option<&[u8]>) -> ClientId {
         ClientId {
             addr,
             key: key.map_or(addr, |k| hash(&[0], k)),
@@ -47,20 +58,27 @@ impl ClientId {
 }
 
 /// The makings of a request's [`ClientId`], kept until a failure asks for it: the
-/// address and a copy of the key. Hashing both is two keyed SipHashes, ~490
-/// instructions (~4% of a proxied request, docs/performance.md), and most requests
-/// never fail; copying a key of up to [`INLINE_KEY`] bytes is a few dozen. A longer
-/// key is hashed at once.
+/// address (or its hash, made once per connection: [`ClientId::address`]) and a copy
+/// of the key. A keyed SipHash is ~230 instructions, and most requests never fail;
+/// copying a key of up to [`INLINE_KEY`] bytes is a few dozen. A longer key is hashed
+/// at once.
 #[derive(Clone, Copy, Debug)]
 pub struct LazyClient {
-    /// `None`: unknown (see [`ClientId::without_address`]).
-    ip: Option<IpAddr>,
+    addr: LazyAddr,
     key: LazyKey,
 }
 
 /// Keys up to this long are copied rather than hashed on the request path (a UUID,
 /// a generated id, most user ids).
 pub const INLINE_KEY: usize = 48;
+
+#[derive(Clone, Copy, Debug)]
+enum LazyAddr {
+    Hashed(u64),
+    Ip(IpAddr),
+    /// Unknown (see [`ClientId::without_address`]).
+    Unknown,
+}
 
 #[derive(Clone, Copy, Debug)]
 enum LazyKey {
@@ -74,7 +92,16 @@ impl LazyClient {
     #[inline]
     pub fn new(ip: IpAddr, key: Option<&[u8]>) -> LazyClient {
         LazyClient {
-            ip: Some(ip),
+            addr: LazyAddr::Ip(ip),
+            key: LazyKey::of(key),
+        }
+    }
+
+    /// The client whose address hashed to `addr`; see [`ClientId::at`].
+    #[inline]
+    pub fn at(addr: u64, key: Option<&[u8]>) -> LazyClient {
+        LazyClient {
+            addr: LazyAddr::Hashed(addr),
             key: LazyKey::of(key),
         }
     }
@@ -83,31 +110,29 @@ impl LazyClient {
     #[inline]
     pub fn without_address(key: Option<&[u8]>) -> LazyClient {
         LazyClient {
-            ip: None,
+            addr: LazyAddr::Unknown,
             key: LazyKey::of(key),
         }
     }
 
-    /// The fingerprint, equal to `ClientId::new` (or `ClientId::without_address`) of
-    /// the same address and key.
+    /// The fingerprint, equal to the `ClientId` of the same address and key.
     pub fn id(&self) -> ClientId {
         let key = match &self.key {
             LazyKey::None => None,
             LazyKey::Inline { len, bytes } => Some(hash(&[0], &bytes[..usize::from(*len)])),
             LazyKey::Hashed(h) => Some(*h),
         };
-        match self.ip {
-            Some(ip) => {
-                let id = ClientId::new(ip, None);
-                ClientId {
-                    key: key.unwrap_or(id.addr),
-                    ..id
-                }
-            }
-            None => {
+        let addr = match self.addr {
+            LazyAddr::Hashed(h) => h,
+            LazyAddr::Ip(ip) => ClientId::address(ip),
+            LazyAddr::Unknown => {
                 let key = key.unwrap_or(0);
-                ClientId { addr: key, key }
+                return ClientId { addr: key, key };
             }
+        };
+        ClientId {
+            addr,
+            key: key.unwrap_or(addr),
         }
     }
 }
@@ -306,6 +331,11 @@ mod tests {
             ] {
                 assert_eq!(
                     LazyClient::new(ip, key).id(),
+                    ClientId::new(ip, key),
+                    "{ip} {key:?}"
+                );
+                assert_eq!(
+                    LazyClient::at(ClientId::address(ip), key).id(),
                     ClientId::new(ip, key),
                     "{ip} {key:?}"
                 );

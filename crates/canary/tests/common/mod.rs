@@ -96,6 +96,8 @@ struct UpState {
 /// - `…/ws`: a WebSocket echo server;
 /// - `…/bytes/N`: `N` bytes of [`pattern_body`] with a `Content-Length`;
 /// - `…/sink`: reads the whole request body, then answers with its length;
+/// - `…/sum`: reads the request body as it comes, then answers `<length> <FNV-1a>`
+///   (see [`fnv1a`]; hex, 16 digits);
 /// - `/healthz`: 200, or 503 after `set_healthy(false)` (not counted in `requests`).
 ///
 /// Dropping it closes the listener and every open connection.
@@ -249,6 +251,22 @@ async fn serve_upstream(
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
+    if path.ends_with("/sum") {
+        let mut body = req.into_body();
+        let (mut len, mut hash) = (0usize, FNV_OFFSET);
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Some(d) = f.data_ref() {
+                        len += d.len();
+                        hash = fnv1a(hash, d);
+                    }
+                }
+                Err(e) => return Ok(text_response(400, format!("body: {e}\n"))),
+            }
+        }
+        return Ok(text_response(200, format!("{len} {hash:016x}\n")));
+    }
     if path.ends_with("/sink") {
         return Ok(match req.into_body().collect().await {
             Ok(b) => text_response(200, format!("{}\n", b.to_bytes().len())),
@@ -297,6 +315,18 @@ async fn serve_upstream(
     ))
 }
 
+/// FNV-1a's starting value: `fnv1a(FNV_OFFSET, bytes)` hashes `bytes`.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a (64 bit) of `bytes`, continued from `hash`: the checksum `…/sum` answers
+/// with, which a test computes over what it sent (a body cut, reordered or with a
+/// piece twice does not match).
+pub fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// `n` bytes of a repeating alphabet whose period (23) is prime to every buffer
 /// size, so a body cut, shifted or spliced anywhere never equals it.
 pub fn pattern_body(n: usize) -> String {
@@ -318,7 +348,8 @@ fn websocket_echo(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
         };
         let mut ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Long enough for a test that keeps a WebSocket open across its whole run.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await
             else {
