@@ -2787,6 +2787,14 @@ async fn metrics_pass_promtool_and_have_the_required_families() {
         ),
         40.0
     );
+    // Well-behaved upstreams send nothing unasked-for.
+    assert_eq!(
+        v(
+            "canary_upstream_unasked_bytes_total",
+            &[web, ("version", "v2")]
+        ),
+        0.0
+    );
     assert_eq!(
         v(
             "canary_requests_total",

@@ -12,6 +12,10 @@
 //! otherwise answers a next request correctly; that the upstream saw exactly the
 //! requests it should (none smuggled, none more than the client sent); and, over the
 //! whole run, that the strict upstream recorded no violation.
+//!
+//! HTTP/2 → HTTP/1.1: a second table ([`h2_cases`]) of requests written as raw frames
+//! with hand-made HPACK (`common::h2raw`), malformed as RFC 9113 §8 defines it, each
+//! of which must be refused before it reaches the HTTP/1.1 upstream.
 
 mod common;
 
@@ -1212,12 +1216,29 @@ async fn misframing_upstream() -> std::net::SocketAddr {
 /// front of [`misframing_upstream`]; returns the answers that were not the request's
 /// own (a `502` would be fine).
 async fn misframing_load(kinds: &'static [&'static str]) -> Vec<String> {
+    let (c, _) = misframing_proxy().await;
+    misframing_clients(c.listen, kinds, None).await.0
+}
+
+/// `canary serve` (one worker) in front of a [`misframing_upstream`], and that
+/// upstream's address.
+async fn misframing_proxy() -> (Canary, std::net::SocketAddr) {
     let up = misframing_upstream().await;
     let c = Canary::start(&format!(
         "workers: 1\nroutes:\n  - name: m\n    stable: {{version: v1, upstreams: [\"{up}\"]}}\n"
     ))
     .await;
-    let listen = c.listen;
+    (c, up)
+}
+
+/// 4 clients × 150 keep-alive requests of `kinds` (in turn) to `listen`, each client
+/// stopping early at `until`; returns the answers that were not the request's own
+/// and how many were.
+async fn misframing_clients(
+    listen: std::net::SocketAddr,
+    kinds: &'static [&'static str],
+    until: Option<tokio::time::Instant>,
+) -> (Vec<String>, usize) {
     let mut clients = Vec::new();
     for client in 0..4 {
         clients.push(tokio::spawn(async move {
@@ -1225,6 +1246,9 @@ async fn misframing_load(kinds: &'static [&'static str]) -> Vec<String> {
             let mut s = TcpStream::connect(listen).await.unwrap();
             let mut buf = Vec::new();
             for n in 0..150 {
+                if until.is_some_and(|u| tokio::time::Instant::now() >= u) {
+                    break;
+                }
                 let target = format!("/{}/{client}/{n}", kinds[n % kinds.len()]);
                 let req = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
                 if s.write_all(req.as_bytes()).await.is_err() {
@@ -1257,8 +1281,8 @@ async fn misframing_load(kinds: &'static [&'static str]) -> Vec<String> {
         wrong.extend(w);
         ok += o;
     }
-    eprintln!("{ok} of 600 answered right, {} wrong", wrong.len());
-    wrong
+    eprintln!("{ok} answered right, {} wrong", wrong.len());
+    (wrong, ok)
 }
 
 /// Under load, an upstream that answers twice or sends more body than its length says
@@ -1275,19 +1299,342 @@ async fn a_misframing_upstream_never_answers_the_wrong_client_under_load() {
     );
 }
 
-/// KNOWN GAP, not fixed: a second answer that arrives a moment *after* the first (2 ms
-/// here) finds its connection already back in the idle list, or already carrying the
-/// next request, and is taken for that request's answer (about 1 in 5 answers in
-/// this test; HTTP/1.1 framing cannot tell them apart). nginx pools the same way. The
-/// fix to make: stop reusing an upstream's connections for a while once it has been
-/// seen to send unasked-for bytes. Run with `--ignored` to see it.
+/// Regression: a second answer that arrives a moment *after* the first (2 ms here)
+/// found its connection back in the idle list, or already carrying the next request,
+/// and was taken for that request's answer (about 1 in 5 answers in this load).
+/// HTTP/1.1 framing cannot tell the two apart once the next request is written, so
+/// the fix is in reuse (`canary_http1::reuse`): a connection taken from the idle list
+/// with bytes waiting is closed, bytes past a complete answer close theirs, and
+/// either holds the instance's connection reuse off (10 s, doubling while it goes
+/// on). Here the upstream is first caught at it on an idle connection (a late answer,
+/// then a pause, then a request that must get its own answer on a new connection);
+/// then, within the hold-off, the load gets every answer right, and the sighting is
+/// counted in `canary_upstream_unasked_bytes_total`. What stays possible, and is
+/// documented (docs/http1.md): the answers a late-answering upstream poisons *before*
+/// it is first caught, when the late bytes land on a connection already carrying a
+/// request (without the warm-up, 2–4 of this load's 600 answers: one per connection
+/// in flight at the first sighting).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap: a late second answer poisons the next request on its pooled connection"]
 async fn a_late_second_answer_poisons_the_next_request_on_its_pooled_connection() {
-    let wrong = misframing_load(&["plain", "late"]).await;
+    let (c, up) = misframing_proxy().await;
+    let mut s = TcpStream::connect(c.listen).await.unwrap();
+    let mut buf = Vec::new();
+    for (target, pause) in [("/late/w/0", 300), ("/plain/w/1", 0)] {
+        s.write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (a, _) = read_answer(&mut s, &mut buf, ANSWER_WAIT).await;
+        let a = a.expect("an answer");
+        assert_eq!(
+            (a.status, String::from_utf8_lossy(&a.body).into_owned()),
+            (200, target.to_string()),
+            "answer to {target}"
+        );
+        // The late answer lands while the connection is idle.
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    let up = up.to_string();
+    let labels = [("route", "m"), ("version", "v1"), ("upstream", up.as_str())];
+    let caught = common::metric_value(
+        &c.metrics().await,
+        "canary_upstream_unasked_bytes_total",
+        &labels,
+    );
+    assert_eq!(caught, Some(1.0), "the sighting is counted");
+    // Well within the 10 s hold-off, however slow the machine: the clients stop there.
+    let until = tokio::time::Instant::now() + Duration::from_secs(7);
+    let (wrong, ok) = misframing_clients(c.listen, &["plain", "late"], Some(until)).await;
     assert!(
         wrong.is_empty(),
         "answers to the wrong request:\n{}",
         wrong.join("\n")
     );
+    assert!(ok >= 40, "too few requests made it to test anything: {ok}");
+}
+
+/// What an HTTP/2 request written by hand must get.
+#[derive(Debug)]
+enum H2Expect {
+    /// Refused: RST_STREAM or GOAWAY with PROTOCOL_ERROR, or a `400`; and the
+    /// upstream saw no request at all.
+    Refused,
+    /// Answered `200`, the upstream saw exactly one request, and `check` holds for it.
+    Passed(fn(&common::strict::Seen)),
+    /// Well-formed, answered by the proxy itself with this status; the upstream saw
+    /// nothing.
+    Own(u16),
+}
+
+/// One request on stream 1: its header fields in order (pseudo-headers included, as
+/// written; `str` for readability, any byte but a non-UTF-8 one can be written), and
+/// DATA frames (the last one ends the stream; none: HEADERS ends it).
+struct H2Case {
+    name: &'static str,
+    fields: Vec<(String, String)>,
+    data: &'static [&'static str],
+    expect: H2Expect,
+}
+
+/// A request's fields: `pseudo` (`:method`, `:path`) and the usual `:scheme` and
+/// `:authority` first unless `pseudo` is the whole list, then `extra`.
+fn h2_fields(method: &str, path: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut f = vec![
+        (":method".to_string(), method.to_string()),
+        (":scheme".to_string(), "http".to_string()),
+        (":authority".to_string(), "x".to_string()),
+        (":path".to_string(), path.to_string()),
+    ];
+    f.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+    f
+}
+
+fn h2_cases() -> Vec<H2Case> {
+    use H2Expect::{Passed, Refused};
+    let get = |name: &'static str, extra: &[(&str, &str)], expect: H2Expect| H2Case {
+        name,
+        fields: h2_fields("GET", &format!("/h2/{name}"), extra),
+        data: &[],
+        expect,
+    };
+    let post = |name: &'static str,
+                extra: &[(&str, &str)],
+                data: &'static [&'static str],
+                expect: H2Expect| H2Case {
+        name,
+        fields: h2_fields("POST", &format!("/h2/{name}"), extra),
+        data,
+        expect,
+    };
+    // Fields exactly as listed: the pseudo-header cases.
+    let fields = |name: &'static str, fields: &[(&str, &str)]| H2Case {
+        name,
+        fields: fields
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect(),
+        data: &[],
+        expect: Refused,
+    };
+    let (m, s, a) = ((":method", "GET"), (":scheme", "http"), (":authority", "x"));
+    let long = "a".repeat(200);
+    vec![
+        // Controls: the hand-made frames are a request canary forwards, so a refusal
+        // below is the case's own doing. A 200-byte value checks the multi-byte
+        // HPACK length.
+        get(
+            "control-get",
+            &[("x-long", &long)],
+            Passed(|s| {
+                assert_eq!(s.method, "GET");
+                assert_eq!(s.values("x-long"), ["a".repeat(200)]);
+            }),
+        ),
+        post(
+            "control-post",
+            &[("content-length", "5")],
+            &["hel", "lo"],
+            Passed(|s| {
+                assert_eq!(s.body, b"hello");
+                assert_eq!(s.values("content-length"), ["5"]);
+            }),
+        ),
+        // A `content-length` that disagrees with the DATA (RFC 9113 §8.1.1).
+        post(
+            "cl-5-data-10",
+            &[("content-length", "5")],
+            &["helloworld"],
+            Refused,
+        ),
+        post(
+            "cl-10-data-5",
+            &[("content-length", "10")],
+            &["hello"],
+            Refused,
+        ),
+        post(
+            "cl-0-data-request",
+            &[("content-length", "0")],
+            &["GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"],
+            Refused,
+        ),
+        // Connection-specific fields (§8.2.2).
+        post(
+            "transfer-encoding",
+            &[("transfer-encoding", "chunked")],
+            &["5\r\nhello\r\n0\r\n\r\n"],
+            Refused,
+        ),
+        get(
+            "connection-keep-alive",
+            &[("connection", "keep-alive")],
+            Refused,
+        ),
+        get("keep-alive", &[("keep-alive", "timeout=5")], Refused),
+        get(
+            "proxy-connection",
+            &[("proxy-connection", "keep-alive")],
+            Refused,
+        ),
+        get("upgrade", &[("upgrade", "websocket")], Refused),
+        get("te-gzip", &[("te", "gzip")], Refused),
+        // Field names and values (§8.2.1).
+        get("uppercase-name", &[("X-Upper", "1")], Refused),
+        get("value-cr", &[("x-a", "a\rb")], Refused),
+        get("value-lf", &[("x-a", "a\nb")], Refused),
+        get(
+            "value-crlf-injection",
+            &[("x-a", "a\r\nx-injected: 1")],
+            Refused,
+        ),
+        get("value-nul", &[("x-a", "a\0b")], Refused),
+        get("name-space", &[("x a", "1")], Refused),
+        get("name-colon", &[("x:a", "1")], Refused),
+        get("name-empty", &[("", "1")], Refused),
+        // Pseudo-header fields (§8.3).
+        fields(
+            "pseudo-after-regular",
+            &[m, s, a, ("x-a", "1"), (":path", "/h2/pseudo-after-regular")],
+        ),
+        fields(
+            "path-twice",
+            &[
+                m,
+                s,
+                a,
+                (":path", "/h2/path-twice"),
+                (":path", "/h2/path-twice-2"),
+            ],
+        ),
+        fields("method-missing", &[s, a, (":path", "/h2/method-missing")]),
+        fields("path-missing", &[m, s, a]),
+        fields("path-empty", &[m, s, a, (":path", "")]),
+        fields("path-without-slash", &[m, s, a, (":path", "h2/x")]),
+        fields("path-asterisk-on-get", &[m, s, a, (":path", "*")]),
+        // Well-formed (§8.3.1), but no route matches `*`.
+        H2Case {
+            expect: H2Expect::Own(404),
+            ..fields(
+                "options-asterisk",
+                &[(":method", "OPTIONS"), s, a, (":path", "*")],
+            )
+        },
+        fields(
+            "unknown-pseudo",
+            &[m, s, a, (":path", "/h2/unknown-pseudo"), (":foo", "bar")],
+        ),
+        fields(
+            "response-pseudo-in-request",
+            &[
+                m,
+                s,
+                a,
+                (":path", "/h2/response-pseudo"),
+                (":status", "200"),
+            ],
+        ),
+        // What would be request-line or `Host` injection once written as HTTP/1.1.
+        fields(
+            "path-with-space",
+            &[
+                m,
+                s,
+                a,
+                (":path", "/h2/a HTTP/1.1\r\nHost: x\r\n\r\nGET /smuggled"),
+            ],
+        ),
+        fields(
+            "method-with-space",
+            &[
+                (":method", "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\nGET"),
+                s,
+                a,
+                (":path", "/h2/method-with-space"),
+            ],
+        ),
+        fields(
+            "authority-crlf",
+            &[
+                m,
+                s,
+                (":authority", "x\r\nx-injected: 1"),
+                (":path", "/h2/authority-crlf"),
+            ],
+        ),
+        // `host` and `:authority` disagree (§8.3.1): `:authority` wins, and the
+        // upstream gets one `Host`, that one.
+        get(
+            "host-vs-authority",
+            &[("host", "other.example")],
+            Passed(|s| {
+                assert_eq!(s.values("host"), ["x"]);
+                assert_eq!(s.values("x-forwarded-host"), ["x"]);
+            }),
+        ),
+    ]
+}
+
+/// Issue 15's HTTP/2 → HTTP/1.1 downgrade bullet, from raw frames: a request RFC 9113
+/// calls malformed gets a stream reset (or a connection error, or a `400`) and never
+/// reaches the HTTP/1.1 upstream; nothing the strict upstream would refuse reaches it.
+#[tokio::test]
+async fn malformed_h2_requests_are_refused_before_an_http1_upstream() {
+    use common::h2raw::{frame, Reply, DATA, END_HEADERS, END_STREAM, HEADERS, PROTOCOL_ERROR};
+    let up = StrictUpstream::start().await;
+    let c = Canary::start(&format!(
+        "routes:\n  - name: strict\n    stable: {{version: v1, upstreams: [\"{}\"]}}\n",
+        up.addr
+    ))
+    .await;
+    let mut failures = Vec::new();
+    for case in h2_cases() {
+        let fields: Vec<(&[u8], &[u8])> = case
+            .fields
+            .iter()
+            .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+            .collect();
+        let block = common::h2raw::hpack_literals(&fields);
+        let end = if case.data.is_empty() { END_STREAM } else { 0 };
+        let mut frames = frame(HEADERS, END_HEADERS | end, 1, &block);
+        for (i, d) in case.data.iter().enumerate() {
+            let last = i + 1 == case.data.len();
+            frames.extend(frame(
+                DATA,
+                if last { END_STREAM } else { 0 },
+                1,
+                d.as_bytes(),
+            ));
+        }
+        let before = up.seen().len();
+        let reply = common::h2raw::exchange(c.listen, &frames, ANSWER_WAIT).await;
+        let seen = up.seen()[before..].to_vec();
+        eprintln!("{}: {reply:?}, upstream saw {}", case.name, seen.len());
+        match case.expect {
+            H2Expect::Refused => {
+                let refused = matches!(
+                    reply,
+                    Reply::Reset(PROTOCOL_ERROR)
+                        | Reply::GoAway(PROTOCOL_ERROR)
+                        | Reply::Status(400)
+                );
+                if !refused || !seen.is_empty() {
+                    failures.push(format!("{}: {reply:?}, upstream saw {seen:?}", case.name));
+                }
+            }
+            H2Expect::Own(status) => {
+                if reply != Reply::Status(status) || !seen.is_empty() {
+                    failures.push(format!("{}: {reply:?}, upstream saw {seen:?}", case.name));
+                }
+            }
+            H2Expect::Passed(check) => {
+                if reply != Reply::Status(200) || seen.len() != 1 {
+                    failures.push(format!("{}: {reply:?}, upstream saw {seen:?}", case.name));
+                } else {
+                    check(&seen[0]);
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(up.violations().is_empty(), "{:?}", up.violations());
+    eprintln!("cut-off upstream requests: {}", up.aborted());
 }

@@ -387,11 +387,14 @@ impl<S: Io> Framed<S> {
     }
 
     /// The body has been read to its end: give the connection back when it can
-    /// carry another request (nothing read past the body).
+    /// carry another request. Bytes read past the body are unasked-for: the
+    /// connection is closed and the upstream's reuse held off ([`crate::reuse`]).
     fn finish(&mut self) {
         self.state = State::Done;
         if let Some(conn) = self.conn.take() {
-            if self.keep_alive && conn.rbuf.is_empty() {
+            if !conn.rbuf.is_empty() {
+                self.idle.unasked(conn);
+            } else if self.keep_alive {
                 self.idle.push(conn);
             }
         }

@@ -849,6 +849,108 @@ mod tests {
         assert_eq!(accepted.load(SeqCst), 3);
     }
 
+    /// An upstream that answers every request with `hello` and, to a target holding
+    /// `late`, sends a second, unasked-for answer `after` later.
+    async fn late_answering(after: Duration) -> (String, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while let Some(len) = request_len(&buf) {
+                            let req: Vec<u8> = buf.drain(..len).collect();
+                            if s.write_all(HELLO).await.is_err() {
+                                return;
+                            }
+                            if req.starts_with(b"GET /late") {
+                                tokio::time::sleep(after).await;
+                                let intruder =
+                                    b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nintruder";
+                                if s.write_all(intruder).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get_at(target: &str) -> Request<Empty<Bytes>> {
+        Request::get(target)
+            .header("host", "x")
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    /// Regression: a second answer that came a moment after the first, while its
+    /// connection waited in the idle list, was the next request's answer.
+    #[tokio::test]
+    async fn a_late_second_answer_on_an_idle_connection_closes_it_and_holds_reuse_off() {
+        let (addr, accepted) = late_answering(Duration::from_millis(20)).await;
+        let idle = Arc::new(Idle::default());
+        let resp = send_plain(&idle, &addr, get_at("/late")).await.unwrap();
+        assert_eq!(body(resp).await, "hello");
+        assert_eq!(idle.len(), 1);
+        assert!(!idle.reuse().held_off());
+        // The intruder lands while the connection is idle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let resp = send_plain(&idle, &addr, get()).await.unwrap();
+        assert_eq!(body(resp).await, "hello", "not the intruder");
+        assert_eq!(
+            accepted.load(SeqCst),
+            2,
+            "the poisoned connection was closed"
+        );
+        assert_eq!(idle.reuse().unasked_total(), 1);
+        assert!(idle.reuse().held_off());
+        // Held off: the connection just used was closed, not kept, and the next
+        // request gets a new one.
+        assert!(idle.is_empty());
+        let resp = send_plain(&idle, &addr, get()).await.unwrap();
+        assert_eq!(body(resp).await, "hello");
+        assert_eq!(accepted.load(SeqCst), 3);
+        assert!(idle.is_empty());
+    }
+
+    #[tokio::test]
+    async fn bytes_past_a_complete_response_close_the_connection_and_hold_reuse_off() {
+        let idle = Arc::new(Idle::default());
+        for answer in [
+            // A second answer right behind the first.
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx"[..],
+            // More body than the length says.
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA",
+            // A body to a 204.
+            b"HTTP/1.1 204 No Content\r\n\r\nbody",
+        ] {
+            let (addr, _, _) = scripted(answer, false, false).await;
+            let idle = Arc::new(Idle::default());
+            let resp = send_plain(&idle, &addr, get()).await.unwrap();
+            collect(resp).await;
+            assert!(idle.is_empty(), "{answer:?}");
+            assert_eq!(idle.reuse().unasked_total(), 1, "{answer:?}");
+            assert!(idle.reuse().held_off(), "{answer:?}");
+        }
+        // A clean answer holds nothing off.
+        let (addr, _, _) = scripted(HELLO, false, false).await;
+        collect(send_plain(&idle, &addr, get()).await.unwrap()).await;
+        assert_eq!(idle.len(), 1);
+        assert_eq!(idle.reuse().unasked_total(), 0);
+    }
+
     /// Regression: such a request got a 502 (`connection closed before message
     /// completed`), counted against the version, though the upstream never saw it.
     #[tokio::test]
@@ -1026,6 +1128,8 @@ mod tests {
             false,
         )
         .await;
+        // A list per upstream, as the proxy keeps them.
+        let idle = Arc::new(Idle::default());
         let head = || {
             Request::head("/")
                 .header("host", "x")

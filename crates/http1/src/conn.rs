@@ -7,7 +7,7 @@
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::client::SendError;
+use crate::reuse::{now_ms, Reuse};
 use crate::{fill, IDLE_TIMER, READ_CHUNK};
 
 /// Idle connections kept per list; more are closed when they come back.
@@ -46,8 +47,21 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn split(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>);
 
     /// Whether an idle connection can take a request: not closed by the peer and with
-    /// nothing unasked-for to read.
-    fn still_open(&self) -> bool;
+    /// nothing unasked-for to read. Asked without blocking, each time a connection is
+    /// taken from an idle list.
+    fn check_idle(&self) -> IdleCheck;
+}
+
+/// What [`Io::check_idle`] found on an idle connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdleCheck {
+    /// Nothing to read: it can take a request.
+    Quiet,
+    /// Closed or reset by the upstream (its keep-alive timeout, a restart).
+    Closed,
+    /// Bytes nobody asked for: a late second answer, or more body than the last
+    /// answer's framing said ([`crate::reuse`]).
+    Unasked,
 }
 
 impl Io for TcpStream {
@@ -58,17 +72,23 @@ impl Io for TcpStream {
         TcpStream::split(self)
     }
 
-    /// Asks the runtime's readiness first, so a healthy connection costs no system call.
-    fn still_open(&self) -> bool {
+    /// Asks the runtime's readiness first, so a connection whose readiness was
+    /// cleared costs no system call; otherwise one `recv` of at most one byte into
+    /// the stack (no allocation).
+    fn check_idle(&self) -> IdleCheck {
         let mut cx = Context::from_waker(Waker::noop());
         match self.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
+            Poll::Pending => IdleCheck::Quiet,
+            Poll::Ready(Err(_)) => IdleCheck::Closed,
             // Readable: the upstream closed it or sent bytes nobody asked for, or the
             // readiness is left over from the last response; a read tells which.
             Poll::Ready(Ok(())) => {
                 let mut byte = [0u8; 1];
-                matches!(self.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                match self.try_read(&mut byte) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => IdleCheck::Quiet,
+                    Ok(n) if n > 0 => IdleCheck::Unasked,
+                    _ => IdleCheck::Closed,
+                }
             }
         }
     }
@@ -115,21 +135,15 @@ impl<S: Io> Conn<S> {
     }
 }
 
-/// Milliseconds since this wing's first look at the clock: the idle lists' clock.
-fn now_ms() -> u64 {
-    static START: OnceLock<std::time::Instant> = OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-}
-
 /// One worker's idle connections to one upstream, most recently used last.
 pub struct IdleList<S> {
     // Only the owning worker's thread takes this lock (one list per worker), so it
     // is never contended; it exists because lists are shared through the caller's
     // snapshot.
     conns: Mutex<Vec<Idle<S>>>,
+    /// Whether this upstream's connections may be reused, shared with the other
+    /// workers' lists to it.
+    reuse: Arc<Reuse>,
 }
 
 struct Idle<S> {
@@ -137,11 +151,10 @@ struct Idle<S> {
     since_ms: u64,
 }
 
+/// A list with a [`Reuse`] of its own (one worker, or a test).
 impl<S> Default for IdleList<S> {
     fn default() -> Self {
-        IdleList {
-            conns: Mutex::new(Vec::new()),
-        }
+        IdleList::new(Arc::default())
     }
 }
 
@@ -154,6 +167,20 @@ impl<S> fmt::Debug for IdleList<S> {
 }
 
 impl<S> IdleList<S> {
+    /// An empty list whose upstream's reuse state is `reuse` (one for all the
+    /// workers' lists to the same upstream).
+    pub fn new(reuse: Arc<Reuse>) -> Self {
+        IdleList {
+            conns: Mutex::new(Vec::new()),
+            reuse,
+        }
+    }
+
+    /// The upstream's reuse state.
+    pub fn reuse(&self) -> &Reuse {
+        &self.reuse
+    }
+
     /// Idle connections held (for tests and debugging).
     pub fn len(&self) -> usize {
         self.conns.lock().map_or(0, |c| c.len())
@@ -165,20 +192,39 @@ impl<S> IdleList<S> {
 }
 
 impl<S: Io> IdleList<S> {
-    /// A connection ready for a request, if one is idle.
+    /// A connection ready for a request, if one is idle and the upstream's
+    /// connections may be reused. One with bytes waiting that nobody asked for is
+    /// closed, and starts a hold-off ([`crate::reuse`]).
     pub(crate) fn pop(&self) -> Option<Box<Conn<S>>> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(idle) = conns.pop() {
-            if idle.conn.io.still_open() {
-                return Some(idle.conn);
+        loop {
+            if self.reuse.held_off() {
+                // Idle ones too may be about to receive a late answer: close them.
+                conns.clear();
+                return None;
+            }
+            let idle = conns.pop()?;
+            match idle.conn.io.check_idle() {
+                IdleCheck::Quiet => return Some(idle.conn),
+                IdleCheck::Closed => {}
+                IdleCheck::Unasked => self.reuse.saw_unasked(),
             }
         }
-        None
     }
 
-    /// Puts a connection back once its exchange has finished.
+    /// Puts a connection back once its exchange has finished; closes it instead while
+    /// the upstream's connections are not to be reused.
     pub(crate) fn push(&self, conn: Box<Conn<S>>) {
+        if self.reuse.held_off() {
+            return;
+        }
         self.put_at(conn, now_ms());
+    }
+
+    /// The upstream sent bytes past a complete response on `conn`: it is closed.
+    pub(crate) fn unasked(&self, conn: Box<Conn<S>>) {
+        drop(conn);
+        self.reuse.saw_unasked();
     }
 
     pub(crate) fn put_at(&self, conn: Box<Conn<S>>, now: u64) {
@@ -190,7 +236,16 @@ impl<S: Io> IdleList<S> {
         // asking costs ~1.5% of a request).
         while conns.first().is_some_and(|c| {
             let idle_ms = now.saturating_sub(c.since_ms);
-            idle_ms > IDLE_TIMEOUT_MS || idle_ms >= REAP_CHECK_MS && !c.conn.io.still_open()
+            idle_ms > IDLE_TIMEOUT_MS
+                || idle_ms >= REAP_CHECK_MS
+                    && match c.conn.io.check_idle() {
+                        IdleCheck::Quiet => false,
+                        IdleCheck::Closed => true,
+                        IdleCheck::Unasked => {
+                            self.reuse.saw_unasked();
+                            true
+                        }
+                    }
         }) {
             conns.remove(0);
         }

@@ -18,6 +18,8 @@
 //! - [`body`]: body framing both ways: the chunked decoder ([`body::step`]), the one
 //!   chunked encoder, the request-body writer, the upstream response body.
 //! - [`conn`]: one upstream connection and a list of idle ones.
+//! - [`reuse`]: whether an upstream's connections may be reused: held off for a while
+//!   after it sent bytes nobody asked for.
 //! - [`client`]: one exchange with an upstream: the request head, the response head,
 //!   the keep-alive race rules.
 //! - [`server`]: the client side: the request-head reader and the response writer.
@@ -28,6 +30,7 @@ pub mod conn;
 pub mod fields;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod reuse;
 pub mod server;
 
 use std::error::Error as StdError;

@@ -29,12 +29,12 @@ use crate::http2::UpstreamBody;
 use crate::metrics::UpstreamError;
 use crate::pool::{Instance, Pool};
 use crate::request::{
-    is_upgrade, request_host, routable_path, target_bytes, unsupported_coding, BodyProgress,
-    ClientBody, ConnInfo, Facts, Host, RequestFields,
+    asterisk_form_ok, is_upgrade, request_host, routable_path, target_bytes, unsupported_coding,
+    BodyProgress, ClientBody, ConnInfo, Facts, Host, RequestFields,
 };
 use crate::snapshot::{Proxy, RouteEntry};
 use crate::upstream::{self, Outgoing, SendError};
-use crate::witness::{ClientId, Witness};
+use crate::witness::{LazyClient, Witness};
 use crate::worker::now_ms;
 use canary_http1::client::Extra;
 use canary_http1::fields::RawHead;
@@ -110,7 +110,7 @@ impl Proxy {
             Ok(h) => h,
             Err(why) => return error_response(StatusCode::BAD_REQUEST, why),
         };
-        if !routable_path(req.uri().path()) {
+        if !routable_path(req.uri().path()) || !asterisk_form_ok(req.method(), req.uri().path()) {
             return error_response(StatusCode::BAD_REQUEST, "invalid request path\n");
         }
         // Only hyper's requests can have a body, and so a transfer coding; the own
@@ -176,7 +176,7 @@ impl Proxy {
         };
         // Who sees this request fail, should it: one client alone must not be able to
         // trip the breaker or eject an instance (see `witness`).
-        let client = ClientId::at(conn.client_addr, key);
+        let client = LazyClient::at(conn.client_addr, key);
         let mut resp = forward(
             req,
             conn,
@@ -209,7 +209,7 @@ async fn forward(
     conn: &ConnInfo,
     host: Option<Bytes>,
     (entry, pool, target): (&RouteEntry, &Pool, Target),
-    client: ClientId,
+    client: LazyClient,
     filter: &'static ProxyFields,
 ) -> Box<Response<ProxyBody>> {
     let Some(instance) = pool.pick(now_ms()) else {
@@ -291,7 +291,7 @@ async fn forward(
             // A refused connection is no client's doing; a dropped one may be.
             let witness = match kind {
                 UpstreamError::Connect => Witness::Unreachable,
-                _ => Witness::Client(client),
+                _ => Witness::Client(client.id()),
             };
             instance.record_failure(&pool.ejection, now_ms(), witness);
             next
@@ -300,7 +300,7 @@ async fn forward(
     };
     let elapsed_us = started.elapsed().as_micros() as u64;
     outcome.done = true;
-    let mut witness = Witness::Client(client);
+    let mut unreachable = false;
     // The upstream failed while the client's body was still on its way (the upstream
     // gave up on a stalled upload, say): the client's doing, not the version's or the
     // instance's, or one client with a few stalled POSTs could trip the breaker or
@@ -350,7 +350,7 @@ async fn forward(
         Err(e) => {
             let kind = match e {
                 SendError::Connect(_) => {
-                    witness = Witness::Unreachable;
+                    unreachable = true;
                     UpstreamError::Connect
                 }
                 _ => UpstreamError::Protocol,
@@ -364,20 +364,26 @@ async fn forward(
         }
     };
     pool.stats.record(resp.status().as_u16(), elapsed_us);
+    // Who saw it fail, for a failure only (the client's fingerprint is hashed here).
+    let witness = match (failed, unreachable) {
+        (false, _) => None,
+        (true, true) => Some(Witness::Unreachable),
+        (true, false) => Some(Witness::Client(client.id())),
+    };
     // The breaker first: when the same failures also eject the last canary instance,
     // the trip is already recorded and the abort reports the breaker, not an
     // unhealthy pool.
     if target == Target::Canary {
-        if failed {
-            entry.runtime.canary_failure(witness);
-        } else {
-            entry.runtime.canary_success();
+        match witness {
+            Some(w) => entry.runtime.canary_failure(w),
+            None => entry.runtime.canary_success(),
         }
     }
-    if failed {
-        instance.record_failure(&pool.ejection, now_ms(), witness);
-    } else {
-        instance.record_success();
+    match witness {
+        Some(w) => {
+            instance.record_failure(&pool.ejection, now_ms(), w);
+        }
+        None => instance.record_success(),
     }
     match (resp.status(), client_upgrade) {
         (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) => {

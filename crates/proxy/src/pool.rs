@@ -30,6 +30,7 @@ use crate::witness::{Spread, Witness};
 use crate::worker::this_worker;
 use canary_http1::conn::IdleList;
 use canary_http1::fields::write_field;
+use canary_http1::reuse::Reuse;
 use hyper_rustls::HttpsConnector;
 
 /// The data plane's monotonic clock (the controller reads it from here).
@@ -69,7 +70,14 @@ impl Instance {
             addr: addr.to_string(),
             authority: addr.parse().ok()?,
             host_header: HeaderValue::from_str(addr).ok()?,
-            idle: (0..workers.max(1)).map(|_| Arc::default()).collect(),
+            idle: {
+                // One reuse state for every worker's list: an upstream seen sending
+                // unasked-for bytes on one worker is held off on all.
+                let reuse = Arc::new(Reuse::default());
+                (0..workers.max(1))
+                    .map(|_| Arc::new(IdleList::new(reuse.clone())))
+                    .collect()
+            },
             consecutive_failures: AtomicU32::new(0),
             spread: Spread::default(),
             ejected_until_ms: AtomicU64::new(0),
@@ -99,6 +107,13 @@ impl Instance {
 
     pub fn ejections_total(&self) -> u64 {
         self.ejections_total.load(Relaxed)
+    }
+
+    /// Times this instance sent bytes nobody asked for over HTTP/1.1 (a late or
+    /// second answer, more body than its framing said); each holds the reuse of its
+    /// connections off for a while (`canary_http1::reuse`).
+    pub fn unasked_bytes_total(&self) -> u64 {
+        self.idle[0].reuse().unasked_total()
     }
 
     pub fn check_healthy(&self) -> bool {

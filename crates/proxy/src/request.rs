@@ -453,6 +453,15 @@ pub(crate) fn unsupported_coding(req: &Request<ClientBody>) -> bool {
     }
 }
 
+/// Whether an asterisk-form target (`*`) comes with the one method it is for,
+/// `OPTIONS` (RFC 9112 §3.2.4; RFC 9113 §8.3.1 makes any other `:path` that does not
+/// start with `/` malformed). hyper and the `h2` crate pass `GET *` on; no route can
+/// match it (a path prefix starts with `/`), so it was a `404`, and is now the `400` a
+/// malformed request gets. `OPTIONS *` is well-formed and still matches no route.
+pub(crate) fn asterisk_form_ok(method: &http::Method, path: &str) -> bool {
+    path != "*" || method == http::Method::OPTIONS
+}
+
 /// Whether a request path is one the proxy routes as it is: no segment that is `.` or
 /// `..` (also spelled `%2e`), no empty segment (`//`), counting `\`, `%2f` and `%5c` as
 /// separators too, and no `%00`. A path with any of them would match a route by its
@@ -513,6 +522,16 @@ pub(crate) fn routable_path(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_asterisk_form_is_for_options_only() {
+        use http::Method;
+        assert!(asterisk_form_ok(&Method::OPTIONS, "*"));
+        assert!(!asterisk_form_ok(&Method::GET, "*"));
+        assert!(!asterisk_form_ok(&Method::POST, "*"));
+        assert!(asterisk_form_ok(&Method::GET, "/"));
+        assert!(asterisk_form_ok(&Method::GET, "/*"));
+    }
 
     /// Regression: `/api/../admin` matched an `/api` route by its raw prefix and reached
     /// its upstream, which resolved it to `/admin` (issue 15, G9).

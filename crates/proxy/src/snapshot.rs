@@ -232,40 +232,39 @@ impl Proxy {
             );
         }
         let now = now_ms();
-        e.family(
-            "canary_upstream_healthy",
-            "1 when an upstream instance can take requests (not ejected, passing health checks).",
-            Kind::Gauge,
-        );
-        let instances = pool_instances(&snap);
-        for (route, version, inst) in &instances {
-            let labels = [
-                ("route", *route),
-                ("version", *version),
-                ("upstream", inst.addr.as_str()),
-            ];
-            e.sample(
+        // The per-instance families: name, help, kind, and the sample.
+        type PerInstance = (&'static str, &'static str, Kind, fn(&Instance, u64) -> f64);
+        let per_instance: [PerInstance; 3] = [
+            (
                 "canary_upstream_healthy",
-                &labels,
-                u8::from(inst.available(now)),
-            );
-        }
-        e.family(
-            "canary_upstream_ejections_total",
-            "Times an upstream instance was ejected for consecutive failures.",
-            Kind::Counter,
-        );
-        for (route, version, inst) in &instances {
-            let labels = [
-                ("route", *route),
-                ("version", *version),
-                ("upstream", inst.addr.as_str()),
-            ];
-            e.sample(
+                "1 when an upstream instance can take requests (not ejected, passing health checks).",
+                Kind::Gauge,
+                |inst, now| f64::from(u8::from(inst.available(now))),
+            ),
+            (
                 "canary_upstream_ejections_total",
-                &labels,
-                inst.ejections_total() as f64,
-            );
+                "Times an upstream instance was ejected for consecutive failures.",
+                Kind::Counter,
+                |inst, _| inst.ejections_total() as f64,
+            ),
+            (
+                "canary_upstream_unasked_bytes_total",
+                "Times an HTTP/1.1 upstream instance sent bytes nobody asked for (a late or second answer, more body than its framing said); its connections are then not reused for a while.",
+                Kind::Counter,
+                |inst, _| inst.unasked_bytes_total() as f64,
+            ),
+        ];
+        let instances = pool_instances(&snap);
+        for (name, help, kind, sample) in per_instance {
+            e.family(name, help, kind);
+            for (route, version, inst) in &instances {
+                let labels = [
+                    ("route", *route),
+                    ("version", *version),
+                    ("upstream", inst.addr.as_str()),
+                ];
+                e.sample(name, &labels, sample(inst, now));
+            }
         }
         e.family(
             "canary_unrouted_requests_total",

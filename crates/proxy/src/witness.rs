@@ -13,7 +13,7 @@
 //!
 //! The record is a few lock-free slots per route and instance, written only on the
 //! failure path and cleared by the next success: nothing on the success path beyond
-//! one load.
+//! one load, and a copy of the key ([`LazyClient`]: the hashes are made on failure).
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
@@ -53,6 +53,104 @@ impl ClientId {
         ClientId {
             addr,
             key: key.map_or(addr, |k| hash(&[0], k)),
+        }
+    }
+}
+
+/// The makings of a request's [`ClientId`], kept until a failure asks for it: the
+/// address (or its hash, made once per connection: [`ClientId::address`]) and a copy
+/// of the key. A keyed SipHash is ~230 instructions, and most requests never fail;
+/// copying a key of up to [`INLINE_KEY`] bytes is a few dozen. A longer key is hashed
+/// at once.
+#[derive(Clone, Copy, Debug)]
+pub struct LazyClient {
+    addr: LazyAddr,
+    key: LazyKey,
+}
+
+/// Keys up to this long are copied rather than hashed on the request path (a UUID,
+/// a generated id, most user ids).
+pub const INLINE_KEY: usize = 48;
+
+#[derive(Clone, Copy, Debug)]
+enum LazyAddr {
+    Hashed(u64),
+    Ip(IpAddr),
+    /// Unknown (see [`ClientId::without_address`]).
+    Unknown,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum LazyKey {
+    None,
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Hashed(u64),
+}
+
+impl LazyClient {
+    /// The client at `ip` with sticky key (or generated id) `key`; see [`ClientId::new`].
+    #[inline]
+    pub fn new(ip: IpAddr, key: Option<&[u8]>) -> LazyClient {
+        LazyClient {
+            addr: LazyAddr::Ip(ip),
+            key: LazyKey::of(key),
+        }
+    }
+
+    /// The client whose address hashed to `addr`; see [`ClientId::at`].
+    #[inline]
+    pub fn at(addr: u64, key: Option<&[u8]>) -> LazyClient {
+        LazyClient {
+            addr: LazyAddr::Hashed(addr),
+            key: LazyKey::of(key),
+        }
+    }
+
+    /// A client whose address is unknown; see [`ClientId::without_address`].
+    #[inline]
+    pub fn without_address(key: Option<&[u8]>) -> LazyClient {
+        LazyClient {
+            addr: LazyAddr::Unknown,
+            key: LazyKey::of(key),
+        }
+    }
+
+    /// The fingerprint, equal to the `ClientId` of the same address and key.
+    pub fn id(&self) -> ClientId {
+        let key = match &self.key {
+            LazyKey::None => None,
+            LazyKey::Inline { len, bytes } => Some(hash(&[0], &bytes[..usize::from(*len)])),
+            LazyKey::Hashed(h) => Some(*h),
+        };
+        let addr = match self.addr {
+            LazyAddr::Hashed(h) => h,
+            LazyAddr::Ip(ip) => ClientId::address(ip),
+            LazyAddr::Unknown => {
+                let key = key.unwrap_or(0);
+                return ClientId { addr: key, key };
+            }
+        };
+        ClientId {
+            addr,
+            key: key.unwrap_or(addr),
+        }
+    }
+}
+
+impl LazyKey {
+    #[inline]
+    fn of(key: Option<&[u8]>) -> LazyKey {
+        match key {
+            None => LazyKey::None,
+            Some(k) if k.len() <= INLINE_KEY => {
+                let mut bytes = [0u8; INLINE_KEY];
+                bytes[..k.len()].copy_from_slice(k);
+                LazyKey::Inline {
+                    len: k.len() as u8,
+                    bytes,
+                }
+            }
+            Some(k) => LazyKey::Hashed(hash(&[0], k)),
         }
     }
 }
@@ -217,6 +315,42 @@ mod tests {
         assert!(Spread::enough(s.clients(), 16));
         s.clear();
         assert_eq!(s.clients(), Some(0));
+    }
+
+    #[test]
+    fn a_lazy_client_is_the_same_client() {
+        let long = "k".repeat(INLINE_KEY + 1);
+        for ip in ["192.0.2.1", "2001:db8::1", "::ffff:192.0.2.1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            for key in [
+                None,
+                Some(&b""[..]),
+                Some(b"user-1"),
+                Some(&[7u8; INLINE_KEY][..]),
+                Some(long.as_bytes()),
+            ] {
+                assert_eq!(
+                    LazyClient::new(ip, key).id(),
+                    ClientId::new(ip, key),
+                    "{ip} {key:?}"
+                );
+                assert_eq!(
+                    LazyClient::at(ClientId::address(ip), key).id(),
+                    ClientId::new(ip, key),
+                    "{ip} {key:?}"
+                );
+            }
+        }
+        for key in [None, Some(&b"user-1"[..]), Some(long.as_bytes())] {
+            assert_eq!(
+                LazyClient::without_address(key).id(),
+                ClientId::without_address(key)
+            );
+        }
+        assert_ne!(
+            LazyClient::new([192, 0, 2, 1].into(), Some(b"a")).id(),
+            LazyClient::new([192, 0, 2, 1].into(), Some(b"b")).id()
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use axum::extract::ConnectInfo;
 use bytes::{BufMut, BytesMut};
 use canary_core::sticky_id::{IdSource, COOKIE_ATTRIBUTES};
 use canary_core::Target;
-use canary_proxy::witness::{ClientId, Witness};
+use canary_proxy::witness::{LazyClient, Witness};
 use http::header::{HeaderName, HeaderValue, SET_COOKIE};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
@@ -158,8 +158,8 @@ where
         // when the application serves with `into_make_service_with_connect_info`, and
         // the sticky key. Without an address, only the key tells clients apart.
         let client = match req.extensions().get::<ConnectInfo<SocketAddr>>() {
-            Some(ConnectInfo(peer)) => ClientId::new(peer.ip(), key),
-            None => ClientId::without_address(key),
+            Some(ConnectInfo(peer)) => LazyClient::new(peer.ip(), key),
+            None => LazyClient::without_address(key),
         };
         let started = Instant::now();
         let kind = match target {
@@ -203,7 +203,7 @@ pin_project! {
         target: Target,
         started: Instant,
         generated: Option<[u8; 32]>,
-        client: ClientId,
+        client: LazyClient,
     }
 
     impl<FS, FC> PinnedDrop for ResponseFuture<FS, FC> {
@@ -249,7 +249,9 @@ where
         stats.record(status, elapsed_us);
         if *this.target == Target::Canary {
             if status >= 500 {
-                route.runtime.canary_failure(Witness::Client(*this.client));
+                route
+                    .runtime
+                    .canary_failure(Witness::Client(this.client.id()));
             } else {
                 route.runtime.canary_success();
             }

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod fault;
+pub mod h2raw;
 pub mod strict;
 
 use std::convert::Infallible;
