@@ -604,6 +604,10 @@ measure_tls() {  # measure_tls TARGET WORKERS REP: four HTTPS loads on one fresh
     bl busy 1 >"$d/busy-before"
     bl stat >"$d/stat0"
     bl cpu "$TGT_PID" >"$d/cpu0"
+    # The proxy's largest RSS during this load (summed over its processes).
+    echo 0 >"$d/rss-max"
+    python3 "$BL" sample "$TGT_PID" "$d/rss-max" $((DURATION + 40)) &
+    local sampler=$!
     rc=0
     case "$kind" in
       tls-h1)
@@ -625,6 +629,7 @@ measure_tls() {  # measure_tls TARGET WORKERS REP: four HTTPS loads on one fresh
         python3 -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):.3f}")' "$t0" "$(date +%s.%N)" >"$d/wall";;
     esac
     bl cpu "$TGT_PID" >"$d/cpu1"
+    kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
     echo "$rc" >"$d/load.rc"
     bl stat >"$d/stat1"
     bl xcollect "$kind" "$d" >>"$XRAW"

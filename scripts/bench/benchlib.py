@@ -477,6 +477,8 @@ def xcollect(kind, rundir):
                 flags.append(f"{s['resumed']} of {n} connections were resumed, not full handshakes")
         m["requests"] = n
         m["cpu_us_per_req"] = ticks / CLK_TCK / n * 1e6 if ticks is not None and n else None
+        if kind.startswith("tls-"):
+            m["rss_max_kb"] = _read(os.path.join(rundir, "rss-max"), int) or None
         if m["rps"] is None or rc not in (0, None):
             flags.append(f"load failed (exit {rc})")
         if (_read(os.path.join(rundir, "start-failed"), str)) is not None:
@@ -504,18 +506,22 @@ XSCEN = {
     "tls-h1": ("HTTPS keep-alive, HTTP/1.1 (wrk)", [
         ("rps", "req/s", 0, 1, "up"),
         ("cpu_us_per_req", "CPU µs/req", 1, 1, "down"),
+        ("rss_max_kb", "RSS max MiB", 1, 1 / 1024, "down"),
     ]),
     "tls-h2": ("HTTPS keep-alive, HTTP/2 (h2load)", [
         ("rps", "req/s", 0, 1, "up"),
         ("cpu_us_per_req", "CPU µs/req", 1, 1, "down"),
+        ("rss_max_kb", "RSS max MiB", 1, 1 / 1024, "down"),
     ]),
     "tls-new": ("New TLS 1.3 connections, full handshake (openssl s_time -new)", [
         ("rps", "conn/s", 0, 1, "up"),
         ("cpu_us_per_req", "CPU µs/conn", 1, 1, "down"),
+        ("rss_max_kb", "RSS max MiB", 1, 1 / 1024, "down"),
     ]),
     "tls-resume": ("New TLS 1.3 connections, resumed (openssl s_time -reuse)", [
         ("rps", "conn/s", 0, 1, "up"),
         ("cpu_us_per_req", "CPU µs/conn", 1, 1, "down"),
+        ("rss_max_kb", "RSS max MiB", 1, 1 / 1024, "down"),
         ("resumed", "resumed", 0, 1, None),
     ]),
 }
