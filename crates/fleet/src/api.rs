@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use crate::node::{local_sample, Shared};
 
 /// What `GET /api/v1/fleet` answers; `peers`: the other members' applied revisions as
-/// they answered just now (`Err`: why not), see [`crate::forward::applied_revisions`].
+/// they answered just now (`Err`: why not), see `forward::applied_revisions`.
 pub fn status(sh: &Shared, peers: &BTreeMap<String, Result<i64, String>>) -> Value {
     let m = sh.mirror();
     let leader = m.leader(&sh.keys).map(|(l, _)| l);
