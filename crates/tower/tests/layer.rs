@@ -13,6 +13,10 @@ use axum::Router;
 use canary_core::{RequestFacts, Route};
 use canary_tower::{Canary, Command, Phase, Rollout, RouteSpec, RuleMatch, Target, Weight};
 use http_body_util::BodyExt;
+
+#[path = "../../canary/tests/common/promtool.rs"]
+mod promtool;
+use promtool::promtool_check;
 use tower::ServiceExt;
 
 /// Time for the controller task to handle an event or a tick ("eventually" checks).
@@ -281,40 +285,6 @@ async fn raising_the_weight_never_moves_a_canary_user_to_stable() {
         }
     }
     assert!(was_canary.iter().all(|c| *c), "everyone on canary at 100%");
-}
-
-/// Checks the text with `promtool check metrics`, as Prometheus would parse it. Under
-/// `CI=true` a missing promtool fails the test.
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    match Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(mut child) => {
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(text.as_bytes())
-                .expect("write");
-            let out = child.wait_with_output().expect("promtool output");
-            assert!(
-                out.status.success(),
-                "promtool check metrics failed:\n{}{}\n--- metrics ---\n{text}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("promtool is required in CI (scripts/test.sh extracts prometheus): {e}")
-        }
-        Err(e) => eprintln!("note: promtool not found ({e}); skipping the promtool check"),
-    }
 }
 
 #[tokio::test]

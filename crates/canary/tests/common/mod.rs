@@ -9,7 +9,11 @@
 
 pub mod fault;
 pub mod h2raw;
+mod promtool;
 pub mod strict;
+
+#[allow(unused_imports)] // not every test crate checks metrics
+pub use promtool::promtool_check;
 
 use std::convert::Infallible;
 use std::fs::{File, OpenOptions};
@@ -459,39 +463,6 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
                 None
             }
         })
-}
-
-/// `promtool check metrics` on an exposition, as Prometheus would parse and lint it.
-/// Without promtool: a note, except under `CI=true`, where it is required.
-pub fn promtool_check(text: &str) {
-    use std::io::Write;
-    match Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(mut child) => {
-            child
-                .stdin
-                .take()
-                .expect("promtool stdin")
-                .write_all(text.as_bytes())
-                .expect("write to promtool");
-            let out = child.wait_with_output().expect("promtool output");
-            assert!(
-                out.status.success(),
-                "promtool check metrics failed:\n{}{}\n--- metrics ---\n{text}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("promtool is required in CI (apt-get install prometheus): {e}")
-        }
-        Err(e) => eprintln!("note: promtool not found ({e}); skipping the promtool check"),
-    }
 }
 
 /// Runs the `canary` binary with `args` (bounded: killed after 60 s).
