@@ -184,7 +184,7 @@ impl Parked {
         };
         if readable {
             #[cfg(test)]
-            tests::count(&tests::REFILLED);
+            tests::count(&tests::WOKEN);
             spawn(io, conn, settings, stop, permit, resume);
         }
     }
@@ -293,7 +293,7 @@ async fn serve(
                 Waited::Closed => return None,
                 Waited::Idle => {
                     #[cfg(test)]
-                    tests::count(&tests::RELEASED);
+                    tests::count(&tests::PARKED);
                     let resume = Resume {
                         served,
                         deadline: Some(deadline),
@@ -523,9 +523,9 @@ mod tests {
     // test's own thread, so tests running in parallel do not see each other's counts.
     thread_local! {
         /// Connections parked while idle (their buffers and serving task dropped).
-        pub(super) static RELEASED: Cell<u32> = const { Cell::new(0) };
+        pub(super) static PARKED: Cell<u32> = const { Cell::new(0) };
         /// Parked connections woken by their next request.
-        pub(super) static REFILLED: Cell<u32> = const { Cell::new(0) };
+        pub(super) static WOKEN: Cell<u32> = const { Cell::new(0) };
     }
 
     pub(super) fn count(counter: &'static LocalKey<Cell<u32>>) {
@@ -533,7 +533,7 @@ mod tests {
     }
 
     fn counts() -> (u32, u32) {
-        (RELEASED.with(Cell::get), REFILLED.with(Cell::get))
+        (PARKED.with(Cell::get), WOKEN.with(Cell::get))
     }
 
     /// Sends one request and reads its whole answer (a head and a
