@@ -87,6 +87,9 @@ impl Trigger {
     }
 }
 
+/// How long the events of one save are gathered before the file is read.
+const COALESCE: Duration = Duration::from_millis(150);
+
 /// Watches `path` (through the directories of the file and of every symlink on the
 /// way to it) and listens for SIGHUP; reloads on either. Runs until the task is
 /// dropped.
@@ -142,8 +145,20 @@ pub async fn watch(
             continue;
         }
         let mut hup = matches!(first, Trigger::Hup);
-        // Coalesce the burst of events one save produces.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Coalesce the burst of events one save produces (150 ms). A SIGHUP is an
+        // explicit ask and ends the wait at once: it reads the file as it is now, so
+        // reloads by signal are not limited to ~6 a second.
+        let window = tokio::time::sleep(COALESCE);
+        tokio::pin!(window);
+        while !hup {
+            tokio::select! {
+                () = &mut window => break,
+                t = rx.recv() => match t {
+                    Some(t) => hup |= matches!(t, Trigger::Hup),
+                    None => break,
+                },
+            }
+        }
         while let Ok(t) = rx.try_recv() {
             hup |= matches!(t, Trigger::Hup);
         }
