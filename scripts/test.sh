@@ -50,6 +50,7 @@ need() { command -v "$2" >/dev/null 2>&1 || install+=("$1"); }
 extract() { command -v "$2" >/dev/null 2>&1 || unpack+=("$1"); }
 
 need gcc cc              # the linker rustc calls
+need make make           # builds jemalloc (tikv-jemalloc-sys), the default allocator
 need procps kill         # tests stop the processes they start with kill(1)
 need chromium chromium   # the dashboard's browser test (crates/canary/tests/dashboard.rs)
 need chromium-driver chromedriver   # WebDriver for that test

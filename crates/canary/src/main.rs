@@ -20,11 +20,12 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-/// Optional (`--features mimalloc`): fewer instructions per request than glibc malloc,
-/// but a larger resident set; see docs/performance.md.
-#[cfg(feature = "mimalloc")]
+/// jemalloc (the default feature `jemalloc`): memory freed when connections go idle or
+/// close is given back to the system; its settings are built in from
+/// `.cargo/config.toml`; see docs/performance.md.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Canary releases in one binary: a reverse proxy in front of your stable and canary
 /// versions, and the controller that moves traffic between them.

@@ -27,12 +27,12 @@
 //! then 6.7 KiB with its buffers given back, against nginx's ~0.6 KiB): once it has
 //! waited [`IDLE_RELEASE`] for its next request with nothing read, its task ends —
 //! dropping the read and write buffers and the task's whole state, which is sized for
-//! a request in flight — and a small task of its own ([`Parked`]) waits for the socket
-//! to be readable, the keep-alive deadline or the stop, then starts a serving task
-//! again. The park rides on the connection's one timer, which a busy connection
-//! re-arms about once per [`IDLE_RELEASE`], so a connection under load neither
-//! allocates per request nor moves its timer per request; only an idle spell costs a
-//! task spawn.
+//! a request in flight — and the listener's lot (`crate::parking`), one task for all
+//! idle connections, holds the socket until it is readable (then a serving task starts
+//! again), its keep-alive deadline or the stop. The park rides on the connection's one
+//! timer, which a busy connection re-arms about once per [`IDLE_RELEASE`], so a
+//! connection under load neither allocates per request nor moves its timer per
+//! request; only an idle spell costs a task spawn.
 
 use std::future::{poll_fn, Future as _};
 use std::io;
@@ -53,6 +53,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 
 use crate::body::ProxyBody;
+use crate::parking::{Lot, Parked};
 use crate::request::{ClientBody, ConnInfo};
 use crate::snapshot::Proxy;
 use crate::timers::{InFlight, Kind, SendTimed, Tracked, TIMEOUTS};
@@ -99,6 +100,8 @@ pub(crate) struct Settings {
     /// `limits.http2_idle_timeout`: a connection hyper serves with no request in
     /// flight for this long is closed (GOAWAY on HTTP/2).
     pub http2_idle_timeout: Duration,
+    /// Where idle keep-alive connections wait for their next request.
+    pub lot: Lot,
 }
 
 /// For an answer with no upstream head of its own (the proxy's, an HTTP/2 upstream's).
@@ -116,7 +119,7 @@ fn request(p: &Parsed, raw: Box<RawHead>) -> Option<Request<ClientBody>> {
     Some(req)
 }
 
-/// Where a serving task starts: a new connection, or one woken from [`Parked`].
+/// Where a serving task starts: a new connection, or one woken in the lot.
 #[derive(Clone, Copy)]
 pub(crate) struct Resume {
     /// Whether a request has been served on the connection: from then on it is
@@ -131,11 +134,19 @@ impl Resume {
         served: false,
         deadline: None,
     };
+
+    /// A connection woken in the lot: its wait for the next head ends at `deadline`.
+    pub(crate) fn parked(served: bool, deadline: Instant) -> Resume {
+        Resume {
+            served,
+            deadline: Some(deadline),
+        }
+    }
 }
 
-/// Serves a plain-TCP client connection in a task of its own, parked in a small task
-/// while it is idle (see the module docs). `permit` is the connection's slot under
-/// `limits.max_connections`, held until it closes.
+/// Serves a plain-TCP client connection in a task of its own, parked in the
+/// listener's lot while it is idle (see the module docs). `permit` is the
+/// connection's slot under `limits.max_connections`, held until it closes.
 pub(crate) fn spawn(
     io: TcpStream,
     conn: Arc<ConnInfo>,
@@ -145,49 +156,10 @@ pub(crate) fn spawn(
     resume: Resume,
 ) {
     tokio::spawn(async move {
-        if let Some(parked) = serve(io, conn, &settings, stop, resume).await {
-            tokio::spawn(parked.wait(settings, permit));
+        if let Some(parked) = serve(io, conn, &settings, stop, permit, resume).await {
+            settings.lot.park(parked);
         }
     });
-}
-
-/// An idle keep-alive connection between two requests: what it needs to be served
-/// again, and nothing sized for a request.
-pub(crate) struct Parked {
-    io: TcpStream,
-    conn: Arc<ConnInfo>,
-    stop: watch::Receiver<bool>,
-    resume: Resume,
-}
-
-impl Parked {
-    /// Waits for the next request's first bytes (then serves it in a new task), the
-    /// keep-alive deadline or the stop (then closes).
-    async fn wait(self, settings: Arc<Settings>, permit: OwnedSemaphorePermit) {
-        let Parked {
-            io,
-            conn,
-            mut stop,
-            resume,
-        } = self;
-        let deadline = resume
-            .deadline
-            .unwrap_or_else(|| Instant::now() + settings.header_timeout);
-        // `poll_read_ready`, not `readable()`: it takes the socket's reader slot, which
-        // still holds the serving task's waker, and so drops that waker; kept, it would
-        // keep the ended serving task's memory (~4.8 KiB) alive as long as the park.
-        let readable = tokio::select! {
-            biased;
-            r = poll_fn(|cx| io.poll_read_ready(cx)) => r.is_ok(),
-            () = tokio::time::sleep_until(deadline) => false,
-            _ = stop.wait_for(|s| *s) => false,
-        };
-        if readable {
-            #[cfg(test)]
-            tests::count(&tests::WOKEN);
-            spawn(io, conn, settings, stop, permit, resume);
-        }
-    }
 }
 
 /// What a wait for the next bytes of a request head ended with.
@@ -206,6 +178,7 @@ async fn serve(
     conn: Arc<ConnInfo>,
     settings: &Settings,
     stop: watch::Receiver<bool>,
+    permit: OwnedSemaphorePermit,
     resume: Resume,
 ) -> Option<Parked> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -294,15 +267,12 @@ async fn serve(
                 Waited::Idle => {
                     #[cfg(test)]
                     tests::count(&tests::PARKED);
-                    let resume = Resume {
-                        served,
-                        deadline: Some(deadline),
-                    };
                     return Some(Parked {
                         io,
                         conn,
-                        stop,
-                        resume,
+                        permit,
+                        served,
+                        deadline,
                     });
                 }
             }
@@ -513,7 +483,7 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::cell::Cell;
     use std::thread::LocalKey;
@@ -523,22 +493,22 @@ mod tests {
     // test's own thread, so tests running in parallel do not see each other's counts.
     thread_local! {
         /// Connections parked while idle (their buffers and serving task dropped).
-        pub(super) static PARKED: Cell<u32> = const { Cell::new(0) };
+        pub(crate) static PARKED: Cell<u32> = const { Cell::new(0) };
         /// Parked connections woken by their next request.
-        pub(super) static WOKEN: Cell<u32> = const { Cell::new(0) };
+        pub(crate) static WOKEN: Cell<u32> = const { Cell::new(0) };
     }
 
-    pub(super) fn count(counter: &'static LocalKey<Cell<u32>>) {
+    pub(crate) fn count(counter: &'static LocalKey<Cell<u32>>) {
         counter.with(|c| c.set(c.get() + 1));
     }
 
-    fn counts() -> (u32, u32) {
+    pub(crate) fn counts() -> (u32, u32) {
         (PARKED.with(Cell::get), WOKEN.with(Cell::get))
     }
 
     /// Sends one request and reads its whole answer (a head and a
     /// `content-length` body).
-    async fn exchange(client: &mut TcpStream) {
+    pub(crate) async fn exchange(client: &mut TcpStream) {
         client
             .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
             .await

@@ -13,6 +13,7 @@
 //!   graceful shutdown.
 //! - `connection`: one client connection: the own HTTP/1.1 reader, else a hand-over
 //!   to hyper.
+//! - `parking`: idle keep-alive connections, held by one task per listener.
 //! - [`forward`]: the per-request handler: route → decide → pick → send → classify →
 //!   record → answer.
 //! - `request`: the request as read (its body, fields, host, the core's facts).
@@ -46,6 +47,7 @@ pub mod forward;
 mod headers;
 mod http2;
 pub mod metrics;
+mod parking;
 pub mod pool;
 mod request;
 pub mod runtime;

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::connection::{self, Resume, Settings};
+use crate::parking::Lot;
 use crate::request::ConnInfo;
 use crate::snapshot::Proxy;
 use crate::tls::ListenerTls;
@@ -103,6 +104,7 @@ pub async fn serve_with(
         .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
+    let (lot, yard) = Lot::new();
     let settings = Arc::new(Settings {
         proxy,
         hyper_http1: Arc::new(http1),
@@ -112,10 +114,13 @@ pub async fn serve_with(
         body_timeout: Duration::from_millis(limits.body_timeout_ms),
         send_timeout: Duration::from_millis(limits.send_timeout_ms),
         http2_idle_timeout: Duration::from_millis(limits.http2_idle_timeout_ms),
+        lot,
     });
     // Every connection holds a receiver: `true` asks it to finish, and the sender's
     // `closed()` is the moment the last one has.
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The lot holds one too, for all the idle connections it holds.
+    tokio::spawn(yard.run(settings.clone(), stop_rx.clone()));
     tokio::pin!(shutdown);
     let (mut accept_errors, mut last_warned) = (0u64, None::<std::time::Instant>);
     loop {
