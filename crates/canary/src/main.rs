@@ -1,6 +1,8 @@
 //! The `canary` binary: argument parsing, wiring and shutdown. No logic a test needs
 //! lives here; it is in the library crates.
 
+#![forbid(unsafe_code)]
+
 #[macro_use]
 mod output;
 mod cli;

@@ -19,6 +19,8 @@
 //!
 //! The format itself is documented in `docs/config.md`.
 
+#![forbid(unsafe_code)]
+
 mod diff;
 mod error;
 pub mod model;

@@ -21,6 +21,8 @@
 //!   directories of the file and of the symlinks leading to it, since editors
 //!   replace files and ConfigMaps swap links) and on SIGHUP.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod controller;
 pub mod gate;

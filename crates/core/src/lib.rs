@@ -14,6 +14,8 @@
 //! - [`analysis`]: turns windowed canary/stable measurements into a verdict.
 //! - [`rollout`]: the rollout state machine, `step(state, input, now) -> state + events`.
 
+#![forbid(unsafe_code)]
+
 pub mod analysis;
 pub mod bucket;
 pub mod latency;

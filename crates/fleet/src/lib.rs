@@ -21,6 +21,8 @@
 //! Only etcd is implemented. A second backend (Consul) would implement the same
 //! `StateStore` and replace `node`'s watch, lease and transaction calls.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod evidence;
 mod forward;

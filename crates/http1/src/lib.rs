@@ -24,6 +24,8 @@
 //!   the keep-alive race rules.
 //! - [`server`]: the client side: the request-head reader and the response writer.
 
+#![forbid(unsafe_code)]
+
 pub mod body;
 pub mod client;
 pub mod conn;

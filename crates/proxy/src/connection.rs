@@ -127,12 +127,16 @@ pub(crate) struct Resume {
     served: bool,
     /// When the wait for the next request head ends; `None`: `header_timeout` from now.
     deadline: Option<Instant>,
+    /// Woken in the lot: the socket is readable (or closed), and back in tokio's loop
+    /// under a new registration that does not know it yet.
+    woken: bool,
 }
 
 impl Resume {
     pub(crate) const NEW: Resume = Resume {
         served: false,
         deadline: None,
+        woken: false,
     };
 
     /// A connection woken in the lot: its wait for the next head ends at `deadline`.
@@ -140,6 +144,7 @@ impl Resume {
         Resume {
             served,
             deadline: Some(deadline),
+            woken: true,
         }
     }
 }
@@ -156,6 +161,13 @@ pub(crate) fn spawn(
     resume: Resume,
 ) {
     tokio::spawn(async move {
+        if resume.woken {
+            // What woke it is read before the stop or the deadline is looked at: tokio
+            // learns that the socket is readable at its next turn, and a first wait that
+            // found the stop (or the deadline) first would close the connection with
+            // the client's request unread (a reset, not an answer).
+            let _ = io.readable().await;
+        }
         if let Some(parked) = serve(io, conn, &settings, stop, permit, resume).await {
             settings.lot.park(parked);
         }

@@ -10,8 +10,8 @@
 //! its keep-alive wait ends: under 0.1 KiB here, plus its `ConnInfo`. The lot's one
 //! task wakes for three things: parked sockets readable (the epoll set is readable: a
 //! serving task is spawned for each, back in tokio's loop), the earliest keep-alive
-//! deadline (those connections are closed), and the listener's stop (all are closed:
-//! nothing is in flight on them). Parking and waking cost four `epoll_ctl` calls, made
+//! deadline (those connections are closed), and the listener's stop (those whose
+//! client has sent are served once more, and close after the answer; the rest close). Parking and waking cost four `epoll_ctl` calls, made
 //! only after an idle spell of [`IDLE_RELEASE`](crate::connection).
 //!
 //! Hand-written, on `rustix`'s epoll: tokio holds every socket it polls in a record of
@@ -149,24 +149,36 @@ impl Yard {
             let next_deadline = yard.deadlines.peek().map(|Reverse((at, _))| *at);
             tokio::select! {
                 biased;
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.wait_for(|s| *s) => {
+                    // Connections whose client sent as the stop came are served (their
+                    // serving tasks see the stop and close after the answer); closing
+                    // them with the request unread would reset them. The rest close.
+                    while let Ok(parked) = rx.try_recv() {
+                        yard.park(parked);
+                    }
+                    while yard.ready(&mut woke) {}
+                    for key in woke.drain(..) {
+                        if let Some((io, conn, permit, resume)) = yard.unpark(key) {
+                            connection::spawn(io, conn, settings.clone(), serving_stop.clone(), permit, resume);
+                        }
+                    }
+                    return;
+                }
                 parked = rx.recv() => {
                     let Some(parked) = parked else { return };
                     yard.park(parked);
                 }
                 ready = yard.epoll.readable() => {
                     let Ok(mut ready) = ready else { return };
-                    // What is ready now, up to `EVENTS` (the rest at the next turn: the
-                    // set stays readable); an empty answer clears the readiness.
-                    let waited = ready.try_io(|fd| {
-                        let mut events = [MaybeUninit::<epoll::Event>::uninit(); EVENTS];
-                        let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
-                        let (events, _) = epoll::wait(fd, &mut events, Some(&zero))?;
-                        if events.is_empty() {
-                            return Err(io::ErrorKind::WouldBlock.into());
+                    // What is ready now, up to `EVENTS` (the rest at the next turn:
+                    // tokio keeps the readiness); fewer, or an empty answer, clears it
+                    // (a later event wakes the set again).
+                    let waited = ready.try_io(|_| {
+                        if yard_ready(&yard.epoll, &mut woke)? {
+                            Ok(())
+                        } else {
+                            Err(io::ErrorKind::WouldBlock.into())
                         }
-                        woke.extend(events.iter().map(|e| e.data.u64()));
-                        Ok(())
                     });
                     if let Ok(Err(e)) = waited {
                         if e.kind() != io::ErrorKind::Interrupted {
@@ -189,7 +201,25 @@ impl Yard {
     }
 }
 
+/// Adds the keys of the ready sockets, up to [`EVENTS`], to `woke`; whether there may
+/// be more (as many as asked for came back).
+fn yard_ready(epoll: &AsyncFd<OwnedFd>, woke: &mut Vec<u64>) -> io::Result<bool> {
+    let mut events = [MaybeUninit::<epoll::Event>::uninit(); EVENTS];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let (events, _) = epoll::wait(epoll.get_ref(), &mut events, Some(&zero))?;
+    woke.extend(events.iter().map(|e| e.data.u64()));
+    Ok(events.len() == EVENTS)
+}
+
 impl Yardful {
+    /// [`yard_ready`] outside tokio's readiness (at the stop); `false` on an error.
+    fn ready(&self, woke: &mut Vec<u64>) -> bool {
+        yard_ready(&self.epoll, woke).unwrap_or(false)
+    }
+
     /// Takes the socket out of tokio's loop into the epoll set; closes it if either
     /// step fails.
     fn park(&mut self, parked: Parked) {
@@ -293,15 +323,47 @@ async fn sleep_until(at: Option<Instant>) {
 mod tests {
     use std::time::Duration;
 
-    use tokio::io::AsyncReadExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpStream;
 
     use crate::connection::tests::{counts, exchange};
     use crate::connection::IDLE_RELEASE;
     use crate::snapshot::Proxy;
 
-    #[tokio::test(start_paused = true)]
-    async fn each_parked_connection_wakes_for_its_own_request_and_the_stop_closes_the_rest() {
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nhost: test\r\n\r\n";
+
+    /// Reads one answer (head and `content-length` body); its head, lowercased.
+    async fn answer(client: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        loop {
+            let read = tokio::time::timeout(Duration::from_secs(5), client.read_buf(&mut got));
+            assert!(read.await.unwrap().unwrap() > 0, "closed without an answer");
+            let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + len {
+                return head;
+            }
+        }
+    }
+
+    async fn closed(client: &mut TcpStream) -> bool {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut byte)).await;
+        matches!(read, Ok(Ok(0)))
+    }
+
+    /// A listener on a proxy with no routes (every request a `404`), until `stop`.
+    async fn listener() -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -312,38 +374,101 @@ mod tests {
                 let _ = stopped.await;
             },
         ));
+        (addr, stop, server)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_parked_connection_wakes_for_its_own_request_and_the_stop_closes_the_rest() {
+        let (addr, stop, server) = listener().await;
         let mut clients = Vec::new();
-        for _ in 0..40 {
+        for _ in 0..150 {
             let mut client = TcpStream::connect(addr).await.unwrap();
             exchange(&mut client).await;
             clients.push(client);
         }
         tokio::time::sleep(IDLE_RELEASE * 3).await;
-        assert_eq!(counts(), (40, 0), "all 40 parked");
+        assert_eq!(counts(), (150, 0), "all 150 parked");
 
-        // Every other one, last first: each is woken and answered (slots are reused
-        // by the next park; a late wake-up of an earlier holder must not wake it).
-        for round in 1..=3 {
+        // Every other one, last first, each answered before the next sends: woken one
+        // at a time, in slots the next park reuses.
+        for round in 1..=2 {
             for client in clients.iter_mut().rev().step_by(2) {
                 exchange(client).await;
             }
             tokio::time::sleep(IDLE_RELEASE * 3).await;
-            assert_eq!(counts(), (40 + 20 * round, 20 * round), "round {round}");
+            assert_eq!(counts(), (150 + 75 * round, 75 * round), "round {round}");
         }
+
+        // All 150 send before any answer is read: more ready at once than one
+        // `epoll_wait` takes (64), and every one is served.
+        for client in &mut clients {
+            client.write_all(REQUEST).await.unwrap();
+        }
+        for client in &mut clients {
+            let head = answer(client).await;
+            assert!(head.starts_with("http/1.1 404"), "{head}");
+        }
+        tokio::time::sleep(IDLE_RELEASE * 3).await;
+        assert_eq!(counts(), (450, 300));
 
         // A client that hangs up while parked is woken, finds the end, and closes.
         drop(clients.pop());
+        tokio::time::sleep(IDLE_RELEASE).await;
+        assert_eq!(counts(), (450, 301));
 
         // The stop closes every parked connection, and the drain ends.
         stop.send(()).unwrap();
         for client in &mut clients {
-            let mut byte = [0u8; 1];
-            let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut byte)).await;
-            assert!(matches!(read, Ok(Ok(0))), "still open: {read:?}");
+            assert!(closed(client).await, "still open after the stop");
         }
         tokio::time::timeout(Duration::from_secs(5), server)
             .await
             .expect("the drain waits for nothing parked")
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_parked_again_is_closed_at_its_own_deadline_not_an_earlier_one() {
+        let proxy = Proxy::new();
+        let timeout = Duration::from_millis(proxy.snapshot().limits.header_timeout_ms);
+        let (addr, _stop, _server) = listener().await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        exchange(&mut client).await;
+        // Parked with a deadline `timeout` from now; woken halfway and parked again, so
+        // its first deadline comes due while it waits with a later one.
+        tokio::time::sleep(timeout / 2).await;
+        exchange(&mut client).await;
+        tokio::time::sleep(IDLE_RELEASE * 2).await;
+        assert_eq!(counts(), (2, 1));
+        tokio::time::sleep(timeout / 2).await;
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(50), client.read(&mut byte)).await;
+        assert!(
+            read.is_err(),
+            "closed at the deadline it had before: {read:?}"
+        );
+        // ...and at its own.
+        tokio::time::sleep(timeout / 2).await;
+        assert!(closed(&mut client).await, "open past its deadline");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_sent_as_the_stop_comes_is_answered_then_closed() {
+        let (addr, stop, server) = listener().await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        exchange(&mut client).await;
+        tokio::time::sleep(IDLE_RELEASE * 3).await;
+        assert_eq!(counts(), (1, 0));
+        // The request is in the socket before the lot sees either.
+        client.write_all(REQUEST).await.unwrap();
+        stop.send(()).unwrap();
+        let head = answer(&mut client).await;
+        assert!(head.starts_with("http/1.1 404"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(closed(&mut client).await);
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
             .unwrap();
     }
 }

@@ -119,8 +119,11 @@ pub async fn serve_with(
     // Every connection holds a receiver: `true` asks it to finish, and the sender's
     // `closed()` is the moment the last one has.
     let (stop_tx, stop_rx) = watch::channel(false);
-    // The lot holds one too, for all the idle connections it holds.
-    tokio::spawn(yard.run(settings.clone(), stop_rx.clone()));
+    // The lot holds one too, for all the idle connections it holds. A TLS listener's
+    // connections are hyper's and never parked: it has no lot (a park would close).
+    if tls.is_none() {
+        tokio::spawn(yard.run(settings.clone(), stop_rx.clone()));
+    }
     tokio::pin!(shutdown);
     let (mut accept_errors, mut last_warned) = (0u64, None::<std::time::Instant>);
     loop {

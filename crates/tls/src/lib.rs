@@ -25,6 +25,8 @@
 //! - `testing` (feature `testing`, for tests of this and other crates): test
 //!   certificates of every supported key type, self-signed or from a test CA.
 
+#![forbid(unsafe_code)]
+
 pub mod client;
 pub mod pem;
 pub mod resolver;

@@ -90,6 +90,7 @@
 //! `layer` bench (`cargo bench -p canary-tower`) reports the overhead over calling
 //! the service directly.
 
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod embedded;

@@ -13,6 +13,8 @@
 //! Used by the config file source (`canary-control`) and the certificate watcher
 //! (`canary-tls`), so both follow the same rules.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeSet, VecDeque};
 use std::path::{Component, Path, PathBuf};
 
