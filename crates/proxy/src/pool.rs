@@ -310,7 +310,12 @@ impl Pool {
     #[inline]
     pub(crate) fn upstream<'a>(&'a self, instance: &'a Instance, connect_ms: u64) -> Upstream<'a> {
         match &self.client {
-            Some(c) => Upstream::Client(c.clients.get()),
+            Some(c) => Upstream::Client {
+                client: c.clients.get(),
+                authority: &instance.authority,
+                host: &instance.host_header,
+                others: self.instances.len() > 1,
+            },
             None => Upstream::Http1 {
                 idle: instance.idle(),
                 addr: &instance.addr,

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::request::Parts;
-use http::{Request, Response};
+use http::uri::Authority;
+use http::{HeaderValue, Request, Response, Uri};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -37,7 +38,16 @@ pub(crate) enum Upstream<'a> {
     },
     /// Through this worker's hyper client of the pool: HTTP/2 (h2c, or h2 over TLS)
     /// or HTTP/1.1 over TLS (`crate::tls`).
-    Client(&'a ProxyClient),
+    Client {
+        client: &'a ProxyClient,
+        /// The instance, as the request's absolute URI names it (a retry names
+        /// another), and its `Host` (sent when the client's request had none).
+        authority: &'a Authority,
+        host: &'a HeaderValue,
+        /// Whether the pool has another instance to retry on: only then is a copy of
+        /// the request's head kept.
+        others: bool,
+    },
 }
 
 /// The request on its way: its parts and body (borrowed: the HTTP/1.1 exchange only
@@ -64,7 +74,9 @@ pub(crate) struct Outgoing<'a> {
 /// instance dying under it; the keep-alive race is the exchange's own). nginx's
 /// `proxy_next_upstream error`. Never for a body that was streamed, never after a
 /// timeout (the request may still be at work), never after any of the answer was
-/// passed on. (An HTTP/2 pool's request is hyper's once sent: not retried.)
+/// passed on. Through hyper's client (which takes the request) only a request without
+/// a body is retried, from a copy of its head made before it is sent: on a connect
+/// error, and on no response head when it is idempotent.
 pub(crate) async fn send<'a>(
     upstream: Upstream<'a>,
     retry: impl FnOnce(&SendError) -> Option<Upstream<'a>>,
@@ -117,12 +129,62 @@ pub(crate) async fn send<'a>(
             )
             .await
         }
-        Upstream::Client(client) => {
+        Upstream::Client {
+            client,
+            authority,
+            host,
+            others,
+        } => {
             // hyper's client takes the request by value.
             let parts = std::mem::replace(parts, Request::new(()).into_parts().0);
             let body = std::mem::replace(body, UpstreamBody::empty());
+            let bodiless = http_body::Body::is_end_stream(&body);
+            let again = (others && bodiless).then(|| copy_head(&parts));
             let req = Request::from_parts(parts, body);
-            crate::http2::send(client, req, body_end, timeout).await
+            let first = crate::http2::send(client, req, body_end, timeout).await;
+            let (e, mut head) = match (first, again) {
+                (Err(e @ SendError::Connect(_)), Some(head)) => (e, head),
+                (Err(e @ SendError::Protocol(_)), Some(head)) if head.method.is_idempotent() => {
+                    (e, head)
+                }
+                (other, _) => return other,
+            };
+            let Some(Upstream::Client {
+                client: next,
+                authority: next_authority,
+                host: next_host,
+                ..
+            }) = retry(&e)
+            else {
+                return Err(e);
+            };
+            tracing::debug!(upstream = %authority, next = %next_authority, error = %e, "no answer; sending to another instance");
+            retarget(&mut head, host, (next_authority, next_host));
+            let req = Request::from_parts(head, UpstreamBody::empty());
+            crate::http2::send(next, req, None, timeout).await
         }
+    }
+}
+
+/// A copy of a request's head (its extensions are the proxy's, cleared before this).
+fn copy_head(parts: &Parts) -> Parts {
+    let (mut copy, ()) = Request::new(()).into_parts();
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
+}
+
+/// Points a request made for one instance at another: the authority of its absolute
+/// URI, and its `Host` when that was the first instance's own.
+fn retarget(head: &mut Parts, from_host: &HeaderValue, (to, to_host): (&Authority, &HeaderValue)) {
+    let mut uri = std::mem::take(&mut head.uri).into_parts();
+    uri.authority = Some(to.clone());
+    if let Ok(uri) = Uri::from_parts(uri) {
+        head.uri = uri;
+    }
+    if head.headers.get(http::header::HOST) == Some(from_host) {
+        head.headers.insert(http::header::HOST, to_host.clone());
     }
 }
