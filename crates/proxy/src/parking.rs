@@ -100,7 +100,7 @@ fn unkey(key: u64) -> (usize, u32) {
 }
 
 /// The parked connections of one listener.
-struct Yardful {
+struct ParkedSet {
     epoll: AsyncFd<OwnedFd>,
     entries: Slab<Entry>,
     /// Deadlines by time; those of connections woken since stay until they come up
@@ -135,7 +135,7 @@ impl Yard {
                 return;
             }
         };
-        let mut yard = Yardful {
+        let mut yard = ParkedSet {
             epoll,
             entries: Slab::new(),
             deadlines: BinaryHeap::new(),
@@ -156,12 +156,8 @@ impl Yard {
                     while let Ok(parked) = rx.try_recv() {
                         yard.park(parked);
                     }
-                    while yard.ready(&mut woke) {}
-                    for key in woke.drain(..) {
-                        if let Some((io, conn, permit, resume)) = yard.unpark(key) {
-                            connection::spawn(io, conn, settings.clone(), serving_stop.clone(), permit, resume);
-                        }
-                    }
+                    while yard.ready(&mut woke).unwrap_or(false) {}
+                    yard.serve(&mut woke, &settings, &serving_stop);
                     return;
                 }
                 parked = rx.recv() => {
@@ -174,7 +170,7 @@ impl Yard {
                     // tokio keeps the readiness); fewer, or an empty answer, clears it
                     // (a later event wakes the set again).
                     let waited = ready.try_io(|_| {
-                        if yard_ready(&yard.epoll, &mut woke)? {
+                        if yard.ready(&mut woke)? {
                             Ok(())
                         } else {
                             Err(io::ErrorKind::WouldBlock.into())
@@ -185,14 +181,7 @@ impl Yard {
                             tracing::warn!(error = %e, "epoll_wait on the idle connections failed");
                         }
                     }
-                    for key in woke.drain(..) {
-                        if let Some((io, conn, permit, resume)) = yard.unpark(key) {
-                            #[cfg(test)]
-                            connection::tests::count(&connection::tests::WOKEN);
-                            let stop = serving_stop.clone();
-                            connection::spawn(io, conn, settings.clone(), stop, permit, resume);
-                        }
-                    }
+                    yard.serve(&mut woke, &settings, &serving_stop);
                 }
                 () = sleep_until(next_deadline) => yard.expire(Instant::now()),
             }
@@ -201,23 +190,42 @@ impl Yard {
     }
 }
 
-/// Adds the keys of the ready sockets, up to [`EVENTS`], to `woke`; whether there may
-/// be more (as many as asked for came back).
-fn yard_ready(epoll: &AsyncFd<OwnedFd>, woke: &mut Vec<u64>) -> io::Result<bool> {
-    let mut events = [MaybeUninit::<epoll::Event>::uninit(); EVENTS];
-    let zero = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    let (events, _) = epoll::wait(epoll.get_ref(), &mut events, Some(&zero))?;
-    woke.extend(events.iter().map(|e| e.data.u64()));
-    Ok(events.len() == EVENTS)
-}
+impl ParkedSet {
+    /// Adds the keys of the ready sockets, up to [`EVENTS`], to `woke`; whether there
+    /// may be more (as many as asked for came back).
+    fn ready(&self, woke: &mut Vec<u64>) -> io::Result<bool> {
+        let mut events = [MaybeUninit::<epoll::Event>::uninit(); EVENTS];
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let (events, _) = epoll::wait(self.epoll.get_ref(), &mut events, Some(&zero))?;
+        woke.extend(events.iter().map(|e| e.data.u64()));
+        Ok(events.len() == EVENTS)
+    }
 
-impl Yardful {
-    /// [`yard_ready`] outside tokio's readiness (at the stop); `false` on an error.
-    fn ready(&self, woke: &mut Vec<u64>) -> bool {
-        yard_ready(&self.epoll, woke).unwrap_or(false)
+    /// Serves the connections `woke` names again, each in a serving task of its own.
+    fn serve(
+        &mut self,
+        woke: &mut Vec<u64>,
+        settings: &Arc<Settings>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        for key in woke.drain(..) {
+            if let Some((io, conn, permit, resume)) = self.unpark(key) {
+                #[cfg(test)]
+                connection::tests::count(&connection::tests::WOKEN);
+                connection::spawn(io, conn, settings.clone(), stop.clone(), permit, resume);
+            }
+        }
+    }
+
+    /// Whether `key`'s connection still holds its slot.
+    fn holds(&self, key: u64) -> bool {
+        let (slot, generation) = unkey(key);
+        self.entries
+            .get(slot)
+            .is_some_and(|e| e.generation == generation)
     }
 
     /// Takes the socket out of tokio's loop into the epoll set; closes it if either
@@ -263,11 +271,10 @@ impl Yardful {
         &mut self,
         key: u64,
     ) -> Option<(TcpStream, Arc<ConnInfo>, OwnedSemaphorePermit, Resume)> {
-        let (slot, generation) = unkey(key);
-        if self.entries.get(slot)?.generation != generation {
+        if !self.holds(key) {
             return None;
         }
-        let entry = self.entries.remove(slot);
+        let entry = self.entries.remove(unkey(key).0);
         let _ = epoll::delete(self.epoll.get_ref(), &entry.io);
         let io = TcpStream::from_std(entry.io).ok()?;
         let resume = Resume::parked(entry.served, entry.deadline);
@@ -281,15 +288,10 @@ impl Yardful {
                 break;
             }
             self.deadlines.pop();
-            let (slot, generation) = unkey(key);
-            if self
-                .entries
-                .get(slot)
-                .is_some_and(|e| e.generation == generation)
-            {
+            if self.holds(key) {
                 // Dropped: the socket closes (and leaves the epoll set), the slot and
                 // the connection's permit are freed.
-                self.entries.remove(slot);
+                self.entries.remove(unkey(key).0);
             }
         }
     }
@@ -297,13 +299,9 @@ impl Yardful {
     /// Keeps the heap of deadlines and the slab in proportion to what is parked.
     fn tidy(&mut self) {
         if self.deadlines.len() > 2 * self.entries.len() + 1024 {
-            let entries = &self.entries;
-            self.deadlines.retain(|&Reverse((_, key))| {
-                let (slot, generation) = unkey(key);
-                entries
-                    .get(slot)
-                    .is_some_and(|e| e.generation == generation)
-            });
+            let mut deadlines = std::mem::take(&mut self.deadlines);
+            deadlines.retain(|&Reverse((_, key))| self.holds(key));
+            self.deadlines = deadlines;
         }
         if self.entries.capacity() > 4096 && self.entries.len() < self.entries.capacity() / 4 {
             self.entries.shrink_to_fit();
